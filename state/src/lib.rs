@@ -1,0 +1,565 @@
+//! The agent's durable local state.
+//!
+//! This crate owns everything the agent remembers between runs, per host:
+//! the applied revision, the *inventory* (every resource the agent manages,
+//! with the digest of its desired spec as last applied and whether the agent
+//! created it or adopted something that already existed), and the last
+//! [`MAX_RUNS`] run records. It also owns the single-instance [`Lock`].
+//!
+//! It knows nothing about resources, YAML or plans: records are plain data.
+//!
+//! # Guarantees
+//! - Every change goes through one redb write transaction ([`Store::write`]):
+//!   a crash leaves either the old or the new state, never a mix.
+//! - Readers ([`Store::open_read_only`]) never modify the file, so a dry run
+//!   leaves the state byte-for-byte unchanged.
+//! - Secret values are never handed to this crate; digests are computed by the
+//!   caller.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// How many run records are kept per host; older ones are dropped on commit.
+pub const MAX_RUNS: usize = 100;
+
+const DB_FILE: &str = "state.redb";
+const LOCK_FILE: &str = "lock";
+
+/// host -> JSON [`HostRecord`]
+const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
+/// (host, resource id) -> JSON [`InventoryEntry`]
+const INVENTORY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("inventory");
+/// (host, sequence) -> JSON [`RunRecord`]
+const RUNS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("runs");
+
+/// Errors of the state store. Each names the state directory involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("another agent holds the lock on state directory {dir}: {holder}\n  wait for it to finish, or stop it (a stale lock is released when its process exits)")]
+    Locked { dir: PathBuf, holder: String },
+    #[error("cannot create state directory {dir}: {source}\n  pass --state-dir with a writable directory")]
+    CreateDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot use lock file {path}: {source}")]
+    LockIo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state database {path} cannot be opened: {source}\n  if it is corrupt, move it aside; the next apply adopts what is on disk")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::DatabaseError>,
+    },
+    #[error("state database {path}: {source}")]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("state database {path} holds a record that does not parse ({what}): {source}")]
+    Corrupt {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Who put a resource into the inventory: decides what pruning may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// The object did not exist; the agent created it. Pruning deletes it.
+    Created,
+    /// The object existed before the agent first managed it. Pruning only
+    /// forgets it and leaves it in place.
+    Adopted,
+}
+
+/// One managed resource as the agent last left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryEntry {
+    pub kind: String,
+    /// The module (or stack) instance that declared it.
+    pub module: String,
+    /// Digest of the desired spec as applied. `None` marks an apply that was
+    /// started but not confirmed (written before touching the host, so a crash
+    /// mid-apply still leaves the resource owned by the agent).
+    pub digest: Option<String>,
+    pub origin: Origin,
+}
+
+/// Per-host revision bookkeeping.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Revision of the desired state last applied without errors.
+    pub applied_revision: Option<String>,
+    /// Unix seconds of that apply.
+    pub applied_at: Option<u64>,
+}
+
+/// Counts of one run, by classification.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunCounts {
+    pub created: u32,
+    pub changed: u32,
+    pub drift_healed: u32,
+    pub drift_reported: u32,
+    pub pruned: u32,
+    pub failed: u32,
+    pub unchanged: u32,
+}
+
+/// Outcome of one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunResult {
+    Success,
+    /// Some resources failed; the others were applied.
+    Partial,
+    Failed,
+}
+
+/// One run of `apply` (or of the daemon's reconcile loop).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Unix milliseconds.
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    /// What started the run: `cli`, `poll`, `webhook`, `watch`, ...
+    pub trigger: String,
+    pub revision: String,
+    pub counts: RunCounts,
+    pub result: RunResult,
+    /// First error message, if any (never holds secret values).
+    pub error: Option<String>,
+}
+
+/// The single-instance lock on a state directory.
+///
+/// Held for the whole of an `apply` (or the daemon's life). The file records
+/// who holds it, so a second agent can say so; it is emptied on release so a
+/// run that changed nothing leaves the state directory's bytes unchanged.
+#[derive(Debug)]
+pub struct Lock {
+    file: Option<Flock<File>>,
+}
+
+impl Lock {
+    /// Takes the lock without waiting. `holder` describes this process
+    /// (e.g. `agent apply`); the pid is added.
+    pub fn acquire(dir: &Path, holder: &str) -> Result<Lock, StateError> {
+        create_dir(dir)?;
+        let path = dir.join(LOCK_FILE);
+        let io = |source| StateError::LockIo {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        let mut locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => locked,
+            Err((mut file, _errno)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(StateError::Locked {
+                    dir: dir.to_path_buf(),
+                    holder: if holder.is_empty() {
+                        "a process that has not written its name yet".to_string()
+                    } else {
+                        holder.to_string()
+                    },
+                });
+            }
+        };
+        locked.set_len(0).map_err(io)?;
+        locked.rewind().map_err(io)?;
+        write!(locked, "pid {} ({holder})", std::process::id()).map_err(io)?;
+        Ok(Lock { file: Some(locked) })
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        if let Some(file) = self.file.take() {
+            let _ = file.set_len(0);
+            drop(file);
+        }
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<(), StateError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| StateError::CreateDir {
+            dir: dir.to_path_buf(),
+            source,
+        })
+}
+
+enum Db {
+    ReadWrite(Database),
+    ReadOnly(ReadOnlyDatabase),
+    /// No database file yet: reads see an empty state.
+    Empty,
+}
+
+/// The state database of one state directory.
+pub struct Store {
+    path: PathBuf,
+    db: Db,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database for reading and writing.
+    /// Callers hold the [`Lock`] first.
+    pub fn open(dir: &Path) -> Result<Store, StateError> {
+        create_dir(dir)?;
+        let path = dir.join(DB_FILE);
+        let db = Database::create(&path).map_err(|e| StateError::Open {
+            path: path.clone(),
+            source: Box::new(e),
+        })?;
+        Ok(Store {
+            path,
+            db: Db::ReadWrite(db),
+        })
+    }
+
+    /// Opens the database for reading only; a missing database reads as empty
+    /// and nothing is created.
+    pub fn open_read_only(dir: &Path) -> Result<Store, StateError> {
+        let path = dir.join(DB_FILE);
+        if !path.exists() {
+            return Ok(Store {
+                path,
+                db: Db::Empty,
+            });
+        }
+        let db = ReadOnlyDatabase::open(&path).map_err(|e| StateError::Open {
+            path: path.clone(),
+            source: Box::new(e),
+        })?;
+        Ok(Store {
+            path,
+            db: Db::ReadOnly(db),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn db_err(&self, e: impl Into<redb::Error>) -> StateError {
+        StateError::Db {
+            path: self.path.clone(),
+            source: Box::new(e.into()),
+        }
+    }
+
+    fn parse<T: for<'de> Deserialize<'de>>(
+        &self,
+        bytes: &[u8],
+        what: &str,
+    ) -> Result<T, StateError> {
+        serde_json::from_slice(bytes).map_err(|source| StateError::Corrupt {
+            path: self.path.clone(),
+            what: what.to_string(),
+            source,
+        })
+    }
+
+    fn read_txn(&self) -> Result<Option<redb::ReadTransaction>, StateError> {
+        let txn = match &self.db {
+            Db::ReadWrite(db) => db.begin_read(),
+            Db::ReadOnly(db) => db.begin_read(),
+            Db::Empty => return Ok(None),
+        };
+        txn.map(Some).map_err(|e| self.db_err(e))
+    }
+
+    /// Revision bookkeeping of `host` (default when never applied).
+    pub fn host(&self, host: &str) -> Result<HostRecord, StateError> {
+        let Some(txn) = self.read_txn()? else {
+            return Ok(HostRecord::default());
+        };
+        let table = match txn.open_table(HOSTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(HostRecord::default()),
+            Err(e) => return Err(self.db_err(e)),
+        };
+        match table.get(host).map_err(|e| self.db_err(e))? {
+            Some(v) => self.parse(v.value(), &format!("host {host}")),
+            None => Ok(HostRecord::default()),
+        }
+    }
+
+    /// The whole inventory of `host`, keyed by resource id.
+    pub fn inventory(&self, host: &str) -> Result<BTreeMap<String, InventoryEntry>, StateError> {
+        let mut out = BTreeMap::new();
+        let Some(txn) = self.read_txn()? else {
+            return Ok(out);
+        };
+        let table = match txn.open_table(INVENTORY) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(out),
+            Err(e) => return Err(self.db_err(e)),
+        };
+        let range = table.range((host, "")..).map_err(|e| self.db_err(e))?;
+        for item in range {
+            let (k, v) = item.map_err(|e| self.db_err(e))?;
+            let (h, id) = k.value();
+            if h != host {
+                break;
+            }
+            out.insert(
+                id.to_string(),
+                self.parse(v.value(), &format!("inventory {id}"))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The most recent run records of `host`, newest first.
+    pub fn runs(&self, host: &str, limit: usize) -> Result<Vec<RunRecord>, StateError> {
+        let mut out = Vec::new();
+        let Some(txn) = self.read_txn()? else {
+            return Ok(out);
+        };
+        let table = match txn.open_table(RUNS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(out),
+            Err(e) => return Err(self.db_err(e)),
+        };
+        let range = table
+            .range((host, 0)..=(host, u64::MAX))
+            .map_err(|e| self.db_err(e))?;
+        for item in range.rev().take(limit) {
+            let (_, v) = item.map_err(|e| self.db_err(e))?;
+            out.push(self.parse(v.value(), "run record")?);
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` inside one write transaction and commits it durably.
+    /// Nothing `f` did is visible unless it returns `Ok` and the commit succeeds.
+    pub fn write<T>(
+        &self,
+        host: &str,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let Db::ReadWrite(db) = &self.db else {
+            panic!("Store::write on a read-only store is a programming error");
+        };
+        let txn = db.begin_write().map_err(|e| self.db_err(e))?;
+        let out = {
+            let mut writer = Writer {
+                store: self,
+                host: host.to_string(),
+                hosts: txn.open_table(HOSTS).map_err(|e| self.db_err(e))?,
+                inventory: txn.open_table(INVENTORY).map_err(|e| self.db_err(e))?,
+                runs: txn.open_table(RUNS).map_err(|e| self.db_err(e))?,
+            };
+            let out = f(&mut writer)?;
+            writer.trim_runs()?;
+            out
+        };
+        txn.commit().map_err(|e| self.db_err(e))?;
+        Ok(out)
+    }
+}
+
+/// Mutations of one host's state inside a write transaction.
+pub struct Writer<'t> {
+    store: &'t Store,
+    host: String,
+    hosts: redb::Table<'t, &'static str, &'static [u8]>,
+    inventory: redb::Table<'t, (&'static str, &'static str), &'static [u8]>,
+    runs: redb::Table<'t, (&'static str, u64), &'static [u8]>,
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("state records always serialize")
+}
+
+impl Writer<'_> {
+    pub fn put_inventory(&mut self, id: &str, entry: &InventoryEntry) -> Result<(), StateError> {
+        self.inventory
+            .insert((self.host.as_str(), id), to_json(entry).as_slice())
+            .map_err(|e| self.store.db_err(e))?;
+        Ok(())
+    }
+
+    pub fn remove_inventory(&mut self, id: &str) -> Result<(), StateError> {
+        self.inventory
+            .remove((self.host.as_str(), id))
+            .map_err(|e| self.store.db_err(e))?;
+        Ok(())
+    }
+
+    pub fn set_host(&mut self, record: &HostRecord) -> Result<(), StateError> {
+        self.hosts
+            .insert(self.host.as_str(), to_json(record).as_slice())
+            .map_err(|e| self.store.db_err(e))?;
+        Ok(())
+    }
+
+    pub fn add_run(&mut self, record: &RunRecord) -> Result<(), StateError> {
+        let next = self
+            .runs
+            .range((self.host.as_str(), 0)..=(self.host.as_str(), u64::MAX))
+            .map_err(|e| self.store.db_err(e))?
+            .next_back()
+            .transpose()
+            .map_err(|e| self.store.db_err(e))?
+            .map_or(0, |(k, _)| k.value().1 + 1);
+        self.runs
+            .insert((self.host.as_str(), next), to_json(record).as_slice())
+            .map_err(|e| self.store.db_err(e))?;
+        Ok(())
+    }
+
+    fn trim_runs(&mut self) -> Result<(), StateError> {
+        let host = self.host.as_str();
+        let keys: Vec<u64> = self
+            .runs
+            .range((host, 0)..=(host, u64::MAX))
+            .map_err(|e| self.store.db_err(e))?
+            .map(|item| item.map(|(k, _)| k.value().1))
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.store.db_err(e))?;
+        if keys.len() > MAX_RUNS {
+            for seq in &keys[..keys.len() - MAX_RUNS] {
+                self.runs
+                    .remove((host, *seq))
+                    .map_err(|e| self.store.db_err(e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(digest: &str) -> InventoryEntry {
+        InventoryEntry {
+            kind: "file".into(),
+            module: "zot".into(),
+            digest: Some(digest.into()),
+            origin: Origin::Created,
+        }
+    }
+
+    fn run(n: u64) -> RunRecord {
+        RunRecord {
+            started_ms: n,
+            finished_ms: n + 1,
+            trigger: "cli".into(),
+            revision: format!("rev{n}"),
+            counts: RunCounts::default(),
+            result: RunResult::Success,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn inventory_is_per_host_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .write("indri", |w| {
+                w.put_inventory("file:/a", &entry("1"))?;
+                w.put_inventory("file:/b", &entry("2"))
+            })
+            .unwrap();
+        store
+            .write("sifaka", |w| w.put_inventory("file:/c", &entry("3")))
+            .unwrap();
+        let inv = store.inventory("indri").unwrap();
+        assert_eq!(inv.keys().collect::<Vec<_>>(), ["file:/a", "file:/b"]);
+        assert_eq!(inv["file:/b"], entry("2"));
+        store
+            .write("indri", |w| w.remove_inventory("file:/a"))
+            .unwrap();
+        assert_eq!(store.inventory("indri").unwrap().len(), 1);
+        assert_eq!(store.inventory("sifaka").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn failed_write_closure_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let err = store.write("indri", |w| {
+            w.put_inventory("file:/a", &entry("1"))?;
+            Err::<(), _>(StateError::Locked {
+                dir: dir.path().into(),
+                holder: "test".into(),
+            })
+        });
+        assert!(err.is_err());
+        assert!(store.inventory("indri").unwrap().is_empty());
+    }
+
+    #[test]
+    fn keeps_only_the_last_hundred_runs_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for n in 0..130 {
+            store.write("indri", |w| w.add_run(&run(n))).unwrap();
+        }
+        let runs = store.runs("indri", 1000).unwrap();
+        assert_eq!(runs.len(), MAX_RUNS);
+        assert_eq!(runs[0].revision, "rev129");
+        assert_eq!(runs[MAX_RUNS - 1].revision, "rev30");
+    }
+
+    #[test]
+    fn read_only_store_of_missing_dir_is_empty_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("state");
+        let store = Store::open_read_only(&sub).unwrap();
+        assert!(store.inventory("indri").unwrap().is_empty());
+        assert_eq!(store.host("indri").unwrap(), HostRecord::default());
+        assert!(!sub.exists());
+    }
+
+    #[test]
+    fn second_lock_names_the_holder_and_released_lock_file_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Lock::acquire(dir.path(), "agent apply").unwrap();
+        let err = Lock::acquire(dir.path(), "agent apply").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        assert!(msg.contains("agent apply"), "{msg}");
+        drop(first);
+        assert_eq!(std::fs::read(dir.path().join(LOCK_FILE)).unwrap(), b"");
+        let _again = Lock::acquire(dir.path(), "agent apply").unwrap();
+    }
+}
