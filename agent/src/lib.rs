@@ -1,1 +1,17 @@
+//! homelab-agent: a declarative homelab reconciler.
+//!
+//! Data flows one way, one module per stage:
+//! [`source`] (a revision) → [`desired`] (a validated catalog) → [`plan`]
+//! (observe + diff + classify) → [`apply`] (converge, prune, commit state)
+//! → [`report`] (text and JSON). [`resources`] holds the kinds and
+//! [`fsops`] the safe filesystem layer they write through. [`cli`] wires
+//! them into the `agent` binary.
 
+pub mod apply;
+pub mod cli;
+pub mod desired;
+pub mod fsops;
+pub mod plan;
+pub mod report;
+pub mod resources;
+pub mod source;

@@ -1,0 +1,230 @@
+//! The catalog: every desired resource of one host, validated, with its
+//! dependencies resolved and in apply order.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use super::diag::{Diagnostic, Diagnostics};
+use super::model::DriftPolicy;
+use crate::resources::{Platform, Resource};
+
+/// One resource in the catalog.
+#[derive(Debug)]
+pub struct Entry {
+    /// `kind:identity`, e.g. `file:/usr/local/etc/zot/config.json`.
+    pub id: String,
+    /// The module that declared it.
+    pub module: String,
+    /// Where it was declared (module.yaml and line).
+    pub file: String,
+    pub line: usize,
+    pub resource: Box<dyn Resource>,
+    /// Indices (into [`Catalog::entries`]) this entry must come after.
+    pub deps: Vec<usize>,
+    /// Resources to notify when this one changes (used by service kinds).
+    pub notify: Vec<String>,
+    pub on_drift: DriftPolicy,
+    /// Digest of the desired spec, recorded in the inventory when applied.
+    pub digest: String,
+}
+
+/// The host a catalog is for.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HostInfo {
+    pub name: String,
+    pub platform: Platform,
+    pub roots: Vec<PathBuf>,
+}
+
+/// A validated desired state, entries in dependency order (ties by id).
+#[derive(Debug)]
+pub struct Catalog {
+    pub host: HostInfo,
+    pub revision: String,
+    pub entries: Vec<Entry>,
+}
+
+/// An entry before ordering: explicit `after` ids are still strings.
+pub struct Pending {
+    pub entry: Entry,
+    pub after: Vec<(String, usize)>,
+}
+
+/// Checks ids, resolves `after` and implicit parent-directory edges, and
+/// orders the entries. Reports duplicates, dangling `after` and cycles.
+pub fn build(
+    host: HostInfo,
+    revision: String,
+    pending: Vec<Pending>,
+    diags: &mut Diagnostics,
+) -> Option<Catalog> {
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut kept: Vec<Pending> = Vec::new();
+    for p in pending {
+        if let Some(&first) = index.get(&p.entry.id) {
+            let f = &kept[first].entry;
+            diags.push(
+                Diagnostic::new(&p.entry.file, format!("duplicate resource; first declared at {}:{} (module {})", f.file, f.line, f.module))
+                    .line(p.entry.line)
+                    .resource(&p.entry.id)
+                    .hint("each resource may be declared once per host; remove one, or give the module instances different paths"),
+            );
+            continue;
+        }
+        index.insert(p.entry.id.clone(), kept.len());
+        kept.push(p);
+    }
+
+    // Parent directories: a path resource comes after the nearest ancestor
+    // directory declared in the catalog.
+    let dirs: HashMap<&Path, usize> = kept
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.entry.resource.kind() == "directory")
+        .filter_map(|(i, p)| p.entry.resource.path().map(|path| (path, i)))
+        .collect();
+    let mut edges: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); kept.len()];
+    for (i, p) in kept.iter().enumerate() {
+        if let Some(path) = p.entry.resource.path() {
+            if let Some(parent) = path.ancestors().skip(1).find_map(|a| dirs.get(a)) {
+                edges[i].insert(*parent);
+            }
+        }
+        for (after, line) in &p.after {
+            match index.get(&normalize_id(after)) {
+                Some(&j) if j == i => diags.push(
+                    Diagnostic::new(&p.entry.file, "a resource cannot come `after` itself")
+                        .line(*line)
+                        .resource(&p.entry.id),
+                ),
+                Some(&j) => {
+                    edges[i].insert(j);
+                }
+                None => diags.push(
+                    Diagnostic::new(
+                        &p.entry.file,
+                        format!("`after` names `{after}`, which is not in this host's catalog"),
+                    )
+                    .line(*line)
+                    .resource(&p.entry.id)
+                    .hint(match closest_id(after, &index) {
+                        Some(id) => format!("did you mean `{id}`? ids are kind:identity"),
+                        None => "ids are kind:identity, e.g. directory:/usr/local/etc/zot".into(),
+                    }),
+                ),
+            }
+        }
+    }
+
+    let order = match topo_order(&kept, &edges) {
+        Ok(order) => order,
+        Err(cycle) => {
+            let names: Vec<&str> = cycle.iter().map(|&i| kept[i].entry.id.as_str()).collect();
+            let first = &kept[cycle[0]].entry;
+            diags.push(
+                Diagnostic::new(
+                    &first.file,
+                    format!(
+                        "dependency cycle: {} after {}",
+                        names.join(" after "),
+                        names[0]
+                    ),
+                )
+                .line(first.line)
+                .resource(&first.id)
+                .hint("remove one of the `after` edges in the cycle"),
+            );
+            return None;
+        }
+    };
+    if !diags.is_empty() {
+        return None;
+    }
+    let mut position = vec![0; kept.len()];
+    for (pos, &i) in order.iter().enumerate() {
+        position[i] = pos;
+    }
+    let mut slots: Vec<Option<Entry>> = kept.into_iter().map(|p| Some(p.entry)).collect();
+    let entries = order
+        .iter()
+        .map(|&i| {
+            let mut e = slots[i].take().expect("each index once");
+            e.deps = edges[i].iter().map(|&d| position[d]).collect();
+            e
+        })
+        .collect();
+    Some(Catalog {
+        host,
+        revision,
+        entries,
+    })
+}
+
+/// `file:/a/../b` and `file:/b` name the same resource.
+fn normalize_id(id: &str) -> String {
+    match id.split_once(':') {
+        Some((kind, ident)) if ident.starts_with('/') => {
+            let norm =
+                crate::fsops::normalize(Path::new(ident)).unwrap_or_else(|| PathBuf::from(ident));
+            format!("{kind}:{}", norm.display())
+        }
+        _ => id.to_string(),
+    }
+}
+
+fn closest_id<'a>(wanted: &str, index: &'a HashMap<String, usize>) -> Option<&'a str> {
+    let tail = wanted.rsplit(['/', ':']).next().unwrap_or(wanted);
+    let mut candidates: Vec<&str> = index
+        .keys()
+        .filter(|id| id.ends_with(tail) || wanted.ends_with(id.rsplit(':').next().unwrap_or("")))
+        .map(String::as_str)
+        .collect();
+    candidates.sort();
+    candidates.into_iter().next()
+}
+
+/// Kahn's algorithm with ties broken by id, so the order is deterministic.
+/// On a cycle returns one cycle's members.
+fn topo_order(items: &[Pending], edges: &[BTreeSet<usize>]) -> Result<Vec<usize>, Vec<usize>> {
+    let n = items.len();
+    let mut indegree = vec![0usize; n];
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, deps) in edges.iter().enumerate() {
+        indegree[i] = deps.len();
+        for &d in deps {
+            dependents[d].push(i);
+        }
+    }
+    let key = |i: usize| (items[i].entry.id.as_str(), i);
+    let mut ready: BTreeMap<(&str, usize), ()> = (0..n)
+        .filter(|&i| indegree[i] == 0)
+        .map(|i| (key(i), ()))
+        .collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(((_, i), ())) = ready.pop_first() {
+        order.push(i);
+        for &j in &dependents[i] {
+            indegree[j] -= 1;
+            if indegree[j] == 0 {
+                ready.insert(key(j), ());
+            }
+        }
+    }
+    if order.len() == n {
+        return Ok(order);
+    }
+    // Walk dependencies from any unfinished node until one repeats.
+    let start = (0..n).find(|&i| indegree[i] > 0).expect("a node is left");
+    let mut seen: Vec<usize> = Vec::new();
+    let mut cur = start;
+    loop {
+        if let Some(pos) = seen.iter().position(|&s| s == cur) {
+            return Err(seen[pos..].to_vec());
+        }
+        seen.push(cur);
+        cur = *edges[cur]
+            .iter()
+            .find(|&&d| indegree[d] > 0)
+            .expect("an unfinished dependency");
+    }
+}

@@ -1,0 +1,579 @@
+//! Stage 2, *desired*: turns a [`Source`] revision into a validated
+//! [`Catalog`] for one host.
+//!
+//! Reads `hosts/<host>.yaml`, expands each module use (typed params with
+//! defaults, `when:` conditions, minijinja templates) into resources through
+//! the kind registry, then checks the whole: ids, paths inside the host's
+//! roots, `after` edges, cycles. Every problem is collected; any problem
+//! rejects the whole revision ([`DesiredError::Invalid`]). Nothing here
+//! touches the managed host.
+
+pub mod catalog;
+pub mod diag;
+pub mod model;
+pub mod render;
+pub mod yaml;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use catalog::{Catalog, Entry, HostInfo, Pending};
+use diag::{Diagnostic, Diagnostics};
+use model::{DriftPolicy, ModuleSpec};
+use render::ModuleEnv;
+use yaml::{MapReader, Node, Value};
+
+use crate::resources::{self, Assets, IdentityKind, ParseInput};
+use crate::source::{Source, SourceError};
+
+/// Why a host's desired state could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DesiredError {
+    #[error("no host `{name}` in {repo}: there is no hosts/{name}.yaml\n  known hosts: {}\n  pass --host with one of them", if known.is_empty() { "(none)".to_string() } else { known.join(", ") })]
+    UnknownHost {
+        name: String,
+        repo: String,
+        known: Vec<String>,
+    },
+    #[error("the desired state is invalid ({} problem{}); nothing was changed:\n{diags}", diags.len(), if diags.len() == 1 { "" } else { "s" })]
+    Invalid { diags: Diagnostics },
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// Keys every resource may have, besides its kind's own.
+const COMMON_KEYS: &[&str] = &["after", "notify", "on_drift", "when"];
+
+/// Host names defined in the source (`hosts/*.yaml`).
+pub fn host_names(source: &dyn Source) -> Result<Vec<String>, SourceError> {
+    Ok(source
+        .list("hosts")?
+        .into_iter()
+        .filter_map(|n| n.strip_suffix(".yaml").map(str::to_string))
+        .collect())
+}
+
+fn read_yaml(
+    source: &dyn Source,
+    file: &str,
+    diags: &mut Diagnostics,
+) -> Result<Option<Node>, SourceError> {
+    let Some(bytes) = source.read(file)? else {
+        return Ok(None);
+    };
+    let Ok(text) = String::from_utf8(bytes) else {
+        diags.push(Diagnostic::new(file, "file is not UTF-8 text"));
+        return Ok(Some(Node {
+            value: Value::Null,
+            line: 1,
+        }));
+    };
+    match yaml::parse(file, &text) {
+        Ok(node) => Ok(Some(node)),
+        Err(errors) => {
+            diags.extend(errors);
+            Ok(None)
+        }
+    }
+}
+
+/// Loads and validates the catalog of `host`.
+pub fn load(source: Arc<dyn Source>, host: &str) -> Result<Catalog, DesiredError> {
+    let host_file = format!("hosts/{host}.yaml");
+    let mut diags = Diagnostics::default();
+    let valid_name = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !host.starts_with('.');
+    let doc = if valid_name {
+        read_yaml(&*source, &host_file, &mut diags)?
+    } else {
+        None
+    };
+    if doc.is_none() && diags.is_empty() {
+        return Err(DesiredError::UnknownHost {
+            name: host.to_string(),
+            repo: source.describe(),
+            known: host_names(&*source)?,
+        });
+    }
+    let spec = doc.and_then(|doc| model::parse_host(host, &host_file, &doc, &mut diags));
+    let Some(spec) = spec else {
+        return Err(DesiredError::Invalid {
+            diags: diags.sorted(),
+        });
+    };
+
+    let host_info = HostInfo {
+        name: spec.name.clone(),
+        platform: spec.platform,
+        roots: spec.roots.clone(),
+    };
+    let host_value = map_value([
+        (
+            "name".to_string(),
+            minijinja::Value::from(spec.name.as_str()),
+        ),
+        (
+            "platform".to_string(),
+            minijinja::Value::from(spec.platform.name()),
+        ),
+    ]);
+    let vars_value = spec.vars.to_template_value();
+
+    let mut modules: HashMap<String, Option<(ModuleSpec, Arc<ModuleEnv>)>> = HashMap::new();
+    let mut pending = Vec::new();
+    for usage in &spec.modules {
+        if !modules.contains_key(&usage.name) {
+            let loaded = load_module(&source, &usage.name, &mut diags)?;
+            modules.insert(usage.name.clone(), loaded);
+        }
+        let Some((module, env)) = modules.get(&usage.name).and_then(Option::as_ref) else {
+            let mut known: Vec<String> = source
+                .list("modules")?
+                .into_iter()
+                .filter(|m| !m.starts_with('.'))
+                .collect();
+            known.sort();
+            if !diags
+                .iter()
+                .any(|d| d.file.starts_with(&format!("modules/{}/", usage.name)))
+            {
+                diags.push(
+                    Diagnostic::new(
+                        &host_file,
+                        format!(
+                            "unknown module `{}`: there is no modules/{}/module.yaml",
+                            usage.name, usage.name
+                        ),
+                    )
+                    .line(usage.line)
+                    .hint(format!("available modules: {}", known.join(", "))),
+                );
+            }
+            continue;
+        };
+        let before = diags.len();
+        let params = model::bind_params(module, usage, &host_file, &mut diags);
+        if diags.len() > before {
+            // Rendering with broken params would only add confusing errors.
+            continue;
+        }
+        let ctx = map_value([
+            (
+                "params".to_string(),
+                map_value(
+                    params
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.to_template_value())),
+                ),
+            ),
+            ("vars".to_string(), vars_value.clone()),
+            ("host".to_string(), host_value.clone()),
+        ]);
+        let policy = usage
+            .on_drift
+            .or(spec.on_drift)
+            .unwrap_or(DriftPolicy::Heal);
+        let expander = Expander {
+            source: &source,
+            module,
+            env,
+            ctx: &ctx,
+            roots: &spec.roots,
+            policy,
+        };
+        for node in &module.resources {
+            if let Some(p) = expander.resource(node, &mut diags) {
+                pending.push(p);
+            }
+        }
+    }
+    if !diags.is_empty() {
+        return Err(DesiredError::Invalid {
+            diags: diags.sorted(),
+        });
+    }
+    let revision = source.revision();
+    match catalog::build(host_info, revision, pending, &mut diags) {
+        Some(catalog) if diags.is_empty() => Ok(catalog),
+        _ => Err(DesiredError::Invalid {
+            diags: diags.sorted(),
+        }),
+    }
+}
+
+fn map_value(pairs: impl IntoIterator<Item = (String, minijinja::Value)>) -> minijinja::Value {
+    minijinja::Value::from(
+        pairs
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>(),
+    )
+}
+
+fn load_module(
+    source: &Arc<dyn Source>,
+    name: &str,
+    diags: &mut Diagnostics,
+) -> Result<Option<(ModuleSpec, Arc<ModuleEnv>)>, SourceError> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Ok(None);
+    }
+    let file = format!("modules/{name}/module.yaml");
+    let Some(doc) = read_yaml(&**source, &file, diags)? else {
+        return Ok(None);
+    };
+    let Some(spec) = model::parse_module(name, &file, &doc, diags) else {
+        return Ok(None);
+    };
+    Ok(Some((spec, Arc::new(ModuleEnv::new(source.clone(), name)))))
+}
+
+/// Expands one module use's resources.
+struct Expander<'a> {
+    source: &'a Arc<dyn Source>,
+    module: &'a ModuleSpec,
+    env: &'a ModuleEnv,
+    ctx: &'a minijinja::Value,
+    roots: &'a [PathBuf],
+    policy: DriftPolicy,
+}
+
+impl Expander<'_> {
+    fn file(&self) -> &str {
+        &self.module.file
+    }
+
+    /// Renders every string in `node` (template syntax is optional).
+    fn render_node(&self, node: &Node, diags: &mut Diagnostics) -> Node {
+        let value = match &node.value {
+            Value::Str(s) => match self.env.render_str(s, self.ctx) {
+                Ok(out) => Value::Str(out),
+                Err(e) => {
+                    let at = match e.line() {
+                        Some(l) if s.lines().count() > 1 => {
+                            format!(" (line {l} of the template string)")
+                        }
+                        _ => String::new(),
+                    };
+                    let snippet: String = s
+                        .lines()
+                        .nth(e.line().unwrap_or(1).saturating_sub(1))
+                        .unwrap_or(s)
+                        .trim()
+                        .chars()
+                        .take(80)
+                        .collect();
+                    diags.push(
+                        Diagnostic::new(
+                            self.file(),
+                            format!(
+                                "template error{at} in `{snippet}`: {}",
+                                render::describe(&e)
+                            ),
+                        )
+                        .line(node.line)
+                        .hint("templates see params.*, vars.* and host.name / host.platform"),
+                    );
+                    Value::Str(String::new())
+                }
+            },
+            Value::Seq(items) => {
+                Value::Seq(items.iter().map(|n| self.render_node(n, diags)).collect())
+            }
+            Value::Map(entries) => Value::Map(
+                entries
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            if k == "when" {
+                                v.clone()
+                            } else {
+                                self.render_node(v, diags)
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
+            other => other.clone(),
+        };
+        Node {
+            value,
+            line: node.line,
+        }
+    }
+
+    fn resource(&self, raw: &Node, diags: &mut Diagnostics) -> Option<Pending> {
+        let file = self.file();
+        if !matches!(raw.value, Value::Map(_)) {
+            diags.push(
+                Diagnostic::new(
+                    file,
+                    format!(
+                        "a resource must be a map such as `- file: /path`, found {}",
+                        raw.value.type_name()
+                    ),
+                )
+                .line(raw.line),
+            );
+            return None;
+        }
+        // `when:` decides whether the resource exists at all.
+        if let Value::Map(entries) = &raw.value {
+            if let Some((_, cond)) = entries.iter().find(|(k, _)| k == "when") {
+                let Some(expr) = cond.as_str() else {
+                    diags.push(
+                        Diagnostic::new(file, "`when` must be a string holding a Jinja expression")
+                            .line(cond.line),
+                    );
+                    return None;
+                };
+                match self.env.eval_condition(expr, self.ctx) {
+                    Ok(true) => {}
+                    Ok(false) => return None,
+                    Err(e) => {
+                        diags.push(
+                            Diagnostic::new(
+                                file,
+                                format!(
+                                    "`when: {expr}` cannot be evaluated: {}",
+                                    render::describe(&e)
+                                ),
+                            )
+                            .line(cond.line),
+                        );
+                        return None;
+                    }
+                }
+            }
+        }
+        let before_render = diags.len();
+        let node = self.render_node(raw, diags);
+        if diags.len() > before_render {
+            return None;
+        }
+        let kind_key = match &node.value {
+            Value::Map(entries) => entries.first().map(|(k, _)| k.clone()).unwrap_or_default(),
+            _ => unreachable!("checked above"),
+        };
+        let Some(kind) = resources::kind(&kind_key) else {
+            let kinds: Vec<&str> = resources::REGISTRY.iter().map(|k| k.name()).collect();
+            diags.push(
+                Diagnostic::new(file, format!("unknown resource kind `{kind_key}`"))
+                    .line(node.line)
+                    .hint(format!(
+                        "a resource starts with its kind: {}",
+                        kinds.join(", ")
+                    )),
+            );
+            return None;
+        };
+        let mut fields = MapReader::new(file, format!("resource {kind_key}"), &node, diags)?;
+        let identity_node = fields.take(&kind_key).expect("the first key");
+        let Some(raw_identity) = identity_node.as_str() else {
+            diags.push(
+                Diagnostic::new(
+                    file,
+                    format!(
+                        "`{kind_key}:` must be followed by a path, found {}",
+                        identity_node.value.type_name()
+                    ),
+                )
+                .line(identity_node.line),
+            );
+            return None;
+        };
+        let identity = match kind.identity_kind() {
+            IdentityKind::Path => {
+                self.check_path(kind_key.as_str(), raw_identity, identity_node.line, diags)?
+            }
+        };
+        let id = format!("{kind_key}:{identity}");
+        let mut fields = fields.for_resource(id.clone());
+        fields = {
+            let mut f = fields;
+            f.line = node.line;
+            f
+        };
+        let after = fields.string_list("after", diags).unwrap_or_default();
+        let notify: Vec<String> = fields
+            .string_list("notify", diags)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(n, line)| {
+                if n.split_once(':')
+                    .is_some_and(|(k, i)| !k.is_empty() && !i.is_empty())
+                {
+                    Some(n)
+                } else {
+                    diags.push(
+                        fields
+                            .diag(line, format!("`notify` entry `{n}` is not a resource id"))
+                            .hint("write kind:name, e.g. service:zot"),
+                    );
+                    None
+                }
+            })
+            .collect();
+        let on_drift = model::on_drift(&mut fields, diags).unwrap_or(self.policy);
+        fields.take("when");
+        let assets = ModuleAssets {
+            expander: self,
+            id: &id,
+        };
+        let before = diags.len();
+        let resource = kind.parse(ParseInput {
+            id: &id,
+            identity: &identity,
+            fields: &mut fields,
+            assets: &assets,
+            diags,
+        });
+        let mut known: Vec<&str> = vec![kind.name()];
+        known.extend(kind.fields());
+        known.extend(COMMON_KEYS);
+        fields.finish(&known, diags);
+        let resource = resource.filter(|_| diags.len() == before)?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(id.as_bytes());
+        hasher.update(b"\0");
+        resource.digest(&mut hasher);
+        Some(Pending {
+            entry: Entry {
+                id,
+                module: self.module.name.clone(),
+                file: file.to_string(),
+                line: node.line,
+                resource,
+                deps: Vec::new(),
+                notify,
+                on_drift,
+                digest: hasher.finalize().to_hex()[..32].to_string(),
+            },
+            after,
+        })
+    }
+
+    /// Absolute, normalised, inside the host's roots.
+    fn check_path(
+        &self,
+        kind: &str,
+        raw: &str,
+        line: usize,
+        diags: &mut Diagnostics,
+    ) -> Option<String> {
+        let id = format!("{kind}:{raw}");
+        let path = Path::new(raw);
+        let Some(norm) = crate::fsops::normalize(path) else {
+            diags.push(
+                Diagnostic::new(self.file(), format!("path `{raw}` is relative"))
+                    .line(line)
+                    .resource(&id)
+                    .hint("managed paths are absolute, e.g. /usr/local/etc/zot/config.json"),
+            );
+            return None;
+        };
+        let inside = self.roots.iter().any(|r| norm.starts_with(r));
+        if norm.as_path() != path || raw.ends_with('/') && raw != "/" {
+            let mut d = Diagnostic::new(
+                self.file(),
+                format!(
+                    "path `{raw}` is not normalised: it resolves to {}",
+                    norm.display()
+                ),
+            )
+            .line(line)
+            .resource(&id);
+            d = if inside {
+                d.hint(format!("write it as {}", norm.display()))
+            } else {
+                d.hint(format!(
+                    "`..` escapes the host's roots ({}); the agent manages only paths inside them",
+                    self.roots_list()
+                ))
+            };
+            diags.push(d);
+            return None;
+        }
+        if !inside {
+            diags.push(
+                Diagnostic::new(
+                    self.file(),
+                    format!(
+                        "path {raw} is outside the host's roots ({})",
+                        self.roots_list()
+                    ),
+                )
+                .line(line)
+                .resource(&id)
+                .hint(
+                    "add a root for it in the host file, or move the path under an existing root",
+                ),
+            );
+            return None;
+        }
+        Some(norm.to_str().expect("from a str").to_string())
+    }
+
+    fn roots_list(&self) -> String {
+        self.roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+struct ModuleAssets<'a> {
+    expander: &'a Expander<'a>,
+    id: &'a str,
+}
+
+impl Assets for ModuleAssets<'_> {
+    fn template(&self, name: &str, line: usize) -> Result<String, Diagnostic> {
+        let e = self.expander;
+        e.env.render_template(name, e.ctx).map_err(|err| {
+            let module = &e.module.name;
+            if err.kind() == minijinja::ErrorKind::TemplateNotFound {
+                return Diagnostic::new(e.file(), format!("template `{name}` not found in modules/{module}/templates/"))
+                    .line(line)
+                    .resource(self.id);
+            }
+            let file = format!("modules/{module}/templates/{}", err.name().unwrap_or(name));
+            let mut d = Diagnostic::new(file, format!("template error: {}", render::describe(&err)))
+                .resource(self.id)
+                .hint("templates see params.*, vars.* and host.name / host.platform; guard optional values with `is defined`");
+            if let Some(l) = err.line() {
+                d = d.line(l);
+            }
+            d
+        })
+    }
+
+    fn file(&self, name: &str, line: usize) -> Result<Vec<u8>, Diagnostic> {
+        let e = self.expander;
+        let path = format!("modules/{}/files/{name}", e.module.name);
+        let missing = || {
+            Diagnostic::new(
+                e.file(),
+                format!("source file `{name}` not found: there is no {path}"),
+            )
+            .line(line)
+            .resource(self.id)
+        };
+        if name
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(missing());
+        }
+        match e.source.read(&path) {
+            Ok(Some(bytes)) => Ok(bytes),
+            Ok(None) => Err(missing()),
+            Err(err) => Err(Diagnostic::new(path, err.to_string()).resource(self.id)),
+        }
+    }
+}

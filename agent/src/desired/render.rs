@@ -1,0 +1,77 @@
+//! Templates: one minijinja environment per module, loading from the
+//! module's `templates/` folder through the [`Source`] (never the host
+//! filesystem), strict about undefined values.
+
+use std::sync::Arc;
+
+use minijinja::{Environment, ErrorKind, UndefinedBehavior, Value};
+
+use crate::source::Source;
+
+pub struct ModuleEnv {
+    env: Environment<'static>,
+}
+
+impl ModuleEnv {
+    pub fn new(source: Arc<dyn Source>, module: &str) -> ModuleEnv {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .keep_trailing_newline(true)
+                .build()
+                .expect("default delimiters are valid"),
+        );
+        let dir = format!("modules/{module}/templates");
+        env.set_loader(move |name: &str| {
+            if name
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+            {
+                return Ok(None);
+            }
+            match source.read(&format!("{dir}/{name}")) {
+                Ok(Some(bytes)) => String::from_utf8(bytes).map(Some).map_err(|_| {
+                    minijinja::Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("template {name} is not UTF-8"),
+                    )
+                }),
+                Ok(None) => Ok(None),
+                Err(e) => Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    e.to_string(),
+                )),
+            }
+        });
+        ModuleEnv { env }
+    }
+
+    /// Renders an inline string; strings without template syntax are returned as they are.
+    pub fn render_str(&self, text: &str, ctx: &Value) -> Result<String, minijinja::Error> {
+        if !(text.contains("{{") || text.contains("{%") || text.contains("{#")) {
+            return Ok(text.to_string());
+        }
+        self.env.render_str(text, ctx)
+    }
+
+    pub fn render_template(&self, name: &str, ctx: &Value) -> Result<String, minijinja::Error> {
+        self.env.get_template(name)?.render(ctx)
+    }
+
+    /// Evaluates a `when:` expression to a boolean.
+    pub fn eval_condition(&self, expr: &str, ctx: &Value) -> Result<bool, minijinja::Error> {
+        let value = self.env.compile_expression(expr)?.eval(ctx)?;
+        Ok(value.is_true())
+    }
+}
+
+/// `undefined value: 'x' is undefined` without the location (callers add it).
+pub fn describe(e: &minijinja::Error) -> String {
+    let mut msg = e.kind().to_string();
+    if let Some(detail) = e.detail() {
+        msg.push_str(": ");
+        msg.push_str(detail);
+    }
+    msg
+}

@@ -1,0 +1,256 @@
+//! Stage 3, *plan*: observe every resource (bounded parallelism), diff it
+//! against the catalog, and classify each difference using the inventory.
+//!
+//! # Classification
+//! - **create**: the object does not exist.
+//! - **change**: desired differs from what was last applied (git moved), or
+//!   the agent never applied it.
+//! - **drift**: desired is unchanged since the last apply, but the live state
+//!   no longer matches it (someone edited the host).
+//! - **prune**: in the inventory, gone from the catalog.
+//!
+//! # Guarantees
+//! Never writes: observation only reads, and the inventory is passed in.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use homelab_agent_state::{InventoryEntry, Origin};
+
+use crate::desired::catalog::Catalog;
+use crate::desired::model::DriftPolicy;
+use crate::resources::{FieldChange, Host, Observation, ResourceError};
+
+/// Why a resource is in the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Classification {
+    InSync,
+    Create,
+    Change,
+    Drift,
+    Prune,
+}
+
+/// What apply will do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// In sync.
+    None,
+    Create,
+    Update,
+    /// Drift under `on_drift: report`: shown, never corrected.
+    Report,
+    /// Prune something the agent created.
+    Delete,
+    /// Prune something the agent adopted: stop managing it, leave it in place.
+    Forget,
+}
+
+/// One catalog entry in the plan.
+#[derive(Debug)]
+pub struct Planned {
+    /// Index into [`Catalog::entries`].
+    pub index: usize,
+    pub class: Classification,
+    pub action: Action,
+    pub changes: Vec<FieldChange>,
+    pub observation: Observation,
+    /// The inventory entry, if the agent managed this before.
+    pub known: Option<InventoryEntry>,
+}
+
+/// An inventory entry that left the catalog.
+#[derive(Debug, Clone)]
+pub struct PlannedPrune {
+    pub id: String,
+    pub kind: String,
+    pub module: String,
+    pub origin: Origin,
+    pub action: Action,
+}
+
+/// A resource that could not be observed.
+#[derive(Debug)]
+pub struct Failure {
+    pub id: String,
+    pub error: ResourceError,
+}
+
+/// The plan for one host and revision.
+#[derive(Debug)]
+pub struct Plan {
+    pub catalog: Catalog,
+    pub resources: Vec<Planned>,
+    pub prunes: Vec<PlannedPrune>,
+    pub failures: Vec<Failure>,
+}
+
+/// Counts for the summary line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    pub create: usize,
+    pub change: usize,
+    pub prune: usize,
+    pub drift: usize,
+    pub in_sync: usize,
+    pub errors: usize,
+}
+
+impl Plan {
+    pub fn summary(&self) -> Summary {
+        let mut s = Summary {
+            prune: self.prunes.len(),
+            errors: self.failures.len(),
+            ..Summary::default()
+        };
+        for p in &self.resources {
+            match p.class {
+                Classification::InSync => s.in_sync += 1,
+                Classification::Create => s.create += 1,
+                Classification::Change => s.change += 1,
+                Classification::Drift => s.drift += 1,
+                Classification::Prune => {}
+            }
+        }
+        s
+    }
+
+    /// Anything to do or to report (drift included).
+    pub fn has_changes(&self) -> bool {
+        let s = self.summary();
+        s.create + s.change + s.prune + s.drift > 0
+    }
+}
+
+/// Observes, diffs and classifies. `inventory` is the host's state as last
+/// committed.
+pub fn plan(catalog: Catalog, host: &Host, inventory: &BTreeMap<String, InventoryEntry>) -> Plan {
+    let observed = observe_all(&catalog, host);
+    let mut resources = Vec::with_capacity(catalog.entries.len());
+    let mut failures = Vec::new();
+    for (index, result) in observed.into_iter().enumerate() {
+        let entry = &catalog.entries[index];
+        let observation = match result {
+            Ok(o) => o,
+            Err(error) => {
+                failures.push(Failure {
+                    id: entry.id.clone(),
+                    error,
+                });
+                continue;
+            }
+        };
+        let changes = entry.resource.diff(&observation, host);
+        let known = inventory.get(&entry.id).cloned();
+        let applied_same = known
+            .as_ref()
+            .and_then(|k| k.digest.as_deref())
+            .is_some_and(|d| d == entry.digest);
+        let class = if changes.is_empty() {
+            Classification::InSync
+        } else if applied_same {
+            Classification::Drift
+        } else if !observation.exists {
+            Classification::Create
+        } else {
+            Classification::Change
+        };
+        let action = match class {
+            Classification::InSync | Classification::Prune => Action::None,
+            Classification::Create => Action::Create,
+            Classification::Change => Action::Update,
+            Classification::Drift if entry.on_drift == DriftPolicy::Report => Action::Report,
+            Classification::Drift if !observation.exists => Action::Create,
+            Classification::Drift => Action::Update,
+        };
+        resources.push(Planned {
+            index,
+            class,
+            action,
+            changes,
+            observation,
+            known,
+        });
+    }
+
+    let in_catalog: HashSet<&str> = catalog.entries.iter().map(|e| e.id.as_str()).collect();
+    let mut prunes: Vec<PlannedPrune> = inventory
+        .iter()
+        .filter(|(id, _)| !in_catalog.contains(id.as_str()))
+        .map(|(id, e)| PlannedPrune {
+            id: id.clone(),
+            kind: e.kind.clone(),
+            module: e.module.clone(),
+            origin: e.origin,
+            action: match e.origin {
+                Origin::Created => Action::Delete,
+                Origin::Adopted => Action::Forget,
+            },
+        })
+        .collect();
+    // Deepest paths first, so files go before the directories holding them.
+    prunes.sort_by(|a, b| {
+        let depth = |p: &PlannedPrune| {
+            p.id.split_once(':')
+                .map_or(0, |(_, ident)| Path::new(ident).components().count())
+        };
+        depth(b).cmp(&depth(a)).then_with(|| b.id.cmp(&a.id))
+    });
+    Plan {
+        catalog,
+        resources,
+        prunes,
+        failures,
+    }
+}
+
+/// Observes every entry, in parallel on up to 8 threads, results in catalog order.
+fn observe_all(catalog: &Catalog, host: &Host) -> Vec<Result<Observation, ResourceError>> {
+    let n = catalog.entries.len();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |p| p.get())
+        .min(8)
+        .min(n.div_ceil(32).max(1));
+    if threads <= 1 {
+        return catalog
+            .entries
+            .iter()
+            .map(|e| e.resource.observe(host))
+            .collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<Option<Result<Observation, ResourceError>>> =
+        (0..n).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        // Small chunks keep the two cores equally busy.
+                        let start = next.fetch_add(16, Ordering::Relaxed);
+                        if start >= n {
+                            break;
+                        }
+                        for i in start..(start + 16).min(n) {
+                            out.push((i, catalog.entries[i].resource.observe(host)));
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        for w in workers {
+            for (i, r) in w.join().expect("observe worker panicked") {
+                results[i] = Some(r);
+            }
+        }
+    });
+    results
+        .into_iter()
+        .map(|r| r.expect("every index observed"))
+        .collect()
+}

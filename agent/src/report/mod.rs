@@ -1,0 +1,224 @@
+//! Stage 5, *report*: turns plans and apply reports into CLI text and JSON.
+//! Only reads what earlier stages produced.
+
+use std::fmt::Write;
+
+use crate::apply::ApplyReport;
+use crate::plan::{Action, Classification, Plan, Summary};
+
+/// ANSI colours, used only when writing to a terminal.
+#[derive(Clone, Copy)]
+pub struct Style {
+    pub color: bool,
+}
+
+impl Style {
+    fn paint(self, code: &str, text: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+fn symbol(class: Classification) -> (&'static str, &'static str) {
+    match class {
+        Classification::Create => ("+", "32"),
+        Classification::Change => ("~", "33"),
+        Classification::Prune => ("-", "31"),
+        Classification::Drift => ("!", "35"),
+        Classification::InSync => (" ", "0"),
+    }
+}
+
+/// The plan as a human reads it: a header, one block per resource that is
+/// not in sync (with field changes and content diffs), errors, and the
+/// summary line.
+pub fn plan_text(plan: &Plan, sandbox: Option<&str>, style: Style) -> String {
+    let mut out = String::new();
+    let host = &plan.catalog.host;
+    let _ = writeln!(
+        out,
+        "Plan for host {} ({}) at revision {}",
+        host.name,
+        host.platform.name(),
+        plan.catalog.revision
+    );
+    if let Some(root) = sandbox {
+        let _ = writeln!(
+            out,
+            "Sandbox: paths under {root}; owner and group are not enforced."
+        );
+    }
+    out.push('\n');
+    for p in &plan.resources {
+        if p.class == Classification::InSync {
+            continue;
+        }
+        let entry = &plan.catalog.entries[p.index];
+        let (sym, color) = symbol(p.class);
+        let why = match (p.class, p.action) {
+            (Classification::Drift, Action::Report) => " drifted; on_drift: report, left alone",
+            (Classification::Drift, _) => " drifted; will be healed",
+            _ => "",
+        };
+        let _ = writeln!(
+            out,
+            "{} {}  (module {}){why}",
+            style.paint(color, sym),
+            style.paint("1", &entry.id),
+            entry.module
+        );
+        for c in &p.changes {
+            let old = c.old.as_deref().unwrap_or("(none)");
+            let new = c.new.as_deref().unwrap_or("(none)");
+            let _ = writeln!(out, "    {}: {old} -> {new}", c.field);
+            if let Some(diff) = &c.diff {
+                for line in diff.lines() {
+                    let painted = match line.as_bytes().first() {
+                        Some(b'+') if !line.starts_with("+++") => style.paint("32", line),
+                        Some(b'-') if !line.starts_with("---") => style.paint("31", line),
+                        Some(b'@') => style.paint("36", line),
+                        _ => line.to_string(),
+                    };
+                    let _ = writeln!(out, "      {painted}");
+                }
+            }
+        }
+    }
+    for p in &plan.prunes {
+        let (sym, color) = symbol(Classification::Prune);
+        let what = match p.action {
+            Action::Forget => {
+                "will be forgotten: it existed before the agent managed it, so it stays in place"
+            }
+            _ => "will be removed: the agent created it and it left the desired state",
+        };
+        let _ = writeln!(
+            out,
+            "{} {}  (module {}) {what}",
+            style.paint(color, sym),
+            style.paint("1", &p.id),
+            p.module
+        );
+    }
+    for f in &plan.failures {
+        let _ = writeln!(out, "{} {}: {}", style.paint("31", "error:"), f.id, f.error);
+    }
+    let s = plan.summary();
+    if !plan.has_changes() && s.errors == 0 {
+        let _ = writeln!(out, "No changes: {} resource(s) in sync.", s.in_sync);
+    }
+    out.push('\n');
+    out.push_str(&summary_line("Plan", &s));
+    out
+}
+
+fn summary_line(word: &str, s: &Summary) -> String {
+    let mut line = format!(
+        "{word}: {} to create, {} to change, {} to prune, {} drifted.",
+        s.create, s.change, s.prune, s.drift
+    );
+    if s.errors > 0 {
+        let _ = write!(line, " {} error(s).", s.errors);
+    }
+    line.push('\n');
+    line
+}
+
+/// `--json`: one object per resource, in apply order, then prunes.
+pub fn plan_json(plan: &Plan) -> serde_json::Value {
+    let mut resources = Vec::new();
+    for p in &plan.resources {
+        let e = &plan.catalog.entries[p.index];
+        resources.push(serde_json::json!({
+            "id": e.id,
+            "kind": e.resource.kind(),
+            "module": e.module,
+            "action": p.action,
+            "classification": p.class,
+            "on_drift": e.on_drift,
+            "changes": p.changes,
+        }));
+    }
+    for p in &plan.prunes {
+        resources.push(serde_json::json!({
+            "id": p.id,
+            "kind": p.kind,
+            "module": p.module,
+            "action": p.action,
+            "classification": Classification::Prune,
+            "changes": [],
+        }));
+    }
+    let errors: Vec<_> = plan
+        .failures
+        .iter()
+        .map(|f| serde_json::json!({"id": f.id, "error": f.error.to_string()}))
+        .collect();
+    serde_json::json!({
+        "host": plan.catalog.host.name,
+        "platform": plan.catalog.host.platform,
+        "revision": plan.catalog.revision,
+        "resources": resources,
+        "errors": errors,
+        "summary": plan.summary(),
+    })
+}
+
+/// What apply did, one line per resource touched, then a summary.
+pub fn apply_text(report: &ApplyReport, style: Style) -> String {
+    let mut out = String::new();
+    for o in &report.outcomes {
+        let (sym, color) = symbol(o.class);
+        let verb = match (o.class, o.action) {
+            (_, Action::Report) => "drift reported, left alone (on_drift: report)",
+            (Classification::Drift, _) => "drift healed",
+            (_, Action::Create) => "created",
+            (_, Action::Update) => "updated",
+            (_, Action::Delete) => "removed",
+            (_, Action::Forget) => "forgotten (left in place)",
+            _ => "unchanged",
+        };
+        let fields = if o.fields.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", o.fields.join(", "))
+        };
+        match &o.error {
+            Some(err) => {
+                let _ = writeln!(out, "{} {}: {}", style.paint("31", "failed"), o.id, err);
+            }
+            None => {
+                let note = o
+                    .note
+                    .as_ref()
+                    .map(|n| format!("; {n}"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "{} {} {verb}{fields}{note}",
+                    style.paint(color, sym),
+                    o.id
+                );
+            }
+        }
+    }
+    let c = &report.counts;
+    if report.outcomes.is_empty() {
+        let _ = writeln!(out, "Nothing to do: {} resource(s) in sync.", c.unchanged);
+    }
+    let _ = writeln!(
+        out,
+        "\nApply: {} created, {} changed, {} pruned, {} drifted ({} healed, {} reported). {} failed.",
+        c.created,
+        c.changed,
+        c.pruned,
+        c.drift_healed + c.drift_reported,
+        c.drift_healed,
+        c.drift_reported,
+        c.failed
+    );
+    out
+}

@@ -1,0 +1,151 @@
+//! `directory`: a directory with mode, owner and group. Missing parents are
+//! created (0755). Pruning removes it only when empty: the agent never
+//! deletes data it did not write.
+
+use std::path::{Path, PathBuf};
+
+use super::{
+    diff_attrs, parse_mode, ApplyCtx, FieldChange, Host, IdentityKind, Kind, Observation,
+    Ownership, ParseInput, PruneOutcome, Resource, ResourceError,
+};
+use crate::fsops::{Attrs, FileKind as Ft, Meta};
+
+pub struct DirectoryKind;
+
+const DEFAULT_MODE: u32 = 0o755;
+
+impl Kind for DirectoryKind {
+    fn name(&self) -> &'static str {
+        "directory"
+    }
+    fn doc(&self) -> &'static str {
+        "a directory: mode (default \"0755\"), owner, group; pruned only when empty"
+    }
+    fn identity_kind(&self) -> IdentityKind {
+        IdentityKind::Path
+    }
+    fn fields(&self) -> &'static [&'static str] {
+        &["mode", "owner", "group"]
+    }
+
+    fn parse(&self, input: ParseInput<'_, '_>) -> Option<Box<dyn Resource>> {
+        let ParseInput {
+            identity,
+            fields,
+            diags,
+            ..
+        } = input;
+        let mode = parse_mode(fields, diags);
+        let owner = fields.string("owner", diags).map(|s| s.0);
+        let group = fields.string("group", diags).map(|s| s.0);
+        Some(Box::new(Directory {
+            path: PathBuf::from(identity),
+            mode: mode.unwrap_or(DEFAULT_MODE),
+            owner,
+            group,
+        }))
+    }
+
+    fn prune(&self, identity: &str, host: &Host) -> Result<PruneOutcome, ResourceError> {
+        let path = Path::new(identity);
+        match host.fs.meta(path)? {
+            None => Ok(PruneOutcome::AlreadyGone),
+            Some(m) if m.kind == Ft::Directory => {
+                if host.fs.remove_empty_dir(path)? {
+                    Ok(PruneOutcome::Removed)
+                } else {
+                    Ok(PruneOutcome::LeftInPlace("it is not empty".into()))
+                }
+            }
+            Some(m) => Ok(PruneOutcome::LeftInPlace(format!(
+                "it is now a {}",
+                m.kind.name()
+            ))),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Directory {
+    path: PathBuf,
+    mode: u32,
+    owner: Option<String>,
+    group: Option<String>,
+}
+
+#[derive(Debug)]
+struct Live {
+    meta: Option<Meta>,
+    want: Ownership,
+}
+
+impl Resource for Directory {
+    fn kind(&self) -> &'static str {
+        "directory"
+    }
+    fn identity(&self) -> &str {
+        self.path.to_str().expect("identities are UTF-8")
+    }
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+    fn digest(&self, h: &mut blake3::Hasher) {
+        h.update(&self.mode.to_le_bytes());
+        h.update(self.owner.as_deref().unwrap_or("").as_bytes());
+        h.update(b"\0");
+        h.update(self.group.as_deref().unwrap_or("").as_bytes());
+    }
+
+    fn observe(&self, host: &Host) -> Result<Observation, ResourceError> {
+        let want = host.ownership(self.owner.as_deref(), self.group.as_deref())?;
+        let meta = host.fs.meta(&self.path)?;
+        Ok(Observation::new(meta.is_some(), Live { meta, want }))
+    }
+
+    fn diff(&self, live: &Observation, _host: &Host) -> Vec<FieldChange> {
+        let live: &Live = live.get();
+        let mut out = Vec::new();
+        match live.meta {
+            None => out.push(FieldChange::new("type", None, Some("directory".into()))),
+            Some(m) if m.kind != Ft::Directory => out.push(FieldChange::new(
+                "type",
+                Some(m.kind.name().into()),
+                Some("directory".into()),
+            )),
+            Some(_) => {}
+        }
+        let meta = live.meta.filter(|m| m.kind == Ft::Directory);
+        diff_attrs(
+            meta.as_ref(),
+            self.mode,
+            live.want,
+            self.owner.as_deref(),
+            self.group.as_deref(),
+            &mut out,
+        );
+        out
+    }
+
+    fn apply(
+        &self,
+        live: &Observation,
+        _changes: &[FieldChange],
+        ctx: &mut ApplyCtx<'_>,
+    ) -> Result<(), ResourceError> {
+        let live: &Live = live.get();
+        if let Some(m) = live.meta.filter(|m| m.kind != Ft::Directory) {
+            return Err(ResourceError::WrongType {
+                path: self.path.clone(),
+                found: m.kind.name(),
+                wanted: "directory",
+            });
+        }
+        let attrs = Attrs {
+            mode: self.mode,
+            uid: live.want.uid,
+            gid: live.want.gid,
+        };
+        ctx.host.fs.create_dir_all(&self.path, attrs)?;
+        Ok(())
+    }
+}

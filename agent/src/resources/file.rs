@@ -1,0 +1,241 @@
+//! `file`: a regular file with exact content, mode, owner and group.
+//!
+//! Content comes from exactly one of `content` (inline, rendered as a
+//! template), `template` (a module template) or `source` (a module file,
+//! copied verbatim). Replacement is atomic and never follows a symlink.
+
+use std::path::{Path, PathBuf};
+
+use super::{
+    diff_attrs, parse_mode, ApplyCtx, FieldChange, Host, IdentityKind, Kind, Observation,
+    Ownership, ParseInput, PruneOutcome, Resource, ResourceError,
+};
+use crate::fsops::{Attrs, FileKind as Ft, Meta};
+
+pub struct FileKind;
+
+const DEFAULT_MODE: u32 = 0o644;
+/// Unified diffs longer than this are cut in the plan.
+const MAX_DIFF_LINES: usize = 200;
+
+impl Kind for FileKind {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+    fn doc(&self) -> &'static str {
+        "a regular file: one of content | template | source; mode (default \"0644\"), owner, group"
+    }
+    fn identity_kind(&self) -> IdentityKind {
+        IdentityKind::Path
+    }
+    fn fields(&self) -> &'static [&'static str] {
+        &["content", "template", "source", "mode", "owner", "group"]
+    }
+
+    fn parse(&self, input: ParseInput<'_, '_>) -> Option<Box<dyn Resource>> {
+        let ParseInput {
+            identity,
+            fields,
+            assets,
+            diags,
+            ..
+        } = input;
+        let mode = parse_mode(fields, diags);
+        let owner = fields.string("owner", diags).map(|s| s.0);
+        let group = fields.string("group", diags).map(|s| s.0);
+        let content = fields.string("content", diags);
+        let template = fields.string("template", diags);
+        let source = fields.string("source", diags);
+        let given = [content.is_some(), template.is_some(), source.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if given != 1 {
+            diags.push(
+                fields
+                    .diag(fields.line, "a file needs exactly one of `content`, `template` or `source`")
+                    .hint("inline text: content; a Jinja template in templates/: template; a verbatim file in files/: source"),
+            );
+            return None;
+        }
+        let bytes = match (content, template, source) {
+            (Some((text, _)), _, _) => text.into_bytes(),
+            (_, Some((name, line)), _) => assets
+                .template(&name, line)
+                .map(String::into_bytes)
+                .map_err(|d| diags.push(d))
+                .ok()?,
+            (_, _, Some((name, line))) => {
+                assets.file(&name, line).map_err(|d| diags.push(d)).ok()?
+            }
+            _ => unreachable!("exactly one is set"),
+        };
+        Some(Box::new(File {
+            path: PathBuf::from(identity),
+            content: bytes,
+            mode: mode.unwrap_or(DEFAULT_MODE),
+            owner,
+            group,
+        }))
+    }
+
+    fn prune(&self, identity: &str, host: &Host) -> Result<PruneOutcome, ResourceError> {
+        let path = Path::new(identity);
+        match host.fs.meta(path)? {
+            None => Ok(PruneOutcome::AlreadyGone),
+            Some(m) if m.kind == Ft::File => {
+                host.fs.remove_file(path)?;
+                Ok(PruneOutcome::Removed)
+            }
+            Some(m) => Ok(PruneOutcome::LeftInPlace(format!(
+                "it is now a {}",
+                m.kind.name()
+            ))),
+        }
+    }
+}
+
+/// A desired file.
+#[derive(Debug)]
+pub struct File {
+    path: PathBuf,
+    content: Vec<u8>,
+    mode: u32,
+    owner: Option<String>,
+    group: Option<String>,
+}
+
+/// What is at the path now.
+#[derive(Debug)]
+struct Live {
+    meta: Option<Meta>,
+    content: Option<Vec<u8>>,
+    want: Ownership,
+}
+
+impl Resource for File {
+    fn kind(&self) -> &'static str {
+        "file"
+    }
+    fn identity(&self) -> &str {
+        self.path.to_str().expect("identities are UTF-8")
+    }
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+    fn digest(&self, h: &mut blake3::Hasher) {
+        h.update(&(self.content.len() as u64).to_le_bytes());
+        h.update(&self.content);
+        h.update(&self.mode.to_le_bytes());
+        h.update(self.owner.as_deref().unwrap_or("").as_bytes());
+        h.update(b"\0");
+        h.update(self.group.as_deref().unwrap_or("").as_bytes());
+    }
+
+    fn observe(&self, host: &Host) -> Result<Observation, ResourceError> {
+        let want = host.ownership(self.owner.as_deref(), self.group.as_deref())?;
+        let (meta, content) = match host.fs.read_file(&self.path)? {
+            Some((meta, content)) => (Some(meta), content),
+            None => (None, None),
+        };
+        Ok(Observation::new(
+            meta.is_some(),
+            Live {
+                meta,
+                content,
+                want,
+            },
+        ))
+    }
+
+    fn diff(&self, live: &Observation, _host: &Host) -> Vec<FieldChange> {
+        let live: &Live = live.get();
+        let mut out = Vec::new();
+        if let Some(meta) = live.meta.filter(|m| m.kind != Ft::File) {
+            out.push(FieldChange::new(
+                "type",
+                Some(meta.kind.name().into()),
+                Some("file".into()),
+            ));
+        }
+        let old = live.content.as_deref();
+        if old != Some(self.content.as_slice()) {
+            let mut change = FieldChange::new(
+                "content",
+                old.map(describe),
+                Some(describe(&self.content)),
+            );
+            change.diff = unified_diff(old.unwrap_or_default(), &self.content, self.identity());
+            out.push(change);
+        }
+        let meta = live.meta.filter(|m| m.kind == Ft::File);
+        diff_attrs(
+            meta.as_ref(),
+            self.mode,
+            live.want,
+            self.owner.as_deref(),
+            self.group.as_deref(),
+            &mut out,
+        );
+        out
+    }
+
+    fn apply(
+        &self,
+        live: &Observation,
+        changes: &[FieldChange],
+        ctx: &mut ApplyCtx<'_>,
+    ) -> Result<(), ResourceError> {
+        let live: &Live = live.get();
+        if let Some(meta) = live.meta {
+            if meta.kind == Ft::Directory || meta.kind == Ft::Other {
+                return Err(ResourceError::WrongType {
+                    path: self.path.clone(),
+                    found: meta.kind.name(),
+                    wanted: "file",
+                });
+            }
+        }
+        let attrs = Attrs {
+            mode: self.mode,
+            uid: live.want.uid,
+            gid: live.want.gid,
+        };
+        if changes
+            .iter()
+            .any(|c| c.field == "content" || c.field == "type")
+        {
+            ctx.stage_file(&self.path, &self.content, attrs)
+        } else {
+            ctx.host.fs.set_attrs(&self.path, attrs).map_err(Into::into)
+        }
+    }
+}
+
+/// `123 bytes, blake3 1a2b3c4d`: identifies content without printing it.
+fn describe(content: &[u8]) -> String {
+    let hash = blake3::hash(content).to_hex();
+    format!("{} bytes, blake3 {}", content.len(), &hash[..12])
+}
+
+/// A unified diff of two texts, `None` when either is not UTF-8.
+fn unified_diff(old: &[u8], new: &[u8], name: &str) -> Option<String> {
+    let old = std::str::from_utf8(old).ok()?;
+    let new = std::str::from_utf8(new).ok()?;
+    let diff = similar::TextDiff::from_lines(old, new);
+    let text = diff
+        .unified_diff()
+        .context_radius(3)
+        .header(name, name)
+        .to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.len() <= MAX_DIFF_LINES {
+        return Some(text);
+    }
+    let mut cut = lines[..MAX_DIFF_LINES].join("\n");
+    cut.push_str(&format!(
+        "\n... {} more diff lines\n",
+        lines.len() - MAX_DIFF_LINES
+    ));
+    Some(cut)
+}

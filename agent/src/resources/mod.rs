@@ -1,0 +1,375 @@
+//! Resource kinds: one trait, one registry.
+//!
+//! A kind ([`Kind`]) parses its fields from module YAML into a
+//! [`Resource`]; a resource *observes* the live host, *diffs* (pure) the
+//! desired spec against that observation into typed [`FieldChange`]s, and
+//! *applies* exactly those changes. `plan` is observe + diff and never
+//! writes. The engine only ever sees these traits, so a new kind is its own
+//! module plus one line in [`REGISTRY`].
+//!
+//! Kinds that write files stage them through [`ApplyCtx::stage_file`], which
+//! lets the engine batch durability (see `fsops`).
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::desired::diag::{Diagnostic, Diagnostics};
+use crate::desired::yaml::MapReader;
+use crate::fsops::{Attrs, Fs, FsError, Staged};
+
+pub mod absent;
+pub mod directory;
+pub mod file;
+pub mod symlink;
+
+/// Every kind the agent knows. The one list: parser, help and engine read it.
+pub static REGISTRY: &[&dyn Kind] = &[
+    &file::FileKind,
+    &directory::DirectoryKind,
+    &symlink::SymlinkKind,
+    &absent::AbsentKind,
+];
+
+/// Finds a kind by name.
+pub fn kind(name: &str) -> Option<&'static dyn Kind> {
+    REGISTRY.iter().copied().find(|k| k.name() == name)
+}
+
+/// What a resource's identity is: decides the validation it gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityKind {
+    /// An absolute host path: normalised, checked against the host's roots,
+    /// ordered after its nearest parent directory resource.
+    Path,
+}
+
+/// Module files a kind may read while parsing (`template:`, `source:`).
+pub trait Assets {
+    /// Renders `templates/<name>` of the module with the resource's context.
+    fn template(&self, name: &str, line: usize) -> Result<String, Diagnostic>;
+    /// Reads `files/<name>` of the module verbatim.
+    fn file(&self, name: &str, line: usize) -> Result<Vec<u8>, Diagnostic>;
+}
+
+/// What a kind's parser gets: the identity (already validated), the
+/// resource's remaining fields, and the module's assets.
+pub struct ParseInput<'a, 'r> {
+    pub id: &'a str,
+    pub identity: &'a str,
+    pub fields: &'a mut MapReader<'r>,
+    pub assets: &'a dyn Assets,
+    pub diags: &'a mut Diagnostics,
+}
+
+/// A kind of resource (`file`, `directory`, ...).
+pub trait Kind: Sync {
+    /// The YAML key and id prefix.
+    fn name(&self) -> &'static str;
+    /// One line for `--help` and the reference docs.
+    fn doc(&self) -> &'static str;
+    fn identity_kind(&self) -> IdentityKind;
+    /// The kind's own keys (the engine adds `after`, `notify`, `on_drift`, `when`).
+    fn fields(&self) -> &'static [&'static str];
+    /// Parses the fields; pushes diagnostics and returns `None` on error.
+    fn parse(&self, input: ParseInput<'_, '_>) -> Option<Box<dyn Resource>>;
+    /// Undoes a resource the agent created that left the catalog. Only
+    /// called for inventory entries with origin `created`.
+    fn prune(&self, identity: &str, host: &Host) -> Result<PruneOutcome, ResourceError>;
+}
+
+/// What pruning did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PruneOutcome {
+    Removed,
+    AlreadyGone,
+    /// Kept on the host (e.g. a directory that still holds files); the agent
+    /// stops managing it.
+    LeftInPlace(String),
+}
+
+/// One desired resource, parsed and ready to observe.
+pub trait Resource: Send + Sync + Debug {
+    fn kind(&self) -> &'static str;
+    fn identity(&self) -> &str;
+    /// The host path this resource manages, if any (for roots and ordering).
+    fn path(&self) -> Option<&Path>;
+    /// Feeds every desired field into the digest recorded in the inventory.
+    fn digest(&self, hasher: &mut blake3::Hasher);
+    /// Reads the live state. Never writes.
+    fn observe(&self, host: &Host) -> Result<Observation, ResourceError>;
+    /// Pure: what differs between desired and `live`. Empty means in sync.
+    fn diff(&self, live: &Observation, host: &Host) -> Vec<FieldChange>;
+    /// Makes exactly `changes` true on the host.
+    fn apply(
+        &self,
+        live: &Observation,
+        changes: &[FieldChange],
+        ctx: &mut ApplyCtx<'_>,
+    ) -> Result<(), ResourceError>;
+}
+
+/// A kind's view of the live state, type-erased for the engine.
+#[derive(Debug)]
+pub struct Observation {
+    /// Whether the object exists at all (decides *create* vs *change*).
+    pub exists: bool,
+    live: Box<dyn Any + Send + Sync>,
+}
+
+impl Observation {
+    pub fn new<T: Any + Send + Sync>(exists: bool, live: T) -> Observation {
+        Observation {
+            exists,
+            live: Box::new(live),
+        }
+    }
+
+    /// The kind's own observed value. Panics if a kind is handed another
+    /// kind's observation, which the engine never does.
+    pub fn get<T: Any>(&self) -> &T {
+        self.live
+            .downcast_ref()
+            .expect("observation handed to the kind that made it")
+    }
+}
+
+/// One field that differs: `mode: 0644 -> 0640`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FieldChange {
+    pub field: &'static str,
+    pub old: Option<String>,
+    pub new: Option<String>,
+    /// A unified diff, for content.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
+}
+
+impl FieldChange {
+    pub fn new(field: &'static str, old: Option<String>, new: Option<String>) -> FieldChange {
+        FieldChange {
+            field,
+            old,
+            new,
+            diff: None,
+        }
+    }
+}
+
+/// Errors observing, applying or pruning one resource.
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error("user `{0}` does not exist on this host\n  create the user first, or change `owner`")]
+    UnknownUser(String),
+    #[error(
+        "group `{0}` does not exist on this host\n  create the group first, or change `group`"
+    )]
+    UnknownGroup(String),
+    #[error("{path} is a {found}; refusing to replace it with a {wanted}\n  move it away by hand, or declare an `absent` resource for it first")]
+    WrongType {
+        path: PathBuf,
+        found: &'static str,
+        wanted: &'static str,
+    },
+    #[error("{path} is a directory that is not empty; `absent` removes only files, links and empty directories")]
+    DirectoryNotEmpty { path: PathBuf },
+}
+
+/// The platform of the managed host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    Macos,
+    Linux,
+}
+
+impl Platform {
+    pub fn name(self) -> &'static str {
+        match self {
+            Platform::Macos => "macos",
+            Platform::Linux => "linux",
+        }
+    }
+}
+
+/// The live host as resources see it.
+pub struct Host {
+    pub fs: Fs,
+    /// `--root` given: paths live under a sandbox; ownership is not enforced
+    /// (the sandbox's users are not the host's).
+    pub sandbox: bool,
+    pub platform: Platform,
+    ids: Mutex<HashMap<(bool, String), Option<u32>>>,
+}
+
+impl Host {
+    pub fn new(fs: Fs, sandbox: bool, platform: Platform) -> Host {
+        Host {
+            fs,
+            sandbox,
+            platform,
+            ids: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Resolves a user (`group == false`) or group name, cached per run.
+    /// A number is taken as an id.
+    fn resolve(&self, group: bool, name: &str) -> Option<u32> {
+        if let Ok(n) = name.parse() {
+            return Some(n);
+        }
+        let key = (group, name.to_string());
+        if let Some(v) = self.ids.lock().unwrap().get(&key) {
+            return *v;
+        }
+        let id = if group {
+            nix::unistd::Group::from_name(name)
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw())
+        } else {
+            nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .map(|u| u.uid.as_raw())
+        };
+        self.ids.lock().unwrap().insert(key, id);
+        id
+    }
+
+    /// The ownership to enforce for `owner`/`group`, `None` in sandbox mode.
+    pub fn ownership(
+        &self,
+        owner: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<Ownership, ResourceError> {
+        if self.sandbox {
+            return Ok(Ownership::default());
+        }
+        let uid = owner
+            .map(|o| {
+                self.resolve(false, o)
+                    .ok_or_else(|| ResourceError::UnknownUser(o.into()))
+            })
+            .transpose()?;
+        let gid = group
+            .map(|g| {
+                self.resolve(true, g)
+                    .ok_or_else(|| ResourceError::UnknownGroup(g.into()))
+            })
+            .transpose()?;
+        Ok(Ownership { uid, gid })
+    }
+}
+
+/// Resolved owner and group ids; `None` fields are left as they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ownership {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// What `apply` may do besides direct calls on `host.fs`.
+pub struct ApplyCtx<'h> {
+    pub host: &'h Host,
+    staged: Vec<Staged>,
+}
+
+impl<'h> ApplyCtx<'h> {
+    pub fn new(host: &'h Host) -> ApplyCtx<'h> {
+        ApplyCtx {
+            host,
+            staged: Vec::new(),
+        }
+    }
+
+    /// Writes a file's new content to a temp file; the engine renames it
+    /// into place when it commits the batch.
+    pub fn stage_file(
+        &mut self,
+        path: &Path,
+        content: &[u8],
+        attrs: Attrs,
+    ) -> Result<(), ResourceError> {
+        self.staged
+            .push(self.host.fs.stage_file(path, content, attrs)?);
+        Ok(())
+    }
+
+    /// Files staged so far, handed to the engine's batch.
+    pub fn take_staged(&mut self) -> Vec<Staged> {
+        std::mem::take(&mut self.staged)
+    }
+}
+
+/// `0640` for messages.
+pub fn fmt_mode(mode: u32) -> String {
+    format!("{mode:04o}")
+}
+
+/// Parses a quoted octal mode such as `"0640"`.
+pub fn parse_mode(fields: &mut MapReader<'_>, diags: &mut Diagnostics) -> Option<u32> {
+    let node = fields.take("mode")?;
+    let bad = |fields: &MapReader<'_>, what: String| {
+        fields.diag(
+            node.line,
+            format!("`mode` must be a quoted octal string such as \"0640\", found {what}"),
+        )
+    };
+    match node.as_str() {
+        Some(s) if (3..=4).contains(&s.len()) && s.chars().all(|c| ('0'..='7').contains(&c)) => {
+            u32::from_str_radix(s, 8).ok()
+        }
+        Some(s) => {
+            diags.push(bad(fields, format!("\"{s}\"")));
+            None
+        }
+        None => {
+            diags.push(
+                bad(fields, node.value.type_name().to_string())
+                    .hint("YAML reads an unquoted 0640 as a number; write mode: \"0640\""),
+            );
+            None
+        }
+    }
+}
+
+/// Common diff of mode and ownership against `lstat` metadata.
+pub fn diff_attrs(
+    meta: Option<&crate::fsops::Meta>,
+    mode: u32,
+    want: Ownership,
+    owner: Option<&str>,
+    group: Option<&str>,
+    out: &mut Vec<FieldChange>,
+) {
+    if meta.map(|m| m.mode) != Some(mode) {
+        out.push(FieldChange::new(
+            "mode",
+            meta.map(|m| fmt_mode(m.mode)),
+            Some(fmt_mode(mode)),
+        ));
+    }
+    if let Some(uid) = want.uid {
+        if meta.map(|m| m.uid) != Some(uid) {
+            out.push(FieldChange::new(
+                "owner",
+                meta.map(|m| m.uid.to_string()),
+                Some(format!("{} ({uid})", owner.unwrap_or_default())),
+            ));
+        }
+    }
+    if let Some(gid) = want.gid {
+        if meta.map(|m| m.gid) != Some(gid) {
+            out.push(FieldChange::new(
+                "group",
+                meta.map(|m| m.gid.to_string()),
+                Some(format!("{} ({gid})", group.unwrap_or_default())),
+            ));
+        }
+    }
+}
