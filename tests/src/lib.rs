@@ -1,1 +1,197 @@
+//! Test harness for the end-to-end tests: runs the real `agent` binary
+//! against sandboxes (`--root`) and copies of the reference homelab.
+//!
+//! Everything here is loopback- or tempdir-only.
 
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The workspace root (holds hosts/, modules/).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Path of the `agent` binary of this build profile, built on first use
+/// (a separate test crate cannot rely on cargo having built another
+/// package's binary).
+pub fn agent_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        // target/<profile>/deps/<test> -> target/<profile>
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "homelab-agent", "--bin", "agent"])
+            .current_dir(workspace());
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the agent binary failed");
+        profile_dir.join("agent")
+    })
+}
+
+/// A command for the agent binary, colour off.
+pub fn agent() -> Command {
+    let mut cmd = Command::new(agent_bin());
+    cmd.env("NO_COLOR", "1");
+    cmd
+}
+
+/// Runs the agent with `args`; returns the output.
+pub fn run(args: &[&str]) -> Output {
+    agent().args(args).output().expect("spawn agent")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A sandbox root plus a private copy of a desired-state repo.
+pub struct Lab {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Lab {
+    /// A lab whose repo is a copy of the reference homelab.
+    pub fn reference() -> Lab {
+        let lab = Lab::empty();
+        copy_dir(&workspace().join("hosts"), &lab.repo().join("hosts"));
+        copy_dir(&workspace().join("modules"), &lab.repo().join("modules"));
+        lab
+    }
+
+    /// A lab with an empty repo directory.
+    pub fn empty() -> Lab {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("repo")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("root")).unwrap();
+        Lab { tmp }
+    }
+
+    pub fn repo(&self) -> PathBuf {
+        self.tmp.path().join("repo")
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.tmp.path().join("root")
+    }
+
+    /// A managed path's real location in the sandbox.
+    pub fn host_path(&self, path: &str) -> PathBuf {
+        self.root().join(path.trim_start_matches('/'))
+    }
+
+    /// Writes a repo file (creating parents).
+    pub fn write(&self, rel: &str, content: &str) {
+        let p = self.repo().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+
+    /// Runs `agent <cmd> --repo <repo> --root <root> --host <host> <extra>`.
+    pub fn agent(&self, cmd: &str, host: &str, extra: &[&str]) -> Output {
+        let repo = self.repo();
+        let root = self.root();
+        let mut args = vec![
+            cmd,
+            "--repo",
+            repo.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+            "--host",
+            host,
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    }
+
+    /// Replaces the lab's temp path with stable placeholders, for snapshots.
+    pub fn redact(&self, text: &str) -> String {
+        text.replace(self.root().to_str().unwrap(), "[ROOT]")
+            .replace(self.repo().to_str().unwrap(), "[REPO]")
+    }
+}
+
+/// Recursively copies a directory of plain files.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dst = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dst);
+        } else {
+            std::fs::copy(entry.path(), &dst).unwrap();
+        }
+    }
+}
+
+/// Everything about one path that a byte-for-byte comparison cares about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Node {
+    File {
+        mode: u32,
+        uid: u32,
+        content: Vec<u8>,
+    },
+    Dir {
+        mode: u32,
+    },
+    Link {
+        target: PathBuf,
+    },
+}
+
+/// Snapshot of a whole tree (relative path -> node), for "nothing changed"
+/// assertions.
+pub fn tree(dir: &Path) -> BTreeMap<PathBuf, Node> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Node>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let rel = path.strip_prefix(base).unwrap().to_path_buf();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.file_type().is_symlink() {
+                out.insert(
+                    rel,
+                    Node::Link {
+                        target: std::fs::read_link(&path).unwrap(),
+                    },
+                );
+            } else if meta.is_dir() {
+                out.insert(rel, Node::Dir { mode });
+                walk(base, &path, out);
+            } else {
+                out.insert(
+                    rel,
+                    Node::File {
+                        mode,
+                        uid: meta.uid(),
+                        content: std::fs::read(&path).unwrap(),
+                    },
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}

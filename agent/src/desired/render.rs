@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use minijinja::{Environment, ErrorKind, UndefinedBehavior, Value};
+use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, Value};
 
 use crate::source::Source;
 
@@ -16,6 +16,9 @@ impl ModuleEnv {
     pub fn new(source: Arc<dyn Source>, module: &str) -> ModuleEnv {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        // Config files are not HTML: minijinja would otherwise escape by file
+        // extension (`/` becomes `&#x2f;` in a .json.j2 or .xml.j2 template).
+        env.set_auto_escape_callback(|_| AutoEscape::None);
         env.set_syntax(
             minijinja::syntax::SyntaxConfig::builder()
                 .keep_trailing_newline(true)
@@ -74,4 +77,32 @@ pub fn describe(e: &minijinja::Error) -> String {
         msg.push_str(detail);
     }
     msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::LocalDir;
+
+    #[test]
+    fn templates_are_never_html_escaped_whatever_their_extension() {
+        let dir = tempfile::tempdir().unwrap();
+        let tpl = dir.path().join("modules/m/templates");
+        std::fs::create_dir_all(&tpl).unwrap();
+        std::fs::write(tpl.join("c.json.j2"), "{\"url\": \"{{ u }}\"}\n").unwrap();
+        std::fs::write(tpl.join("c.xml.j2"), "<u>{{ u }}</u>\n").unwrap();
+        let env = ModuleEnv::new(Arc::new(LocalDir::open(dir.path()).unwrap()), "m");
+        let ctx = Value::from(std::collections::BTreeMap::from([(
+            "u",
+            Value::from("https://a/b?x=1&y=<2>"),
+        )]));
+        assert_eq!(
+            env.render_template("c.json.j2", &ctx).unwrap(),
+            "{\"url\": \"https://a/b?x=1&y=<2>\"}\n"
+        );
+        assert_eq!(
+            env.render_template("c.xml.j2", &ctx).unwrap(),
+            "<u>https://a/b?x=1&y=<2></u>\n"
+        );
+    }
 }

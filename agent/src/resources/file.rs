@@ -160,11 +160,8 @@ impl Resource for File {
         }
         let old = live.content.as_deref();
         if old != Some(self.content.as_slice()) {
-            let mut change = FieldChange::new(
-                "content",
-                old.map(describe),
-                Some(describe(&self.content)),
-            );
+            let mut change =
+                FieldChange::new("content", old.map(describe), Some(describe(&self.content)));
             change.diff = unified_diff(old.unwrap_or_default(), &self.content, self.identity());
             out.push(change);
         }
