@@ -1,0 +1,128 @@
+//! Crash safety: SIGKILL `agent apply` at several points while it converges
+//! 2,000 files. Every file must hold one complete version (never a partial
+//! write), the next apply must finish the job, and the state must match the
+//! disk afterwards (nothing left to do, every file owned as *created*).
+
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use homelab_agent_tests::{agent, stderr, stdout, Lab};
+
+const FILES: usize = 2000;
+const DIRS: usize = 20;
+
+fn write_repo(lab: &Lab, version: u32) {
+    lab.write(
+        "hosts/lab.yaml",
+        &format!("platform: linux\nroots: [/srv]\nmodules:\n  - name: many\n    params:\n      version: {version}\n"),
+    );
+    let mut module = String::from("params:\n  version:\n    type: int\n    required: true\nresources:\n");
+    for d in 0..DIRS {
+        module.push_str(&format!("  - directory: /srv/d{d:02}\n"));
+    }
+    for f in 0..FILES {
+        module.push_str(&format!(
+            "  - file: /srv/d{:02}/f{f:05}.conf\n    template: item.j2\n    mode: \"0640\"\n",
+            f % DIRS
+        ));
+    }
+    lab.write("modules/many/module.yaml", &module);
+    // ~4 KiB per file, so a torn write would be visible.
+    lab.write(
+        "modules/many/templates/item.j2",
+        "{% for i in range(200) %}version {{ params.version }} line {{ i }}\n{% endfor %}",
+    );
+}
+
+fn content(version: u32) -> Vec<u8> {
+    (0..200).map(|i| format!("version {version} line {i}\n")).collect::<String>().into_bytes()
+}
+
+fn apply_args(lab: &Lab) -> Vec<String> {
+    vec![
+        "apply".into(),
+        "--repo".into(),
+        lab.repo().display().to_string(),
+        "--root".into(),
+        lab.root().display().to_string(),
+        "--host".into(),
+        "lab".into(),
+    ]
+}
+
+/// Every managed file holds exactly one of `allowed`, in full.
+fn check_files(lab: &Lab, allowed: &HashSet<Vec<u8>>, after_kill_at: Duration) {
+    for f in 0..FILES {
+        let path = lab.host_path(&format!("/srv/d{:02}/f{f:05}.conf", f % DIRS));
+        let got = std::fs::read(&path).unwrap_or_else(|e| panic!("{} after kill at {after_kill_at:?}: {e}", path.display()));
+        assert!(
+            allowed.contains(&got),
+            "{} is torn after kill at {after_kill_at:?}: {} bytes",
+            path.display(),
+            got.len()
+        );
+    }
+}
+
+#[test]
+fn sigkill_mid_apply_leaves_whole_files_and_the_next_apply_finishes() {
+    let lab = Lab::empty();
+    write_repo(&lab, 1);
+    let started = Instant::now();
+    let out = agent().args(apply_args(&lab)).output().unwrap();
+    let full = started.elapsed();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut allowed: HashSet<Vec<u8>> = HashSet::from([content(1)]);
+
+    // Kill points spread over one full apply's duration, plus a very early one.
+    let mut kills = vec![Duration::from_millis(2)];
+    kills.extend((1..=6).map(|i| full.mul_f64(f64::from(i) / 7.0)));
+    let mut killed_mid_run = 0;
+    for (i, at) in kills.iter().enumerate() {
+        let version = 2 + i as u32;
+        write_repo(&lab, version);
+        allowed.insert(content(version));
+        let mut child = agent()
+            .args(apply_args(&lab))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(*at);
+        if child.try_wait().unwrap().is_none() {
+            killed_mid_run += 1;
+        }
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        check_files(&lab, &allowed, *at);
+    }
+    assert!(killed_mid_run >= 3, "only {killed_mid_run} kills landed mid-run; the test proves little");
+
+    // The next apply completes; afterwards the state matches the disk.
+    let final_version = 100;
+    write_repo(&lab, final_version);
+    let out = agent().args(apply_args(&lab)).output().unwrap();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    check_files(&lab, &HashSet::from([content(final_version)]), Duration::ZERO);
+    let mut plan = apply_args(&lab);
+    plan[0] = "plan".into();
+    plan.push("--detailed-exitcode".into());
+    let out = agent().args(&plan).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "state and disk disagree:\n{}", stdout(&out));
+
+    let store = homelab_agent_state::Store::open_read_only(&lab.root().join("var/lib/homelab-agent")).unwrap();
+    let inventory = store.inventory("lab").unwrap();
+    assert_eq!(inventory.len(), FILES + DIRS);
+    for (id, entry) in &inventory {
+        assert!(entry.digest.is_some(), "{id} left unconfirmed");
+        assert_eq!(entry.origin, homelab_agent_state::Origin::Created, "{id}: the agent created it, even across crashes");
+    }
+    // No temp file of a killed run survives.
+    for d in 0..DIRS {
+        for entry in std::fs::read_dir(lab.host_path(&format!("/srv/d{d:02}"))).unwrap() {
+            let name = entry.unwrap().file_name();
+            assert!(!name.to_string_lossy().contains(".hla-tmp."), "stale temp file {name:?}");
+        }
+    }
+}
