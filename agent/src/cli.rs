@@ -43,6 +43,8 @@ enum Command {
     Validate(ValidateArgs),
     /// Show the applied revision, the inventory and recent runs from the state directory.
     Status(StatusArgs),
+    /// List the resource kinds a module can declare, with their fields.
+    Kinds,
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +125,10 @@ pub fn main() -> ExitCode {
         Command::Apply(args) => run_apply(args),
         Command::Validate(args) => run_validate(args),
         Command::Status(args) => run_status(args),
+        Command::Kinds => {
+            print!("{}", kinds_text());
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
@@ -277,6 +283,19 @@ fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The kind reference, generated from the registry.
+fn kinds_text() -> String {
+    let mut out = String::from("Resource kinds (a resource is `- KIND: IDENTITY` plus fields):\n\n");
+    for kind in crate::resources::REGISTRY {
+        out.push_str(&format!("  {:<10} {}\n", kind.name(), kind.doc()));
+        if !kind.fields().is_empty() {
+            out.push_str(&format!("  {:<10} fields: {}\n", "", kind.fields().join(", ")));
+        }
+    }
+    out.push_str("\nEvery resource may also have: after (ids to come after), notify (ids to tell on change),\non_drift (heal | report), when (a Jinja expression; false leaves the resource out).\n");
+    out
 }
 
 fn run_status(args: StatusArgs) -> Result<ExitCode> {
