@@ -287,11 +287,16 @@ fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
 
 /// The kind reference, generated from the registry.
 fn kinds_text() -> String {
-    let mut out = String::from("Resource kinds (a resource is `- KIND: IDENTITY` plus fields):\n\n");
+    let mut out =
+        String::from("Resource kinds (a resource is `- KIND: IDENTITY` plus fields):\n\n");
     for kind in crate::resources::REGISTRY {
         out.push_str(&format!("  {:<10} {}\n", kind.name(), kind.doc()));
         if !kind.fields().is_empty() {
-            out.push_str(&format!("  {:<10} fields: {}\n", "", kind.fields().join(", ")));
+            out.push_str(&format!(
+                "  {:<10} fields: {}\n",
+                "",
+                kind.fields().join(", ")
+            ));
         }
     }
     out.push_str("\nEvery resource may also have: after (ids to come after), notify (ids to tell on change),\non_drift (heal | report), when (a Jinja expression; false leaves the resource out).\n");

@@ -642,6 +642,39 @@ mod tests {
     }
 
     #[test]
+    fn staged_file_is_owned_by_its_final_owner_before_rename() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let fs = Fs::new(tmp.path()).unwrap();
+        // As root (CI) hand it to `nobody`; otherwise to ourselves.
+        let (uid, gid) = if nix::unistd::geteuid().is_root() {
+            (65534, 65534)
+        } else {
+            (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )
+        };
+        let attrs = Attrs {
+            mode: 0o640,
+            uid: Some(uid),
+            gid: Some(gid),
+        };
+        let staged = fs.stage_file(Path::new("/app.conf"), b"x", attrs).unwrap();
+        let meta = std::fs::metadata(tmp.path().join(&staged.tmp)).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (uid, gid, 0o640)
+        );
+        fs.commit(vec![staged]).into_iter().for_each(|r| r.unwrap());
+        let meta = std::fs::metadata(tmp.path().join("app.conf")).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (uid, gid, 0o640)
+        );
+    }
+
+    #[test]
     fn symlink_in_parent_path_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();

@@ -236,3 +236,97 @@ fn unified_diff(old: &[u8], new: &[u8], name: &str) -> Option<String> {
     ));
     Some(cut)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fsops::{Fs, Meta};
+    use crate::resources::Platform;
+
+    fn host() -> Host {
+        Host::new(Fs::new(Path::new("/")).unwrap(), true, Platform::Linux)
+    }
+
+    fn meta(kind: Ft, mode: u32) -> Option<Meta> {
+        Some(Meta {
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+        })
+    }
+
+    /// One row: live state -> the fields that differ from
+    /// `content "a\n", mode 0640`.
+    fn check(meta: Option<Meta>, content: Option<&str>, want: &Ownership, expect: &[&str]) {
+        let file = File {
+            path: "/etc/x".into(),
+            content: b"a\n".to_vec(),
+            mode: 0o640,
+            owner: Some("zot".into()),
+            group: None,
+        };
+        let live = Observation::new(
+            meta.is_some(),
+            Live {
+                meta,
+                content: content.map(|c| c.as_bytes().to_vec()),
+                want: *want,
+            },
+        );
+        let fields: Vec<&str> = file.diff(&live, &host()).iter().map(|c| c.field).collect();
+        assert_eq!(fields, expect);
+    }
+
+    const ANY: Ownership = Ownership {
+        uid: None,
+        gid: None,
+    };
+
+    #[test]
+    fn in_sync_file_has_no_changes() {
+        check(meta(Ft::File, 0o640), Some("a\n"), &ANY, &[]);
+    }
+    #[test]
+    fn missing_file_needs_content_and_mode() {
+        check(None, None, &ANY, &["content", "mode"]);
+    }
+    #[test]
+    fn edited_content_only() {
+        check(meta(Ft::File, 0o640), Some("b\n"), &ANY, &["content"]);
+    }
+    #[test]
+    fn mode_only() {
+        check(meta(Ft::File, 0o644), Some("a\n"), &ANY, &["mode"]);
+    }
+    #[test]
+    fn owner_differs_when_enforced() {
+        check(
+            meta(Ft::File, 0o640),
+            Some("a\n"),
+            &Ownership {
+                uid: Some(501),
+                gid: None,
+            },
+            &["owner"],
+        );
+    }
+    #[test]
+    fn a_symlink_in_its_place_is_a_type_change() {
+        check(
+            meta(Ft::Symlink, 0o777),
+            None,
+            &ANY,
+            &["type", "content", "mode"],
+        );
+    }
+    #[test]
+    fn content_change_carries_a_unified_diff() {
+        let d = unified_diff(b"a\nb\n", b"a\nc\n", "/etc/x").unwrap();
+        assert!(d.contains("-b\n+c\n"), "{d}");
+        assert!(
+            unified_diff(&[0xff, 0xfe], b"x", "/etc/x").is_none(),
+            "binary: no text diff"
+        );
+    }
+}
