@@ -242,6 +242,8 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
             "{}",
             report::plan_text(&plan, loaded.sandbox.as_deref(), style())
         );
+        // Refused before the state is opened for writing: nothing changes.
+        return Err(crate::apply::refuse(&plan).into());
     }
     let store = Store::open(&loaded.state_dir)?;
     let report = crate::apply::apply(&plan, &loaded.host, &store, "cli")?;

@@ -155,12 +155,21 @@ pub struct RunRecord {
 #[derive(Debug)]
 pub struct Lock {
     file: Option<Flock<File>>,
+    path: PathBuf,
+    /// Directories this lock created (deepest first), removed again on
+    /// release when nothing else was written into them.
+    created: Vec<PathBuf>,
 }
 
 impl Lock {
     /// Takes the lock without waiting. `holder` describes this process
     /// (e.g. `agent apply`); the pid is added.
     pub fn acquire(dir: &Path, holder: &str) -> Result<Lock, StateError> {
+        let created: Vec<PathBuf> = dir
+            .ancestors()
+            .take_while(|a| !a.as_os_str().is_empty() && !a.exists())
+            .map(Path::to_path_buf)
+            .collect();
         create_dir(dir)?;
         let path = dir.join(LOCK_FILE);
         let io = |source| StateError::LockIo {
@@ -194,15 +203,36 @@ impl Lock {
         locked.set_len(0).map_err(io)?;
         locked.rewind().map_err(io)?;
         write!(locked, "pid {} ({holder})", std::process::id()).map_err(io)?;
-        Ok(Lock { file: Some(locked) })
+        Ok(Lock {
+            file: Some(locked),
+            path,
+            created,
+        })
     }
 }
 
 impl Drop for Lock {
+    /// Empties the lock file; if this lock created the state directory and
+    /// nothing else was written into it (a refused run), removes it again so
+    /// a refused run leaves no trace.
     fn drop(&mut self) {
         if let Some(file) = self.file.take() {
             let _ = file.set_len(0);
             drop(file);
+        }
+        let Some(dir) = self.created.first() else {
+            return;
+        };
+        let only_lock = std::fs::read_dir(dir)
+            .map(|entries| entries.flatten().all(|e| e.path() == self.path))
+            .unwrap_or(false);
+        if only_lock {
+            let _ = std::fs::remove_file(&self.path);
+            for d in &self.created {
+                if std::fs::remove_dir(d).is_err() {
+                    break;
+                }
+            }
         }
     }
 }
@@ -545,6 +575,22 @@ mod tests {
         assert!(store.inventory("indri").unwrap().is_empty());
         assert_eq!(store.host("indri").unwrap(), HostRecord::default());
         assert!(!sub.exists());
+    }
+
+    #[test]
+    fn a_lock_that_created_the_state_dir_removes_it_when_nothing_was_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("var/lib/agent");
+        drop(Lock::acquire(&dir, "agent apply").unwrap());
+        assert!(
+            !tmp.path().join("var").exists(),
+            "refused run leaves no trace"
+        );
+        let lock = Lock::acquire(&dir, "agent apply").unwrap();
+        drop(Store::open(&dir).unwrap());
+        drop(lock);
+        assert!(dir.join(DB_FILE).exists());
+        assert_eq!(std::fs::read(dir.join(LOCK_FILE)).unwrap(), b"");
     }
 
     #[test]

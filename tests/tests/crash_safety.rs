@@ -17,7 +17,8 @@ fn write_repo(lab: &Lab, version: u32) {
         "hosts/lab.yaml",
         &format!("platform: linux\nroots: [/srv]\nmodules:\n  - name: many\n    params:\n      version: {version}\n"),
     );
-    let mut module = String::from("params:\n  version:\n    type: int\n    required: true\nresources:\n");
+    let mut module =
+        String::from("params:\n  version:\n    type: int\n    required: true\nresources:\n");
     for d in 0..DIRS {
         module.push_str(&format!("  - directory: /srv/d{d:02}\n"));
     }
@@ -36,7 +37,10 @@ fn write_repo(lab: &Lab, version: u32) {
 }
 
 fn content(version: u32) -> Vec<u8> {
-    (0..200).map(|i| format!("version {version} line {i}\n")).collect::<String>().into_bytes()
+    (0..200)
+        .map(|i| format!("version {version} line {i}\n"))
+        .collect::<String>()
+        .into_bytes()
 }
 
 fn apply_args(lab: &Lab) -> Vec<String> {
@@ -55,7 +59,8 @@ fn apply_args(lab: &Lab) -> Vec<String> {
 fn check_files(lab: &Lab, allowed: &HashSet<Vec<u8>>, after_kill_at: Duration) {
     for f in 0..FILES {
         let path = lab.host_path(&format!("/srv/d{:02}/f{f:05}.conf", f % DIRS));
-        let got = std::fs::read(&path).unwrap_or_else(|e| panic!("{} after kill at {after_kill_at:?}: {e}", path.display()));
+        let got = std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{} after kill at {after_kill_at:?}: {e}", path.display()));
         assert!(
             allowed.contains(&got),
             "{} is torn after kill at {after_kill_at:?}: {} bytes",
@@ -97,32 +102,53 @@ fn sigkill_mid_apply_leaves_whole_files_and_the_next_apply_finishes() {
         let _ = child.wait();
         check_files(&lab, &allowed, *at);
     }
-    assert!(killed_mid_run >= 3, "only {killed_mid_run} kills landed mid-run; the test proves little");
+    assert!(
+        killed_mid_run >= 3,
+        "only {killed_mid_run} kills landed mid-run; the test proves little"
+    );
 
     // The next apply completes; afterwards the state matches the disk.
     let final_version = 100;
     write_repo(&lab, final_version);
     let out = agent().args(apply_args(&lab)).output().unwrap();
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
-    check_files(&lab, &HashSet::from([content(final_version)]), Duration::ZERO);
+    check_files(
+        &lab,
+        &HashSet::from([content(final_version)]),
+        Duration::ZERO,
+    );
     let mut plan = apply_args(&lab);
     plan[0] = "plan".into();
     plan.push("--detailed-exitcode".into());
     let out = agent().args(&plan).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "state and disk disagree:\n{}", stdout(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "state and disk disagree:\n{}",
+        stdout(&out)
+    );
 
-    let store = homelab_agent_state::Store::open_read_only(&lab.root().join("var/lib/homelab-agent")).unwrap();
+    let store =
+        homelab_agent_state::Store::open_read_only(&lab.root().join("var/lib/homelab-agent"))
+            .unwrap();
     let inventory = store.inventory("lab").unwrap();
     assert_eq!(inventory.len(), FILES + DIRS);
     for (id, entry) in &inventory {
         assert!(entry.digest.is_some(), "{id} left unconfirmed");
-        assert_eq!(entry.origin, homelab_agent_state::Origin::Created, "{id}: the agent created it, even across crashes");
+        assert_eq!(
+            entry.origin,
+            homelab_agent_state::Origin::Created,
+            "{id}: the agent created it, even across crashes"
+        );
     }
     // No temp file of a killed run survives.
     for d in 0..DIRS {
         for entry in std::fs::read_dir(lab.host_path(&format!("/srv/d{d:02}"))).unwrap() {
             let name = entry.unwrap().file_name();
-            assert!(!name.to_string_lossy().contains(".hla-tmp."), "stale temp file {name:?}");
+            assert!(
+                !name.to_string_lossy().contains(".hla-tmp."),
+                "stale temp file {name:?}"
+            );
         }
     }
 }

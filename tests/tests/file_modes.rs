@@ -10,7 +10,10 @@ use std::sync::{Arc, Mutex};
 use homelab_agent_tests::{agent, Lab};
 
 fn write_repo(lab: &Lab, secret: &str) {
-    lab.write("hosts/lab.yaml", "platform: linux\nroots: [/srv]\nmodules:\n  - name: secrets\n");
+    lab.write(
+        "hosts/lab.yaml",
+        "platform: linux\nroots: [/srv]\nmodules:\n  - name: secrets\n",
+    );
     let mut module = String::from("resources:\n  - directory: /srv/private\n    mode: \"0700\"\n  - directory: /srv/shared\n    mode: \"0755\"\n");
     for i in 0..300 {
         module.push_str(&format!(
@@ -37,7 +40,9 @@ fn apply_watching(lab: &Lab) -> Vec<(String, u32)> {
                     if let Ok(meta) = entry.path().symlink_metadata() {
                         let mode = meta.permissions().mode() & 0o777;
                         if mode & 0o077 != 0 {
-                            seen.lock().unwrap().push((entry.file_name().to_string_lossy().into_owned(), mode));
+                            seen.lock()
+                                .unwrap()
+                                .push((entry.file_name().to_string_lossy().into_owned(), mode));
                         }
                     }
                 }
@@ -46,8 +51,16 @@ fn apply_watching(lab: &Lab) -> Vec<(String, u32)> {
         })
     };
     let mut cmd = agent();
-    cmd.args(["apply", "--repo", lab.repo().to_str().unwrap(), "--root", lab.root().to_str().unwrap(), "--host", "lab"])
-        .stdout(Stdio::null());
+    cmd.args([
+        "apply",
+        "--repo",
+        lab.repo().to_str().unwrap(),
+        "--root",
+        lab.root().to_str().unwrap(),
+        "--host",
+        "lab",
+    ])
+    .stdout(Stdio::null());
     // SAFETY: umask is async-signal-safe; nothing else runs in the child before exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -70,16 +83,35 @@ fn a_0600_file_is_never_readable_by_others_while_it_is_written() {
     write_repo(&lab, "first");
     // The sandbox directory itself was made by the test; make it traversable only.
     let exposed = apply_watching(&lab);
-    assert!(exposed.is_empty(), "files seen with group/other bits during create: {exposed:?}");
+    assert!(
+        exposed.is_empty(),
+        "files seen with group/other bits during create: {exposed:?}"
+    );
     for i in 0..300 {
         let path = lab.host_path(&format!("/srv/shared/key{i:03}"));
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
     // Replacing content goes through a temp file: the same rule holds.
     write_repo(&lab, "rotated");
     let exposed = apply_watching(&lab);
-    assert!(exposed.is_empty(), "files seen with group/other bits during replace: {exposed:?}");
-    assert_eq!(std::fs::read_to_string(lab.host_path("/srv/shared/key007")).unwrap(), "rotated 7\n");
+    assert!(
+        exposed.is_empty(),
+        "files seen with group/other bits during replace: {exposed:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(lab.host_path("/srv/shared/key007")).unwrap(),
+        "rotated 7\n"
+    );
     // Directories too get their exact mode despite the umask.
-    assert_eq!(std::fs::metadata(lab.host_path("/srv/private")).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(lab.host_path("/srv/private"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
 }

@@ -21,7 +21,10 @@ fn plan(host: &str, json: bool) -> String {
     }
     let out = run(&args);
     assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out).replace(root.path().canonicalize().unwrap().to_str().unwrap(), "[ROOT]")
+    stdout(&out).replace(
+        root.path().canonicalize().unwrap().to_str().unwrap(),
+        "[ROOT]",
+    )
 }
 
 #[test]

@@ -68,6 +68,27 @@ impl ApplyReport {
     }
 }
 
+/// The error for a plan that cannot be applied (some resources could not
+/// be observed). Callers check this before opening the state for writing.
+pub fn refuse(plan: &Plan) -> ApplyError {
+    let details = plan
+        .failures
+        .iter()
+        .map(|f| {
+            format!(
+                "  {}: {}",
+                f.id,
+                f.error.to_string().replace('\n', "\n    ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    ApplyError::ObserveFailed {
+        count: plan.failures.len(),
+        details,
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -83,16 +104,7 @@ pub fn apply(
 ) -> Result<ApplyReport, ApplyError> {
     let started_ms = now_ms();
     if !plan.failures.is_empty() {
-        let details = plan
-            .failures
-            .iter()
-            .map(|f| format!("  {}: {}", f.id, f.error))
-            .collect::<Vec<_>>()
-            .join("\n");
-        return Err(ApplyError::ObserveFailed {
-            count: plan.failures.len(),
-            details,
-        });
+        return Err(refuse(plan));
     }
     let hostname = plan.catalog.host.name.as_str();
     let entries = &plan.catalog.entries;

@@ -23,6 +23,8 @@ pub struct Entry {
     pub deps: Vec<usize>,
     /// Resources to notify when this one changes (used by service kinds).
     pub notify: Vec<String>,
+    /// The module use that produced it (`hosts/indri.yaml:12`).
+    pub used_at: String,
     pub on_drift: DriftPolicy,
     /// Digest of the desired spec, recorded in the inventory when applied.
     pub digest: String,
@@ -63,12 +65,20 @@ pub fn build(
     for p in pending {
         if let Some(&first) = index.get(&p.entry.id) {
             let f = &kept[first].entry;
-            diags.push(
-                Diagnostic::new(&p.entry.file, format!("duplicate resource; first declared at {}:{} (module {})", f.file, f.line, f.module))
-                    .line(p.entry.line)
-                    .resource(&p.entry.id)
-                    .hint("each resource may be declared once per host; remove one, or give the module instances different paths"),
-            );
+            let d = if f.file == p.entry.file && f.line == p.entry.line {
+                Diagnostic::new(
+                    &p.entry.file,
+                    format!("duplicate resource: module {} is used twice ({} and {}) and both uses declare it", f.module, f.used_at, p.entry.used_at),
+                )
+                .hint("give the two uses params that make their paths differ, or remove one use")
+            } else {
+                Diagnostic::new(
+                    &p.entry.file,
+                    format!("duplicate resource; first declared at {}:{} (module {}, used at {})", f.file, f.line, f.module, f.used_at),
+                )
+                .hint("each resource may be declared once per host; remove one of the two declarations")
+            };
+            diags.push(d.line(p.entry.line).resource(&p.entry.id));
             continue;
         }
         index.insert(p.entry.id.clone(), kept.len());
@@ -173,14 +183,15 @@ fn normalize_id(id: &str) -> String {
 }
 
 fn closest_id<'a>(wanted: &str, index: &'a HashMap<String, usize>) -> Option<&'a str> {
-    let tail = wanted.rsplit(['/', ':']).next().unwrap_or(wanted);
-    let mut candidates: Vec<&str> = index
-        .keys()
-        .filter(|id| id.ends_with(tail) || wanted.ends_with(id.rsplit(':').next().unwrap_or("")))
-        .map(String::as_str)
-        .collect();
-    candidates.sort();
-    candidates.into_iter().next()
+    let mut ids: Vec<&str> = index.keys().map(String::as_str).collect();
+    ids.sort();
+    if let Some(id) = super::yaml::closest(wanted, &ids) {
+        return Some(id);
+    }
+    // Same path under another kind (`file:` vs `directory:`).
+    let ident = wanted.split_once(':').map_or(wanted, |(_, i)| i);
+    ids.into_iter()
+        .find(|id| id.split_once(':').is_some_and(|(_, i)| i == ident))
 }
 
 /// Kahn's algorithm with ties broken by id, so the order is deterministic.

@@ -42,6 +42,9 @@ pub enum DesiredError {
     Source(#[from] SourceError),
 }
 
+const WHEN_HINT: &str =
+    "`when` is a Jinja expression over params.*, vars.* and host.*, e.g. when: params.auth_enabled";
+
 /// Keys every resource may have, besides its kind's own.
 const COMMON_KEYS: &[&str] = &["after", "notify", "on_drift", "when"];
 
@@ -105,7 +108,10 @@ pub fn load(source: Arc<dyn Source>, host: &str) -> Result<Catalog, DesiredError
             diags: diags.sorted(),
         });
     };
-
+    // With broken roots every path would also be reported "outside the roots".
+    let roots_ok = !diags
+        .iter()
+        .any(|d| d.message.contains("roots") || d.message.contains("root `"));
     let host_info = HostInfo {
         name: spec.name.clone(),
         platform: spec.platform,
@@ -183,6 +189,9 @@ pub fn load(source: Arc<dyn Source>, host: &str) -> Result<Catalog, DesiredError
             env,
             ctx: &ctx,
             roots: &spec.roots,
+            roots_ok,
+            host_file: &host_file,
+            use_line: usage.line,
             policy,
         };
         for node in &module.resources {
@@ -202,6 +211,24 @@ pub fn load(source: Arc<dyn Source>, host: &str) -> Result<Catalog, DesiredError
         _ => Err(DesiredError::Invalid {
             diags: diags.sorted(),
         }),
+    }
+}
+
+/// `kind:identity` of a resource before rendering, for messages about it.
+fn raw_id(node: &Node) -> String {
+    match &node.value {
+        Value::Map(entries) => match entries.first() {
+            Some((
+                kind,
+                Node {
+                    value: Value::Str(ident),
+                    ..
+                },
+            )) => format!("{kind}:{ident}"),
+            Some((kind, _)) => kind.clone(),
+            None => String::from("(empty resource)"),
+        },
+        _ => String::from("(resource)"),
     }
 }
 
@@ -238,6 +265,11 @@ struct Expander<'a> {
     env: &'a ModuleEnv,
     ctx: &'a minijinja::Value,
     roots: &'a [PathBuf],
+    /// False when the host's `roots` were invalid: skip the roots check.
+    roots_ok: bool,
+    host_file: &'a str,
+    /// Line of this module use in the host file.
+    use_line: usize,
     policy: DriftPolicy,
 }
 
@@ -335,15 +367,15 @@ impl Expander<'_> {
                     Ok(true) => {}
                     Ok(false) => return None,
                     Err(e) => {
+                        let what = format!(
+                            "`when: {expr}` cannot be evaluated: {}",
+                            render::describe(&e)
+                        );
                         diags.push(
-                            Diagnostic::new(
-                                file,
-                                format!(
-                                    "`when: {expr}` cannot be evaluated: {}",
-                                    render::describe(&e)
-                                ),
-                            )
-                            .line(cond.line),
+                            Diagnostic::new(file, what)
+                                .line(cond.line)
+                                .resource(raw_id(raw))
+                                .hint(WHEN_HINT),
                         );
                         return None;
                     }
@@ -361,11 +393,15 @@ impl Expander<'_> {
         };
         let Some(kind) = resources::kind(&kind_key) else {
             let kinds: Vec<&str> = resources::REGISTRY.iter().map(|k| k.name()).collect();
+            let suggestion = yaml::closest(&kind_key, &kinds)
+                .map(|k| format!("did you mean `{k}`? "))
+                .unwrap_or_default();
             diags.push(
                 Diagnostic::new(file, format!("unknown resource kind `{kind_key}`"))
                     .line(node.line)
+                    .resource(raw_id(raw))
                     .hint(format!(
-                        "a resource starts with its kind: {}",
+                        "{suggestion}a resource starts with its kind: {}",
                         kinds.join(", ")
                     )),
             );
@@ -450,6 +486,7 @@ impl Expander<'_> {
                 resource,
                 deps: Vec::new(),
                 notify,
+                used_at: format!("{}:{}", self.host_file, self.use_line),
                 on_drift,
                 digest: hasher.finalize().to_hex()[..32].to_string(),
             },
@@ -476,7 +513,7 @@ impl Expander<'_> {
             );
             return None;
         };
-        let inside = self.roots.iter().any(|r| norm.starts_with(r));
+        let inside = !self.roots_ok || self.roots.iter().any(|r| norm.starts_with(r));
         if norm.as_path() != path || raw.ends_with('/') && raw != "/" {
             let mut d = Diagnostic::new(
                 self.file(),
@@ -543,7 +580,15 @@ impl Assets for ModuleAssets<'_> {
                     .resource(self.id);
             }
             let file = format!("modules/{module}/templates/{}", err.name().unwrap_or(name));
-            let mut d = Diagnostic::new(file, format!("template error: {}", render::describe(&err)))
+            let quoted = err
+                .line()
+                .and_then(|l| {
+                    let text = e.source.read(&file).ok()??;
+                    let line = String::from_utf8_lossy(&text).lines().nth(l - 1)?.trim().to_string();
+                    Some(format!(" in `{}`", line.chars().take(100).collect::<String>()))
+                })
+                .unwrap_or_default();
+            let mut d = Diagnostic::new(file, format!("template error{quoted}: {}", render::describe(&err)))
                 .resource(self.id)
                 .hint("templates see params.*, vars.* and host.name / host.platform; guard optional values with `is defined`");
             if let Some(l) = err.line() {

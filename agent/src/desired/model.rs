@@ -93,9 +93,16 @@ pub fn parse_host(name: &str, file: &str, doc: &Node, diags: &mut Diagnostics) -
         Some(node) => match node.as_str() {
             Some("macos") => Some(Platform::Macos),
             Some("linux") => Some(Platform::Linux),
-            _ => {
+            other => {
+                let found =
+                    other.map_or_else(|| node.value.type_name().to_string(), |s| format!("`{s}`"));
                 diags.push(
-                    Diagnostic::new(file, "`platform` must be `macos` or `linux`").line(node.line),
+                    Diagnostic::new(
+                        file,
+                        format!("`platform` must be `macos` or `linux`, found {found}"),
+                    )
+                    .line(node.line)
+                    .hint("macos selects launchd and Homebrew; linux selects systemd and apt"),
                 );
                 None
             }
@@ -244,6 +251,16 @@ impl ParamType {
             _ => return None,
         })
     }
+    /// `an int`, `a string`: for messages.
+    pub fn with_article(self) -> &'static str {
+        match self {
+            ParamType::String => "a string",
+            ParamType::Int => "an int",
+            ParamType::Bool => "a bool",
+            ParamType::List => "a list",
+            ParamType::Map => "a map",
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -335,8 +352,8 @@ pub fn parse_module(
                             Diagnostic::new(
                                 file,
                                 format!(
-                                    "default of param `{pname}` must be a {}, found {}",
-                                    ty.name(),
+                                    "default of param `{pname}` must be {}, found {}",
+                                    ty.with_article(),
                                     d.value.type_name()
                                 ),
                             )
@@ -411,10 +428,10 @@ pub fn bind_params(
                         Diagnostic::new(
                             host_file,
                             format!(
-                                "param `{}` of module {} must be a {}, found {}",
+                                "param `{}` of module {} must be {}, found {}",
                                 decl.name,
                                 module.name,
-                                decl.ty.name(),
+                                decl.ty.with_article(),
                                 v.value.type_name()
                             ),
                         )

@@ -65,6 +65,14 @@ impl ModuleEnv {
     /// Evaluates a `when:` expression to a boolean.
     pub fn eval_condition(&self, expr: &str, ctx: &Value) -> Result<bool, minijinja::Error> {
         let value = self.env.compile_expression(expr)?.eval(ctx)?;
+        // Strict mode still lets a bare undefined read as false; a typo in a
+        // condition must not silently drop (and then prune) a resource.
+        if value.is_undefined() {
+            return Err(minijinja::Error::new(
+                ErrorKind::UndefinedError,
+                "the expression is undefined (a misspelt param or var?)",
+            ));
+        }
         Ok(value.is_true())
     }
 }

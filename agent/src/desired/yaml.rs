@@ -391,7 +391,7 @@ impl<'a> MapReader<'a> {
 }
 
 /// The known word closest to `word` when it is a plausible typo.
-fn closest<'k>(word: &str, known: &[&'k str]) -> Option<&'k str> {
+pub fn closest<'k>(word: &str, known: &[&'k str]) -> Option<&'k str> {
     known
         .iter()
         .map(|k| (edit_distance(word, k), *k))

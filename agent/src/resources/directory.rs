@@ -99,20 +99,23 @@ impl Resource for Directory {
     fn observe(&self, host: &Host) -> Result<Observation, ResourceError> {
         let want = host.ownership(self.owner.as_deref(), self.group.as_deref())?;
         let meta = host.fs.meta(&self.path)?;
+        // Something else in its place is not a diff to apply but a conflict
+        // to resolve by hand: refuse at plan time, before anything is touched.
+        if let Some(m) = meta.filter(|m| m.kind != Ft::Directory) {
+            return Err(ResourceError::WrongType {
+                path: self.path.clone(),
+                found: m.kind.name(),
+                wanted: "directory",
+            });
+        }
         Ok(Observation::new(meta.is_some(), Live { meta, want }))
     }
 
     fn diff(&self, live: &Observation, _host: &Host) -> Vec<FieldChange> {
         let live: &Live = live.get();
         let mut out = Vec::new();
-        match live.meta {
-            None => out.push(FieldChange::new("type", None, Some("directory".into()))),
-            Some(m) if m.kind != Ft::Directory => out.push(FieldChange::new(
-                "type",
-                Some(m.kind.name().into()),
-                Some("directory".into()),
-            )),
-            Some(_) => {}
+        if live.meta.is_none() {
+            out.push(FieldChange::new("type", None, Some("directory".into())));
         }
         let meta = live.meta.filter(|m| m.kind == Ft::Directory);
         diff_attrs(
@@ -133,13 +136,6 @@ impl Resource for Directory {
         ctx: &mut ApplyCtx<'_>,
     ) -> Result<(), ResourceError> {
         let live: &Live = live.get();
-        if let Some(m) = live.meta.filter(|m| m.kind != Ft::Directory) {
-            return Err(ResourceError::WrongType {
-                path: self.path.clone(),
-                found: m.kind.name(),
-                wanted: "directory",
-            });
-        }
         let attrs = Attrs {
             mode: self.mode,
             uid: live.want.uid,

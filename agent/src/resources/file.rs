@@ -46,17 +46,40 @@ impl Kind for FileKind {
         let content = fields.string("content", diags);
         let template = fields.string("template", diags);
         let source = fields.string("source", diags);
-        let given = [content.is_some(), template.is_some(), source.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
-        if given != 1 {
-            diags.push(
-                fields
-                    .diag(fields.line, "a file needs exactly one of `content`, `template` or `source`")
-                    .hint("inline text: content; a Jinja template in templates/: template; a verbatim file in files/: source"),
-            );
-            return None;
+        let given: Vec<(&str, usize)> = [
+            ("content", &content),
+            ("template", &template),
+            ("source", &source),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|(_, line)| (k, *line)))
+        .collect();
+        let hint = "inline text: content; a Jinja template in templates/: template; a verbatim file in files/: source";
+        match given.as_slice() {
+            [_] => {}
+            [] => {
+                diags.push(
+                    fields
+                        .diag(
+                            fields.line,
+                            "a file needs one of `content`, `template` or `source`",
+                        )
+                        .hint(hint),
+                );
+                return None;
+            }
+            [first, rest @ ..] => {
+                let others: Vec<String> = rest.iter().map(|(k, _)| format!("`{k}`")).collect();
+                diags.push(
+                    fields
+                        .diag(
+                            rest[0].1,
+                            format!("a file takes only one of `content`, `template` or `source`, but `{}` and {} are both given", first.0, others.join(" and ")),
+                        )
+                        .hint(hint),
+                );
+                return None;
+            }
         }
         let bytes = match (content, template, source) {
             (Some((text, _)), _, _) => text.into_bytes(),
@@ -138,6 +161,15 @@ impl Resource for File {
             Some((meta, content)) => (Some(meta), content),
             None => (None, None),
         };
+        // A symlink in its place is replaced (the rename swaps the link, never
+        // its target); a directory or device is a conflict: refuse at plan time.
+        if let Some(m) = meta.filter(|m| matches!(m.kind, Ft::Directory | Ft::Other)) {
+            return Err(ResourceError::WrongType {
+                path: self.path.clone(),
+                found: m.kind.name(),
+                wanted: "file",
+            });
+        }
         Ok(Observation::new(
             meta.is_some(),
             Live {
@@ -184,15 +216,6 @@ impl Resource for File {
         ctx: &mut ApplyCtx<'_>,
     ) -> Result<(), ResourceError> {
         let live: &Live = live.get();
-        if let Some(meta) = live.meta {
-            if meta.kind == Ft::Directory || meta.kind == Ft::Other {
-                return Err(ResourceError::WrongType {
-                    path: self.path.clone(),
-                    found: meta.kind.name(),
-                    wanted: "file",
-                });
-            }
-        }
         let attrs = Attrs {
             mode: self.mode,
             uid: live.want.uid,

@@ -93,6 +93,13 @@ impl Resource for Symlink {
 
     fn observe(&self, host: &Host) -> Result<Observation, ResourceError> {
         let meta = host.fs.meta(&self.path)?;
+        if let Some(m) = meta.filter(|m| m.kind == Ft::Directory) {
+            return Err(ResourceError::WrongType {
+                path: self.path.clone(),
+                found: m.kind.name(),
+                wanted: "symlink",
+            });
+        }
         let target = match meta {
             Some(m) if m.kind == Ft::Symlink => host.fs.read_link(&self.path)?,
             _ => None,
@@ -122,18 +129,10 @@ impl Resource for Symlink {
 
     fn apply(
         &self,
-        live: &Observation,
+        _live: &Observation,
         _changes: &[FieldChange],
         ctx: &mut ApplyCtx<'_>,
     ) -> Result<(), ResourceError> {
-        let live: &Live = live.get();
-        if let Some(m) = live.meta.filter(|m| m.kind == Ft::Directory) {
-            return Err(ResourceError::WrongType {
-                path: self.path.clone(),
-                found: m.kind.name(),
-                wanted: "symlink",
-            });
-        }
         ctx.host.fs.symlink(&self.path, &self.target)?;
         Ok(())
     }
