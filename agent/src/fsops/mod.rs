@@ -360,25 +360,30 @@ impl Fs {
         }
     }
 
+    /// Opens `dir` for writing into it: creates it (0755, with parents) when
+    /// missing and removes stale temp files of crashed runs.
+    fn prepare_dir(&self, dir: &Path) -> Result<Arc<OwnedFd>, FsError> {
+        let fd = match self.open_dir(dir)? {
+            Some(fd) => fd,
+            None => {
+                let attrs = Attrs {
+                    mode: 0o755,
+                    uid: None,
+                    gid: None,
+                };
+                self.create_dir_all(dir, attrs)?;
+                self.open_dir(dir)?.expect("just created")
+            }
+        };
+        self.clean_stale_temps(dir);
+        Ok(fd)
+    }
+
     /// Writes `content` to a temp file beside `path`, already carrying its
     /// final owner and mode. Nothing is visible at `path` until [`Fs::commit`].
     pub fn stage_file(&self, path: &Path, content: &[u8], attrs: Attrs) -> Result<Staged, FsError> {
         let (parent, name) = self.split(path);
-        let dir = match self.open_dir(parent)? {
-            Some(fd) => fd,
-            None => {
-                self.create_dir_all(
-                    parent,
-                    Attrs {
-                        mode: 0o755,
-                        uid: None,
-                        gid: None,
-                    },
-                )?;
-                self.open_dir(parent)?.expect("just created")
-            }
-        };
-        self.clean_stale_temps(parent);
+        let dir = self.prepare_dir(parent)?;
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut tmp = OsString::from(".");
         tmp.push(name);
@@ -478,18 +483,7 @@ impl Fs {
     /// Creates or replaces a symlink atomically (temp link + rename).
     pub fn symlink(&self, path: &Path, target: &Path) -> Result<(), FsError> {
         let (parent, name) = self.split(path);
-        if self.open_dir(parent)?.is_none() {
-            self.create_dir_all(
-                parent,
-                Attrs {
-                    mode: 0o755,
-                    uid: None,
-                    gid: None,
-                },
-            )?;
-        }
-        let dir = self.open_dir(parent)?.expect("exists");
-        self.clean_stale_temps(parent);
+        let dir = self.prepare_dir(parent)?;
         let mut tmp = OsString::from(".");
         tmp.push(name);
         tmp.push(format!(

@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    diff_attrs, parse_mode, ApplyCtx, FieldChange, Host, IdentityKind, Kind, Observation,
-    Ownership, ParseInput, PruneOutcome, Resource, ResourceError,
+    ApplyCtx, FieldChange, Host, IdentityKind, Kind, Observation, Ownership, ParseInput, Perms,
+    PruneOutcome, Resource, ResourceError,
 };
-use crate::fsops::{Attrs, FileKind as Ft, Meta};
+use crate::fsops::{FileKind as Ft, Meta};
 
 pub struct DirectoryKind;
 
@@ -35,14 +35,10 @@ impl Kind for DirectoryKind {
             diags,
             ..
         } = input;
-        let mode = parse_mode(fields, diags);
-        let owner = fields.string("owner", diags).map(|s| s.0);
-        let group = fields.string("group", diags).map(|s| s.0);
+        let perms = Perms::parse(fields, diags, DEFAULT_MODE);
         Some(Box::new(Directory {
             path: PathBuf::from(identity),
-            mode: mode.unwrap_or(DEFAULT_MODE),
-            owner,
-            group,
+            perms,
         }))
     }
 
@@ -68,9 +64,7 @@ impl Kind for DirectoryKind {
 #[derive(Debug)]
 pub struct Directory {
     path: PathBuf,
-    mode: u32,
-    owner: Option<String>,
-    group: Option<String>,
+    perms: Perms,
 }
 
 #[derive(Debug)]
@@ -90,14 +84,11 @@ impl Resource for Directory {
         Some(&self.path)
     }
     fn digest(&self, h: &mut blake3::Hasher) {
-        h.update(&self.mode.to_le_bytes());
-        h.update(self.owner.as_deref().unwrap_or("").as_bytes());
-        h.update(b"\0");
-        h.update(self.group.as_deref().unwrap_or("").as_bytes());
+        self.perms.digest(h);
     }
 
     fn observe(&self, host: &Host) -> Result<Observation, ResourceError> {
-        let want = host.ownership(self.owner.as_deref(), self.group.as_deref())?;
+        let want = self.perms.resolve(host)?;
         let meta = host.fs.meta(&self.path)?;
         // Something else in its place is not a diff to apply but a conflict
         // to resolve by hand: refuse at plan time, before anything is touched.
@@ -118,14 +109,7 @@ impl Resource for Directory {
             out.push(FieldChange::new("type", None, Some("directory".into())));
         }
         let meta = live.meta.filter(|m| m.kind == Ft::Directory);
-        diff_attrs(
-            meta.as_ref(),
-            self.mode,
-            live.want,
-            self.owner.as_deref(),
-            self.group.as_deref(),
-            &mut out,
-        );
+        self.perms.diff(meta.as_ref(), live.want, &mut out);
         out
     }
 
@@ -136,11 +120,7 @@ impl Resource for Directory {
         ctx: &mut ApplyCtx<'_>,
     ) -> Result<(), ResourceError> {
         let live: &Live = live.get();
-        let attrs = Attrs {
-            mode: self.mode,
-            uid: live.want.uid,
-            gid: live.want.gid,
-        };
+        let attrs = self.perms.attrs(live.want);
         ctx.host.fs.create_dir_all(&self.path, attrs)?;
         Ok(())
     }

@@ -7,10 +7,10 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    diff_attrs, parse_mode, ApplyCtx, FieldChange, Host, IdentityKind, Kind, Observation,
-    Ownership, ParseInput, PruneOutcome, Resource, ResourceError,
+    ApplyCtx, FieldChange, Host, IdentityKind, Kind, Observation, Ownership, ParseInput, Perms,
+    PruneOutcome, Resource, ResourceError,
 };
-use crate::fsops::{Attrs, FileKind as Ft, Meta};
+use crate::fsops::{FileKind as Ft, Meta};
 
 pub struct FileKind;
 
@@ -40,9 +40,7 @@ impl Kind for FileKind {
             diags,
             ..
         } = input;
-        let mode = parse_mode(fields, diags);
-        let owner = fields.string("owner", diags).map(|s| s.0);
-        let group = fields.string("group", diags).map(|s| s.0);
+        let perms = Perms::parse(fields, diags, DEFAULT_MODE);
         let content = fields.string("content", diags);
         let template = fields.string("template", diags);
         let source = fields.string("source", diags);
@@ -96,9 +94,7 @@ impl Kind for FileKind {
         Some(Box::new(File {
             path: PathBuf::from(identity),
             content: bytes,
-            mode: mode.unwrap_or(DEFAULT_MODE),
-            owner,
-            group,
+            perms,
         }))
     }
 
@@ -123,9 +119,7 @@ impl Kind for FileKind {
 pub struct File {
     path: PathBuf,
     content: Vec<u8>,
-    mode: u32,
-    owner: Option<String>,
-    group: Option<String>,
+    perms: Perms,
 }
 
 /// What is at the path now.
@@ -149,14 +143,11 @@ impl Resource for File {
     fn digest(&self, h: &mut blake3::Hasher) {
         h.update(&(self.content.len() as u64).to_le_bytes());
         h.update(&self.content);
-        h.update(&self.mode.to_le_bytes());
-        h.update(self.owner.as_deref().unwrap_or("").as_bytes());
-        h.update(b"\0");
-        h.update(self.group.as_deref().unwrap_or("").as_bytes());
+        self.perms.digest(h);
     }
 
     fn observe(&self, host: &Host) -> Result<Observation, ResourceError> {
-        let want = host.ownership(self.owner.as_deref(), self.group.as_deref())?;
+        let want = self.perms.resolve(host)?;
         let (meta, content) = match host.fs.read_file(&self.path)? {
             Some((meta, content)) => (Some(meta), content),
             None => (None, None),
@@ -198,14 +189,7 @@ impl Resource for File {
             out.push(change);
         }
         let meta = live.meta.filter(|m| m.kind == Ft::File);
-        diff_attrs(
-            meta.as_ref(),
-            self.mode,
-            live.want,
-            self.owner.as_deref(),
-            self.group.as_deref(),
-            &mut out,
-        );
+        self.perms.diff(meta.as_ref(), live.want, &mut out);
         out
     }
 
@@ -216,11 +200,7 @@ impl Resource for File {
         ctx: &mut ApplyCtx<'_>,
     ) -> Result<(), ResourceError> {
         let live: &Live = live.get();
-        let attrs = Attrs {
-            mode: self.mode,
-            uid: live.want.uid,
-            gid: live.want.gid,
-        };
+        let attrs = self.perms.attrs(live.want);
         if changes
             .iter()
             .any(|c| c.field == "content" || c.field == "type")
@@ -285,9 +265,11 @@ mod tests {
         let file = File {
             path: "/etc/x".into(),
             content: b"a\n".to_vec(),
-            mode: 0o640,
-            owner: Some("zot".into()),
-            group: None,
+            perms: Perms {
+                mode: 0o640,
+                owner: Some("zot".into()),
+                group: None,
+            },
         };
         let live = Observation::new(
             meta.is_some(),

@@ -311,8 +311,89 @@ pub fn fmt_mode(mode: u32) -> String {
     format!("{mode:04o}")
 }
 
+/// Mode, owner and group of a file or directory: parsed, digested, diffed
+/// and turned into [`Attrs`] the same way for every kind that has them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Perms {
+    pub mode: u32,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+}
+
+impl Perms {
+    /// Reads `mode` (a quoted octal string such as `"0640"`), `owner` and `group`.
+    pub fn parse(fields: &mut MapReader<'_>, diags: &mut Diagnostics, default_mode: u32) -> Perms {
+        let mode = parse_mode(fields, diags).unwrap_or(default_mode);
+        let owner = fields.string("owner", diags).map(|s| s.0);
+        let group = fields.string("group", diags).map(|s| s.0);
+        Perms { mode, owner, group }
+    }
+
+    pub fn digest(&self, h: &mut blake3::Hasher) {
+        h.update(&self.mode.to_le_bytes());
+        h.update(self.owner.as_deref().unwrap_or("").as_bytes());
+        h.update(b"\0");
+        h.update(self.group.as_deref().unwrap_or("").as_bytes());
+    }
+
+    /// Resolves owner and group on `host` (nothing enforced in a sandbox).
+    pub fn resolve(&self, host: &Host) -> Result<Ownership, ResourceError> {
+        host.ownership(self.owner.as_deref(), self.group.as_deref())
+    }
+
+    /// What to give the object: this mode and the resolved ids.
+    pub fn attrs(&self, want: Ownership) -> Attrs {
+        Attrs {
+            mode: self.mode,
+            uid: want.uid,
+            gid: want.gid,
+        }
+    }
+
+    /// Pushes `mode`, `owner`, `group` changes against `meta` (`None`: the
+    /// object is missing or of another type).
+    pub fn diff(
+        &self,
+        meta: Option<&crate::fsops::Meta>,
+        want: Ownership,
+        out: &mut Vec<FieldChange>,
+    ) {
+        if meta.map(|m| m.mode) != Some(self.mode) {
+            out.push(FieldChange::new(
+                "mode",
+                meta.map(|m| fmt_mode(m.mode)),
+                Some(fmt_mode(self.mode)),
+            ));
+        }
+        if let Some(uid) = want.uid {
+            if meta.map(|m| m.uid) != Some(uid) {
+                out.push(FieldChange::new(
+                    "owner",
+                    meta.map(|m| m.uid.to_string()),
+                    Some(format!(
+                        "{} ({uid})",
+                        self.owner.as_deref().unwrap_or_default()
+                    )),
+                ));
+            }
+        }
+        if let Some(gid) = want.gid {
+            if meta.map(|m| m.gid) != Some(gid) {
+                out.push(FieldChange::new(
+                    "group",
+                    meta.map(|m| m.gid.to_string()),
+                    Some(format!(
+                        "{} ({gid})",
+                        self.group.as_deref().unwrap_or_default()
+                    )),
+                ));
+            }
+        }
+    }
+}
+
 /// Parses a quoted octal mode such as `"0640"`.
-pub fn parse_mode(fields: &mut MapReader<'_>, diags: &mut Diagnostics) -> Option<u32> {
+fn parse_mode(fields: &mut MapReader<'_>, diags: &mut Diagnostics) -> Option<u32> {
     let node = fields.take("mode")?;
     let bad = |fields: &MapReader<'_>, what: String| {
         fields.diag(
@@ -334,42 +415,6 @@ pub fn parse_mode(fields: &mut MapReader<'_>, diags: &mut Diagnostics) -> Option
                     .hint("YAML reads an unquoted 0640 as a number; write mode: \"0640\""),
             );
             None
-        }
-    }
-}
-
-/// Common diff of mode and ownership against `lstat` metadata.
-pub fn diff_attrs(
-    meta: Option<&crate::fsops::Meta>,
-    mode: u32,
-    want: Ownership,
-    owner: Option<&str>,
-    group: Option<&str>,
-    out: &mut Vec<FieldChange>,
-) {
-    if meta.map(|m| m.mode) != Some(mode) {
-        out.push(FieldChange::new(
-            "mode",
-            meta.map(|m| fmt_mode(m.mode)),
-            Some(fmt_mode(mode)),
-        ));
-    }
-    if let Some(uid) = want.uid {
-        if meta.map(|m| m.uid) != Some(uid) {
-            out.push(FieldChange::new(
-                "owner",
-                meta.map(|m| m.uid.to_string()),
-                Some(format!("{} ({uid})", owner.unwrap_or_default())),
-            ));
-        }
-    }
-    if let Some(gid) = want.gid {
-        if meta.map(|m| m.gid) != Some(gid) {
-            out.push(FieldChange::new(
-                "group",
-                meta.map(|m| m.gid.to_string()),
-                Some(format!("{} ({gid})", group.unwrap_or_default())),
-            ));
         }
     }
 }
