@@ -204,10 +204,28 @@ fn desired_error(e: DesiredError) -> anyhow::Error {
     anyhow::Error::new(e)
 }
 
+/// The inventory for a plan. Plans never write, with one exception: a
+/// database left needing recovery by a killed agent is recovered (under the
+/// lock, so never under a running apply); that changes no record in it.
+fn read_inventory(
+    state_dir: &Path,
+    host: &str,
+) -> Result<std::collections::BTreeMap<String, homelab_agent_state::InventoryEntry>> {
+    match Store::open_read_only(state_dir) {
+        Err(homelab_agent_state::StateError::NeedsRecovery { .. }) => {
+            let _lock = Lock::acquire(
+                state_dir,
+                &format!("agent plan --host {host} (recovering state)"),
+            )?;
+            Ok(Store::open_read_only_recovering(state_dir)?.inventory(host)?)
+        }
+        other => Ok(other?.inventory(host)?),
+    }
+}
+
 fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     let loaded = load(&args.target)?;
-    let store = Store::open_read_only(&loaded.state_dir)?;
-    let inventory = store.inventory(&loaded.catalog.host.name)?;
+    let inventory = read_inventory(&loaded.state_dir, &loaded.catalog.host.name)?;
     let plan = crate::plan::plan(loaded.catalog, &loaded.host, &inventory);
     if args.json {
         println!(
@@ -235,7 +253,7 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
     let _lock = Lock::acquire(&loaded.state_dir, &format!("agent apply --host {hostname}"))?;
     // Plan from a read-only view, so a plan that cannot be applied leaves
     // the state directory untouched.
-    let inventory = Store::open_read_only(&loaded.state_dir)?.inventory(&hostname)?;
+    let inventory = Store::open_read_only_recovering(&loaded.state_dir)?.inventory(&hostname)?;
     let plan = crate::plan::plan(loaded.catalog, &loaded.host, &inventory);
     if !plan.failures.is_empty() {
         print!(

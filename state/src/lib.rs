@@ -56,6 +56,8 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    #[error("state database {path} needs recovery after an agent was stopped mid-run\n  run `agent apply` (or `agent plan`), which recovers it while holding the lock")]
+    NeedsRecovery { path: PathBuf },
     #[error("state database {path} cannot be opened: {source}\n  if it is corrupt, move it aside; the next apply adopts what is on disk")]
     Open {
         path: PathBuf,
@@ -287,14 +289,32 @@ impl Store {
                 db: Db::Empty,
             });
         }
-        let db = ReadOnlyDatabase::open(&path).map_err(|e| StateError::Open {
-            path: path.clone(),
-            source: Box::new(e),
+        let db = ReadOnlyDatabase::open(&path).map_err(|e| match e {
+            // A writer was killed with the database open: only a read-write
+            // open (under the lock) may repair it.
+            redb::DatabaseError::RepairAborted => StateError::NeedsRecovery { path: path.clone() },
+            e => StateError::Open {
+                path: path.clone(),
+                source: Box::new(e),
+            },
         })?;
         Ok(Store {
             path,
             db: Db::ReadOnly(db),
         })
+    }
+
+    /// Opens for reading; if a killed writer left the database needing
+    /// recovery, repairs it first with a read-write open. Callers must hold
+    /// the [`Lock`] (recovery writes).
+    pub fn open_read_only_recovering(dir: &Path) -> Result<Store, StateError> {
+        match Store::open_read_only(dir) {
+            Err(StateError::NeedsRecovery { .. }) => {
+                drop(Store::open(dir)?);
+                Store::open_read_only(dir)
+            }
+            other => other,
+        }
     }
 
     /// Path of the database file.

@@ -152,3 +152,62 @@ fn sigkill_mid_apply_leaves_whole_files_and_the_next_apply_finishes() {
         }
     }
 }
+
+/// An agent killed while its state database is open leaves it needing
+/// recovery; the next plan and apply recover it (under the lock) instead of
+/// failing, and keep what it recorded.
+#[test]
+fn a_state_database_left_open_by_a_killed_agent_is_recovered() {
+    use std::io::BufRead;
+    let lab = Lab::empty();
+    lab.write(
+        "hosts/lab.yaml",
+        "platform: linux\nroots: [/srv]\nmodules: [{name: m}]\n",
+    );
+    lab.write(
+        "modules/m/module.yaml",
+        "resources:\n  - file: /srv/a\n    content: \"a\\n\"\n",
+    );
+    let state = lab.root().join("var/lib/homelab-agent");
+    let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_hold-state"))
+        .arg(&state)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    holder.kill().unwrap(); // SIGKILL with the database open
+    holder.wait().unwrap();
+    assert!(
+        matches!(
+            homelab_agent_state::Store::open_read_only(&state),
+            Err(homelab_agent_state::StateError::NeedsRecovery { .. })
+        ),
+        "the scenario: a killed writer leaves the database needing recovery"
+    );
+
+    let mut plan = apply_args(&lab);
+    plan[0] = "plan".into();
+    let out = agent().args(&plan).output().unwrap();
+    assert!(out.status.success(), "plan after a crash: {}", stderr(&out));
+    // The record the killed process committed is still there: its resource
+    // left the catalog, so the plan prunes it.
+    assert!(
+        stdout(&out).contains("- file:/srv/held  (module held) will be removed"),
+        "{}",
+        stdout(&out)
+    );
+    let out = agent().args(apply_args(&lab)).output().unwrap();
+    assert!(
+        out.status.success(),
+        "apply after a crash: {}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(lab.host_path("/srv/a")).unwrap(),
+        "a\n"
+    );
+}
