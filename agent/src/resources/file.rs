@@ -99,18 +99,7 @@ impl Kind for FileKind {
     }
 
     fn prune(&self, identity: &str, host: &Host) -> Result<PruneOutcome, ResourceError> {
-        let path = Path::new(identity);
-        match host.fs.meta(path)? {
-            None => Ok(PruneOutcome::AlreadyGone),
-            Some(m) if m.kind == Ft::File => {
-                host.fs.remove_file(path)?;
-                Ok(PruneOutcome::Removed)
-            }
-            Some(m) => Ok(PruneOutcome::LeftInPlace(format!(
-                "it is now a {}",
-                m.kind.name()
-            ))),
-        }
+        super::prune_if(host, Path::new(identity), Ft::File)
     }
 }
 

@@ -90,6 +90,26 @@ pub enum PruneOutcome {
     LeftInPlace(String),
 }
 
+/// Prunes a file or symlink: removed only while it is still of the kind
+/// the agent made; anything else put there since is left alone.
+pub fn prune_if(
+    host: &Host,
+    path: &Path,
+    kind: crate::fsops::FileKind,
+) -> Result<PruneOutcome, ResourceError> {
+    match host.fs.meta(path)? {
+        None => Ok(PruneOutcome::AlreadyGone),
+        Some(m) if m.kind == kind => {
+            host.fs.remove_file(path)?;
+            Ok(PruneOutcome::Removed)
+        }
+        Some(m) => Ok(PruneOutcome::LeftInPlace(format!(
+            "it is now a {}",
+            m.kind.name()
+        ))),
+    }
+}
+
 /// One desired resource, parsed and ready to observe.
 pub trait Resource: Send + Sync + Debug {
     fn kind(&self) -> &'static str;
