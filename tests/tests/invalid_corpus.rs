@@ -28,7 +28,7 @@ const SYMLINK_CASE: &str = "26-symlink-in-managed-path";
 
 /// The case table: test name, fixture directory, and substrings that must
 /// appear in the error output (where the problem is: `file:line`, resource
-/// id, the offending word). Attributes (e.g. `#[ignore]`) go on the test.
+/// id, the offending word). Attributes (such as `#[should_panic]`) go on the test.
 macro_rules! corpus {
     ($( $(#[$attr:meta])* $test:ident: $dir:literal => [$($expect:literal),+ $(,)?]; )+) => {
         /// Every case directory, with its expected substrings.
