@@ -9,6 +9,8 @@
 
 pub mod apply;
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod desired;
 pub mod fsops;
 pub mod plan;

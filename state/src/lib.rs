@@ -105,11 +105,33 @@ pub struct InventoryEntry {
 
 /// Per-host revision bookkeeping.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct HostRecord {
     /// Revision of the desired state last applied without errors.
     pub applied_revision: Option<String>,
     /// Unix seconds of that apply.
     pub applied_at: Option<u64>,
+    /// Newest revision fetched from the source.
+    pub fetched_revision: Option<String>,
+    /// Newest revision that fetched, verified and validated; what the agent
+    /// falls back to when a newer one is refused.
+    pub last_good_revision: Option<String>,
+    /// Set by `agent apply --rev` to the fetched revision at that moment: the
+    /// daemon keeps the pinned revision until a newer one is fetched.
+    pub manual_override: Option<String>,
+    /// Why the newest revision was refused, if it was.
+    pub refused: Option<Refused>,
+}
+
+/// A revision the agent would not apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    /// `fetch`, `signature` or `validate`.
+    pub stage: String,
+    pub revision: Option<String>,
+    pub error: String,
+    /// Unix seconds.
+    pub at: u64,
 }
 
 /// Counts of one run, by classification.
@@ -250,6 +272,25 @@ fn create_dir(dir: &Path) -> Result<(), StateError> {
         })
 }
 
+/// The database is held open by another process only for the length of a
+/// run's commit (the daemon opens it per run), so waiting briefly beats
+/// failing: retry for up to 10 s.
+fn retry_while_busy<T>(
+    mut open: impl FnMut() -> Result<T, redb::DatabaseError>,
+) -> Result<T, redb::DatabaseError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match open() {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 enum Db {
     ReadWrite(Database),
     ReadOnly(ReadOnlyDatabase),
@@ -269,7 +310,7 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, StateError> {
         create_dir(dir)?;
         let path = dir.join(DB_FILE);
-        let db = Database::create(&path).map_err(|e| StateError::Open {
+        let db = retry_while_busy(|| Database::create(&path)).map_err(|e| StateError::Open {
             path: path.clone(),
             source: Box::new(e),
         })?;
@@ -289,7 +330,7 @@ impl Store {
                 db: Db::Empty,
             });
         }
-        let db = ReadOnlyDatabase::open(&path).map_err(|e| match e {
+        let db = retry_while_busy(|| ReadOnlyDatabase::open(&path)).map_err(|e| match e {
             // A writer was killed with the database open: only a read-write
             // open (under the lock) may repair it.
             redb::DatabaseError::RepairAborted => StateError::NeedsRecovery { path: path.clone() },
@@ -467,6 +508,25 @@ impl Writer<'_> {
             .remove((self.host.as_str(), id))
             .map_err(|e| self.store.db_err(e))?;
         Ok(())
+    }
+
+    /// The host record as this transaction sees it.
+    pub fn host(&self) -> Result<HostRecord, StateError> {
+        match self
+            .hosts
+            .get(self.host.as_str())
+            .map_err(|e| self.store.db_err(e))?
+        {
+            Some(v) => self.store.parse(v.value(), &format!("host {}", self.host)),
+            None => Ok(HostRecord::default()),
+        }
+    }
+
+    /// Reads, changes and writes back the host record.
+    pub fn update_host(&mut self, f: impl FnOnce(&mut HostRecord)) -> Result<(), StateError> {
+        let mut record = self.host()?;
+        f(&mut record);
+        self.set_host(&record)
     }
 
     pub fn set_host(&mut self, record: &HostRecord) -> Result<(), StateError> {

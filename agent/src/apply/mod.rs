@@ -18,10 +18,11 @@
 //! finishes the job: unconfirmed intents read as *change*, and files that
 //! already match are adopted into the inventory without a write.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use homelab_agent_state::{
-    HostRecord, InventoryEntry, Origin, RunCounts, RunRecord, RunResult, StateError, Store,
+    InventoryEntry, Origin, RunCounts, RunRecord, RunResult, StateError, Store,
 };
 
 use crate::plan::{Action, Classification, Plan};
@@ -102,6 +103,20 @@ pub fn apply(
     store: &Store,
     trigger: &str,
 ) -> Result<ApplyReport, ApplyError> {
+    apply_cancellable(plan, host, store, trigger, None)
+}
+
+/// [`apply`], stopping early when `cancel` becomes true (SIGTERM): the
+/// resource in progress finishes, the rest are skipped, nothing is pruned,
+/// and what was done is committed to the state.
+pub fn apply_cancellable(
+    plan: &Plan,
+    host: &Host,
+    store: &Store,
+    trigger: &str,
+    cancel: Option<&AtomicBool>,
+) -> Result<ApplyReport, ApplyError> {
+    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     let started_ms = now_ms();
     if !plan.failures.is_empty() {
         return Err(refuse(plan));
@@ -171,6 +186,11 @@ pub fn apply(
             continue;
         }
         let entry = &entries[p.index];
+        if cancelled() {
+            state[p.index] = State::Failed;
+            errors[p.index] = Some("not applied: the agent was asked to stop".to_string());
+            continue;
+        }
         if entry.deps.iter().any(|&d| state[d] == State::Pending) {
             flush(&mut batch, &mut state, &mut errors);
         }
@@ -202,7 +222,12 @@ pub fn apply(
 
     // 4. Prune.
     let mut prune_results = Vec::new();
+    let stop_before_prune = cancelled();
     for p in &plan.prunes {
+        if stop_before_prune {
+            prune_results.push(Err("not pruned: the agent was asked to stop".to_string()));
+            continue;
+        }
         let result = match p.action {
             Action::Forget => Ok(None),
             _ => match resources::kind(&p.kind) {
@@ -336,9 +361,10 @@ pub fn apply(
             }
         }
         if !failed {
-            w.set_host(&HostRecord {
-                applied_revision: Some(plan.catalog.revision.clone()),
-                applied_at: Some(record.finished_ms / 1000),
+            let finished = record.finished_ms / 1000;
+            w.update_host(|h| {
+                h.applied_revision = Some(plan.catalog.revision.clone());
+                h.applied_at = Some(finished);
             })?;
         }
         w.add_run(&record)

@@ -81,8 +81,18 @@ fn read_yaml(
     }
 }
 
-/// Loads and validates the catalog of `host`.
+/// Loads and validates the catalog of `host` (drift policy default: heal).
 pub fn load(source: Arc<dyn Source>, host: &str) -> Result<Catalog, DesiredError> {
+    load_with_policy(source, host, DriftPolicy::Heal)
+}
+
+/// [`load`] with the agent config's default `on_drift`, used where neither
+/// the resource, the module use nor the host says.
+pub fn load_with_policy(
+    source: Arc<dyn Source>,
+    host: &str,
+    default_policy: DriftPolicy,
+) -> Result<Catalog, DesiredError> {
     let host_file = format!("hosts/{host}.yaml");
     let mut diags = Diagnostics::default();
     let valid_name = !host.is_empty()
@@ -179,10 +189,7 @@ pub fn load(source: Arc<dyn Source>, host: &str) -> Result<Catalog, DesiredError
             ("vars".to_string(), vars_value.clone()),
             ("host".to_string(), host_value.clone()),
         ]);
-        let policy = usage
-            .on_drift
-            .or(spec.on_drift)
-            .unwrap_or(DriftPolicy::Heal);
+        let policy = usage.on_drift.or(spec.on_drift).unwrap_or(default_policy);
         let expander = Expander {
             source: &source,
             module,

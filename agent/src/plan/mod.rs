@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use homelab_agent_state::{InventoryEntry, Origin};
 
@@ -82,7 +83,7 @@ pub struct Failure {
 /// The plan for one host and revision.
 #[derive(Debug)]
 pub struct Plan {
-    pub catalog: Catalog,
+    pub catalog: Arc<Catalog>,
     pub resources: Vec<Planned>,
     pub prunes: Vec<PlannedPrune>,
     pub failures: Vec<Failure>,
@@ -127,7 +128,12 @@ impl Plan {
 
 /// Observes, diffs and classifies. `inventory` is the host's state as last
 /// committed.
-pub fn plan(catalog: Catalog, host: &Host, inventory: &BTreeMap<String, InventoryEntry>) -> Plan {
+pub fn plan(
+    catalog: impl Into<Arc<Catalog>>,
+    host: &Host,
+    inventory: &BTreeMap<String, InventoryEntry>,
+) -> Plan {
+    let catalog: Arc<Catalog> = catalog.into();
     let observed = observe_all(&catalog, host);
     let mut resources = Vec::with_capacity(catalog.entries.len());
     let mut failures = Vec::new();

@@ -1,0 +1,284 @@
+//! The agent's own configuration (`agent.yaml`): where the desired state
+//! lives, how to reach it, and how the daemon behaves. Parsed with the same
+//! line-aware YAML reader as the desired state: unknown keys and wrong types
+//! are errors with file:line, all reported at once.
+//!
+//! Relative paths in the file are relative to the file's directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::desired::diag::{Diagnostic, Diagnostics};
+use crate::desired::model::DriftPolicy;
+use crate::desired::yaml::{self, MapReader, Value};
+
+/// Errors loading the agent config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read agent config {path}: {source}\n  pass --config FILE, or create it (see README: agent config)")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent config {path} is invalid:\n{diags}")]
+    Invalid { path: PathBuf, diags: Diagnostics },
+}
+
+/// How the daemon logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `verify:` settings.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct VerifyConfig {
+    /// git's allowed_signers format.
+    pub allowed_signers: PathBuf,
+}
+
+/// The whole agent config, defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AgentConfig {
+    /// The file it came from.
+    pub file: PathBuf,
+    /// URL (https, http, ssh, scp-like, file) or a local directory.
+    pub repo: String,
+    /// Branch, tag or commit to follow.
+    pub reference: String,
+    pub token_file: Option<PathBuf>,
+    pub host: Option<String>,
+    pub poll_interval: Duration,
+    pub webhook_secret_file: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub state_dir: Option<PathBuf>,
+    /// Sandbox root (as `--root`): for trying the daemon out and for tests.
+    pub root: Option<PathBuf>,
+    pub on_drift: DriftPolicy,
+    pub verify: Option<VerifyConfig>,
+    pub log_format: LogFormat,
+}
+
+const KEYS: &[&str] = &[
+    "repo",
+    "ref",
+    "token_file",
+    "host",
+    "poll_interval",
+    "webhook_secret_file",
+    "listen",
+    "state_dir",
+    "root",
+    "on_drift",
+    "verify",
+    "log_format",
+];
+
+/// Where the config lives by default on this OS.
+pub fn default_path() -> PathBuf {
+    if cfg!(target_os = "macos") {
+        PathBuf::from("/usr/local/etc/homelab-agent/agent.yaml")
+    } else {
+        PathBuf::from("/etc/homelab-agent/agent.yaml")
+    }
+}
+
+/// The default listen address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses config text; `path` names it in messages and anchors relative paths.
+pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
+    let file = path.display().to_string();
+    let invalid = |diags: Diagnostics| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        diags: diags.sorted(),
+    };
+    let doc = yaml::parse(&file, text).map_err(invalid)?;
+    let mut diags = Diagnostics::default();
+    let base = path.parent().unwrap_or(Path::new("."));
+    let Some(mut r) = MapReader::new(&file, "the agent config", &doc, &mut diags) else {
+        return Err(invalid(diags));
+    };
+    let rel = |p: String| -> PathBuf {
+        let p = PathBuf::from(p);
+        if p.is_absolute() {
+            p
+        } else {
+            base.join(p)
+        }
+    };
+    let repo = match r.string("repo", &mut diags) {
+        Some((repo, _)) => Some(repo),
+        None if !r.has("repo") => {
+            diags.push(
+                Diagnostic::new(&file, "the agent config has no `repo`")
+                    .line(r.line)
+                    .hint("repo: https://forgejo.example/owner/homelab.git (or a local directory)"),
+            );
+            None
+        }
+        None => None,
+    };
+    let reference = r
+        .string("ref", &mut diags)
+        .map_or_else(|| "main".to_string(), |s| s.0);
+    let token_file = r.string("token_file", &mut diags).map(|s| rel(s.0));
+    let host = r.string("host", &mut diags).map(|s| s.0);
+    let poll_interval =
+        duration(&mut r, "poll_interval", &mut diags).unwrap_or(Duration::from_secs(60));
+    let webhook_secret_file = r
+        .string("webhook_secret_file", &mut diags)
+        .map(|s| rel(s.0));
+    let listen = match r.string("listen", &mut diags) {
+        None => DEFAULT_LISTEN.parse().expect("valid default"),
+        Some((s, line)) => match s.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                diags.push(
+                    Diagnostic::new(&file, format!("`listen: {s}` is not an address:port"))
+                        .line(line)
+                        .hint("e.g. listen: 127.0.0.1:9464 (loopback; put a reverse proxy in front for Forgejo)"),
+                );
+                DEFAULT_LISTEN.parse().expect("valid default")
+            }
+        },
+    };
+    let state_dir = r.string("state_dir", &mut diags).map(|s| rel(s.0));
+    let root = r.string("root", &mut diags).map(|s| rel(s.0));
+    let on_drift = crate::desired::model::on_drift(&mut r, &mut diags).unwrap_or(DriftPolicy::Heal);
+    let verify = r.take("verify").and_then(|node| {
+        let mut v = MapReader::new(&file, "`verify`", node, &mut diags)?;
+        let signers = v.string("allowed_signers", &mut diags);
+        if signers.is_none() {
+            diags.push(
+                Diagnostic::new(&file, "`verify` needs `allowed_signers`")
+                    .line(node.line)
+                    .hint("verify: {allowed_signers: /etc/homelab-agent/allowed_signers}"),
+            );
+        }
+        v.finish(&["allowed_signers"], &mut diags);
+        signers.map(|(s, _)| VerifyConfig {
+            allowed_signers: rel(s),
+        })
+    });
+    let log_format = match r.string("log_format", &mut diags) {
+        None => LogFormat::Text,
+        Some((s, _)) if s == "text" => LogFormat::Text,
+        Some((s, _)) if s == "json" => LogFormat::Json,
+        Some((s, line)) => {
+            diags.push(
+                Diagnostic::new(
+                    &file,
+                    format!("`log_format` must be `text` or `json`, found `{s}`"),
+                )
+                .line(line),
+            );
+            LogFormat::Text
+        }
+    };
+    r.finish(KEYS, &mut diags);
+    if !diags.is_empty() {
+        return Err(invalid(diags));
+    }
+    Ok(AgentConfig {
+        file: path.to_path_buf(),
+        repo: repo.expect("checked above"),
+        reference,
+        token_file,
+        host,
+        poll_interval,
+        webhook_secret_file,
+        listen,
+        state_dir,
+        root,
+        on_drift,
+        verify,
+        log_format,
+    })
+}
+
+/// A duration: whole seconds, or a string such as `90s`, `5m`, `1h`.
+fn duration(r: &mut MapReader<'_>, key: &str, diags: &mut Diagnostics) -> Option<Duration> {
+    let node = r.take(key)?;
+    let d = match &node.value {
+        Value::Int(n) if *n > 0 => Some(Duration::from_secs(*n as u64)),
+        Value::Str(s) => humantime::parse_duration(s).ok(),
+        _ => None,
+    };
+    match d {
+        Some(d) if d >= Duration::from_secs(1) => Some(d),
+        _ => {
+            diags.push(
+                r.diag(
+                    node.line,
+                    format!("`{key}` must be a duration of at least 1s"),
+                )
+                .hint("seconds (60) or a string such as \"90s\", \"5m\""),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = parse(
+            Path::new("/etc/homelab-agent/agent.yaml"),
+            "repo: https://forge.example/o/r.git\ntoken_file: token\n",
+        )
+        .unwrap();
+        assert_eq!(c.reference, "main");
+        assert_eq!(c.poll_interval, Duration::from_secs(60));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9464");
+        assert_eq!(
+            c.token_file.as_deref(),
+            Some(Path::new("/etc/homelab-agent/token"))
+        );
+        assert_eq!(c.on_drift, DriftPolicy::Heal);
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let err = parse(
+            Path::new("agent.yaml"),
+            "ref: main\npoll_interval: 0\nlisten: nowhere\nlog_format: xml\nverify: {}\npol_interval: 5\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "agent.yaml:1: the agent config has no `repo`",
+            "agent.yaml:2: `poll_interval` must be a duration",
+            "agent.yaml:3: `listen: nowhere` is not an address:port",
+            "agent.yaml:4: `log_format` must be `text` or `json`, found `xml`",
+            "agent.yaml:5: `verify` needs `allowed_signers`",
+            "agent.yaml:6: unknown key `pol_interval`",
+            "did you mean `poll_interval`?",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn durations_accept_strings() {
+        let c = parse(Path::new("a.yaml"), "repo: .\npoll_interval: 5m\n").unwrap();
+        assert_eq!(c.poll_interval, Duration::from_secs(300));
+    }
+}

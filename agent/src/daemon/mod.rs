@@ -1,0 +1,9 @@
+//! `agent run`: the daemon. One reconcile worker, many triggers, one queue.
+//!
+//! - `queue.rs`: the coalescing trigger queue.
+//! - `status.rs`: the status snapshot served over HTTP.
+//! - `http.rs`: the one HTTP listener (webhook, health, status).
+
+pub mod http;
+pub mod queue;
+pub mod status;
