@@ -3,6 +3,8 @@
 //!
 //! Everything here is loopback- or tempdir-only.
 
+pub mod git_server;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
