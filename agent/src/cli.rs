@@ -13,7 +13,9 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use homelab_agent_state::{Lock, Store};
 
-use crate::desired::{self, DesiredError};
+use crate::config;
+use crate::desired::{self, model::DriftPolicy};
+use crate::engine::{self, SourceSpec};
 use crate::fsops::Fs;
 use crate::report::{self, Style};
 use crate::resources::Host;
@@ -43,15 +45,37 @@ enum Command {
     Validate(ValidateArgs),
     /// Show the applied revision, the inventory and recent runs from the state directory.
     Status(StatusArgs),
+    /// Run as a daemon: converge on every push webhook, poll, file change and SIGHUP.
+    Run(RunArgs),
     /// List the resource kinds a module can declare, with their fields.
     Kinds,
 }
 
 #[derive(Debug, Args)]
+struct RunArgs {
+    /// Agent config file. Default: /etc/homelab-agent/agent.yaml (Linux),
+    /// /usr/local/etc/homelab-agent/agent.yaml (macOS).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 struct Target {
-    /// Desired-state repository: a local directory.
-    #[arg(long, value_name = "PATH", default_value = ".")]
-    repo: PathBuf,
+    /// Agent config file; its repo, ref, host, root, state_dir, token and signature
+    /// settings are the defaults for the flags below. Default: none for plan/apply.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Desired-state repository: a local directory (uncommitted edits included), or a git URL
+    /// (https://, http://, ssh://, git@host:owner/repo.git, file://) fetched into the state dir.
+    #[arg(long, value_name = "PATH|URL")]
+    repo: Option<String>,
+    /// Branch, tag or commit to follow for a git URL. Default: main.
+    #[arg(long = "ref", value_name = "REF")]
+    reference: Option<String>,
+    /// Plan or apply this revision instead (a commit, tag, branch, or `HEAD~3`); read straight
+    /// from the commit, no work tree. With a local directory it must be a git repository.
+    #[arg(long, value_name = "REV")]
+    rev: Option<String>,
     /// Host to plan for (a file hosts/NAME.yaml). Default: this machine's short hostname.
     #[arg(long, value_name = "NAME")]
     host: Option<String>,
@@ -90,6 +114,9 @@ struct ApplyArgs {
 
 #[derive(Debug, Args)]
 struct ValidateArgs {
+    /// Check this agent config file (then the desired state it points at, when local).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Desired-state repository: a local directory.
     #[arg(long, value_name = "PATH", default_value = ".")]
     repo: PathBuf,
@@ -112,6 +139,9 @@ struct StatusArgs {
     /// How many recent runs to show.
     #[arg(long, default_value_t = 10)]
     runs: usize,
+    /// Agent config (for the state dir, host and the daemon's listen address).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Print as JSON.
     #[arg(long)]
     json: bool,
@@ -125,6 +155,7 @@ pub fn main() -> ExitCode {
         Command::Apply(args) => run_apply(args),
         Command::Validate(args) => run_validate(args),
         Command::Status(args) => run_status(args),
+        Command::Run(args) => run_daemon(args),
         Command::Kinds => {
             print!("{}", kinds_text());
             Ok(ExitCode::SUCCESS)
@@ -139,14 +170,16 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn short_hostname() -> Result<String> {
+/// This machine's hostname up to the first dot.
+pub fn short_hostname() -> Result<String> {
     let name =
         nix::unistd::gethostname().context("cannot read this machine's hostname; pass --host")?;
     let name = name.to_string_lossy();
     Ok(name.split('.').next().unwrap_or(&name).to_string())
 }
 
-fn default_state_dir(root: Option<&Path>) -> PathBuf {
+/// The default state directory (inside the sandbox with `--root`).
+pub fn default_state_dir(root: Option<&Path>) -> PathBuf {
     match root {
         Some(root) => root.join("var/lib/homelab-agent"),
         None if cfg!(target_os = "macos") => PathBuf::from("/usr/local/var/homelab-agent"),
@@ -166,18 +199,37 @@ struct Loaded {
     host: Host,
     state_dir: PathBuf,
     sandbox: Option<String>,
+    /// The commit fetched for the followed ref (git sources).
+    fetched: Option<String>,
 }
 
-fn load(target: &Target) -> Result<Loaded> {
-    let source: Arc<dyn Source> = Arc::new(LocalDir::open(&target.repo)?);
-    let host_name = match &target.host {
-        Some(h) => h.clone(),
+/// Flags over config over defaults.
+struct Resolved {
+    spec: SourceSpec,
+    host: String,
+    root: Option<PathBuf>,
+    state_dir: PathBuf,
+    policy: DriftPolicy,
+}
+
+fn resolve_target(target: &Target) -> Result<Resolved> {
+    let config = target.config.as_deref().map(config::load).transpose()?;
+    let c = config.as_ref();
+    let host = match target
+        .host
+        .clone()
+        .or_else(|| c.and_then(|c| c.host.clone()))
+    {
+        Some(h) => h,
         None => short_hostname()?,
     };
-    let catalog = desired::load(source, &host_name).map_err(desired_error)?;
-    let root = match &target.root {
+    let root = match target
+        .root
+        .clone()
+        .or_else(|| c.and_then(|c| c.root.clone()))
+    {
         Some(root) => {
-            std::fs::create_dir_all(root)
+            std::fs::create_dir_all(&root)
                 .with_context(|| format!("cannot create sandbox root {}", root.display()))?;
             Some(
                 root.canonicalize()
@@ -186,22 +238,50 @@ fn load(target: &Target) -> Result<Loaded> {
         }
         None => None,
     };
-    let fs = Fs::new(root.as_deref().unwrap_or(Path::new("/")))?;
-    let host = Host::new(fs, root.is_some(), catalog.host.platform);
     let state_dir = target
         .state_dir
         .clone()
+        .or_else(|| c.and_then(|c| c.state_dir.clone()))
         .unwrap_or_else(|| default_state_dir(root.as_deref()));
-    Ok(Loaded {
-        catalog,
+    let spec = SourceSpec {
+        repo: target
+            .repo
+            .clone()
+            .or_else(|| c.map(|c| c.repo.clone()))
+            .unwrap_or_else(|| ".".to_string()),
+        reference: target
+            .reference
+            .clone()
+            .or_else(|| c.map(|c| c.reference.clone()))
+            .unwrap_or_else(|| "main".to_string()),
+        rev: target.rev.clone(),
+        token_file: c.and_then(|c| c.token_file.clone()),
+        allowed_signers: c.and_then(|c| c.verify.as_ref().map(|v| v.allowed_signers.clone())),
+        fetch: true,
+        fetch_timeout: std::time::Duration::from_secs(60),
+    };
+    Ok(Resolved {
+        spec,
         host,
+        root,
         state_dir,
-        sandbox: root.map(|r| r.display().to_string()),
+        policy: c.map_or(DriftPolicy::Heal, |c| c.on_drift),
     })
 }
 
-fn desired_error(e: DesiredError) -> anyhow::Error {
-    anyhow::Error::new(e)
+fn load(target: &Target) -> Result<Loaded> {
+    let r = resolve_target(target)?;
+    let resolved = engine::resolve(&r.spec, &r.state_dir)?;
+    let catalog = engine::load(resolved.source, &r.host, r.policy)?;
+    let fs = Fs::new(r.root.as_deref().unwrap_or(Path::new("/")))?;
+    let host = Host::new(fs, r.root.is_some(), catalog.host.platform);
+    Ok(Loaded {
+        catalog,
+        host,
+        state_dir: r.state_dir,
+        sandbox: r.root.map(|r| r.display().to_string()),
+        fetched: resolved.fetched,
+    })
 }
 
 /// The inventory for a plan. Plans never write, with one exception: a
@@ -265,6 +345,18 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
     }
     let store = Store::open(&loaded.state_dir)?;
     let report = crate::apply::apply(&plan, &loaded.host, &store, "cli")?;
+    if args.target.rev.is_some() && !report.failed() {
+        // A revision picked by hand: the daemon keeps it until a newer fetch.
+        let fetched = loaded.fetched.clone();
+        store.write(&hostname, |w| {
+            w.update_host(|h| {
+                if fetched.is_some() {
+                    h.fetched_revision = fetched.clone();
+                }
+                h.manual_override = h.fetched_revision.clone().or(Some(String::new()));
+            })
+        })?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -280,6 +372,20 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
 }
 
 fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
+    if let Some(path) = &args.config {
+        let c = config::load(path)?;
+        println!(
+            "ok: agent config {} (repo {}, ref {})",
+            path.display(),
+            c.repo,
+            c.reference
+        );
+        if let Some(v) = &c.verify {
+            crate::source::verify::AllowedSigners::load(&v.allowed_signers)?;
+            println!("ok: allowed signers {}", v.allowed_signers.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let source: Arc<dyn Source> = Arc::new(LocalDir::open(&args.repo)?);
     let hosts = match args.host {
         Some(h) => vec![h],
@@ -305,6 +411,47 @@ fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
     })
 }
 
+fn run_daemon(args: RunArgs) -> Result<ExitCode> {
+    let path = args.config.unwrap_or_else(config::default_path);
+    let config = config::load(&path)?;
+    init_logging(config.log_format);
+    crate::daemon::run::run(config)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Logs to stderr as text or JSON lines; `RUST_LOG` filters (default info).
+fn init_logging(format: config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match format {
+        config::LogFormat::Json => builder.json().try_init(),
+        config::LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Asks a running daemon for its status (`GET /api/status` on loopback).
+fn daemon_status(addr: std::net::SocketAddr) -> Option<crate::daemon::status::StatusSnapshot> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300)).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    write!(
+        stream,
+        "GET /api/status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let body = response.split_once("\r\n\r\n")?.1;
+    serde_json::from_str(body).ok()
+}
+
 /// The kind reference, generated from the registry.
 fn kinds_text() -> String {
     let mut out =
@@ -324,13 +471,22 @@ fn kinds_text() -> String {
 }
 
 fn run_status(args: StatusArgs) -> Result<ExitCode> {
-    let host = match args.host {
+    let config = args.config.as_deref().map(config::load).transpose()?;
+    let c = config.as_ref();
+    let host = match args.host.or_else(|| c.and_then(|c| c.host.clone())) {
         Some(h) => h,
         None => short_hostname()?,
     };
+    let root = args.root.or_else(|| c.and_then(|c| c.root.clone()));
     let state_dir = args
         .state_dir
-        .unwrap_or_else(|| default_state_dir(args.root.as_deref()));
+        .or_else(|| c.and_then(|c| c.state_dir.clone()))
+        .unwrap_or_else(|| default_state_dir(root.as_deref()));
+    let listen = c.map_or_else(
+        || config::DEFAULT_LISTEN.parse().expect("valid"),
+        |c| c.listen,
+    );
+    let daemon = daemon_status(listen);
     let store = Store::open_read_only(&state_dir)?;
     let record = store.host(&host)?;
     let inventory = store.inventory(&host)?;
@@ -339,6 +495,7 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
         let value = serde_json::json!({
             "host": host,
             "state_dir": state_dir,
+            "daemon": daemon,
             "applied": record,
             "inventory": inventory,
             "runs": runs,
@@ -347,6 +504,42 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!("Host {host} (state in {})", state_dir.display());
+    match &daemon {
+        Some(d) => println!(
+            "Daemon: running on {listen}{}",
+            if d.running {
+                ", a run is in progress"
+            } else {
+                ""
+            }
+        ),
+        None => println!("Daemon: not reachable on {listen}"),
+    }
+    if let Some(f) = &record.fetched_revision {
+        println!("Fetched revision: {f}");
+    }
+    if let Some(g) = &record.last_good_revision {
+        println!("Last good revision: {g}");
+    }
+    if record.manual_override.is_some() {
+        println!(
+            "Manual override: the applied revision was picked with --rev; kept until the next push"
+        );
+    }
+    if let Some(r) = &record.refused {
+        println!(
+            "Refused revision{} at {} ({}):\n  {}",
+            r.revision
+                .as_deref()
+                .map(|v| format!(" {v}"))
+                .unwrap_or_default(),
+            r.stage,
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.at)
+            ),
+            r.error.replace('\n', "\n  ")
+        );
+    }
     match (&record.applied_revision, record.applied_at) {
         (Some(rev), Some(at)) => println!(
             "Applied revision: {rev} at {}",

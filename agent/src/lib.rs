@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod desired;
+pub mod engine;
 pub mod fsops;
 pub mod plan;
 pub mod report;

@@ -6,4 +6,5 @@
 
 pub mod http;
 pub mod queue;
+pub mod run;
 pub mod status;

@@ -5,6 +5,12 @@
 //! the git source (read straight from a commit's tree) and a local directory
 //! are interchangeable.
 
+pub mod git;
+pub mod verify;
+
+pub use git::{parse_location, CommitSource, GitCache, GitError, GitOptions, RepoLocation};
+pub use verify::{verify_commit, AllowedSigners, Verified, VerifyError};
+
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;

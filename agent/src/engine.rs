@@ -1,0 +1,159 @@
+//! One reconcile, from a repository location to a converged host: the
+//! stages wired together for both the CLI and the daemon.
+//!
+//! `resolve` picks the source (fetching a remote into the cache in the state
+//! directory, or reading a local directory / a local repository's commit),
+//! verifies the commit's signature when configured, and loads the catalog.
+//! Each failure names its stage (`fetch`, `signature`, `validate`), so the
+//! daemon can stay on the last good revision and say why.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::desired::catalog::Catalog;
+use crate::desired::model::DriftPolicy;
+use crate::desired::{self, DesiredError};
+use crate::source::git::{self, CommitSource, GitCache, GitOptions, RepoLocation};
+use crate::source::verify::AllowedSigners;
+use crate::source::{LocalDir, Source};
+
+/// Where the desired state comes from and how to read it.
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    /// `--repo` / config `repo`.
+    pub repo: String,
+    /// Branch, tag or commit to follow (remote sources).
+    pub reference: String,
+    /// `--rev`: plan or apply this revision instead of the followed ref.
+    pub rev: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub allowed_signers: Option<PathBuf>,
+    /// Fetch before resolving (remote sources). `false` reads the cache only.
+    pub fetch: bool,
+    pub fetch_timeout: Duration,
+}
+
+/// A stage failure: what the daemon records as a refused revision.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("{0}")]
+    Fetch(String),
+    #[error("{0}")]
+    Signature(String),
+    #[error("{0}")]
+    Validate(#[from] DesiredError),
+}
+
+impl StageError {
+    pub fn stage(&self) -> &'static str {
+        match self {
+            StageError::Fetch(_) => "fetch",
+            StageError::Signature(_) => "signature",
+            StageError::Validate(_) => "validate",
+        }
+    }
+}
+
+/// A revision ready to load: the source and, for remote sources, the cache
+/// (so a fallback to the last good revision can be read without fetching).
+pub struct Resolved {
+    pub source: Arc<dyn Source>,
+    /// The commit fetched for the followed ref, when a fetch happened.
+    pub fetched: Option<String>,
+    pub cache: Option<PathBuf>,
+}
+
+pub use git::cache_dir;
+
+/// Picks and opens the source. Remote: fetch (if asked), resolve `rev` or
+/// the followed ref, verify the signature. Local directory: read from disk,
+/// or with `rev`, from that commit of the local repository.
+pub fn resolve(spec: &SourceSpec, state_dir: &Path) -> Result<Resolved, StageError> {
+    match git::parse_location(&spec.repo) {
+        RepoLocation::Local(dir) => {
+            let source: Arc<dyn Source> = match &spec.rev {
+                None => {
+                    Arc::new(LocalDir::open(&dir).map_err(|e| StageError::Fetch(e.to_string()))?)
+                }
+                Some(rev) => {
+                    let commit = CommitSource::open(&dir, rev)
+                        .map_err(|e| StageError::Fetch(e.to_string()))?;
+                    verify(spec, &commit)?;
+                    Arc::new(commit)
+                }
+            };
+            Ok(Resolved {
+                source,
+                fetched: None,
+                cache: None,
+            })
+        }
+        RepoLocation::Remote(url) => {
+            git::install_tls_provider();
+            let dir = cache_dir(state_dir, &url);
+            let cache =
+                GitCache::open_or_init(&dir, &url).map_err(|e| StageError::Fetch(e.to_string()))?;
+            let opts = GitOptions {
+                token_file: spec.token_file.clone(),
+                timeout: spec.fetch_timeout,
+            };
+            let fetched = if spec.fetch {
+                Some(
+                    cache
+                        .fetch(&spec.reference, &opts)
+                        .map_err(|e| StageError::Fetch(e.to_string()))?,
+                )
+            } else {
+                None
+            };
+            let rev = match (&spec.rev, fetched) {
+                (Some(rev), _) => {
+                    // An older commit is not in a shallow cache: fetch it by id.
+                    if cache.resolve(rev).is_err() && spec.fetch {
+                        cache
+                            .fetch(rev, &opts)
+                            .map_err(|e| StageError::Fetch(e.to_string()))?;
+                    }
+                    rev.clone()
+                }
+                (None, Some(id)) => id.to_string(),
+                (None, None) => spec.reference.clone(),
+            };
+            let commit =
+                CommitSource::open(&dir, &rev).map_err(|e| StageError::Fetch(e.to_string()))?;
+            verify(spec, &commit)?;
+            Ok(Resolved {
+                source: Arc::new(commit),
+                fetched: fetched.map(|id| id.to_string()),
+                cache: Some(dir),
+            })
+        }
+    }
+}
+
+/// Opens one commit of a cache (the daemon's fallback to the last good revision).
+pub fn open_commit(cache: &Path, rev: &str) -> Result<Arc<dyn Source>, StageError> {
+    Ok(Arc::new(
+        CommitSource::open(cache, rev).map_err(|e| StageError::Fetch(e.to_string()))?,
+    ))
+}
+
+fn verify(spec: &SourceSpec, commit: &CommitSource) -> Result<(), StageError> {
+    let Some(path) = &spec.allowed_signers else {
+        return Ok(());
+    };
+    let signers = AllowedSigners::load(path).map_err(|e| StageError::Signature(e.to_string()))?;
+    crate::source::verify::verify_source(commit, &signers)
+        .map(|_| ())
+        .map_err(|e| StageError::Signature(e.to_string()))
+}
+
+/// Loads the catalog of `host` from a resolved source.
+pub fn load(
+    source: Arc<dyn Source>,
+    host: &str,
+    policy: DriftPolicy,
+) -> Result<Catalog, StageError> {
+    Ok(desired::load_with_policy(source, host, policy)?)
+}

@@ -1,0 +1,715 @@
+//! `agent run` end to end against a real git smart-HTTP server (lighttpd +
+//! git-http-backend, basic auth) on loopback: push + Forgejo webhook →
+//! converged; bad, foreign-branch, replayed and bursty webhooks; the server
+//! going away; invalid commits; signed commits; hand edits healed by the file
+//! watcher; SIGTERM; `plan --rev`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use homelab_agent_tests::git_server::{
+    forgejo_push, generate_ssh_key, http_get, http_post, http_request, new_uuid, GitServer,
+    WorkClone,
+};
+use homelab_agent_tests::{agent, stderr, stdout};
+
+const SECRET: &str = "webhook-secret-for-tests";
+const ZERO: &str = "0000000000000000000000000000000000000000";
+
+fn host_yaml(port: u16, extra_module: bool) -> String {
+    let mut s = format!("platform: linux\nroots: [/srv]\nmodules:\n  - name: app\n    params:\n      port: {port}\n");
+    if extra_module {
+        s.push_str("  - name: extra\n");
+    }
+    s
+}
+
+const APP: &str = r#"params:
+  port: {type: int, required: true}
+resources:
+  - directory: /srv/app
+  - file: /srv/app/app.conf
+    content: "port = {{ params.port }}\n"
+    mode: "0640"
+  - file: /srv/app/notes.txt
+    content: "hands off\n"
+    on_drift: report
+"#;
+
+const EXTRA: &str = "resources:\n  - file: /srv/extra.txt\n    content: \"extra\\n\"\n";
+
+/// A lab: git server with `lab/homelab.git`, a work clone, a sandbox root
+/// and an agent config.
+struct Lab {
+    tmp: tempfile::TempDir,
+    server: GitServer,
+    clone: WorkClone,
+    listen: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let tmp = tempfile::tempdir().unwrap();
+        let server = GitServer::start();
+        server.create_repo("lab", "homelab");
+        let clone = WorkClone::clone_from(&server, "lab", "homelab", &tmp.path().join("work"));
+        clone.write("hosts/lab.yaml", &host_yaml(8080, true));
+        clone.write("modules/app/module.yaml", APP);
+        clone.write("modules/extra/module.yaml", EXTRA);
+        clone.commit("initial homelab");
+        clone.push("main");
+        let listen = format!("127.0.0.1:{}", free_port());
+        let lab = Lab {
+            tmp,
+            server,
+            clone,
+            listen,
+        };
+        lab.write_config("1h", None);
+        lab
+    }
+
+    fn root(&self) -> PathBuf {
+        self.tmp.path().join("root")
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.tmp.path().join("agent.yaml")
+    }
+
+    fn host_path(&self, p: &str) -> PathBuf {
+        self.root().join(p.trim_start_matches('/'))
+    }
+
+    fn write_config(&self, poll: &str, allowed_signers: Option<&Path>) {
+        let token = self.server.write_token_file(self.tmp.path());
+        let secret = self.tmp.path().join("webhook-secret");
+        std::fs::write(&secret, SECRET).unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let verify = allowed_signers
+            .map(|p| format!("verify:\n  allowed_signers: {}\n", p.display()))
+            .unwrap_or_default();
+        std::fs::write(
+            self.config_path(),
+            format!(
+                "repo: {}\nref: main\ntoken_file: {}\nhost: lab\npoll_interval: {poll}\nwebhook_secret_file: {}\nlisten: {}\nroot: {}\n{verify}",
+                self.server.url("lab", "homelab"),
+                token.display(),
+                secret.display(),
+                self.listen,
+                self.root().display(),
+            ),
+        )
+        .unwrap();
+    }
+
+    fn start(&self) -> Daemon {
+        let child = agent()
+            .args(["run", "--config", self.config_path().to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.tmp.path().join("daemon.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            child,
+            listen: self.listen.clone(),
+            log: self.tmp.path().join("daemon.log"),
+        };
+        d.wait_until("the first run", Duration::from_secs(20), |s| {
+            s["last_run"].is_object() || s["refused"].is_object()
+        });
+        d
+    }
+
+    /// Pushes and sends the webhook Forgejo would send; returns the HTTP status.
+    fn push_and_notify(&self, before: &str) -> (u16, String) {
+        self.clone.push("main");
+        self.webhook(
+            "refs/heads/main",
+            before,
+            &self.clone.head(),
+            &new_uuid(),
+            SECRET,
+        )
+    }
+
+    fn webhook(
+        &self,
+        git_ref: &str,
+        before: &str,
+        after: &str,
+        delivery: &str,
+        secret: &str,
+    ) -> (u16, String) {
+        let (body, headers) = forgejo_push(
+            secret.as_bytes(),
+            git_ref,
+            before,
+            after,
+            &self.server.url("lab", "homelab"),
+            delivery,
+        );
+        http_post(&self.listen, "/hooks/forgejo", &headers, &body)
+    }
+
+    fn runs(&self) -> usize {
+        let out = agent()
+            .args([
+                "status",
+                "--config",
+                self.config_path().to_str().unwrap(),
+                "--json",
+                "--runs",
+                "200",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["runs"].as_array().unwrap().len()
+    }
+}
+
+struct Daemon {
+    child: Child,
+    listen: String,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn status(&self) -> serde_json::Value {
+        let (code, body) = http_get(&self.listen, "/api/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn wait_until(
+        &self,
+        what: &str,
+        limit: Duration,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            if let Ok((200, body)) = http_request("GET", &self.listen, "/api/status", &[], &[]) {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                if ok(&v) && v["running"] == false {
+                    return v;
+                }
+            }
+            assert!(
+                start.elapsed() < limit,
+                "timed out waiting for {what}; daemon log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "daemon did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_file(path: &Path, want: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if std::fs::read_to_string(path).ok().as_deref() == Some(want) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{} never became {want:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn push_and_webhook_converge_the_host() {
+    let lab = Lab::new();
+    let daemon = lab.start();
+    let conf = lab.host_path("/srv/app/app.conf");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "port = 8080\n");
+    let first = daemon.status();
+    assert_eq!(first["applied_revision"], first["fetched_revision"]);
+
+    let before = lab.clone.head();
+    lab.clone.write("hosts/lab.yaml", &host_yaml(9090, true));
+    lab.clone.commit("app: move to 9090");
+    let start = Instant::now();
+    let (code, body) = lab.push_and_notify(&before);
+    assert_eq!(code, 202, "{body}");
+    wait_for_file(&conf, "port = 9090\n", Duration::from_secs(10));
+    eprintln!(
+        "push-to-converged latency (push + webhook + fetch + apply): {:?}",
+        start.elapsed()
+    );
+    let status = daemon.wait_until("the webhook run", Duration::from_secs(10), |s| {
+        s["applied_revision"] == lab.clone.head()
+    });
+    assert_eq!(status["fetched_revision"], lab.clone.head());
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn webhooks_that_must_not_trigger_runs_do_not() {
+    let lab = Lab::new();
+    let daemon = lab.start();
+    let runs = lab.runs();
+    let head = lab.clone.head();
+    // Bad signature.
+    let (code, _) = lab.webhook(
+        "refs/heads/main",
+        ZERO,
+        &head,
+        &new_uuid(),
+        "not-the-secret",
+    );
+    assert_eq!(code, 401);
+    // Another branch.
+    let (code, body) = lab.webhook("refs/heads/feature", ZERO, &head, &new_uuid(), SECRET);
+    assert_eq!(code, 200, "{body}");
+    // A replayed delivery id.
+    let id = new_uuid();
+    assert_eq!(
+        lab.webhook("refs/heads/main", ZERO, &head, &id, SECRET).0,
+        202
+    );
+    daemon.wait_until("the accepted run", Duration::from_secs(10), |_| true);
+    std::thread::sleep(Duration::from_millis(300));
+    let after_one = lab.runs();
+    assert_eq!(after_one, runs + 1, "exactly the accepted webhook ran");
+    assert_eq!(
+        lab.webhook("refs/heads/main", ZERO, &head, &id, SECRET).0,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        lab.runs(),
+        after_one,
+        "a replayed delivery triggers nothing"
+    );
+
+    // 20 valid webhooks in a burst: at most 2 runs.
+    for _ in 0..20 {
+        assert_eq!(
+            lab.webhook("refs/heads/main", ZERO, &head, &new_uuid(), SECRET)
+                .0,
+            202
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.wait_until("the burst", Duration::from_secs(10), |_| true);
+    let burst = lab.runs() - after_one;
+    assert!((1..=2).contains(&burst), "20 webhooks gave {burst} runs");
+}
+
+#[test]
+fn server_down_keeps_the_last_good_revision_and_recovers() {
+    let mut lab = Lab::new();
+    lab.write_config("1s", None);
+    let daemon = lab.start();
+    let good = lab.clone.head();
+    assert!(lab.host_path("/srv/extra.txt").exists());
+    // Next commit would prune extra; the server goes away before anyone fetches it.
+    lab.clone.write("hosts/lab.yaml", &host_yaml(8080, false));
+    lab.clone.commit("drop extra");
+    lab.clone.push("main");
+    lab.server.stop();
+    let status = daemon.wait_until("a failed fetch", Duration::from_secs(20), |s| {
+        s["refused"]["stage"] == "fetch"
+    });
+    assert_eq!(status["last_good_revision"], good);
+    assert!(
+        lab.host_path("/srv/extra.txt").exists(),
+        "no deletions while the source is down"
+    );
+    let (code, why) = http_get(&lab.listen, "/readyz");
+    assert_eq!(code, 503);
+    assert!(why.contains("fetch"), "{why}");
+    lab.server.restart();
+    daemon.wait_until("the recovery", Duration::from_secs(30), |s| {
+        s["refused"].is_null() && s["applied_revision"] == lab.clone.head()
+    });
+    assert!(
+        !lab.host_path("/srv/extra.txt").exists(),
+        "the new revision applied once reachable"
+    );
+    assert_eq!(http_get(&lab.listen, "/readyz").0, 200);
+}
+
+#[test]
+fn an_invalid_commit_is_refused_and_the_next_good_one_applies() {
+    let lab = Lab::new();
+    let daemon = lab.start();
+    let good = lab.clone.head();
+    let before = good.clone();
+    lab.clone.write(
+        "modules/app/module.yaml",
+        &APP.replace("mode: \"0640\"", "mdoe: \"0640\""),
+    );
+    lab.clone.commit("typo");
+    assert_eq!(lab.push_and_notify(&before).0, 202);
+    let status = daemon.wait_until("the refusal", Duration::from_secs(10), |s| {
+        s["refused"]["stage"] == "validate"
+    });
+    let error = status["refused"]["error"].as_str().unwrap();
+    assert!(error.contains("modules/app/module.yaml:7"), "{error}");
+    assert!(error.contains("unknown key `mdoe`"), "{error}");
+    assert_eq!(
+        status["applied_revision"], good,
+        "stays on the last good revision"
+    );
+    let out = agent()
+        .args(["status", "--config", lab.config_path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&out).contains("modules/app/module.yaml:7"),
+        "{}",
+        stdout(&out)
+    );
+
+    let before = lab.clone.head();
+    lab.clone.write("modules/app/module.yaml", APP);
+    lab.clone.write("hosts/lab.yaml", &host_yaml(7070, true));
+    lab.clone.commit("fix typo, move to 7070");
+    assert_eq!(lab.push_and_notify(&before).0, 202);
+    daemon.wait_until("the fix", Duration::from_secs(10), |s| {
+        s["refused"].is_null() && s["applied_revision"] == lab.clone.head()
+    });
+    assert_eq!(
+        std::fs::read_to_string(lab.host_path("/srv/app/app.conf")).unwrap(),
+        "port = 7070\n"
+    );
+}
+
+#[test]
+fn only_commits_signed_by_an_allowed_key_apply() {
+    let lab = Lab::new();
+    let keys = lab.tmp.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let trusted = generate_ssh_key(&keys, "trusted");
+    let stranger = generate_ssh_key(&keys, "stranger");
+    let pubkey = std::fs::read_to_string(trusted.with_extension("pub")).unwrap();
+    let signers = keys.join("allowed_signers");
+    std::fs::write(
+        &signers,
+        format!("ops@homelab.test namespaces=\"git\" {pubkey}"),
+    )
+    .unwrap();
+    lab.write_config("1h", Some(&signers));
+    // The initial commit is unsigned: refused, nothing applied.
+    let daemon = lab.start();
+    let status = daemon.status();
+    assert_eq!(status["refused"]["stage"], "signature", "{status:#}");
+    assert!(!lab.host_path("/srv/app/app.conf").exists());
+
+    let before = lab.clone.head();
+    lab.clone.write("hosts/lab.yaml", &host_yaml(6060, true));
+    lab.clone
+        .commit_signed("signed by the trusted key", &trusted);
+    assert_eq!(lab.push_and_notify(&before).0, 202);
+    daemon.wait_until("the trusted commit", Duration::from_secs(10), |s| {
+        s["refused"].is_null() && s["applied_revision"] == lab.clone.head()
+    });
+    assert_eq!(
+        std::fs::read_to_string(lab.host_path("/srv/app/app.conf")).unwrap(),
+        "port = 6060\n"
+    );
+
+    let good = lab.clone.head();
+    lab.clone.write("hosts/lab.yaml", &host_yaml(5050, true));
+    lab.clone.commit_signed("signed by a stranger", &stranger);
+    assert_eq!(lab.push_and_notify(&good).0, 202);
+    let status = daemon.wait_until("the untrusted commit", Duration::from_secs(10), |s| {
+        s["refused"]["stage"] == "signature"
+    });
+    assert_eq!(status["applied_revision"], good);
+    assert_eq!(
+        std::fs::read_to_string(lab.host_path("/srv/app/app.conf")).unwrap(),
+        "port = 6060\n"
+    );
+}
+
+#[test]
+fn hand_edits_are_healed_within_a_second_or_only_reported() {
+    let lab = Lab::new();
+    let daemon = lab.start();
+    let conf = lab.host_path("/srv/app/app.conf");
+    let runs = lab.runs();
+    let start = Instant::now();
+    std::fs::write(&conf, "port = 1\n").unwrap();
+    let healed = wait_for_file(&conf, "port = 8080\n", Duration::from_secs(1));
+    eprintln!(
+        "drift-to-healed latency: {healed:?} (measured from the edit: {:?})",
+        start.elapsed()
+    );
+    daemon.wait_until("the heal run", Duration::from_secs(5), |_| true);
+    std::thread::sleep(Duration::from_millis(300));
+    // One write by hand is a truncate and a write: one run, or two when the
+    // second event lands during the first run. The agent's own write never
+    // queues another: the count then stays put.
+    let after = lab.runs();
+    assert!(
+        (runs + 1..=runs + 2).contains(&after),
+        "{} runs for one edit",
+        after - runs
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(lab.runs(), after, "the agent's own write queued a run");
+
+    // on_drift: report: seen and recorded, left alone.
+    let notes = lab.host_path("/srv/app/notes.txt");
+    std::fs::write(&notes, "my notes\n").unwrap();
+    daemon.wait_until("the report run", Duration::from_secs(5), |s| {
+        s["counts"]["drift"] == 1
+    });
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes\n");
+}
+
+#[test]
+fn sigterm_exits_zero_with_state_consistent_with_disk() {
+    let lab = Lab::new();
+    let daemon = lab.start();
+    // A big change so SIGTERM lands during a run.
+    let before = lab.clone.head();
+    let mut module = String::from("resources:\n");
+    for i in 0..3000 {
+        module.push_str(&format!(
+            "  - file: /srv/bulk/f{i:04}\n    content: \"{i}\\n\"\n"
+        ));
+    }
+    lab.clone.write("modules/extra/module.yaml", &module);
+    lab.clone.commit("bulk");
+    assert_eq!(lab.push_and_notify(&before).0, 202);
+    std::thread::sleep(Duration::from_millis(150));
+    let status = daemon.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    // The next plan agrees with what the state says: what was applied is in
+    // sync, the rest is still to do, nothing is drift.
+    let root = lab.root();
+    let config = lab.config_path();
+    let out = agent()
+        .args([
+            "plan",
+            "--config",
+            config.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["summary"]["drift"], 0, "{}", plan["summary"]);
+    assert_eq!(plan["summary"]["errors"], 0);
+}
+
+#[test]
+fn plan_an_older_revision_without_a_work_tree() {
+    let lab = Lab::new();
+    let first = lab.clone.head();
+    lab.clone.write("hosts/lab.yaml", &host_yaml(9999, true));
+    let second = lab.clone.commit("newer");
+    lab.clone.push("main");
+    let root = lab.root();
+    let config = lab.config_path();
+    let run_plan = |rev: Option<&str>| {
+        let mut args = vec![
+            "plan",
+            "--config",
+            config.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+        ];
+        if let Some(rev) = rev {
+            args.extend(["--rev", rev]);
+        }
+        let out = agent().args(&args).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let newest = run_plan(None);
+    assert!(
+        newest.contains(&format!("at revision {second}")),
+        "{newest}"
+    );
+    assert!(newest.contains("+port = 9999"), "{newest}");
+    let older = run_plan(Some(&first));
+    assert!(older.contains(&format!("at revision {first}")), "{older}");
+    assert!(older.contains("+port = 8080"), "{older}");
+    // Relative revisions need history: a local repository has it.
+    let out = agent()
+        .args([
+            "plan",
+            "--repo",
+            lab.clone.dir.to_str().unwrap(),
+            "--rev",
+            "HEAD~1",
+            "--host",
+            "lab",
+            "--root",
+            root.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("at revision {first}")),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("+port = 8080"), "{}", stdout(&out));
+    // No work tree anywhere in the state directory's cache.
+    let cache = root.join("var/lib/homelab-agent/git");
+    for entry in walk(&cache) {
+        assert!(
+            !entry.ends_with("hosts/lab.yaml"),
+            "a work tree was checked out: {}",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
+    let lab = Lab::new();
+    let daemon = lab.start();
+    let pid = nix::unistd::Pid::from_raw(daemon.child.id() as i32);
+    let good = std::fs::read_to_string(lab.config_path()).unwrap();
+    // A bad config: refused, the old one (and its webhook secret) kept.
+    std::fs::write(lab.config_path(), format!("{good}bogus_key: 1\n")).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let head = lab.clone.head();
+    assert_eq!(
+        lab.webhook("refs/heads/main", ZERO, &head, &new_uuid(), SECRET)
+            .0,
+        202,
+        "old secret still valid"
+    );
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(log.contains("new configuration refused"), "{log}");
+    assert!(log.contains("unknown key `bogus_key`"), "{log}");
+    // A good config with a new secret: the old secret stops working.
+    std::fs::write(lab.config_path(), &good).unwrap();
+    std::fs::write(lab.tmp.path().join("webhook-secret"), "rotated-secret").unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        lab.webhook("refs/heads/main", ZERO, &head, &new_uuid(), SECRET)
+            .0,
+        401
+    );
+    assert_eq!(
+        lab.webhook(
+            "refs/heads/main",
+            ZERO,
+            &head,
+            &new_uuid(),
+            "rotated-secret"
+        )
+        .0,
+        202
+    );
+}
+
+#[test]
+fn a_manual_rollback_is_kept_until_the_next_push() {
+    let lab = Lab::new();
+    let first = lab.clone.head();
+    lab.clone.write("hosts/lab.yaml", &host_yaml(9191, true));
+    lab.clone.commit("newer");
+    lab.clone.push("main");
+    let daemon = lab.start();
+    let conf = lab.host_path("/srv/app/app.conf");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "port = 9191\n");
+    drop(daemon);
+    // Roll back by hand while the daemon is down, then restart it.
+    let out = agent()
+        .args([
+            "apply",
+            "--config",
+            lab.config_path().to_str().unwrap(),
+            "--rev",
+            &first,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "port = 8080\n");
+    let daemon = lab.start();
+    let status = daemon.status();
+    assert_eq!(status["manual_override"], true, "{status:#}");
+    assert_eq!(status["applied_revision"], first);
+    assert_eq!(
+        std::fs::read_to_string(&conf).unwrap(),
+        "port = 8080\n",
+        "the pinned revision is kept"
+    );
+    // A hand edit is healed back to the pinned revision, not the newest.
+    std::fs::write(&conf, "edited\n").unwrap();
+    wait_for_file(&conf, "port = 8080\n", Duration::from_secs(2));
+    // The next push ends the override.
+    let before = lab.clone.head();
+    lab.clone.write("hosts/lab.yaml", &host_yaml(9292, true));
+    lab.clone.commit("after the rollback");
+    assert_eq!(lab.push_and_notify(&before).0, 202);
+    wait_for_file(&conf, "port = 9292\n", Duration::from_secs(10));
+    let status = daemon.wait_until("the push", Duration::from_secs(10), |s| {
+        s["manual_override"] == false
+    });
+    assert_eq!(status["applied_revision"], lab.clone.head());
+}
