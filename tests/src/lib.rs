@@ -26,8 +26,11 @@ pub fn agent_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let exe = std::env::current_exe().unwrap();
-        // target/<profile>/deps/<test> -> target/<profile>
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        // target/<profile>/deps/<test> (tests) or target/<profile>/<bin> (bench binaries)
+        let mut profile_dir = exe.parent().unwrap().to_path_buf();
+        if profile_dir.file_name().is_some_and(|n| n == "deps") {
+            profile_dir.pop();
+        }
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);

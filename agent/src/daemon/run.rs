@@ -442,6 +442,7 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
         });
     }
     shared.runs.fetch_add(1, Ordering::Relaxed);
+    release_memory();
     refresh_status_from_state(shared);
     let mut st = shared.status.write().unwrap();
     st.counts = counts;
@@ -512,6 +513,16 @@ fn run_plan_apply(
         platform: plan.catalog.host.platform,
     });
     Ok(counts)
+}
+
+/// Hands memory freed by the run back to the OS, so an idle daemon stays
+/// small (glibc keeps freed heap otherwise).
+fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; no pointers change.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Copies revisions and the last run from the state store into the status snapshot.
