@@ -713,3 +713,54 @@ fn a_manual_rollback_is_kept_until_the_next_push() {
     });
     assert_eq!(status["applied_revision"], lab.clone.head());
 }
+
+#[test]
+fn a_local_directory_source_is_watched_and_logs_can_be_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(repo.join("hosts")).unwrap();
+    std::fs::create_dir_all(repo.join("modules/app")).unwrap();
+    std::fs::write(repo.join("hosts/lab.yaml"), host_yaml(1111, false)).unwrap();
+    std::fs::write(repo.join("modules/app/module.yaml"), APP).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let root = tmp.path().join("root");
+    let config = tmp.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!("repo: {}\nhost: lab\npoll_interval: 1h\nlisten: {listen}\nroot: {}\nlog_format: json\n", repo.display(), root.display()),
+    )
+    .unwrap();
+    let out = agent()
+        .args(["validate", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = tmp.path().join("daemon.log");
+    let child = agent()
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon {
+        child,
+        listen,
+        log: log.clone(),
+    };
+    daemon.wait_until("the first run", Duration::from_secs(20), |s| {
+        s["last_run"].is_object()
+    });
+    let conf = root.join("srv/app/app.conf");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "port = 1111\n");
+    // An uncommitted edit in the working directory converges without a push.
+    std::fs::write(repo.join("hosts/lab.yaml"), host_yaml(2222, false)).unwrap();
+    wait_for_file(&conf, "port = 2222\n", Duration::from_secs(5));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+}
