@@ -80,12 +80,20 @@ fn sigkill_mid_apply_leaves_whole_files_and_the_next_apply_finishes() {
     assert!(out.status.success(), "{}", stderr(&out));
     let mut allowed: HashSet<Vec<u8>> = HashSet::from([content(1)]);
 
-    // Kill points spread over one full apply's duration, plus a very early one.
-    let mut kills = vec![Duration::from_millis(2)];
-    kills.extend((1..=6).map(|i| full.mul_f64(f64::from(i) / 7.0)));
+    // Kill points spread over one full apply's duration, plus a very early
+    // one. Run times vary with machine load: a kill that came too late (the
+    // apply had finished) shrinks the estimate and adds another attempt.
+    let mut estimate = full;
+    let mut queue: std::collections::VecDeque<f64> = [0.0]
+        .into_iter()
+        .chain((1..=6).map(|i| f64::from(i) / 7.0))
+        .collect();
     let mut killed_mid_run = 0;
-    for (i, at) in kills.iter().enumerate() {
-        let version = 2 + i as u32;
+    let mut attempts = 0u32;
+    while let Some(fraction) = queue.pop_front() {
+        attempts += 1;
+        let at = estimate.mul_f64(fraction).max(Duration::from_millis(2));
+        let version = 1 + attempts;
         write_repo(&lab, version);
         allowed.insert(content(version));
         let mut child = agent()
@@ -94,13 +102,16 @@ fn sigkill_mid_apply_leaves_whole_files_and_the_next_apply_finishes() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(*at);
+        std::thread::sleep(at);
         if child.try_wait().unwrap().is_none() {
             killed_mid_run += 1;
+        } else if attempts < 20 {
+            estimate = estimate.mul_f64(0.5);
+            queue.push_back(fraction);
         }
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
-        check_files(&lab, &allowed, *at);
+        check_files(&lab, &allowed, at);
     }
     assert!(
         killed_mid_run >= 3,
