@@ -41,7 +41,7 @@ pub enum StageError {
     Fetch(String),
     #[error("{0}")]
     Signature(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Validate(#[from] DesiredError),
 }
 
