@@ -306,7 +306,8 @@ fn read_inventory(
 fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     let loaded = load(&args.target)?;
     let inventory = read_inventory(&loaded.state_dir, &loaded.catalog.host.name)?;
-    let plan = crate::plan::plan(loaded.catalog, &loaded.host, &inventory);
+    let key = homelab_agent_state::DigestKey::load(&loaded.state_dir, false)?;
+    let plan = crate::plan::plan(loaded.catalog, &loaded.host, &inventory, &key);
     if args.json {
         println!(
             "{}",
@@ -334,7 +335,8 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
     // Plan from a read-only view, so a plan that cannot be applied leaves
     // the state directory untouched.
     let inventory = Store::open_read_only_recovering(&loaded.state_dir)?.inventory(&hostname)?;
-    let plan = crate::plan::plan(loaded.catalog, &loaded.host, &inventory);
+    let key = homelab_agent_state::DigestKey::load(&loaded.state_dir, false)?;
+    let mut plan = crate::plan::plan(loaded.catalog, &loaded.host, &inventory, &key);
     if !plan.failures.is_empty() {
         print!(
             "{}",
@@ -342,6 +344,10 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
         );
         // Refused before the state is opened for writing: nothing changes.
         return Err(crate::apply::refuse(&plan).into());
+    }
+    let applied_key = homelab_agent_state::DigestKey::load(&loaded.state_dir, true)?;
+    if applied_key != key {
+        plan.rekey(&applied_key);
     }
     let store = Store::open(&loaded.state_dir)?;
     let report = crate::apply::apply(&plan, &loaded.host, &store, "cli")?;

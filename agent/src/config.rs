@@ -41,6 +41,15 @@ pub struct VerifyConfig {
     pub allowed_signers: PathBuf,
 }
 
+/// `onepassword:` settings: where secrets come from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OnePasswordConfig {
+    /// Connect server base URL, e.g. `http://127.0.0.1:8080` (no `/v1`).
+    pub connect_url: String,
+    /// File holding the Connect access token (chmod 600).
+    pub token_file: PathBuf,
+}
+
 /// The whole agent config, defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AgentConfig {
@@ -60,6 +69,7 @@ pub struct AgentConfig {
     pub root: Option<PathBuf>,
     pub on_drift: DriftPolicy,
     pub verify: Option<VerifyConfig>,
+    pub onepassword: Option<OnePasswordConfig>,
     pub log_format: LogFormat,
 }
 
@@ -75,6 +85,7 @@ const KEYS: &[&str] = &[
     "root",
     "on_drift",
     "verify",
+    "onepassword",
     "log_format",
 ];
 
@@ -174,6 +185,23 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
             allowed_signers: rel(s),
         })
     });
+    let onepassword = r.take("onepassword").and_then(|node| {
+        let mut o = MapReader::new(&file, "`onepassword`", node, &mut diags)?;
+        let url = o.string("connect_url", &mut diags);
+        let token = o.string("token_file", &mut diags);
+        if url.is_none() || token.is_none() {
+            diags.push(
+                Diagnostic::new(&file, "`onepassword` needs `connect_url` and `token_file`")
+                    .line(node.line)
+                    .hint("onepassword: {connect_url: http://127.0.0.1:8080, token_file: /etc/homelab-agent/op-token}"),
+            );
+        }
+        o.finish(&["connect_url", "token_file"], &mut diags);
+        Some(OnePasswordConfig {
+            connect_url: url?.0,
+            token_file: rel(token?.0),
+        })
+    });
     let log_format = match r.string("log_format", &mut diags) {
         None => LogFormat::Text,
         Some((s, _)) if s == "text" => LogFormat::Text,
@@ -206,6 +234,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         root,
         on_drift,
         verify,
+        onepassword,
         log_format,
     })
 }

@@ -155,5 +155,9 @@ pub fn load(
     host: &str,
     policy: DriftPolicy,
 ) -> Result<Catalog, StageError> {
-    Ok(desired::load_with_policy(source, host, policy)?)
+    let opts = desired::LoadOptions {
+        default_policy: policy,
+        ..desired::LoadOptions::default()
+    };
+    Ok(desired::load_with(source, host, &opts)?)
 }

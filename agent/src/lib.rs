@@ -17,4 +17,5 @@ pub mod fsops;
 pub mod plan;
 pub mod report;
 pub mod resources;
+pub mod secrets;
 pub mod source;

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 pub const MAX_RUNS: usize = 100;
 
 const DB_FILE: &str = "state.redb";
+const KEY_FILE: &str = "digest.key";
 const LOCK_FILE: &str = "lock";
 
 /// host -> JSON [`HostRecord`]
@@ -136,6 +137,7 @@ pub struct Refused {
 
 /// Counts of one run, by classification.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RunCounts {
     pub created: u32,
     pub changed: u32,
@@ -144,6 +146,8 @@ pub struct RunCounts {
     pub pruned: u32,
     pub failed: u32,
     pub unchanged: u32,
+    /// Not applied because a secret did not resolve (or a dependency was skipped).
+    pub skipped: u32,
 }
 
 /// Outcome of one run.
@@ -289,6 +293,63 @@ fn retry_while_busy<T>(
             other => return other,
         }
     }
+}
+
+/// The per-host key of the inventory's digests: digests are keyed hashes
+/// (BLAKE3 keyed mode, a MAC) so a low-entropy secret in a file cannot be
+/// brute-forced from the state file.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DigestKey([u8; 32]);
+
+impl std::fmt::Debug for DigestKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DigestKey([redacted])")
+    }
+}
+
+impl DigestKey {
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Reads the key of `dir`; with `create`, makes one (32 random bytes,
+    /// mode 0600, written atomically) if there is none. Without `create` and
+    /// without a key (nothing was ever applied), returns a throwaway key.
+    pub fn load(dir: &Path, create: bool) -> Result<DigestKey, StateError> {
+        let path = dir.join(KEY_FILE);
+        let io = |source| StateError::LockIo {
+            path: path.clone(),
+            source,
+        };
+        match std::fs::read(&path) {
+            Ok(bytes) if bytes.len() == 32 => {
+                let mut key = [0u8; 32];
+                key.copy_from_slice(&bytes);
+                return Ok(DigestKey(key));
+            }
+            Ok(_) | Err(_) if !create => return Ok(DigestKey(random_key().map_err(io)?)),
+            _ => {}
+        }
+        create_dir(dir)?;
+        let key = random_key().map_err(io)?;
+        let tmp = dir.join(format!(".{KEY_FILE}.tmp.{}", std::process::id()));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(&key).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        Ok(DigestKey(key))
+    }
+}
+
+fn random_key() -> std::io::Result<[u8; 32]> {
+    let mut key = [0u8; 32];
+    File::open("/dev/urandom")?.read_exact(&mut key)?;
+    Ok(key)
 }
 
 enum Db {
@@ -594,6 +655,23 @@ mod tests {
             result: RunResult::Success,
             error: None,
         }
+    }
+
+    #[test]
+    fn the_digest_key_is_private_stable_and_random() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let a = DigestKey::load(dir.path(), true).unwrap();
+        let b = DigestKey::load(dir.path(), false).unwrap();
+        assert_eq!(a, b);
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(DigestKey::load(other.path(), true).unwrap(), a);
+        assert_eq!(format!("{a:?}"), "DigestKey([redacted])");
     }
 
     #[test]

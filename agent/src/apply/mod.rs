@@ -61,7 +61,7 @@ pub struct ApplyReport {
 
 impl ApplyReport {
     pub fn failed(&self) -> bool {
-        self.counts.failed > 0
+        self.counts.failed > 0 || self.counts.skipped > 0
     }
     pub fn changed_anything(&self) -> bool {
         let c = &self.counts;
@@ -162,6 +162,7 @@ pub fn apply_cancellable(
         Pending,
         Done,
         Failed,
+        Skipped,
     }
     let mut state = vec![State::Untouched; entries.len()];
     let mut errors: Vec<Option<String>> = vec![None; entries.len()];
@@ -182,6 +183,14 @@ pub fn apply_cancellable(
         }
     };
     for p in &plan.resources {
+        if p.action == Action::Skip {
+            state[p.index] = State::Skipped;
+            errors[p.index] = entries[p.index]
+                .blocked
+                .clone()
+                .map(|why| format!("skipped: {why}"));
+            continue;
+        }
         if !matches!(p.action, Action::Create | Action::Update) {
             continue;
         }
@@ -258,6 +267,7 @@ pub fn apply_cancellable(
         let entry = &entries[p.index];
         let error = errors[p.index].take();
         match (p.class, p.action, &error) {
+            _ if state[p.index] == State::Skipped => counts.skipped += 1,
             (_, _, Some(_)) => counts.failed += 1,
             (Classification::InSync, ..) => counts.unchanged += 1,
             (_, Action::Report, _) => counts.drift_reported += 1,
@@ -302,7 +312,9 @@ pub fn apply_cancellable(
     }
 
     // 5. Commit state.
-    let failed = counts.failed > 0;
+    // Skipped resources mean the host did not fully converge: the revision
+    // is not recorded as applied and the run is partial.
+    let failed = counts.failed > 0 || counts.skipped > 0;
     let first_error = sync_error
         .clone()
         .or_else(|| outcomes.iter().find_map(|o| o.error.clone()));
@@ -341,7 +353,7 @@ pub fn apply_cancellable(
                 },
             );
             let up_to_date = p.known.as_ref().is_some_and(|k| {
-                k.digest.as_deref() == Some(entry.digest.as_str()) && k.origin == origin
+                k.digest.as_deref() == Some(p.digest.as_str()) && k.origin == origin
             });
             if !up_to_date && p.action != Action::Report {
                 w.put_inventory(
@@ -349,7 +361,7 @@ pub fn apply_cancellable(
                     &InventoryEntry {
                         kind: entry.resource.kind().to_string(),
                         module: entry.module.clone(),
-                        digest: Some(entry.digest.clone()),
+                        digest: Some(p.digest.clone()),
                         origin,
                     },
                 )?;

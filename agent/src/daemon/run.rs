@@ -460,7 +460,9 @@ fn run_plan_apply(
     let inventory = Store::open_read_only_recovering(&s.state_dir)
         .and_then(|st| st.inventory(&s.host))
         .map_err(|e| e.to_string())?;
-    let plan = plan::plan(catalog, &host, &inventory);
+    let key =
+        homelab_agent_state::DigestKey::load(&s.state_dir, true).map_err(|e| e.to_string())?;
+    let plan = plan::plan(catalog, &host, &inventory, &key);
     let mut counts = ClassCounts {
         prune: plan.prunes.len(),
         ..ClassCounts::default()
@@ -471,7 +473,13 @@ fn run_plan_apply(
             Classification::Change => counts.change += 1,
             Classification::Drift => counts.drift += 1,
             Classification::InSync => counts.in_sync += 1,
+            Classification::Skipped => counts.skipped += 1,
             Classification::Prune => {}
+        }
+        if let (Classification::Skipped, Some(why)) =
+            (p.class, &plan.catalog.entries[p.index].blocked)
+        {
+            warn!(resource = %plan.catalog.entries[p.index].id, reason = %why, "skipped: a secret did not resolve");
         }
         if p.class == Classification::Drift {
             let e = &plan.catalog.entries[p.index];

@@ -11,6 +11,9 @@ pub struct ClassCounts {
     pub drift: usize,
     pub prune: usize,
     pub in_sync: usize,
+    /// Resources skipped because a secret did not resolve.
+    #[serde(default)]
+    pub skipped: usize,
 }
 
 /// A snapshot of the daemon's state.

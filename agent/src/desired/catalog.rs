@@ -25,6 +25,9 @@ pub struct Entry {
     pub notify: Vec<String>,
     /// The module use that produced it (`hosts/indri.yaml:12`).
     pub used_at: String,
+    /// Why it cannot be applied this run (a secret that did not resolve):
+    /// it is skipped, never written with a placeholder, never pruned.
+    pub blocked: Option<String>,
     pub on_drift: DriftPolicy,
     /// Digest of the desired spec, recorded in the inventory when applied.
     pub digest: String,

@@ -81,18 +81,39 @@ fn read_yaml(
     }
 }
 
-/// Loads and validates the catalog of `host` (drift policy default: heal).
+/// Loads and validates the catalog of `host` (drift policy default: heal;
+/// no secrets: resources that need them are marked blocked).
 pub fn load(source: Arc<dyn Source>, host: &str) -> Result<Catalog, DesiredError> {
-    load_with_policy(source, host, DriftPolicy::Heal)
+    load_with(source, host, &LoadOptions::default())
 }
 
-/// [`load`] with the agent config's default `on_drift`, used where neither
-/// the resource, the module use nor the host says.
-pub fn load_with_policy(
+/// Settings of one load.
+#[derive(Clone)]
+pub struct LoadOptions {
+    /// The agent config's default `on_drift`, used where neither the
+    /// resource, the module use nor the host says.
+    pub default_policy: DriftPolicy,
+    /// Where `secret("op://...")` resolves.
+    pub secrets: Arc<dyn crate::secrets::resolve::SecretSource>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            default_policy: DriftPolicy::Heal,
+            secrets: Arc::new(crate::secrets::resolve::Offline),
+        }
+    }
+}
+
+/// [`load`] with explicit options.
+pub fn load_with(
     source: Arc<dyn Source>,
     host: &str,
-    default_policy: DriftPolicy,
+    opts: &LoadOptions,
 ) -> Result<Catalog, DesiredError> {
+    let default_policy = opts.default_policy;
+    let secret_usage: Arc<std::sync::Mutex<render::SecretUsage>> = Arc::default();
     let host_file = format!("hosts/{host}.yaml");
     let mut diags = Diagnostics::default();
     let valid_name = !host.is_empty()
@@ -143,7 +164,7 @@ pub fn load_with_policy(
     let mut pending = Vec::new();
     for usage in &spec.modules {
         if !modules.contains_key(&usage.name) {
-            let loaded = load_module(&source, &usage.name, &mut diags)?;
+            let loaded = load_module(&source, &usage.name, opts, &secret_usage, &mut diags)?;
             modules.insert(usage.name.clone(), loaded);
         }
         let Some((module, env)) = modules.get(&usage.name).and_then(Option::as_ref) else {
@@ -200,6 +221,7 @@ pub fn load_with_policy(
             host_file: &host_file,
             use_line: usage.line,
             policy,
+            secrets: &secret_usage,
         };
         for node in &module.resources {
             if let Some(p) = expander.resource(node, &mut diags) {
@@ -250,6 +272,8 @@ fn map_value(pairs: impl IntoIterator<Item = (String, minijinja::Value)>) -> min
 fn load_module(
     source: &Arc<dyn Source>,
     name: &str,
+    opts: &LoadOptions,
+    usage: &Arc<std::sync::Mutex<render::SecretUsage>>,
     diags: &mut Diagnostics,
 ) -> Result<Option<(ModuleSpec, Arc<ModuleEnv>)>, SourceError> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
@@ -262,7 +286,8 @@ fn load_module(
     let Some(spec) = model::parse_module(name, &file, &doc, diags) else {
         return Ok(None);
     };
-    Ok(Some((spec, Arc::new(ModuleEnv::new(source.clone(), name)))))
+    let env = ModuleEnv::with_secrets(source.clone(), name, opts.secrets.clone(), usage.clone());
+    Ok(Some((spec, Arc::new(env))))
 }
 
 /// Expands one module use's resources.
@@ -278,6 +303,8 @@ struct Expander<'a> {
     /// Line of this module use in the host file.
     use_line: usize,
     policy: DriftPolicy,
+    /// What `secret()` calls recorded while rendering the current resource.
+    secrets: &'a Arc<std::sync::Mutex<render::SecretUsage>>,
 }
 
 impl Expander<'_> {
@@ -390,6 +417,7 @@ impl Expander<'_> {
             }
         }
         let before_render = diags.len();
+        *self.secrets.lock().unwrap() = render::SecretUsage::default();
         let node = self.render_node(raw, diags);
         if diags.len() > before_render {
             return None;
@@ -479,7 +507,16 @@ impl Expander<'_> {
         known.extend(kind.fields());
         known.extend(COMMON_KEYS);
         fields.finish(&known, diags);
-        let resource = resource.filter(|_| diags.len() == before)?;
+        let mut resource = resource.filter(|_| diags.len() == before)?;
+        let used = std::mem::take(&mut *self.secrets.lock().unwrap());
+        let blocked = (!used.failures.is_empty()).then(|| {
+            used.failures
+                .iter()
+                .map(|(r, e)| format!("{r}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        });
+        resource.set_secrets(used.values);
         let mut hasher = blake3::Hasher::new();
         hasher.update(id.as_bytes());
         hasher.update(b"\0");
@@ -494,6 +531,7 @@ impl Expander<'_> {
                 deps: Vec::new(),
                 notify,
                 used_at: format!("{}:{}", self.host_file, self.use_line),
+                blocked,
                 on_drift,
                 digest: hasher.finalize().to_hex()[..32].to_string(),
             },

@@ -2,11 +2,25 @@
 //! module's `templates/` folder through the [`Source`] (never the host
 //! filesystem), strict about undefined values.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, Value};
 
+use crate::secrets::resolve::{SecretError, SecretSource};
+use crate::secrets::{Reference, SecretValue};
 use crate::source::Source;
+
+/// Secrets one resource's rendering used: the values (for redaction) and the
+/// references that did not resolve (the resource is then skipped).
+#[derive(Default)]
+pub struct SecretUsage {
+    pub values: Vec<SecretValue>,
+    pub failures: Vec<(Reference, SecretError)>,
+}
+
+/// What `secret()` renders when a reference cannot be resolved; the resource
+/// is skipped, so this never reaches a host.
+pub const UNRESOLVED: &str = "<unresolved secret>";
 
 pub struct ModuleEnv {
     env: Environment<'static>,
@@ -14,7 +28,42 @@ pub struct ModuleEnv {
 
 impl ModuleEnv {
     pub fn new(source: Arc<dyn Source>, module: &str) -> ModuleEnv {
+        ModuleEnv::with_secrets(
+            source,
+            module,
+            Arc::new(crate::secrets::resolve::Offline),
+            Arc::default(),
+        )
+    }
+
+    /// An environment whose `secret("op://...")` resolves through `secrets`,
+    /// recording what it used in `usage`.
+    pub fn with_secrets(
+        source: Arc<dyn Source>,
+        module: &str,
+        secrets: Arc<dyn SecretSource>,
+        usage: Arc<Mutex<SecretUsage>>,
+    ) -> ModuleEnv {
         let mut env = Environment::new();
+        env.add_function(
+            "secret",
+            move |reference: String| -> Result<String, minijinja::Error> {
+                let parsed = Reference::parse(&reference).map_err(|e| {
+                    minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string())
+                })?;
+                match secrets.resolve(&parsed) {
+                    Ok(value) => {
+                        let text = value.expose().to_string();
+                        usage.lock().unwrap().values.push(value);
+                        Ok(text)
+                    }
+                    Err(e) => {
+                        usage.lock().unwrap().failures.push((parsed, e));
+                        Ok(UNRESOLVED.to_string())
+                    }
+                }
+            },
+        );
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         // Config files are not HTML: minijinja would otherwise escape by file
         // extension (`/` becomes `&#x2f;` in a .json.j2 or .xml.j2 template).

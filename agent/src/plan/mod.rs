@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use homelab_agent_state::{InventoryEntry, Origin};
+use homelab_agent_state::{DigestKey, InventoryEntry, Origin};
 
 use crate::desired::catalog::Catalog;
 use crate::desired::model::DriftPolicy;
@@ -32,6 +32,9 @@ pub enum Classification {
     Change,
     Drift,
     Prune,
+    /// Needs a secret that did not resolve this run: not observed, not
+    /// applied, not pruned.
+    Skipped,
 }
 
 /// What apply will do about it.
@@ -48,6 +51,8 @@ pub enum Action {
     Delete,
     /// Prune something the agent adopted: stop managing it, leave it in place.
     Forget,
+    /// Nothing this run (see [`Classification::Skipped`]).
+    Skip,
 }
 
 /// One catalog entry in the plan.
@@ -61,6 +66,8 @@ pub struct Planned {
     pub observation: Observation,
     /// The inventory entry, if the agent managed this before.
     pub known: Option<InventoryEntry>,
+    /// The digest to record when applied (keyed, see [`stored_digest`]).
+    pub digest: String,
 }
 
 /// An inventory entry that left the catalog.
@@ -97,6 +104,7 @@ pub struct Summary {
     pub prune: usize,
     pub drift: usize,
     pub in_sync: usize,
+    pub skipped: usize,
     pub errors: usize,
 }
 
@@ -113,16 +121,25 @@ impl Plan {
                 Classification::Create => s.create += 1,
                 Classification::Change => s.change += 1,
                 Classification::Drift => s.drift += 1,
+                Classification::Skipped => s.skipped += 1,
                 Classification::Prune => {}
             }
         }
         s
     }
 
+    /// Recomputes the digests to record under `key` (the first apply creates
+    /// the state directory's key after planning with a throwaway one).
+    pub fn rekey(&mut self, key: &DigestKey) {
+        for p in &mut self.resources {
+            p.digest = stored_digest(key, &self.catalog.entries[p.index].digest);
+        }
+    }
+
     /// Anything to do or to report (drift included).
     pub fn has_changes(&self) -> bool {
         let s = self.summary();
-        s.create + s.change + s.prune + s.drift > 0
+        s.create + s.change + s.prune + s.drift + s.skipped > 0
     }
 }
 
@@ -132,6 +149,7 @@ pub fn plan(
     catalog: impl Into<Arc<Catalog>>,
     host: &Host,
     inventory: &BTreeMap<String, InventoryEntry>,
+    key: &DigestKey,
 ) -> Plan {
     let catalog: Arc<Catalog> = catalog.into();
     let observed = observe_all(&catalog, host);
@@ -139,6 +157,18 @@ pub fn plan(
     let mut failures = Vec::new();
     for (index, result) in observed.into_iter().enumerate() {
         let entry = &catalog.entries[index];
+        if entry.blocked.is_some() {
+            resources.push(Planned {
+                index,
+                class: Classification::Skipped,
+                action: Action::Skip,
+                changes: Vec::new(),
+                observation: Observation::new(false, ()),
+                known: inventory.get(&entry.id).cloned(),
+                digest: stored_digest(key, &entry.digest),
+            });
+            continue;
+        }
         let observation = match result {
             Ok(o) => o,
             Err(error) => {
@@ -151,10 +181,11 @@ pub fn plan(
         };
         let changes = entry.resource.diff(&observation, host);
         let known = inventory.get(&entry.id).cloned();
+        let digest = stored_digest(key, &entry.digest);
         let applied_same = known
             .as_ref()
             .and_then(|k| k.digest.as_deref())
-            .is_some_and(|d| d == entry.digest);
+            .is_some_and(|d| d == digest);
         let class = if changes.is_empty() {
             Classification::InSync
         } else if applied_same {
@@ -166,6 +197,7 @@ pub fn plan(
         };
         let action = match class {
             Classification::InSync | Classification::Prune => Action::None,
+            Classification::Skipped => Action::Skip,
             Classification::Create => Action::Create,
             Classification::Change => Action::Update,
             Classification::Drift if entry.on_drift == DriftPolicy::Report => Action::Report,
@@ -179,6 +211,7 @@ pub fn plan(
             changes,
             observation,
             known,
+            digest,
         });
     }
 
@@ -213,6 +246,25 @@ pub fn plan(
     }
 }
 
+/// What the inventory stores for a desired spec: a keyed hash (MAC) of its
+/// digest under the state directory's key, so secrets in file contents
+/// cannot be brute-forced from the state file, and a rotated secret still
+/// changes it.
+pub fn stored_digest(key: &DigestKey, digest: &str) -> String {
+    blake3::keyed_hash(key.bytes(), digest.as_bytes()).to_hex()[..32].to_string()
+}
+
+/// Observes one entry; a blocked one is not looked at.
+fn observe(
+    entry: &crate::desired::catalog::Entry,
+    host: &Host,
+) -> Result<Observation, ResourceError> {
+    if entry.blocked.is_some() {
+        return Ok(Observation::new(false, ()));
+    }
+    entry.resource.observe(host)
+}
+
 /// Observes every entry, in parallel on up to 8 threads, results in catalog order.
 fn observe_all(catalog: &Catalog, host: &Host) -> Vec<Result<Observation, ResourceError>> {
     let n = catalog.entries.len();
@@ -242,7 +294,7 @@ fn observe_all(catalog: &Catalog, host: &Host) -> Vec<Result<Observation, Resour
                             break;
                         }
                         for i in start..(start + 16).min(n) {
-                            out.push((i, catalog.entries[i].resource.observe(host)));
+                            out.push((i, observe(&catalog.entries[i], host)));
                         }
                     }
                     out

@@ -29,6 +29,7 @@ fn symbol(class: Classification) -> (&'static str, &'static str) {
         Classification::Prune => ("-", "31"),
         Classification::Drift => ("!", "35"),
         Classification::InSync => (" ", "0"),
+        Classification::Skipped => ("?", "33"),
     }
 }
 
@@ -58,7 +59,15 @@ pub fn plan_text(plan: &Plan, sandbox: Option<&str>, style: Style) -> String {
         }
         let entry = &plan.catalog.entries[p.index];
         let (sym, color) = symbol(p.class);
+        let blocked;
         let why = match (p.class, p.action) {
+            (Classification::Skipped, _) => {
+                blocked = format!(
+                    " skipped: needs {}",
+                    entry.blocked.as_deref().unwrap_or("a secret")
+                );
+                blocked.as_str()
+            }
             (Classification::Drift, Action::Report) => " drifted; on_drift: report, left alone",
             (Classification::Drift, _) => " drifted; will be healed",
             _ => "",
@@ -120,6 +129,9 @@ fn summary_line(word: &str, s: &Summary) -> String {
         "{word}: {} to create, {} to change, {} to prune, {} drifted.",
         s.create, s.change, s.prune, s.drift
     );
+    if s.skipped > 0 {
+        let _ = write!(line, " {} skipped (secrets).", s.skipped);
+    }
     if s.errors > 0 {
         let _ = write!(line, " {} error(s).", s.errors);
     }
@@ -187,6 +199,9 @@ pub fn apply_text(report: &ApplyReport, style: Style) -> String {
             format!(" ({})", o.fields.join(", "))
         };
         match &o.error {
+            Some(err) if err.starts_with("skipped:") => {
+                let _ = writeln!(out, "{} {} {err}", style.paint("33", "?"), o.id);
+            }
             Some(err) => {
                 let _ = writeln!(out, "{} {}: {}", style.paint("31", "failed"), o.id, err);
             }
@@ -211,14 +226,15 @@ pub fn apply_text(report: &ApplyReport, style: Style) -> String {
     }
     let _ = writeln!(
         out,
-        "\nApply: {} created, {} changed, {} pruned, {} drifted ({} healed, {} reported). {} failed.",
+        "\nApply: {} created, {} changed, {} pruned, {} drifted ({} healed, {} reported). {} failed, {} skipped.",
         c.created,
         c.changed,
         c.pruned,
         c.drift_healed + c.drift_reported,
         c.drift_healed,
         c.drift_reported,
-        c.failed
+        c.failed,
+        c.skipped
     );
     out
 }

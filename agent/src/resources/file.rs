@@ -11,6 +11,7 @@ use super::{
     PruneOutcome, Resource, ResourceError,
 };
 use crate::fsops::{FileKind as Ft, Meta};
+use crate::secrets::SecretValue;
 
 pub struct FileKind;
 
@@ -40,6 +41,7 @@ impl Kind for FileKind {
             diags,
             ..
         } = input;
+        let mode_given = fields.has("mode");
         let perms = Perms::parse(fields, diags, DEFAULT_MODE);
         let content = fields.string("content", diags);
         let template = fields.string("template", diags);
@@ -95,6 +97,8 @@ impl Kind for FileKind {
             path: PathBuf::from(identity),
             content: bytes,
             perms,
+            mode_given,
+            secrets: Vec::new(),
         }))
     }
 
@@ -103,20 +107,64 @@ impl Kind for FileKind {
     }
 }
 
-/// A desired file.
-#[derive(Debug)]
+/// A desired file. Its `Debug` never shows content (it may hold secrets).
 pub struct File {
     path: PathBuf,
     content: Vec<u8>,
     perms: Perms,
+    /// `mode` was written in the module (else a file holding secrets gets 0600).
+    mode_given: bool,
+    /// Secret values rendered into `content`, for redaction.
+    secrets: Vec<SecretValue>,
 }
 
-/// What is at the path now.
-#[derive(Debug)]
+impl std::fmt::Debug for File {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("File")
+            .field("path", &self.path)
+            .field("content_len", &self.content.len())
+            .field("perms", &self.perms)
+            .field("holds_secrets", &!self.secrets.is_empty())
+            .finish()
+    }
+}
+
+/// What is at the path now. `Debug` shows no content.
 struct Live {
     meta: Option<Meta>,
     content: Option<Vec<u8>>,
     want: Ownership,
+}
+
+impl std::fmt::Debug for Live {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("meta", &self.meta)
+            .field("content_len", &self.content.as_ref().map(Vec::len))
+            .finish()
+    }
+}
+
+/// Mode of a file holding secrets when the module does not say.
+const SECRET_MODE: u32 = 0o600;
+
+/// Secrets shorter than this are not masked in place (the mask would show
+/// where they are and the plan little else): such a file's diff is withheld.
+const MIN_MASKABLE: usize = 4;
+
+impl File {
+    /// The new content with every secret value replaced by the redaction
+    /// marker, or `None` when masking is unsafe.
+    fn masked(&self) -> Option<String> {
+        let mut text = String::from_utf8(self.content.clone()).ok()?;
+        for s in &self.secrets {
+            if s.expose().len() < MIN_MASKABLE {
+                return None;
+            }
+            text = text.replace(s.expose(), crate::secrets::REDACTED);
+        }
+        Some(text)
+    }
 }
 
 impl Resource for File {
@@ -133,6 +181,17 @@ impl Resource for File {
         h.update(&(self.content.len() as u64).to_le_bytes());
         h.update(&self.content);
         self.perms.digest(h);
+    }
+
+    fn set_secrets(&mut self, values: Vec<SecretValue>) {
+        if !values.is_empty() && !self.mode_given {
+            self.perms.mode = SECRET_MODE;
+        }
+        self.secrets = values;
+    }
+
+    fn holds_secrets(&self) -> bool {
+        !self.secrets.is_empty()
     }
 
     fn observe(&self, host: &Host) -> Result<Observation, ResourceError> {
@@ -172,10 +231,28 @@ impl Resource for File {
         }
         let old = live.content.as_deref();
         if old != Some(self.content.as_slice()) {
-            let mut change =
-                FieldChange::new("content", old.map(describe), Some(describe(&self.content)));
-            change.diff = unified_diff(old.unwrap_or_default(), &self.content, self.identity());
-            out.push(change);
+            if self.secrets.is_empty() {
+                let mut change =
+                    FieldChange::new("content", old.map(describe), Some(describe(&self.content)));
+                change.diff = unified_diff(old.unwrap_or_default(), &self.content, self.identity());
+                out.push(change);
+            } else {
+                // No hashes (a low-entropy secret could be brute-forced from
+                // one) and no old lines (they may hold an old secret we cannot
+                // recognise): a new file shows its masked content, a changed
+                // one only that it changed.
+                let mut change = FieldChange::new(
+                    "content",
+                    old.map(|o| format!("{} bytes", o.len())),
+                    Some("content changed (holds secrets)".to_string()),
+                );
+                if old.is_none() {
+                    change.diff = self
+                        .masked()
+                        .and_then(|m| unified_diff(b"", m.as_bytes(), self.identity()));
+                }
+                out.push(change);
+            }
         }
         let meta = live.meta.filter(|m| m.kind == Ft::File);
         self.perms.diff(meta.as_ref(), live.want, &mut out);
@@ -259,6 +336,8 @@ mod tests {
                 owner: Some("zot".into()),
                 group: None,
             },
+            mode_given: true,
+            secrets: Vec::new(),
         };
         let live = Observation::new(
             meta.is_some(),

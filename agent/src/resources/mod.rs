@@ -122,6 +122,14 @@ pub trait Resource: Send + Sync + Debug {
     fn observe(&self, host: &Host) -> Result<Observation, ResourceError>;
     /// Pure: what differs between desired and `live`. Empty means in sync.
     fn diff(&self, live: &Observation, host: &Host) -> Vec<FieldChange>;
+    /// Hands the resource the secret values its rendering used, so it can
+    /// redact them from plans and pick a private default mode. Kinds that
+    /// never hold secrets ignore it.
+    fn set_secrets(&mut self, _values: Vec<crate::secrets::SecretValue>) {}
+    /// Whether its desired state holds secret values.
+    fn holds_secrets(&self) -> bool {
+        false
+    }
     /// Makes exactly `changes` true on the host.
     fn apply(
         &self,
