@@ -47,8 +47,24 @@ enum Command {
     Status(StatusArgs),
     /// Run as a daemon: converge on every push webhook, poll, file change and SIGHUP.
     Run(RunArgs),
+    /// Secrets from 1Password Connect.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
     /// List the resource kinds a module can declare, with their fields.
     Kinds,
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretsCommand {
+    /// Resolve every op:// reference the host uses; report missing, ambiguous or unauthorised
+    /// ones with the resource that uses them. Prints no values. Exit 1 if any fails.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    target: Target,
 }
 
 #[derive(Debug, Args)]
@@ -156,6 +172,7 @@ pub fn main() -> ExitCode {
         Command::Validate(args) => run_validate(args),
         Command::Status(args) => run_status(args),
         Command::Run(args) => run_daemon(args),
+        Command::Secrets(SecretsCommand::Check(args)) => run_secrets_check(args),
         Command::Kinds => {
             print!("{}", kinds_text());
             Ok(ExitCode::SUCCESS)
@@ -210,6 +227,7 @@ struct Resolved {
     root: Option<PathBuf>,
     state_dir: PathBuf,
     policy: DriftPolicy,
+    onepassword: Option<config::OnePasswordConfig>,
 }
 
 fn resolve_target(target: &Target) -> Result<Resolved> {
@@ -266,13 +284,15 @@ fn resolve_target(target: &Target) -> Result<Resolved> {
         root,
         state_dir,
         policy: c.map_or(DriftPolicy::Heal, |c| c.on_drift),
+        onepassword: c.and_then(|c| c.onepassword.clone()),
     })
 }
 
 fn load(target: &Target) -> Result<Loaded> {
     let r = resolve_target(target)?;
     let resolved = engine::resolve(&r.spec, &r.state_dir)?;
-    let catalog = engine::load(resolved.source, &r.host, r.policy)?;
+    let secrets = engine::secret_source(r.onepassword.as_ref());
+    let catalog = engine::load(resolved.source, &r.host, r.policy, secrets)?;
     let fs = Fs::new(r.root.as_deref().unwrap_or(Path::new("/")))?;
     let host = Host::new(fs, r.root.is_some(), catalog.host.platform);
     Ok(Loaded {
@@ -415,6 +435,28 @@ fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn run_secrets_check(args: CheckArgs) -> Result<ExitCode> {
+    let loaded = load(&args.target)?;
+    let mut ok = 0;
+    let mut failed = Vec::new();
+    for e in &loaded.catalog.entries {
+        match &e.blocked {
+            Some(why) => failed.push(format!("{}  (module {}, {}:{}): {why}", e.id, e.module, e.file, e.line)),
+            None if e.resource.holds_secrets() => ok += 1,
+            None => {}
+        }
+    }
+    println!(
+        "Secrets for host {}: {ok} resource(s) resolved all their references, {} could not.",
+        loaded.catalog.host.name,
+        failed.len()
+    );
+    for f in &failed {
+        println!("  failed: {f}");
+    }
+    Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn run_daemon(args: RunArgs) -> Result<ExitCode> {

@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::OnePasswordConfig;
 use crate::desired::catalog::Catalog;
+use crate::secrets::cache::ConnectSource;
+use crate::secrets::connect::{ConnectClient, ConnectConfig};
+use crate::secrets::resolve::{Offline, SecretError, SecretSource};
 use crate::desired::model::DriftPolicy;
 use crate::desired::{self, DesiredError};
 use crate::source::git::{self, CommitSource, GitCache, GitOptions, RepoLocation};
@@ -149,15 +153,39 @@ fn verify(spec: &SourceSpec, commit: &CommitSource) -> Result<(), StageError> {
         .map_err(|e| StageError::Signature(e.to_string()))
 }
 
+/// Where this run's secrets come from: Connect (with a fresh per-run cache)
+/// when configured, else nothing (resources that need secrets are skipped).
+/// A client that cannot even be built (unreadable token file) makes every
+/// reference fail with that reason, so the rest of the host still converges.
+pub fn secret_source(config: Option<&OnePasswordConfig>) -> Arc<dyn SecretSource> {
+    let Some(op) = config else {
+        return Arc::new(Offline);
+    };
+    git::install_tls_provider();
+    match ConnectClient::new(&ConnectConfig::new(op.connect_url.clone(), op.token_file.clone())) {
+        Ok(client) => Arc::new(ConnectSource::new(client)),
+        Err(e) => Arc::new(Failing(e.to_string())),
+    }
+}
+
+struct Failing(String);
+
+impl SecretSource for Failing {
+    fn resolve(&self, _reference: &crate::secrets::Reference) -> Result<crate::secrets::SecretValue, SecretError> {
+        Err(SecretError::Unavailable(self.0.clone()))
+    }
+}
+
 /// Loads the catalog of `host` from a resolved source.
 pub fn load(
     source: Arc<dyn Source>,
     host: &str,
     policy: DriftPolicy,
+    secrets: Arc<dyn SecretSource>,
 ) -> Result<Catalog, StageError> {
     let opts = desired::LoadOptions {
         default_policy: policy,
-        ..desired::LoadOptions::default()
+        secrets,
     };
     Ok(desired::load_with(source, host, &opts)?)
 }

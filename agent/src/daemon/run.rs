@@ -313,6 +313,7 @@ fn choose_catalog(
         fetch,
         fetch_timeout: Duration::from_secs(60),
     };
+    let secrets = engine::secret_source(s.config.onepassword.as_ref());
     let refuse = |e: &StageError, revision: Option<String>| Refused {
         stage: e.stage().to_string(),
         revision,
@@ -340,7 +341,7 @@ fn choose_catalog(
                 Some((cache, applied)) => engine::open_commit(&cache, &applied),
                 None => Ok(resolved.source),
             };
-            match source.and_then(|src| engine::load(src, &s.host, s.config.on_drift)) {
+            match source.and_then(|src| engine::load(src, &s.host, s.config.on_drift, secrets.clone())) {
                 Ok(c) => return (Some(c), fetched, None),
                 Err(e) => refused = Some(refuse(&e, fetched.clone())),
             }
@@ -355,7 +356,7 @@ fn choose_catalog(
         (RepoLocation::Remote(url), Some(good)) => {
             let cache = engine::cache_dir(&s.state_dir, &url);
             engine::open_commit(&cache, good)
-                .and_then(|src| engine::load(src, &s.host, s.config.on_drift))
+                .and_then(|src| engine::load(src, &s.host, s.config.on_drift, secrets.clone()))
                 .ok()
         }
         _ => None,

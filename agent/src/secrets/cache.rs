@@ -18,8 +18,10 @@ pub struct ConnectSource {
     items: Mutex<HashMap<(String, String), Shared<Arc<Item>>>>,
 }
 
+/// Connect down or failing is worth retrying next run; a wrong reference is not.
 fn classify(e: ConnectError) -> SecretError {
-    if e.is_transient() {
+    let transient = matches!(e, ConnectError::Unreachable { .. } | ConnectError::Server { .. });
+    if transient {
         SecretError::Unavailable(e.to_string())
     } else {
         SecretError::Failed(e.to_string())

@@ -8,6 +8,7 @@
 
 use std::fmt;
 
+pub mod cache;
 pub mod connect;
 pub mod resolve;
 
