@@ -443,7 +443,10 @@ fn run_secrets_check(args: CheckArgs) -> Result<ExitCode> {
     let mut failed = Vec::new();
     for e in &loaded.catalog.entries {
         match &e.blocked {
-            Some(why) => failed.push(format!("{}  (module {}, {}:{}): {why}", e.id, e.module, e.file, e.line)),
+            Some(why) => failed.push(format!(
+                "{}  (module {}, {}:{}): {why}",
+                e.id, e.module, e.file, e.line
+            )),
             None if e.resource.holds_secrets() => ok += 1,
             None => {}
         }
@@ -456,7 +459,11 @@ fn run_secrets_check(args: CheckArgs) -> Result<ExitCode> {
     for f in &failed {
         println!("  failed: {f}");
     }
-    Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn run_daemon(args: RunArgs) -> Result<ExitCode> {

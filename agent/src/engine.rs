@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use crate::config::OnePasswordConfig;
 use crate::desired::catalog::Catalog;
+use crate::desired::model::DriftPolicy;
+use crate::desired::{self, DesiredError};
 use crate::secrets::cache::ConnectSource;
 use crate::secrets::connect::{ConnectClient, ConnectConfig};
 use crate::secrets::resolve::{Offline, SecretError, SecretSource};
-use crate::desired::model::DriftPolicy;
-use crate::desired::{self, DesiredError};
 use crate::source::git::{self, CommitSource, GitCache, GitOptions, RepoLocation};
 use crate::source::verify::AllowedSigners;
 use crate::source::{LocalDir, Source};
@@ -162,7 +162,10 @@ pub fn secret_source(config: Option<&OnePasswordConfig>) -> Arc<dyn SecretSource
         return Arc::new(Offline);
     };
     git::install_tls_provider();
-    match ConnectClient::new(&ConnectConfig::new(op.connect_url.clone(), op.token_file.clone())) {
+    match ConnectClient::new(&ConnectConfig::new(
+        op.connect_url.clone(),
+        op.token_file.clone(),
+    )) {
         Ok(client) => Arc::new(ConnectSource::new(client)),
         Err(e) => Arc::new(Failing(e.to_string())),
     }
@@ -171,7 +174,10 @@ pub fn secret_source(config: Option<&OnePasswordConfig>) -> Arc<dyn SecretSource
 struct Failing(String);
 
 impl SecretSource for Failing {
-    fn resolve(&self, _reference: &crate::secrets::Reference) -> Result<crate::secrets::SecretValue, SecretError> {
+    fn resolve(
+        &self,
+        _reference: &crate::secrets::Reference,
+    ) -> Result<crate::secrets::SecretValue, SecretError> {
         Err(SecretError::Unavailable(self.0.clone()))
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! Everything here is loopback- or tempdir-only.
 
+pub mod connect_standin;
 pub mod git_server;
 
 use std::collections::BTreeMap;

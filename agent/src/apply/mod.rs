@@ -60,12 +60,15 @@ pub struct ApplyReport {
 }
 
 impl ApplyReport {
+    /// Something failed (exit 1). Skipped resources are not failures: they
+    /// are reported and still to do.
     pub fn failed(&self) -> bool {
-        self.counts.failed > 0 || self.counts.skipped > 0
+        self.counts.failed > 0
     }
+    /// Changed the host, or left something to do (`--detailed-exitcode` 2).
     pub fn changed_anything(&self) -> bool {
         let c = &self.counts;
-        c.created + c.changed + c.drift_healed + c.pruned > 0
+        c.created + c.changed + c.drift_healed + c.pruned + c.skipped > 0
     }
 }
 

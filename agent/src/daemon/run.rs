@@ -341,7 +341,9 @@ fn choose_catalog(
                 Some((cache, applied)) => engine::open_commit(&cache, &applied),
                 None => Ok(resolved.source),
             };
-            match source.and_then(|src| engine::load(src, &s.host, s.config.on_drift, secrets.clone())) {
+            match source
+                .and_then(|src| engine::load(src, &s.host, s.config.on_drift, secrets.clone()))
+            {
                 Ok(c) => return (Some(c), fetched, None),
                 Err(e) => refused = Some(refuse(&e, fetched.clone())),
             }

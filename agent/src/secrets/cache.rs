@@ -9,18 +9,24 @@ use super::connect::{ConnectClient, ConnectError, Item};
 use super::resolve::{SecretError, SecretSource};
 use super::{Reference, SecretValue};
 
+/// (vault id, item name or id).
+type ItemKey = (String, String);
+
 type Shared<T> = Arc<OnceLock<Result<T, SecretError>>>;
 
 /// Connect with a per-run cache (vault ids and full items).
 pub struct ConnectSource {
     client: ConnectClient,
     vaults: Mutex<HashMap<String, Shared<String>>>,
-    items: Mutex<HashMap<(String, String), Shared<Arc<Item>>>>,
+    items: Mutex<HashMap<ItemKey, Shared<Arc<Item>>>>,
 }
 
 /// Connect down or failing is worth retrying next run; a wrong reference is not.
 fn classify(e: ConnectError) -> SecretError {
-    let transient = matches!(e, ConnectError::Unreachable { .. } | ConnectError::Server { .. });
+    let transient = matches!(
+        e,
+        ConnectError::Unreachable { .. } | ConnectError::Server { .. }
+    );
     if transient {
         SecretError::Unavailable(e.to_string())
     } else {
@@ -58,7 +64,10 @@ impl ConnectSource {
             self.client.vault_id(vault).map_err(classify)
         })?;
         Self::cached(&self.items, &(vault_id.clone(), item.to_string()), || {
-            self.client.item(&vault_id, item).map(Arc::new).map_err(classify)
+            self.client
+                .item(&vault_id, item)
+                .map(Arc::new)
+                .map_err(classify)
         })
     }
 }

@@ -7,7 +7,7 @@ use super::{Reference, SecretValue};
 /// Why a reference did not resolve.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SecretError {
-    #[error("no 1Password Connect is configured (agent config `onepassword:`); resources that need secrets are skipped")]
+    #[error("no 1Password Connect configured (set `onepassword:` in the agent config)")]
     NotConfigured,
     /// Connect could not be reached or failed; worth retrying later.
     #[error("{0}")]
