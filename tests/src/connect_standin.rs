@@ -18,7 +18,8 @@
 //! - every response carries `1Password-Connect-Version: 1.7.3`.
 //!
 //! Test hooks: [`ConnectStandIn::fail_next`] (answer the next N `/v1`
-//! requests with 429/5xx), [`ConnectStandIn::requests`] (count of `/v1`
+//! requests with 429/5xx; [`ConnectStandIn::fail_after`]: after M more served),
+//! [`ConnectStandIn::remove_item`], [`ConnectStandIn::requests`] (count of `/v1`
 //! requests), [`ConnectStandIn::stop`] / [`ConnectStandIn::restart`] (same
 //! port), [`ConnectStandIn::set_field`] (rotate a secret: bumps `version`).
 //! Duplicate titles and names are allowed, to test ambiguity handling.
@@ -72,6 +73,8 @@ struct State {
     items: Vec<StoredItem>,
     denied: HashSet<String>,
     fail: Option<(u16, usize)>,
+    /// (requests still to serve normally, status, times): then `fail`.
+    fail_after: Option<(usize, u16, usize)>,
     requests: usize,
     last: Option<SeenRequest>,
     /// Seconds after 2024-01-01T00:00:00Z; ticks on every change.
@@ -117,6 +120,7 @@ impl ConnectStandIn {
             items: Vec::new(),
             denied: HashSet::new(),
             fail: None,
+            fail_after: None,
             requests: 0,
             last: None,
             clock: 0,
@@ -252,6 +256,33 @@ impl ConnectStandIn {
     /// any earlier setting; `times = 0` clears it.
     pub fn fail_next(&self, status: u16, times: usize) {
         self.lock().fail = (times > 0).then_some((status, times));
+    }
+
+    /// Like [`ConnectStandIn::fail_next`], but only after `served` more
+    /// `/v1` requests were answered normally: Connect failing in the middle
+    /// of a client's run, deterministically.
+    pub fn fail_after(&self, served: usize, status: u16, times: usize) {
+        let mut st = self.lock();
+        st.fail = None;
+        st.fail_after = Some((served, status, times));
+    }
+
+    /// Deletes an item (as deleting it in 1Password would): it is gone from
+    /// lists, and `GET` on its id answers 404.
+    pub fn remove_item(&self, item_id: &str) {
+        let mut st = self.lock();
+        let now = st.tick();
+        let before = st.items.len();
+        let vault = st
+            .items
+            .iter()
+            .find(|i| i.id == item_id)
+            .map(|i| i.vault_id.clone());
+        st.items.retain(|i| i.id != item_id);
+        assert!(st.items.len() < before, "ConnectStandIn: no item {item_id}");
+        if let Some(v) = st.vaults.iter_mut().find(|v| Some(&v.id) == vault.as_ref()) {
+            v.updated = now;
+        }
     }
 
     /// `/v1` requests received so far (failed and unauthorised ones too).
@@ -508,6 +539,14 @@ fn route(req: &Request, state: &Mutex<State>) -> Response {
         user_agent: req.header("user-agent").map(str::to_string),
         content_type: req.header("content-type").map(str::to_string),
     });
+    if let Some((served, status, times)) = st.fail_after {
+        if served == 0 {
+            st.fail_after = None;
+            st.fail = Some((status, times));
+        } else {
+            st.fail_after = Some((served - 1, status, times));
+        }
+    }
     if let Some((status, times)) = st.fail {
         st.fail = (times > 1).then_some((status, times - 1));
         let message = match status {

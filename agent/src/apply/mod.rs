@@ -343,6 +343,10 @@ pub fn apply_cancellable(
                 Action::Create | Action::Update => {
                     state[p.index] == State::Done && sync_error.is_none()
                 }
+                // Not looked at, not applied: its entry (if any) stays as it
+                // was. Recording it would make a file that was there before
+                // "created" (so prunable), and a hand edit of it a "change".
+                Action::Skip => false,
                 _ => true,
             };
             if !ok {

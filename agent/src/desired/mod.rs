@@ -357,6 +357,8 @@ impl Expander<'_> {
                             k.clone(),
                             if k == "when" {
                                 v.clone()
+                            } else if k == "content" {
+                                self.allowing_secrets(|| self.render_node(v, diags))
                             } else {
                                 self.render_node(v, diags)
                             },
@@ -370,6 +372,45 @@ impl Expander<'_> {
             value,
             line: node.line,
         }
+    }
+
+    /// Runs `f` with `secret()` allowed (rendering a file's content).
+    fn allowing_secrets<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.secrets.lock().unwrap().allowed = true;
+        let out = f();
+        self.secrets.lock().unwrap().allowed = false;
+        out
+    }
+
+    /// The content of `raw` (a file's `content` or `template`) rendered with
+    /// every `secret()` as the redaction marker: what a plan may show of a
+    /// file holding secrets. Rendering again, rather than replacing values
+    /// in the real content, also hides values a filter transformed
+    /// (`tojson`, `upper`, ...). `None` when it does not render that way.
+    fn masked_content(&self, raw: &Node) -> Option<Vec<u8>> {
+        let Value::Map(entries) = &raw.value else {
+            return None;
+        };
+        let get = |key: &str| {
+            entries
+                .iter()
+                .find(|(k, _)| k == key)
+                .and_then(|(_, v)| v.as_str())
+        };
+        self.secrets.lock().unwrap().mask = true;
+        let rendered = self.allowing_secrets(|| match (get("content"), get("template")) {
+            (Some(text), _) => self.env.render_str(text, self.ctx).ok(),
+            (None, Some(name)) => self
+                .env
+                .render_str(name, self.ctx)
+                .and_then(|name| self.env.render_template(&name, self.ctx))
+                .ok(),
+            _ => None,
+        });
+        let mut usage = self.secrets.lock().unwrap();
+        usage.mask = false;
+        debug_assert!(usage.values.is_empty(), "masked rendering resolves nothing");
+        rendered.map(String::into_bytes)
     }
 
     fn resource(&self, raw: &Node, diags: &mut Diagnostics) -> Option<Pending> {
@@ -516,7 +557,12 @@ impl Expander<'_> {
                 .collect::<Vec<_>>()
                 .join("; ")
         });
-        resource.set_secrets(used.values);
+        let preview = if used.values.is_empty() {
+            None
+        } else {
+            self.masked_content(raw)
+        };
+        resource.set_secrets(used.values, preview);
         let mut hasher = blake3::Hasher::new();
         hasher.update(id.as_bytes());
         hasher.update(b"\0");
@@ -617,7 +663,7 @@ struct ModuleAssets<'a> {
 impl Assets for ModuleAssets<'_> {
     fn template(&self, name: &str, line: usize) -> Result<String, Diagnostic> {
         let e = self.expander;
-        e.env.render_template(name, e.ctx).map_err(|err| {
+        e.allowing_secrets(|| e.env.render_template(name, e.ctx)).map_err(|err| {
             let module = &e.module.name;
             if err.kind() == minijinja::ErrorKind::TemplateNotFound {
                 return Diagnostic::new(e.file(), format!("template `{name}` not found in modules/{module}/templates/"))

@@ -16,6 +16,13 @@ use crate::source::Source;
 pub struct SecretUsage {
     pub values: Vec<SecretValue>,
     pub failures: Vec<(Reference, SecretError)>,
+    /// `secret()` is allowed only while a file's content is rendered
+    /// (`content`, `template`): anywhere else (a path, a symlink target, an
+    /// owner, `when:`) its value would be printed in plans and logs.
+    pub allowed: bool,
+    /// Render every `secret()` as [`crate::secrets::REDACTED`] without
+    /// resolving it: the masked preview of a file's content for plans.
+    pub mask: bool,
 }
 
 /// What `secret()` renders when a reference cannot be resolved; the resource
@@ -51,6 +58,18 @@ impl ModuleEnv {
                 let parsed = Reference::parse(&reference).map_err(|e| {
                     minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string())
                 })?;
+                {
+                    let u = usage.lock().unwrap();
+                    if !u.allowed {
+                        return Err(minijinja::Error::new(
+                            ErrorKind::InvalidOperation,
+                            "secret() may only be used in a file's `content` or `template`: anywhere else its value would show in plans and logs",
+                        ));
+                    }
+                    if u.mask {
+                        return Ok(crate::secrets::REDACTED.to_string());
+                    }
+                }
                 match secrets.resolve(&parsed) {
                     Ok(value) => {
                         let text = value.expose().to_string();

@@ -99,6 +99,7 @@ impl Kind for FileKind {
             perms,
             mode_given,
             secrets: Vec::new(),
+            masked: None,
         }))
     }
 
@@ -114,8 +115,10 @@ pub struct File {
     perms: Perms,
     /// `mode` was written in the module (else a file holding secrets gets 0600).
     mode_given: bool,
-    /// Secret values rendered into `content`, for redaction.
+    /// Secret values rendered into `content`.
     secrets: Vec<SecretValue>,
+    /// `content` rendered with every secret masked (see [`File::masked`]).
+    masked: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for File {
@@ -148,22 +151,22 @@ impl std::fmt::Debug for Live {
 /// Mode of a file holding secrets when the module does not say.
 const SECRET_MODE: u32 = 0o600;
 
-/// Secrets shorter than this are not masked in place (the mask would show
-/// where they are and the plan little else): such a file's diff is withheld.
+/// Secrets at least this long are looked for in the masked content (a
+/// shorter one may be there by coincidence: `1234` in `port 1234`).
 const MIN_MASKABLE: usize = 4;
 
 impl File {
-    /// The new content with every secret value replaced by the redaction
-    /// marker, or `None` when masking is unsafe.
+    /// The new content as rendered with every secret shown as the redaction
+    /// marker (not the real content with values replaced: a filter such as
+    /// `tojson` or `upper` changes a value beyond recognition). `None` when
+    /// there is no such rendering, or a value is still in it after all.
     fn masked(&self) -> Option<String> {
-        let mut text = String::from_utf8(self.content.clone()).ok()?;
-        for s in &self.secrets {
-            if s.expose().len() < MIN_MASKABLE {
-                return None;
-            }
-            text = text.replace(s.expose(), crate::secrets::REDACTED);
-        }
-        Some(text)
+        let text = String::from_utf8(self.masked.clone()?).ok()?;
+        let clean = self
+            .secrets
+            .iter()
+            .all(|s| s.expose().len() < MIN_MASKABLE || !text.contains(s.expose()));
+        clean.then_some(text)
     }
 }
 
@@ -183,11 +186,12 @@ impl Resource for File {
         self.perms.digest(h);
     }
 
-    fn set_secrets(&mut self, values: Vec<SecretValue>) {
+    fn set_secrets(&mut self, values: Vec<SecretValue>, masked: Option<Vec<u8>>) {
         if !values.is_empty() && !self.mode_given {
             self.perms.mode = SECRET_MODE;
         }
         self.secrets = values;
+        self.masked = masked;
     }
 
     fn holds_secrets(&self) -> bool {
@@ -230,8 +234,21 @@ impl Resource for File {
             ));
         }
         let old = live.content.as_deref();
+        // A file only its owner may read may hold a secret we cannot
+        // recognise (it held secrets until this revision, or one was put
+        // there by hand): its current content is never shown, not even as
+        // a hash. The new content has none (else the branch below).
+        let private = live
+            .meta
+            .is_some_and(|m| m.kind == Ft::File && m.mode & 0o044 == 0);
         if old != Some(self.content.as_slice()) {
-            if self.secrets.is_empty() {
+            if self.secrets.is_empty() && private {
+                out.push(FieldChange::new(
+                    "content",
+                    old.map(|o| format!("{} bytes (private file: not shown)", o.len())),
+                    Some(describe(&self.content)),
+                ));
+            } else if self.secrets.is_empty() {
                 let mut change =
                     FieldChange::new("content", old.map(describe), Some(describe(&self.content)));
                 change.diff = unified_diff(old.unwrap_or_default(), &self.content, self.identity());
@@ -338,6 +355,7 @@ mod tests {
             },
             mode_given: true,
             secrets: Vec::new(),
+            masked: None,
         };
         let live = Observation::new(
             meta.is_some(),

@@ -122,10 +122,12 @@ pub trait Resource: Send + Sync + Debug {
     fn observe(&self, host: &Host) -> Result<Observation, ResourceError>;
     /// Pure: what differs between desired and `live`. Empty means in sync.
     fn diff(&self, live: &Observation, host: &Host) -> Vec<FieldChange>;
-    /// Hands the resource the secret values its rendering used, so it can
-    /// redact them from plans and pick a private default mode. Kinds that
-    /// never hold secrets ignore it.
-    fn set_secrets(&mut self, _values: Vec<crate::secrets::SecretValue>) {}
+    /// Hands the resource the secret values its rendering used (so it can
+    /// pick a private default mode) and its content rendered with every
+    /// secret masked (the only view of it plans may show; `None`: show
+    /// none). Kinds that never hold secrets ignore it.
+    fn set_secrets(&mut self, _values: Vec<crate::secrets::SecretValue>, _masked: Option<Vec<u8>>) {
+    }
     /// Whether its desired state holds secret values.
     fn holds_secrets(&self) -> bool {
         false

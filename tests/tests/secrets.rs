@@ -1,0 +1,1148 @@
+//! Secrets from 1Password end to end: the real `agent` binary, configured
+//! with `onepassword: {connect_url, token_file}`, against the Connect
+//! stand-in (`homelab_agent_tests::connect_standin`, a real HTTP server on
+//! 127.0.0.1). Converging, the per-run cache, rotation, Connect down or
+//! failing mid-run, a deleted item, `agent secrets check`, no Connect at all,
+//! the mode of a secret file from its first byte, and the leak test: no
+//! secret value (nor its common encodings) anywhere but in the files that
+//! are meant to hold it.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use homelab_agent_tests::connect_standin::ConnectStandIn;
+use homelab_agent_tests::git_server::http_request;
+use homelab_agent_tests::{agent, stderr, stdout, tree, Node};
+
+const TOKEN: &str = "ops-connect-token-Jx81-e2e-Vq4";
+/// A distinctive value.
+const DB_PASSWORD: &str = "Lk7-zeta-CANARY-91xq";
+/// A low-entropy one.
+const DB_USER: &str = "hunter2";
+/// One whose URL, JSON (HTML-safe) and base64 forms all differ from it.
+const API_KEY: &str = "p@ss/w0rd+Zq8=&x<y>";
+/// Rotated values.
+const ROTATED: &str = "Rot8-omega-CANARY-55vb";
+const ROTATED_AGAIN: &str = "Rot9-sigma-CANARY-08kd";
+
+const HOST: &str = "platform: linux\nroots: [/srv]\nmodules:\n  - name: app\n";
+
+/// Inline content, a template, a section reference, a field of an item
+/// another file also uses, and a file without secrets.
+const APP: &str = r#"resources:
+  - directory: /srv/app
+  - file: /srv/app/db.conf
+    content: "user=app\npassword={{ secret('op://homelab/db/password') }}\n"
+  - file: /srv/app/app.ini
+    template: app.ini.j2
+  - file: /srv/app/user.txt
+    content: "{{ secret('op://homelab/db/username') }}\n"
+  - file: /srv/app/api.env
+    content: "API_KEY={{ secret('op://homelab/api/prod/key') }}\n"
+  - file: /srv/app/plain.txt
+    content: "no secrets here\n"
+"#;
+
+const APP_INI: &str = "[database]\nuser = {{ secret(\"op://homelab/db/username\") }}\npassword = {{ secret('op://homelab/db/password') }}\n";
+
+/// The files of [`APP`] that hold secrets.
+const SECRET_FILES: &[&str] = &[
+    "/srv/app/db.conf",
+    "/srv/app/app.ini",
+    "/srv/app/user.txt",
+    "/srv/app/api.env",
+];
+
+fn db_conf(password: &str) -> String {
+    format!("user=app\npassword={password}\n")
+}
+
+fn app_ini(password: &str) -> String {
+    format!("[database]\nuser = {DB_USER}\npassword = {password}\n")
+}
+
+/// A sandbox, a repo (a local directory), an agent config and a Connect
+/// stand-in holding vault `homelab` with items `db` (username, password)
+/// and `api` (section `prod`: key).
+struct Lab {
+    tmp: tempfile::TempDir,
+    connect: ConnectStandIn,
+    vault: String,
+    db: String,
+    api: String,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        Lab::with_module(APP)
+    }
+
+    fn with_module(module: &str) -> Lab {
+        let connect = ConnectStandIn::start(TOKEN);
+        let vault = connect.add_vault("homelab");
+        let db = connect.add_item(
+            &vault,
+            "db",
+            &[("username", DB_USER), ("password", DB_PASSWORD)],
+        );
+        let api = connect.add_item_with_section(&vault, "api", "prod", &[("key", API_KEY)]);
+        let lab = Lab {
+            tmp: tempfile::tempdir().unwrap(),
+            connect,
+            vault,
+            db,
+            api,
+        };
+        std::fs::create_dir_all(lab.root()).unwrap();
+        lab.write("hosts/lab.yaml", HOST);
+        lab.write("modules/app/module.yaml", module);
+        lab.write("modules/app/templates/app.ini.j2", APP_INI);
+        std::fs::write(lab.token_file(), format!("{TOKEN}\n")).unwrap();
+        std::fs::set_permissions(lab.token_file(), std::fs::Permissions::from_mode(0o600)).unwrap();
+        lab.write_config(true, "");
+        lab
+    }
+
+    fn repo(&self) -> PathBuf {
+        self.tmp.path().join("repo")
+    }
+
+    fn root(&self) -> PathBuf {
+        self.tmp.path().join("root")
+    }
+
+    fn config(&self) -> PathBuf {
+        self.tmp.path().join("agent.yaml")
+    }
+
+    fn token_file(&self) -> PathBuf {
+        self.tmp.path().join("op-token")
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.root().join("var/lib/homelab-agent")
+    }
+
+    fn host_path(&self, path: &str) -> PathBuf {
+        self.root().join(path.trim_start_matches('/'))
+    }
+
+    fn read(&self, path: &str) -> String {
+        std::fs::read_to_string(self.host_path(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
+    }
+
+    fn mode(&self, path: &str) -> u32 {
+        std::fs::metadata(self.host_path(path))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    fn write(&self, rel: &str, content: &str) {
+        let p = self.repo().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+
+    /// `onepassword:` when `connect`; `extra` is appended verbatim.
+    fn write_config(&self, connect: bool, extra: &str) {
+        let op = if connect {
+            format!(
+                "onepassword:\n  connect_url: {}\n  token_file: {}\n",
+                self.connect.url(),
+                self.token_file().display()
+            )
+        } else {
+            String::new()
+        };
+        std::fs::write(
+            self.config(),
+            format!(
+                "repo: {}\nhost: lab\nroot: {}\n{op}{extra}",
+                self.repo().display(),
+                self.root().display()
+            ),
+        )
+        .unwrap();
+    }
+
+    /// `agent ARGS --config agent.yaml`.
+    fn agent(&self, args: &[&str]) -> Output {
+        agent()
+            .args(args)
+            .arg("--config")
+            .arg(self.config())
+            .output()
+            .expect("spawn agent")
+    }
+
+    /// `agent ARGS --config agent.yaml`, which must exit with `code`.
+    fn expect(&self, args: &[&str], code: i32) -> Output {
+        let out = self.agent(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "agent {args:?}: stdout:\n{}\nstderr:\n{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        out
+    }
+
+    /// `plan --json` as id -> classification.
+    fn classes(&self) -> BTreeMap<String, String> {
+        let out = self.expect(&["plan", "--json"], 0);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_str().unwrap().to_string(),
+                    r["classification"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// The inventory from `agent status --json`.
+    fn inventory(&self) -> serde_json::Map<String, serde_json::Value> {
+        let out = self.expect(&["status", "--json"], 0);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["inventory"].as_object().cloned().unwrap_or_default()
+    }
+
+    /// Replaces the port, ids and paths that change between runs.
+    fn redact(&self, text: &str) -> String {
+        text.replace(&self.connect.url(), "http://127.0.0.1:[PORT]")
+            .replace(&self.vault, "[VAULT]")
+            .replace(&self.db, "[DB_ITEM]")
+            .replace(&self.api, "[API_ITEM]")
+            .replace(self.root().to_str().unwrap(), "[ROOT]")
+            .replace(self.repo().to_str().unwrap(), "[REPO]")
+    }
+}
+
+fn id(path: &str) -> String {
+    format!("file:{path}")
+}
+
+/// Every file under `dir` holding `needle` (bytes).
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    tree(dir)
+        .into_iter()
+        .filter_map(|(rel, node)| match node {
+            Node::File { content, .. } if contains(&content, needle) => Some(dir.join(rel)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+// --- 1. converging ---
+
+#[test]
+fn apply_writes_secret_values_with_mode_0600_and_then_has_nothing_to_do() {
+    let lab = Lab::new();
+    let out = lab.expect(&["apply"], 0);
+    let text = stdout(&out);
+    for path in SECRET_FILES {
+        assert!(
+            text.contains(&format!("+ {} created", id(path))),
+            "{path}:\n{text}"
+        );
+    }
+    assert_eq!(lab.read("/srv/app/db.conf"), db_conf(DB_PASSWORD));
+    assert_eq!(lab.read("/srv/app/app.ini"), app_ini(DB_PASSWORD));
+    assert_eq!(lab.read("/srv/app/user.txt"), format!("{DB_USER}\n"));
+    assert_eq!(lab.read("/srv/app/api.env"), format!("API_KEY={API_KEY}\n"));
+    assert_eq!(lab.read("/srv/app/plain.txt"), "no secrets here\n");
+    // No `mode:` in the module: files holding secrets are 0600, others the default.
+    for path in SECRET_FILES {
+        assert_eq!(lab.mode(path), 0o600, "{path}");
+    }
+    assert_eq!(lab.mode("/srv/app/plain.txt"), 0o644);
+
+    let out = lab.expect(&["plan", "--detailed-exitcode"], 0);
+    assert!(
+        stdout(&out).contains("No changes: 6 resource(s) in sync."),
+        "{}",
+        stdout(&out)
+    );
+    assert!(lab.classes().values().all(|c| c == "in_sync"));
+}
+
+// --- 2. one fetch per item per run ---
+
+#[test]
+fn each_item_is_fetched_once_per_run_and_nothing_is_cached_on_disk() {
+    let mut module = String::from("resources:\n  - directory: /srv/bulk\n");
+    let mut fields = Vec::new();
+    for i in 0..10 {
+        module.push_str(&format!(
+            "  - file: /srv/bulk/k{i}\n    content: \"{{{{ secret('op://homelab/bulk/k{i}') }}}}\\n\"\n"
+        ));
+        fields.push((format!("k{i}"), format!("bulk-value-{i}-Tz6w")));
+    }
+    let lab = Lab::with_module(&module);
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    lab.connect.add_item(&lab.vault, "bulk", &pairs);
+
+    // Per run: the vault by name (one filtered list), the item by title (one
+    // filtered list) and the item itself (one GET). Ten references, three
+    // requests; every run pays them again.
+    let cost = |args: &[&str], code: i32| {
+        let before = lab.connect.requests();
+        lab.expect(args, code);
+        lab.connect.requests() - before
+    };
+    assert_eq!(cost(&["plan"], 0), 3);
+    assert_eq!(cost(&["apply"], 0), 3);
+    for i in 0..10 {
+        assert_eq!(
+            lab.read(&format!("/srv/bulk/k{i}")),
+            format!("bulk-value-{i}-Tz6w\n")
+        );
+    }
+    assert_eq!(cost(&["apply"], 0), 3);
+    assert_eq!(cost(&["plan", "--json"], 0), 3);
+    assert_eq!(cost(&["plan", "--detailed-exitcode"], 0), 3);
+}
+
+// --- 3. rotation ---
+
+#[test]
+fn a_rotated_secret_changes_exactly_the_files_that_use_it() {
+    let lab = Lab::new();
+    lab.expect(&["apply"], 0);
+    lab.connect.set_field(&lab.db, "password", ROTATED);
+
+    let classes = lab.classes();
+    let expected: BTreeMap<String, String> = [
+        ("directory:/srv/app", "in_sync"),
+        ("file:/srv/app/db.conf", "change"),
+        ("file:/srv/app/app.ini", "change"),
+        // Same item, another field: untouched.
+        ("file:/srv/app/user.txt", "in_sync"),
+        ("file:/srv/app/api.env", "in_sync"),
+        ("file:/srv/app/plain.txt", "in_sync"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(classes, expected);
+
+    let out = lab.expect(&["plan", "--detailed-exitcode"], 2);
+    let text = stdout(&out);
+    for secret in [DB_PASSWORD, ROTATED, DB_USER] {
+        assert!(!text.contains(secret), "{secret} in the plan:\n{text}");
+    }
+    insta::assert_snapshot!("rotated_plan", lab.redact(&text));
+
+    lab.expect(&["apply"], 0);
+    assert_eq!(lab.read("/srv/app/db.conf"), db_conf(ROTATED));
+    assert_eq!(lab.read("/srv/app/app.ini"), app_ini(ROTATED));
+    assert_eq!(lab.mode("/srv/app/db.conf"), 0o600);
+    lab.expect(&["plan", "--detailed-exitcode"], 0);
+}
+
+#[test]
+fn a_file_that_stops_holding_a_secret_does_not_show_the_old_value() {
+    let lab = Lab::new();
+    lab.expect(&["apply"], 0);
+    // The next revision writes db.conf without its password: the file on
+    // disk still holds it, and the agent cannot tell it is a secret.
+    lab.write(
+        "modules/app/module.yaml",
+        &APP.replace("password={{ secret('op://homelab/db/password') }}\\n", ""),
+    );
+    for args in [&["plan"][..], &["plan", "--json"][..]] {
+        let out = lab.expect(args, 0);
+        let text = stdout(&out);
+        assert!(!text.contains(DB_PASSWORD), "{args:?}:\n{text}");
+        assert!(
+            text.contains("39 bytes (private file: not shown)"),
+            "{text}"
+        );
+        // Not even a hash of the old content (a low-entropy secret could be
+        // brute-forced from it).
+        let old = std::fs::read(lab.host_path("/srv/app/db.conf")).unwrap();
+        let hash = blake3::hash(&old).to_hex();
+        assert!(!text.contains(&hash[..12]), "{text}");
+    }
+    lab.expect(&["apply"], 0);
+    assert_eq!(lab.read("/srv/app/db.conf"), "user=app\n");
+    assert_eq!(lab.mode("/srv/app/db.conf"), 0o644);
+}
+
+// --- 4. Connect down, an item deleted, Connect failing mid-run ---
+
+/// No file under the sandbox (state included) holds the placeholder.
+fn assert_no_placeholder(lab: &Lab) {
+    let found = files_containing(&lab.root(), b"<unresolved secret>");
+    assert!(found.is_empty(), "placeholder written to {found:?}");
+}
+
+#[test]
+fn connect_down_skips_secret_resources_and_converges_the_rest() {
+    let mut lab = Lab::new();
+    // A file that was there before the agent: it will be adopted, not created.
+    std::fs::create_dir_all(lab.host_path("/srv/app")).unwrap();
+    std::fs::write(lab.host_path("/srv/app/api.env"), "API_KEY=old\n").unwrap();
+    lab.connect.stop();
+
+    let out = lab.expect(&["apply"], 0);
+    let text = stdout(&out);
+    assert!(text.contains("+ file:/srv/app/plain.txt created"), "{text}");
+    for (path, reference) in [
+        ("/srv/app/db.conf", "op://homelab/db/password"),
+        ("/srv/app/app.ini", "op://homelab/db/username"),
+        ("/srv/app/user.txt", "op://homelab/db/username"),
+        ("/srv/app/api.env", "op://homelab/api/prod/key"),
+    ] {
+        let want = format!(
+            "? {} skipped: {reference}: cannot reach Connect at {}",
+            id(path),
+            lab.connect.url()
+        );
+        assert!(text.contains(&want), "missing {want:?} in:\n{text}");
+    }
+    assert!(
+        text.contains("0 pruned") && text.contains("0 failed, 4 skipped."),
+        "{text}"
+    );
+    for path in ["/srv/app/db.conf", "/srv/app/app.ini", "/srv/app/user.txt"] {
+        assert!(!lab.host_path(path).exists(), "{path} was written");
+    }
+    assert_eq!(lab.read("/srv/app/api.env"), "API_KEY=old\n");
+    assert_no_placeholder(&lab);
+    // A skipped resource was not applied: it is not in the inventory (which
+    // would make the pre-existing api.env "created", so prunable).
+    let inventory = lab.inventory();
+    for path in SECRET_FILES {
+        assert!(
+            !inventory.contains_key(&id(path)),
+            "{path} recorded although skipped: {inventory:?}"
+        );
+    }
+
+    let out = lab.expect(&["plan", "--detailed-exitcode"], 2);
+    assert!(
+        stdout(&out).contains(&format!(
+            "? file:/srv/app/db.conf  (module app) skipped: needs op://homelab/db/password: cannot reach Connect at {}",
+            lab.connect.url()
+        )),
+        "{}",
+        stdout(&out)
+    );
+    lab.expect(&["apply", "--detailed-exitcode"], 2);
+
+    lab.connect.restart();
+    lab.expect(&["apply"], 0);
+    assert_eq!(lab.read("/srv/app/db.conf"), db_conf(DB_PASSWORD));
+    assert_eq!(lab.read("/srv/app/api.env"), format!("API_KEY={API_KEY}\n"));
+    let inventory = lab.inventory();
+    assert_eq!(inventory[&id("/srv/app/api.env")]["origin"], "adopted");
+    assert_eq!(inventory[&id("/srv/app/db.conf")]["origin"], "created");
+    lab.expect(&["plan", "--detailed-exitcode"], 0);
+}
+
+#[test]
+fn connect_down_after_converging_touches_and_prunes_no_secret_file() {
+    // user.txt is report-only: a hand edit of it must stay drift (shown,
+    // left alone) across an outage, never turn into a "change" that is
+    // overwritten.
+    let module = APP.replace(
+        "    content: \"{{ secret('op://homelab/db/username') }}\\n\"\n",
+        "    content: \"{{ secret('op://homelab/db/username') }}\\n\"\n    on_drift: report\n",
+    );
+    assert_ne!(module, APP);
+    let mut lab = Lab::with_module(&module);
+    lab.expect(&["apply"], 0);
+    std::fs::write(lab.host_path("/srv/app/user.txt"), "edited by hand\n").unwrap();
+    let secret_files = |lab: &Lab| -> Vec<(String, u32)> {
+        SECRET_FILES
+            .iter()
+            .map(|p| (lab.read(p), lab.mode(p)))
+            .collect()
+    };
+    let before = secret_files(&lab);
+
+    lab.connect.stop();
+    lab.write(
+        "modules/app/module.yaml",
+        &module.replace("no secrets here", "no secrets here, v2"),
+    );
+    let out = lab.expect(&["apply"], 0);
+    let text = stdout(&out);
+    assert!(
+        text.contains("~ file:/srv/app/plain.txt updated (content)"),
+        "{text}"
+    );
+    assert!(text.contains("0 pruned"), "{text}");
+    assert!(text.contains("4 skipped."), "{text}");
+    assert_eq!(lab.read("/srv/app/plain.txt"), "no secrets here, v2\n");
+    assert_eq!(secret_files(&lab), before, "a secret file was touched");
+    assert_no_placeholder(&lab);
+
+    lab.connect.restart();
+    let classes = lab.classes();
+    assert_eq!(classes[&id("/srv/app/user.txt")], "drift");
+    assert_eq!(classes[&id("/srv/app/db.conf")], "in_sync");
+    let out = lab.expect(&["apply"], 0);
+    assert!(
+        stdout(&out).contains("file:/srv/app/user.txt drift reported, left alone"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(lab.read("/srv/app/user.txt"), "edited by hand\n");
+}
+
+#[test]
+fn a_deleted_item_skips_what_uses_it_and_names_the_item() {
+    let lab = Lab::new();
+    lab.expect(&["apply"], 0);
+    lab.connect.remove_item(&lab.db);
+    let out = lab.expect(&["apply", "--detailed-exitcode"], 2);
+    let text = stdout(&out);
+    let want = format!(
+        "? file:/srv/app/db.conf skipped: op://homelab/db/password: Connect at {} has no item \"db\" in vault {}",
+        lab.connect.url(),
+        lab.vault
+    );
+    assert!(text.contains(&want), "missing {want:?} in:\n{text}");
+    assert!(
+        text.contains("0 pruned") && text.contains("3 skipped."),
+        "{text}"
+    );
+    // What the item fed stays as it was; the rest is in sync.
+    assert_eq!(lab.read("/srv/app/db.conf"), db_conf(DB_PASSWORD));
+    assert_eq!(lab.read("/srv/app/api.env"), format!("API_KEY={API_KEY}\n"));
+    assert_no_placeholder(&lab);
+}
+
+#[test]
+fn connect_failing_mid_run_writes_only_complete_files() {
+    let lab = Lab::new();
+    // Vault lookup, item `db` (list + get) are served; then Connect fails.
+    lab.connect.fail_after(3, 500, 100);
+    let out = lab.expect(&["apply", "--detailed-exitcode"], 2);
+    let text = stdout(&out);
+    assert!(
+        text.contains("? file:/srv/app/api.env skipped: op://homelab/api/prod/key: Connect at"),
+        "{text}"
+    );
+    assert!(text.contains("answered 500"), "{text}");
+    assert!(text.contains("1 skipped."), "{text}");
+    assert!(!lab.host_path("/srv/app/api.env").exists());
+    assert_eq!(lab.read("/srv/app/db.conf"), db_conf(DB_PASSWORD));
+    assert_eq!(lab.read("/srv/app/app.ini"), app_ini(DB_PASSWORD));
+    assert_no_placeholder(&lab);
+
+    lab.connect.fail_next(500, 0);
+    lab.expect(&["apply"], 0);
+    assert_eq!(lab.read("/srv/app/api.env"), format!("API_KEY={API_KEY}\n"));
+    lab.expect(&["plan", "--detailed-exitcode"], 0);
+}
+
+// --- 5. agent secrets check ---
+
+#[test]
+fn secrets_check_names_each_bad_reference_and_its_resource() {
+    let lab = Lab::new();
+    lab.connect
+        .add_item(&lab.vault, "dup", &[("password", "dup-one-Qa1x")]);
+    lab.connect
+        .add_item(&lab.vault, "dup", &[("password", "dup-two-Qa2x")]);
+    let restricted = lab.connect.add_vault("restricted");
+    lab.connect
+        .add_item(&restricted, "vpn", &[("password", "vpn-secret-Mm3r")]);
+    lab.connect.deny_vault(&restricted);
+    let good = "resources:\n  - directory: /srv/app\n  - file: /srv/app/good.txt\n    content: \"{{ secret('op://homelab/db/password') }}\"\n  - file: /srv/app/section.txt\n    content: \"{{ secret('op://homelab/api/prod/key') }}\"\n  - file: /srv/app/plain.txt\n    content: plain\n";
+    let bad = format!(
+        "{good}  - file: /srv/app/missing.txt\n    content: \"{{{{ secret('op://homelab/nope/password') }}}}\"\n  - file: /srv/app/dup.txt\n    content: \"{{{{ secret('op://homelab/dup/password') }}}}\"\n  - file: /srv/app/nofield.txt\n    content: \"{{{{ secret('op://homelab/db/pin') }}}}\"\n  - file: /srv/app/denied.txt\n    content: \"{{{{ secret('op://restricted/vpn/password') }}}}\"\n  - file: /srv/app/denied-by-id.txt\n    content: \"{{{{ secret('op://{restricted}/vpn/password') }}}}\"\n"
+    );
+    lab.write("modules/app/module.yaml", &bad);
+    let out = lab.expect(&["secrets", "check"], 1);
+    let text = stdout(&out);
+    let all = format!("{text}{}", stderr(&out));
+    for secret in [
+        DB_PASSWORD,
+        DB_USER,
+        API_KEY,
+        "dup-one-Qa1x",
+        "dup-two-Qa2x",
+        "vpn-secret-Mm3r",
+        TOKEN,
+    ] {
+        assert!(!all.contains(secret), "{secret} printed:\n{all}");
+    }
+    let dups: Vec<String> = {
+        // The ambiguity lists both ids; name them by position for the snapshot.
+        let v: Vec<&str> = text
+            .split("(ids ")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .unwrap_or_default()
+            .split(", ")
+            .collect();
+        v.into_iter().map(str::to_string).collect()
+    };
+    assert_eq!(dups.len(), 2, "{text}");
+    let mut redacted = lab.redact(&text).replace(&restricted, "[RESTRICTED]");
+    for (i, d) in dups.iter().enumerate() {
+        redacted = redacted.replace(d, &format!("[DUP_{}]", i + 1));
+    }
+    insta::assert_snapshot!("secrets_check_failures", redacted);
+
+    lab.write("modules/app/module.yaml", good);
+    let out = lab.expect(&["secrets", "check"], 0);
+    assert_eq!(
+        stdout(&out),
+        "Secrets for host lab: 2 resource(s) resolved all their references, 0 could not.\n"
+    );
+}
+
+// --- 6. no Connect configured ---
+
+#[test]
+fn without_onepassword_plan_works_and_skips_secret_resources() {
+    let lab = Lab::new();
+    lab.write_config(false, "");
+    let out = lab.expect(&["plan"], 0);
+    let text = stdout(&out);
+    assert!(
+        text.contains("? file:/srv/app/db.conf  (module app) skipped: needs op://homelab/db/password: no 1Password Connect configured (set `onepassword:` in the agent config)"),
+        "{text}"
+    );
+    assert!(text.contains("+ file:/srv/app/plain.txt"), "{text}");
+    assert!(text.contains("4 skipped (secrets)."), "{text}");
+    let classes = lab.classes();
+    for path in SECRET_FILES {
+        assert_eq!(classes[&id(path)], "skipped", "{path}");
+    }
+    assert_eq!(classes[&id("/srv/app/plain.txt")], "create");
+    assert_eq!(lab.connect.requests(), 0);
+}
+
+#[test]
+fn secret_outside_a_files_content_is_refused() {
+    // A symlink target, a path and a `when:` would print the value in every
+    // plan, log and resource id: refused, before anything is fetched.
+    let lab = Lab::with_module(
+        "resources:\n  - directory: /srv/app\n  - symlink: /srv/app/link\n    target: \"/srv/{{ secret('op://homelab/db/password') }}\"\n  - file: \"/srv/app/{{ secret('op://homelab/db/username') }}.txt\"\n    content: x\n  - file: /srv/app/maybe.txt\n    content: y\n    when: \"secret('op://homelab/api/prod/key') != ''\"\n",
+    );
+    let out = lab.expect(&["plan"], 1);
+    let all = format!("{}{}", stdout(&out), stderr(&out));
+    for secret in [DB_PASSWORD, DB_USER, API_KEY] {
+        assert!(!all.contains(secret), "{secret} printed:\n{all}");
+    }
+    assert_eq!(
+        all.matches("secret() may only be used in a file's `content` or `template`")
+            .count(),
+        3,
+        "{all}"
+    );
+    assert!(all.contains("module.yaml:4"), "{all}");
+    assert_eq!(lab.connect.requests(), 0);
+}
+
+// --- 8. a secret file's mode from its first byte ---
+
+/// Runs `agent apply` under umask 000 while a thread lists `dir` as fast
+/// as it can; returns every (name, mode) seen with group/other bits.
+fn apply_watching(lab: &Lab, dir: &Path) -> Vec<(String, u32)> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (seen, done, dir) = (seen.clone(), done.clone(), dir.to_path_buf());
+        std::thread::spawn(move || {
+            let mut scans = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                scans += 1;
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    if let Ok(meta) = entry.path().symlink_metadata() {
+                        let mode = meta.permissions().mode() & 0o777;
+                        if mode & 0o077 != 0 {
+                            seen.lock()
+                                .unwrap()
+                                .push((entry.file_name().to_string_lossy().into_owned(), mode));
+                        }
+                    }
+                }
+            }
+            scans
+        })
+    };
+    let mut cmd = agent();
+    cmd.args(["apply", "--config", lab.config().to_str().unwrap()])
+        .stdout(Stdio::null());
+    // SAFETY: umask is async-signal-safe; nothing else runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+            Ok(())
+        });
+    }
+    let status = cmd.status().unwrap();
+    done.store(true, Ordering::Relaxed);
+    let scans = watcher.join().unwrap();
+    assert!(status.success());
+    assert!(scans > 1, "the watcher must have looked while apply ran");
+    let seen = seen.lock().unwrap().clone();
+    seen
+}
+
+#[test]
+fn a_secret_file_is_0600_before_its_first_byte() {
+    // No `mode:` anywhere: 0600 comes from holding a secret.
+    let mut module = String::from("resources:\n  - directory: /srv/shared\n    mode: \"0755\"\n");
+    for i in 0..200 {
+        module.push_str(&format!(
+            "  - file: /srv/shared/key{i:03}\n    content: \"{{{{ secret('op://homelab/db/password') }}}} {i}\\n\"\n"
+        ));
+    }
+    let lab = Lab::with_module(&module);
+    let dir = lab.host_path("/srv/shared");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exposed = apply_watching(&lab, &dir);
+    assert!(
+        exposed.is_empty(),
+        "secret files seen with group/other bits during create: {exposed:?}"
+    );
+    for i in 0..200 {
+        let path = format!("/srv/shared/key{i:03}");
+        assert_eq!(lab.mode(&path), 0o600, "{path}");
+        assert_eq!(lab.read(&path), format!("{DB_PASSWORD} {i}\n"));
+    }
+    // A rotation replaces every file through a temp file: same rule.
+    lab.connect.set_field(&lab.db, "password", ROTATED);
+    let exposed = apply_watching(&lab, &dir);
+    assert!(
+        exposed.is_empty(),
+        "secret files seen with group/other bits during replace: {exposed:?}"
+    );
+    assert_eq!(lab.read("/srv/shared/key007"), format!("{ROTATED} 7\n"));
+    assert_eq!(lab.mode("/srv/shared/key007"), 0o600);
+}
+
+// --- 7. the leak test ---
+
+/// Standard and URL-safe base64, without padding.
+fn base64(bytes: &[u8], url_safe: bool) -> String {
+    let alphabet: &[u8] = if url_safe {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    } else {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    };
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(alphabet[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn percent_encode(s: &str, plus_for_space: bool) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            b' ' if plus_for_space => "+".to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A value and the forms it could take on its way into a log or a file:
+/// itself, URL- and form-encoded, JSON-escaped (plain and HTML-safe as
+/// minijinja's `tojson` writes it), hex, and base64 (standard and URL-safe)
+/// at each of the three alignments it can have inside a longer encoding.
+fn forms(value: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = vec![
+        ("raw".into(), value.as_bytes().to_vec()),
+        ("url".into(), percent_encode(value, false).into_bytes()),
+        ("form".into(), percent_encode(value, true).into_bytes()),
+        (
+            "json".into(),
+            serde_json::to_string(value)
+                .unwrap()
+                .trim_matches('"')
+                .as_bytes()
+                .to_vec(),
+        ),
+        (
+            "json-html".into(),
+            value
+                .replace('&', "\\u0026")
+                .replace('<', "\\u003c")
+                .replace('>', "\\u003e")
+                .replace('\'', "\\u0027")
+                .into_bytes(),
+        ),
+        ("hex".into(), hex::encode(value).into_bytes()),
+    ];
+    for url_safe in [false, true] {
+        for pad in 0..3usize {
+            let mut bytes = vec![0u8; pad];
+            bytes.extend_from_slice(value.as_bytes());
+            let enc = base64(&bytes, url_safe);
+            // Only the characters made of the value's bits alone.
+            let start = (pad * 8).div_ceil(6);
+            let end = (bytes.len() * 8) / 6;
+            if end > start + 3 {
+                out.push((
+                    format!("base64{}+{pad}", if url_safe { "url" } else { "" }),
+                    enc.as_bytes()[start..end].to_vec(),
+                ));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.1.cmp(&b.1));
+    out.dedup_by(|a, b| a.1 == b.1);
+    out
+}
+
+/// Everything the agent printed, served or stored during the leak test.
+#[derive(Default)]
+struct Evidence {
+    items: Vec<(String, Vec<u8>)>,
+}
+
+impl Evidence {
+    fn add(&mut self, what: impl Into<String>, bytes: impl Into<Vec<u8>>) {
+        self.items.push((what.into(), bytes.into()));
+    }
+
+    fn output(&mut self, what: &str, out: &Output) {
+        self.add(format!("{what}: stdout"), out.stdout.clone());
+        self.add(format!("{what}: stderr"), out.stderr.clone());
+    }
+
+    /// Every file under `dir` except `exclude`.
+    fn files(&mut self, dir: &Path, exclude: &[PathBuf]) -> usize {
+        let mut n = 0;
+        for (rel, node) in tree(dir) {
+            let path = dir.join(&rel);
+            if exclude.contains(&path) {
+                continue;
+            }
+            if let Node::File { content, .. } = node {
+                self.add(path.display().to_string(), content);
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// `agent run` with `RUST_LOG=trace`, logging to a file.
+struct Daemon {
+    child: Child,
+    listen: String,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(lab: &Lab, log: PathBuf, listen: &str) -> Daemon {
+        let child = agent()
+            .args(["run", "--config", lab.config().to_str().unwrap()])
+            .env("RUST_LOG", "trace")
+            .stdout(std::fs::File::create(log.with_extension("stdout")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon {
+            child,
+            listen: listen.to_string(),
+            log,
+        };
+        d.wait_run(0);
+        d
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        http_request("GET", &self.listen, path, &[], &[]).unwrap()
+    }
+
+    /// Waits until a run that finished after `after_ms` is reported, and no
+    /// run is in progress; returns its `finished_ms`.
+    fn wait_run(&self, after_ms: u64) -> u64 {
+        self.wait_run_where(after_ms, |_| true)
+    }
+
+    /// [`Daemon::wait_run`] for a run whose record satisfies `ok`.
+    fn wait_run_where(&self, after_ms: u64, ok: impl Fn(&serde_json::Value) -> bool) -> u64 {
+        let start = Instant::now();
+        loop {
+            if let Ok((200, body)) = http_request("GET", &self.listen, "/api/status", &[], &[]) {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let run = &v["last_run"];
+                let finished = run["finished_ms"].as_u64().unwrap_or(0);
+                if finished > after_ms && v["running"] == false && ok(run) {
+                    return finished;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no such run finished; daemon log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    fn terminate(mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "daemon exit: {status}");
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "daemon did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_file(path: &Path, want: &str) {
+    let start = Instant::now();
+    while std::fs::read_to_string(path).ok().as_deref() != Some(want) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} never became {want:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A JSON config rendering secrets through `tojson` (which escapes `&`,
+/// `<` and `>`): the value on disk differs from the value from Connect.
+const CONFIG_JSON: &str =
+    "{\n  \"user\": {{ secret('op://homelab/db/username') | tojson }},\n  \"api_key\": {{ secret('op://homelab/api/prod/key') | tojson }}\n}\n";
+
+#[test]
+fn no_secret_value_leaks_anywhere() {
+    let module = format!("{APP}  - file: /srv/app/config.json\n    template: config.json.j2\n");
+    let mut lab = Lab::with_module(&module);
+    lab.write("modules/app/templates/config.json.j2", CONFIG_JSON);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let daemon_config =
+        |format: &str| format!("listen: {listen}\npoll_interval: 1h\nlog_format: {format}\n");
+    lab.write_config(true, &daemon_config("text"));
+    let mut ev = Evidence::default();
+    let run = |lab: &Lab, ev: &mut Evidence, what: &str, args: &[&str], code: i32| {
+        let out = lab.expect(args, code);
+        ev.output(what, &out);
+        out
+    };
+
+    // The CLI: validate, check, plan (text, JSON), apply.
+    run(&lab, &mut ev, "validate config", &["validate"], 0);
+    let out = agent()
+        .args(["validate", "--repo", lab.repo().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    ev.output("validate repo", &out);
+    run(&lab, &mut ev, "secrets check", &["secrets", "check"], 0);
+    let out = run(&lab, &mut ev, "plan", &["plan"], 0);
+    // A new file's masked preview shows where its secrets go, not what they are.
+    assert!(
+        stdout(&out).contains("+password=[redacted]"),
+        "{}",
+        stdout(&out)
+    );
+    run(&lab, &mut ev, "plan --json", &["plan", "--json"], 0);
+    run(&lab, &mut ev, "apply", &["apply"], 0);
+    assert_eq!(lab.read("/srv/app/db.conf"), db_conf(DB_PASSWORD));
+    let json_conf = lab.read("/srv/app/config.json");
+    assert!(json_conf.contains("\\u0026"), "tojson escapes: {json_conf}");
+
+    // Drift: a hand edit of a secret file (holding an old value), healed.
+    std::fs::write(
+        lab.host_path("/srv/app/db.conf"),
+        db_conf(&format!("{DB_PASSWORD}-edited")),
+    )
+    .unwrap();
+    run(&lab, &mut ev, "plan (drift)", &["plan"], 0);
+    run(&lab, &mut ev, "plan --json (drift)", &["plan", "--json"], 0);
+    run(&lab, &mut ev, "apply (drift)", &["apply"], 0);
+    assert_eq!(lab.read("/srv/app/db.conf"), db_conf(DB_PASSWORD));
+
+    // A failing apply: a secret file where a directory sits.
+    lab.write(
+        "modules/app/module.yaml",
+        &format!(
+            "{module}  - file: /srv/app/conflict.conf\n    content: \"key={{{{ secret('op://homelab/db/password') }}}}\\n\"\n"
+        ),
+    );
+    std::fs::create_dir_all(lab.host_path("/srv/app/conflict.conf")).unwrap();
+    let out = run(&lab, &mut ev, "apply (failing)", &["apply"], 1);
+    assert!(stderr(&out).contains("conflict.conf"), "{}", stderr(&out));
+    run(&lab, &mut ev, "plan (failing)", &["plan", "--json"], 1);
+    lab.write("modules/app/module.yaml", &module);
+    std::fs::remove_dir(lab.host_path("/srv/app/conflict.conf")).unwrap();
+
+    // Rotation, then Connect down.
+    lab.connect.set_field(&lab.db, "password", ROTATED);
+    run(&lab, &mut ev, "plan (rotated)", &["plan"], 0);
+    run(
+        &lab,
+        &mut ev,
+        "plan --json (rotated)",
+        &["plan", "--json"],
+        0,
+    );
+    run(&lab, &mut ev, "apply (rotated)", &["apply", "--json"], 0);
+    assert_eq!(lab.read("/srv/app/db.conf"), db_conf(ROTATED));
+    lab.connect.stop();
+    run(&lab, &mut ev, "plan (down)", &["plan"], 0);
+    run(&lab, &mut ev, "apply (down)", &["apply"], 0);
+    lab.connect.restart();
+    run(&lab, &mut ev, "status", &["status"], 0);
+    run(&lab, &mut ev, "status --json", &["status", "--json"], 0);
+
+    // The daemon at trace level: text, then JSON logs.
+    let text_log = lab.tmp.path().join("daemon-text.log");
+    let daemon = Daemon::start(&lab, text_log.clone(), &listen);
+    let mut last = daemon.wait_run(0);
+    // Drift: the watcher sees the edit, a run heals it.
+    std::fs::write(lab.host_path("/srv/app/db.conf"), "password=by-hand\n").unwrap();
+    wait_for_file(&lab.host_path("/srv/app/db.conf"), &db_conf(ROTATED));
+    last = daemon.wait_run(last);
+    // Rotation: SIGHUP queues a run.
+    lab.connect.set_field(&lab.db, "password", ROTATED_AGAIN);
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for_file(&lab.host_path("/srv/app/db.conf"), &db_conf(ROTATED_AGAIN));
+    last = daemon.wait_run(last);
+    // Connect down for a run: skipped resources are logged with why.
+    lab.connect.stop();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let skipped = |run: &serde_json::Value| run["counts"]["skipped"].as_u64().unwrap_or(0);
+    last = daemon.wait_run_where(last, |run| skipped(run) == 5);
+    lab.connect.restart();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_run_where(last, |run| skipped(run) == 0);
+    for path in ["/api/status", "/readyz", "/healthz"] {
+        let (code, body) = daemon.get(path);
+        ev.add(format!("GET {path} (text daemon) {code}"), body);
+    }
+    daemon.terminate();
+    let log = std::fs::read_to_string(&text_log).unwrap();
+    assert!(log.contains("skipped: a secret did not resolve"), "{log}");
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "not verbose:\n{log}"
+    );
+
+    lab.write_config(true, &daemon_config("json"));
+    let json_log = lab.tmp.path().join("daemon-json.log");
+    let daemon = Daemon::start(&lab, json_log.clone(), &listen);
+    let last = daemon.wait_run(0);
+    std::fs::write(lab.host_path("/srv/app/api.env"), "API_KEY=by-hand\n").unwrap();
+    wait_for_file(
+        &lab.host_path("/srv/app/api.env"),
+        &format!("API_KEY={API_KEY}\n"),
+    );
+    daemon.wait_run(last);
+    for path in ["/api/status", "/readyz", "/healthz"] {
+        let (code, body) = daemon.get(path);
+        ev.add(format!("GET {path} (json daemon) {code}"), body);
+    }
+    daemon.terminate();
+    let log = std::fs::read_to_string(&json_log).unwrap();
+    assert!(log.starts_with('{'), "{log}");
+
+    // Everything on disk but the files meant to hold the values (and the
+    // token file): daemon logs, the state directory (redb bytes included),
+    // the repo, the config.
+    let mut exclude: Vec<PathBuf> = SECRET_FILES.iter().map(|p| lab.host_path(p)).collect();
+    exclude.push(lab.host_path("/srv/app/config.json"));
+    exclude.push(lab.token_file());
+    let redb = std::fs::metadata(lab.state_dir().join("state.redb")).unwrap();
+    assert!(redb.len() > 0);
+    let scanned = ev.files(lab.tmp.path(), &exclude);
+    assert!(
+        ev.items
+            .iter()
+            .any(|(what, _)| what.ends_with("state.redb")),
+        "the state database was not scanned"
+    );
+    assert!(scanned > 10, "{scanned} files scanned");
+
+    let mut leaks = Vec::new();
+    for value in [DB_PASSWORD, DB_USER, API_KEY, ROTATED, ROTATED_AGAIN, TOKEN] {
+        for (form, needle) in forms(value) {
+            for (what, bytes) in &ev.items {
+                if contains(bytes, &needle) {
+                    let at = bytes
+                        .windows(needle.len())
+                        .position(|w| w == needle)
+                        .unwrap();
+                    let context = String::from_utf8_lossy(
+                        &bytes[at.saturating_sub(80)..(at + needle.len() + 80).min(bytes.len())],
+                    )
+                    .into_owned();
+                    leaks.push(format!("{value:?} ({form}) in {what}: …{context}…"));
+                }
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "{} leak(s):\n{}",
+        leaks.len(),
+        leaks.join("\n")
+    );
+}
