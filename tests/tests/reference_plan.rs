@@ -52,3 +52,71 @@ fn every_reference_host_validates() {
     assert!(text.contains("ok: host indri:"), "{text}");
     assert!(text.contains("ok: host sifaka:"), "{text}");
 }
+
+/// With a Connect server holding the reference homelab's items (the
+/// stand-in), every host's secrets resolve: nothing is skipped, and the
+/// plan shows the k3s join token only as `[redacted]`.
+#[test]
+fn reference_secrets_resolve_through_connect() {
+    use homelab_agent_tests::connect_standin::ConnectStandIn;
+    let token = "reference-connect-token";
+    let connect = ConnectStandIn::start(token);
+    let vault = connect.add_vault("homelab");
+    let values = [
+        ("borgmatic", "passphrase", "borg-passphrase-value-1"),
+        ("postgres-backup", "password", "pg-backup-password-value-2"),
+        ("k3s", "cluster-token", "k3s-cluster-token-value-3"),
+    ];
+    for (item, field, value) in values {
+        connect.add_item(&vault, item, &[(field, value)]);
+    }
+    connect.add_item(
+        &vault,
+        "forgejo",
+        &[
+            ("secret_key", "forgejo-secret-key-value-4"),
+            ("internal_token", "forgejo-internal-token-value-5"),
+            ("lfs_jwt_secret", "forgejo-lfs-jwt-value-6"),
+            ("oauth2_jwt_secret", "forgejo-oauth2-jwt-value-7"),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("op-token");
+    std::fs::write(&token_file, token).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    for host in ["indri", "sifaka", "k3s-cp", "k3s-x86"] {
+        let root = dir.path().join(host);
+        let config = dir.path().join(format!("{host}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "repo: {}\nhost: {host}\nroot: {}\nonepassword:\n  connect_url: {}\n  token_file: {}\n",
+                workspace().display(),
+                root.display(),
+                connect.url(),
+                token_file.display()
+            ),
+        )
+        .unwrap();
+        let out = run(&["plan", "--config", config.to_str().unwrap()]);
+        assert!(out.status.success(), "{host}: {}", stderr(&out));
+        let text = stdout(&out);
+        assert!(!text.contains(" skipped"), "{host}: {text}");
+        for value in [
+            "borg-passphrase-value-1",
+            "pg-backup-password-value-2",
+            "k3s-cluster-token-value-3",
+            "forgejo-secret-key-value-4",
+        ] {
+            assert!(!text.contains(value), "{host} plan shows a secret");
+        }
+        if host == "k3s-cp" {
+            assert!(text.contains("+token: \"[redacted]\""), "{text}");
+            assert!(text.contains("mode: (none) -> 0600"), "{text}");
+        }
+    }
+}
