@@ -493,6 +493,22 @@ fn run_plan_apply(
         let err = crate::apply::refuse(&plan).to_string();
         return Err(err);
     }
+    // The drift watcher compares events against this catalog from now on:
+    // set before applying, so the events of the agent's own writes compare
+    // equal and queue nothing.
+    let by_path = plan
+        .catalog
+        .entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| e.resource.path().map(|p| (host.fs.host_path(p), i)))
+        .collect();
+    *shared.drift.write().unwrap() = Some(DriftIndex {
+        catalog: plan.catalog.clone(),
+        by_path,
+        root: s.root.clone(),
+        platform: plan.catalog.host.platform,
+    });
     let store = Store::open(&s.state_dir).map_err(|e| e.to_string())?;
     let report =
         crate::apply::apply_cancellable(&plan, &host, &store, trigger, Some(&shared.cancel))
@@ -509,20 +525,6 @@ fn run_plan_apply(
     info!(revision = %report.revision, trigger, created = report.counts.created, changed = report.counts.changed,
         pruned = report.counts.pruned, drift_healed = report.counts.drift_healed,
         drift_reported = report.counts.drift_reported, failed = report.counts.failed, "run finished");
-    // The drift watcher compares events against this catalog from now on.
-    let by_path = plan
-        .catalog
-        .entries
-        .iter()
-        .enumerate()
-        .filter_map(|(i, e)| e.resource.path().map(|p| (host.fs.host_path(p), i)))
-        .collect();
-    *shared.drift.write().unwrap() = Some(DriftIndex {
-        catalog: plan.catalog.clone(),
-        by_path,
-        root: s.root.clone(),
-        platform: plan.catalog.host.platform,
-    });
     Ok(counts)
 }
 
