@@ -201,3 +201,57 @@ pub fn tree(dir: &Path) -> BTreeMap<PathBuf, Node> {
     walk(dir, dir, &mut out);
     out
 }
+
+/// Runs the agent with `args` under umask 000 while a thread lists `dir` as
+/// fast as it can; returns every (name, mode) it saw with group or other
+/// permission bits. Proves files are created with their final mode before
+/// their first byte (a naive create-then-chmod would be caught).
+pub fn run_watching_modes(args: &[&str], dir: &Path) -> Vec<(String, u32)> {
+    use std::os::unix::process::CommandExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (seen, done, dir) = (seen.clone(), done.clone(), dir.to_path_buf());
+        std::thread::spawn(move || {
+            let mut scans = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                scans += 1;
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    if let Ok(meta) = entry.path().symlink_metadata() {
+                        let mode = meta.permissions().mode() & 0o777;
+                        if mode & 0o077 != 0 {
+                            seen.lock()
+                                .unwrap()
+                                .push((entry.file_name().to_string_lossy().into_owned(), mode));
+                        }
+                    }
+                }
+            }
+            scans
+        })
+    };
+    let mut cmd = agent();
+    cmd.args(args).stdout(std::process::Stdio::null());
+    // SAFETY: umask is async-signal-safe; nothing else runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+            Ok(())
+        });
+    }
+    let status = cmd.status().unwrap();
+    done.store(true, Ordering::Relaxed);
+    let scans = watcher.join().unwrap();
+    assert!(status.success(), "agent {args:?} failed");
+    assert!(
+        scans > 1,
+        "the watcher must have looked while the agent ran"
+    );
+    let seen = seen.lock().unwrap().clone();
+    seen
+}

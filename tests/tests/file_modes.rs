@@ -2,12 +2,8 @@
 //! created with its final mode before its first byte, even under umask 000.
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
-use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
-use homelab_agent_tests::{agent, Lab};
+use homelab_agent_tests::{run_watching_modes, Lab};
 
 fn write_repo(lab: &Lab, secret: &str) {
     lab.write(
@@ -28,53 +24,19 @@ fn write_repo(lab: &Lab, secret: &str) {
 fn apply_watching(lab: &Lab) -> Vec<(String, u32)> {
     let dir = lab.host_path("/srv/shared");
     std::fs::create_dir_all(&dir).unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (seen, done, dir) = (seen.clone(), done.clone(), dir.clone());
-        std::thread::spawn(move || {
-            let mut scans = 0u64;
-            while !done.load(Ordering::Relaxed) {
-                scans += 1;
-                for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-                    if let Ok(meta) = entry.path().symlink_metadata() {
-                        let mode = meta.permissions().mode() & 0o777;
-                        if mode & 0o077 != 0 {
-                            seen.lock()
-                                .unwrap()
-                                .push((entry.file_name().to_string_lossy().into_owned(), mode));
-                        }
-                    }
-                }
-            }
-            scans
-        })
-    };
-    let mut cmd = agent();
-    cmd.args([
-        "apply",
-        "--repo",
-        lab.repo().to_str().unwrap(),
-        "--root",
-        lab.root().to_str().unwrap(),
-        "--host",
-        "lab",
-    ])
-    .stdout(Stdio::null());
-    // SAFETY: umask is async-signal-safe; nothing else runs in the child before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-            Ok(())
-        });
-    }
-    let status = cmd.status().unwrap();
-    done.store(true, Ordering::Relaxed);
-    let scans = watcher.join().unwrap();
-    assert!(status.success());
-    assert!(scans > 1, "the watcher must have looked while apply ran");
-    let seen = seen.lock().unwrap().clone();
-    seen
+    let (repo, root) = (lab.repo(), lab.root());
+    run_watching_modes(
+        &[
+            "apply",
+            "--repo",
+            repo.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+            "--host",
+            "lab",
+        ],
+        &dir,
+    )
 }
 
 #[test]

@@ -9,16 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
 use homelab_agent_tests::connect_standin::ConnectStandIn;
 use homelab_agent_tests::git_server::http_request;
-use homelab_agent_tests::{agent, stderr, stdout, tree, Node};
+use homelab_agent_tests::{agent, run_watching_modes, stderr, stdout, tree, Node};
 
 const TOKEN: &str = "ops-connect-token-Jx81-e2e-Vq4";
 /// A distinctive value.
@@ -666,48 +663,8 @@ fn secret_outside_a_files_content_is_refused() {
 /// Runs `agent apply` under umask 000 while a thread lists `dir` as fast
 /// as it can; returns every (name, mode) seen with group/other bits.
 fn apply_watching(lab: &Lab, dir: &Path) -> Vec<(String, u32)> {
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (seen, done, dir) = (seen.clone(), done.clone(), dir.to_path_buf());
-        std::thread::spawn(move || {
-            let mut scans = 0u64;
-            while !done.load(Ordering::Relaxed) {
-                scans += 1;
-                let Ok(entries) = std::fs::read_dir(&dir) else {
-                    continue;
-                };
-                for entry in entries.flatten() {
-                    if let Ok(meta) = entry.path().symlink_metadata() {
-                        let mode = meta.permissions().mode() & 0o777;
-                        if mode & 0o077 != 0 {
-                            seen.lock()
-                                .unwrap()
-                                .push((entry.file_name().to_string_lossy().into_owned(), mode));
-                        }
-                    }
-                }
-            }
-            scans
-        })
-    };
-    let mut cmd = agent();
-    cmd.args(["apply", "--config", lab.config().to_str().unwrap()])
-        .stdout(Stdio::null());
-    // SAFETY: umask is async-signal-safe; nothing else runs in the child before exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::stat::umask(nix::sys::stat::Mode::empty());
-            Ok(())
-        });
-    }
-    let status = cmd.status().unwrap();
-    done.store(true, Ordering::Relaxed);
-    let scans = watcher.join().unwrap();
-    assert!(status.success());
-    assert!(scans > 1, "the watcher must have looked while apply ran");
-    let seen = seen.lock().unwrap().clone();
-    seen
+    let config = lab.config();
+    run_watching_modes(&["apply", "--config", config.to_str().unwrap()], dir)
 }
 
 #[test]
