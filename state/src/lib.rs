@@ -102,6 +102,10 @@ pub struct InventoryEntry {
     /// mid-apply still leaves the resource owned by the agent).
     pub digest: Option<String>,
     pub origin: Origin,
+    /// The desired state as applied held secret values: the live object may
+    /// still hold them, so plans never show its current content.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held_secrets: bool,
 }
 
 /// Per-host revision bookkeeping.
@@ -642,6 +646,7 @@ mod tests {
             module: "zot".into(),
             digest: Some(digest.into()),
             origin: Origin::Created,
+            held_secrets: false,
         }
     }
 

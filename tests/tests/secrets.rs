@@ -372,7 +372,7 @@ fn a_file_that_stops_holding_a_secret_does_not_show_the_old_value() {
         let text = stdout(&out);
         assert!(!text.contains(DB_PASSWORD), "{args:?}:\n{text}");
         assert!(
-            text.contains("39 bytes (private file: not shown)"),
+            text.contains("39 bytes (held secrets, not shown)"),
             "{text}"
         );
         // Not even a hash of the old content (a low-entropy secret could be
@@ -1102,4 +1102,35 @@ fn no_secret_value_leaks_anywhere() {
         leaks.len(),
         leaks.join("\n")
     );
+}
+
+/// The same with a group-readable secret file (an explicit `mode: "0640"`):
+/// the inventory remembers that the applied file held secrets, so its old
+/// lines stay hidden even though the file is not private.
+#[test]
+fn a_shared_file_that_stops_holding_a_secret_does_not_show_the_old_value() {
+    let lab = Lab::new();
+    let shared = APP.replace(
+        "password={{ secret('op://homelab/db/password') }}\\n\"",
+        "password={{ secret('op://homelab/db/password') }}\\n\"\n    mode: \"0640\"",
+    );
+    assert_ne!(shared, APP, "the fixture has the line this test edits");
+    lab.write("modules/app/module.yaml", &shared);
+    lab.expect(&["apply"], 0);
+    assert_eq!(lab.mode("/srv/app/db.conf"), 0o640);
+    lab.write(
+        "modules/app/module.yaml",
+        &shared.replace("password={{ secret('op://homelab/db/password') }}\\n", ""),
+    );
+    for args in [&["plan"][..], &["plan", "--json"][..]] {
+        let out = lab.expect(args, 0);
+        let text = stdout(&out);
+        assert!(!text.contains(DB_PASSWORD), "{args:?}:\n{text}");
+        assert!(
+            text.contains("39 bytes (held secrets, not shown)"),
+            "{text}"
+        );
+    }
+    lab.expect(&["apply"], 0);
+    assert_eq!(lab.read("/srv/app/db.conf"), "user=app\n");
 }

@@ -145,6 +145,7 @@ pub fn apply_cancellable(
                     } else {
                         Origin::Created
                     },
+                    held_secrets: e.resource.holds_secrets(),
                 },
             )
         })
@@ -359,8 +360,11 @@ pub fn apply_cancellable(
                     Origin::Created
                 },
             );
+            let held_secrets = entry.resource.holds_secrets();
             let up_to_date = p.known.as_ref().is_some_and(|k| {
-                k.digest.as_deref() == Some(p.digest.as_str()) && k.origin == origin
+                k.digest.as_deref() == Some(p.digest.as_str())
+                    && k.origin == origin
+                    && k.held_secrets == held_secrets
             });
             if !up_to_date && p.action != Action::Report {
                 w.put_inventory(
@@ -370,6 +374,7 @@ pub fn apply_cancellable(
                         module: entry.module.clone(),
                         digest: Some(p.digest.clone()),
                         origin,
+                        held_secrets,
                     },
                 )?;
             }

@@ -179,8 +179,11 @@ pub fn plan(
                 continue;
             }
         };
-        let changes = entry.resource.diff(&observation, host);
+        let mut changes = entry.resource.diff(&observation, host);
         let known = inventory.get(&entry.id).cloned();
+        if known.as_ref().is_some_and(|k| k.held_secrets) {
+            hide_previous_content(&mut changes);
+        }
         let digest = stored_digest(key, &entry.digest);
         let applied_same = known
             .as_ref()
@@ -243,6 +246,25 @@ pub fn plan(
         resources,
         prunes,
         failures,
+    }
+}
+
+/// The live object was last written with secret values: never show its
+/// current content (no old lines, no hash), whatever the desired state
+/// holds now.
+fn hide_previous_content(changes: &mut [FieldChange]) {
+    for c in changes.iter_mut().filter(|c| c.field == "content") {
+        if let Some(old) = &c.old {
+            // Keep only the size ("58 bytes"): no lines, no hash.
+            let size: String = old
+                .split(&[',', '('][..])
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string();
+            c.old = Some(format!("{size} (held secrets, not shown)"));
+            c.diff = None;
+        }
     }
 }
 

@@ -22,6 +22,7 @@ fn main() {
                     module: "held".into(),
                     digest: None,
                     origin: Origin::Created,
+                    held_secrets: false,
                 },
             )
         })
