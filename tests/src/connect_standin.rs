@@ -706,26 +706,9 @@ fn item_json(i: &StoredItem, full: bool) -> Value {
 
 /// RFC 3339 for `secs` after 2024-01-01T00:00:00Z.
 fn timestamp(secs: u64) -> String {
-    // Days from 1970-01-01 to 2024-01-01.
-    const BASE_DAYS: i64 = 19723;
-    let days = BASE_DAYS + (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    // 2024-01-01T00:00:00Z in Unix seconds.
+    const BASE: i64 = 1_704_067_200;
+    crate::rfc3339(BASE + secs as i64)
 }
 
 /// Percent-decodes (`%XX`, and `+` as space, as form encoding has it).
