@@ -221,6 +221,7 @@ pub fn load_with(
             host_file: &host_file,
             use_line: usage.line,
             policy,
+            platform: spec.platform,
             secrets: &secret_usage,
         };
         for node in &module.resources {
@@ -303,6 +304,7 @@ struct Expander<'a> {
     /// Line of this module use in the host file.
     use_line: usize,
     policy: DriftPolicy,
+    platform: resources::Platform,
     /// What `secret()` calls recorded while rendering the current resource.
     secrets: &'a Arc<std::sync::Mutex<render::SecretUsage>>,
 }
@@ -490,7 +492,11 @@ impl Expander<'_> {
                 Diagnostic::new(
                     file,
                     format!(
-                        "`{kind_key}:` must be followed by a path, found {}",
+                        "`{kind_key}:` must be followed by a {}, found {}",
+                        match kind.identity_kind() {
+                            IdentityKind::Path => "path",
+                            IdentityKind::Name => "name",
+                        },
                         identity_node.value.type_name()
                     ),
                 )
@@ -501,6 +507,21 @@ impl Expander<'_> {
         let identity = match kind.identity_kind() {
             IdentityKind::Path => {
                 self.check_path(kind_key.as_str(), raw_identity, identity_node.line, diags)?
+            }
+            IdentityKind::Name => {
+                if !resources::valid_name(raw_identity) {
+                    diags.push(
+                        Diagnostic::new(
+                            file,
+                            format!("`{kind_key}: {raw_identity}` is not a valid name"),
+                        )
+                        .line(identity_node.line)
+                        .resource(format!("{kind_key}:{raw_identity}"))
+                        .hint("use letters, digits and . _ @ + - (starting with a letter or digit), at most 128 characters"),
+                    );
+                    return None;
+                }
+                raw_identity.to_string()
             }
         };
         let id = format!("{kind_key}:{identity}");
@@ -539,6 +560,7 @@ impl Expander<'_> {
         let before = diags.len();
         let resource = kind.parse(ParseInput {
             id: &id,
+            platform: self.platform,
             identity: &identity,
             fields: &mut fields,
             assets: &assets,

@@ -44,6 +44,19 @@ pub enum IdentityKind {
     /// An absolute host path: normalised, checked against the host's roots,
     /// ordered after its nearest parent directory resource.
     Path,
+    /// A name (service label, package): letters, digits and `._@+-`,
+    /// starting with a letter or digit, at most 128 characters.
+    Name,
+}
+
+/// Whether `name` is a valid [`IdentityKind::Name`].
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._@+-".contains(c))
 }
 
 /// Module files a kind may read while parsing (`template:`, `source:`).
@@ -58,6 +71,8 @@ pub trait Assets {
 /// resource's remaining fields, and the module's assets.
 pub struct ParseInput<'a, 'r> {
     pub id: &'a str,
+    /// The host's platform (kinds with per-platform backends validate for it).
+    pub platform: Platform,
     pub identity: &'a str,
     pub fields: &'a mut MapReader<'r>,
     pub assets: &'a dyn Assets,
