@@ -22,6 +22,7 @@ use crate::fsops::{Attrs, Fs, FsError, Staged};
 
 pub mod absent;
 pub mod directory;
+pub mod exec;
 pub mod file;
 pub mod symlink;
 
@@ -208,6 +209,14 @@ impl FieldChange {
 pub enum ResourceError {
     #[error(transparent)]
     Fs(#[from] FsError),
+    #[error(transparent)]
+    Exec(#[from] exec::ExecError),
+    #[error("`{command}` failed ({}): {message}", code.map_or("killed".to_string(), |c| format!("exit {c}")))]
+    Command {
+        command: String,
+        code: Option<i32>,
+        message: String,
+    },
     #[error("user `{0}` does not exist on this host\n  create the user first, or change `owner`")]
     UnknownUser(String),
     #[error(
@@ -248,6 +257,8 @@ pub struct Host {
     /// (the sandbox's users are not the host's).
     pub sandbox: bool,
     pub platform: Platform,
+    /// How host tools (`systemctl`, `launchctl`, `apt-get`, ...) are run.
+    pub runner: std::sync::Arc<dyn exec::Runner>,
     ids: Mutex<HashMap<(bool, String), Option<u32>>>,
 }
 
@@ -257,7 +268,29 @@ impl Host {
             fs,
             sandbox,
             platform,
+            runner: std::sync::Arc::new(exec::SystemRunner),
             ids: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Runs host tools through `runner` (tests record the commands).
+    pub fn with_runner(mut self, runner: std::sync::Arc<dyn exec::Runner>) -> Host {
+        self.runner = runner;
+        self
+    }
+
+    /// Runs `cmd`; a non-zero exit is [`ResourceError::Command`] with the
+    /// tool's own message.
+    pub fn run_ok(&self, cmd: &exec::Cmd) -> Result<exec::Output, ResourceError> {
+        let out = self.runner.run(cmd)?;
+        if out.success() {
+            Ok(out)
+        } else {
+            Err(ResourceError::Command {
+                command: cmd.line(),
+                code: out.code,
+                message: out.message(),
+            })
         }
     }
 
