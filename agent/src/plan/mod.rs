@@ -68,6 +68,9 @@ pub struct Planned {
     pub known: Option<InventoryEntry>,
     /// The digest to record when applied (keyed, see [`stored_digest`]).
     pub digest: String,
+    /// What this run leaves out for the resource (sandbox mode: "files
+    /// only", "not checked"); shown even when it is in sync.
+    pub note: Option<&'static str>,
 }
 
 /// An inventory entry that left the catalog.
@@ -166,6 +169,7 @@ pub fn plan(
                 observation: Observation::new(false, ()),
                 known: inventory.get(&entry.id).cloned(),
                 digest: stored_digest(key, &entry.digest),
+                note: None,
             });
             continue;
         }
@@ -215,6 +219,11 @@ pub fn plan(
             observation,
             known,
             digest,
+            note: if host.sandbox {
+                entry.resource.sandbox_note()
+            } else {
+                None
+            },
         });
     }
 

@@ -54,10 +54,18 @@ pub fn plan_text(plan: &Plan, sandbox: Option<&str>, style: Style) -> String {
     }
     out.push('\n');
     for p in &plan.resources {
+        let entry = &plan.catalog.entries[p.index];
         if p.class == Classification::InSync {
+            if let Some(note) = p.note {
+                let _ = writeln!(
+                    out,
+                    "  {}  (module {}) {note}",
+                    style.paint("1", &entry.id),
+                    entry.module
+                );
+            }
             continue;
         }
-        let entry = &plan.catalog.entries[p.index];
         let (sym, color) = symbol(p.class);
         let blocked;
         let why = match (p.class, p.action) {
@@ -72,9 +80,10 @@ pub fn plan_text(plan: &Plan, sandbox: Option<&str>, style: Style) -> String {
             (Classification::Drift, _) => " drifted; will be healed",
             _ => "",
         };
+        let note = p.note.map(|n| format!(" [{n}]")).unwrap_or_default();
         let _ = writeln!(
             out,
-            "{} {}  (module {}){why}",
+            "{} {}  (module {}){why}{note}",
             style.paint(color, sym),
             style.paint("1", &entry.id),
             entry.module
@@ -144,7 +153,7 @@ pub fn plan_json(plan: &Plan) -> serde_json::Value {
     let mut resources = Vec::new();
     for p in &plan.resources {
         let e = &plan.catalog.entries[p.index];
-        resources.push(serde_json::json!({
+        let mut r = serde_json::json!({
             "id": e.id,
             "kind": e.resource.kind(),
             "module": e.module,
@@ -152,7 +161,11 @@ pub fn plan_json(plan: &Plan) -> serde_json::Value {
             "classification": p.class,
             "on_drift": e.on_drift,
             "changes": p.changes,
-        }));
+        });
+        if let Some(note) = p.note {
+            r["note"] = note.into();
+        }
+        resources.push(r);
     }
     for p in &plan.prunes {
         resources.push(serde_json::json!({

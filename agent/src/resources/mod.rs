@@ -144,6 +144,11 @@ pub trait Resource: Send + Sync + Debug {
     /// none). Kinds that never hold secrets ignore it.
     fn set_secrets(&mut self, _values: Vec<crate::secrets::SecretValue>, _masked: Option<Vec<u8>>) {
     }
+    /// What sandbox mode (`--root`) leaves out for this resource, for the
+    /// plan: e.g. "files only: launchctl/systemctl are not called".
+    fn sandbox_note(&self) -> Option<&'static str> {
+        None
+    }
     /// Whether its desired state holds secret values.
     fn holds_secrets(&self) -> bool {
         false
