@@ -167,9 +167,12 @@ pub fn apply_cancellable(
         Done,
         Failed,
         Skipped,
+        /// Applied, then put back: the service it notifies did not come up.
+        RolledBack,
     }
     let mut state = vec![State::Untouched; entries.len()];
     let mut errors: Vec<Option<String>> = vec![None; entries.len()];
+    let mut started = vec![false; entries.len()];
     let mut ctx = ApplyCtx::new(host);
     let mut batch: Vec<(usize, crate::fsops::Staged)> = Vec::new();
     let flush = |batch: &mut Vec<(usize, crate::fsops::Staged)>,
@@ -215,7 +218,9 @@ pub fn apply_cancellable(
             ));
             continue;
         }
-        match entry.resource.apply(&p.observation, &p.changes, &mut ctx) {
+        let result = entry.resource.apply(&p.observation, &p.changes, &mut ctx);
+        started[p.index] = ctx.take_started();
+        match result {
             Ok(()) => {
                 let staged = ctx.take_staged();
                 if staged.is_empty() {
@@ -232,6 +237,32 @@ pub fn apply_cancellable(
         }
     }
     flush(&mut batch, &mut state, &mut errors);
+
+    // 3b. Handlers: restart notified services once, wait for every started
+    // service to come up, roll back what made one fail.
+    let handled = handlers(
+        plan,
+        host,
+        &mut HandlerState {
+            done: state.iter().map(|s| *s == State::Done).collect(),
+            started: &started,
+            cancelled: &cancelled,
+        },
+    );
+    for (i, h) in handled.iter().enumerate() {
+        match h {
+            Handled::Nothing => {}
+            Handled::Restarted(_) => {}
+            Handled::Failed(why) => {
+                state[i] = State::Failed;
+                errors[i] = Some(why.clone());
+            }
+            Handled::RolledBack(why) => {
+                state[i] = State::RolledBack;
+                errors[i] = Some(why.clone());
+            }
+        }
+    }
 
     // 4. Prune.
     let mut prune_results = Vec::new();
@@ -280,6 +311,10 @@ pub fn apply_cancellable(
             (Classification::Drift, ..) => counts.drift_healed += 1,
             _ => {}
         }
+        let restarted = match &handled[p.index] {
+            Handled::Restarted(by) => Some(by.clone()),
+            _ => None,
+        };
         if p.class != Classification::InSync {
             outcomes.push(Outcome {
                 id: entry.id.clone(),
@@ -287,7 +322,16 @@ pub fn apply_cancellable(
                 class: p.class,
                 fields: p.changes.iter().map(|c| c.field).collect(),
                 error,
-                note: None,
+                note: restarted.map(|by| format!("restarted (notified by {by})")),
+            });
+        } else if restarted.is_some() || error.is_some() {
+            outcomes.push(Outcome {
+                id: entry.id.clone(),
+                action: Action::Restart,
+                class: p.class,
+                fields: Vec::new(),
+                error,
+                note: restarted.map(|by| format!("notified by {by}")),
             });
         }
     }
@@ -398,4 +442,153 @@ pub fn apply_cancellable(
         counts,
         revision: plan.catalog.revision.clone(),
     })
+}
+
+/// What the handler step did to one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Handled {
+    Nothing,
+    /// A service restarted for the notifying resources named.
+    Restarted(String),
+    /// A service that did not restart or come up; or a restore that failed.
+    Failed(String),
+    /// A resource put back to its previous state (not recorded as applied).
+    RolledBack(String),
+}
+
+struct HandlerState<'a> {
+    /// Applied successfully this run.
+    done: Vec<bool>,
+    /// Started or restarted by its own apply.
+    started: &'a [bool],
+    cancelled: &'a dyn Fn() -> bool,
+}
+
+/// Restarts each notified service once (unless its own apply already
+/// (re)started it), waits for every (re)started service to come up, and
+/// on failure restores the resources changed this run that it depends on
+/// (its notifiers and itself) and restarts it on the old configuration.
+fn handlers(plan: &Plan, host: &Host, st: &mut HandlerState<'_>) -> Vec<Handled> {
+    let entries = &plan.catalog.entries;
+    let mut out = vec![Handled::Nothing; entries.len()];
+    let planned: std::collections::HashMap<usize, &crate::plan::Planned> =
+        plan.resources.iter().map(|p| (p.index, p)).collect();
+    let changed = |i: usize| {
+        st.done[i]
+            && planned
+                .get(&i)
+                .is_some_and(|p| matches!(p.action, Action::Create | Action::Update))
+    };
+    // Service index → the changed resources notifying it.
+    let mut notified: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (i, e) in entries.iter().enumerate() {
+        if changed(i) {
+            for &t in &e.notifies {
+                notified.entry(t).or_default().push(i);
+            }
+        }
+    }
+    for s in 0..entries.len() {
+        let by = notified.get(&s).cloned().unwrap_or_default();
+        let own_start = st.started[s];
+        if by.is_empty() && !own_start {
+            continue;
+        }
+        if (st.cancelled)() {
+            break;
+        }
+        let service = &entries[s];
+        // A service whose own apply failed (or was skipped) is reported as such.
+        let own_failed = planned
+            .get(&s)
+            .is_some_and(|p| matches!(p.action, Action::Create | Action::Update))
+            && !st.done[s];
+        if own_failed || planned.get(&s).is_some_and(|p| p.action == Action::Skip) {
+            continue;
+        }
+        let names = by
+            .iter()
+            .map(|&i| entries[i].id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut restarted = own_start;
+        if !own_start {
+            match service.resource.notified(host) {
+                Ok(true) => {
+                    restarted = true;
+                    out[s] = Handled::Restarted(names.clone());
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    out[s] = Handled::Failed(format!("restart (notified by {names}) failed: {e}"));
+                    continue;
+                }
+            }
+        }
+        if !restarted {
+            continue;
+        }
+        let Err(why) = service.resource.wait_up(host) else {
+            continue;
+        };
+        // Roll back what changed this run and feeds the service.
+        let mut to_restore: Vec<usize> = by.clone();
+        if changed(s) {
+            to_restore.push(s);
+        }
+        let restorable: Vec<usize> = to_restore
+            .into_iter()
+            .filter(|&i| planned.get(&i).is_some_and(|p| p.observation.exists))
+            .collect();
+        if restorable.is_empty() {
+            out[s] = Handled::Failed(format!(
+                "did not come up: {why}; nothing to roll back to (it is new this run)"
+            ));
+            continue;
+        }
+        let mut restored = Vec::new();
+        let mut restore_errors = Vec::new();
+        for &i in &restorable {
+            match entries[i].resource.restore(&planned[&i].observation, host) {
+                Ok(()) => restored.push(i),
+                Err(e) => restore_errors.push(format!("{}: {e}", entries[i].id)),
+            }
+        }
+        let list = restored
+            .iter()
+            .map(|&i| entries[i].id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let after = match service.resource.notified(host) {
+            Ok(_) => match service.resource.wait_up(host) {
+                Ok(()) => "running the previous configuration".to_string(),
+                Err(e) => format!("still not up after the rollback: {e}"),
+            },
+            Err(e) => format!("restart after the rollback failed: {e}"),
+        };
+        let mut msg = format!(
+            "did not come up after the change: {why}; {} rolled back ({list}); {after}",
+            service.id
+        );
+        if !restore_errors.is_empty() {
+            msg.push_str(&format!(
+                "; could not restore: {}",
+                restore_errors.join("; ")
+            ));
+        }
+        for &i in &restored {
+            if i != s {
+                out[i] = Handled::RolledBack(format!(
+                    "rolled back: {} did not come up with this change",
+                    service.id
+                ));
+            }
+        }
+        out[s] = if restored.contains(&s) {
+            Handled::RolledBack(msg)
+        } else {
+            Handled::Failed(msg)
+        };
+    }
+    out
 }

@@ -23,6 +23,9 @@ pub struct Entry {
     pub deps: Vec<usize>,
     /// Resources to notify when this one changes (used by service kinds).
     pub notify: Vec<String>,
+    /// Indices (into [`Catalog::entries`]) of the `notify` targets; each
+    /// comes after this entry.
+    pub notifies: Vec<usize>,
     /// The module use that produced it (`hosts/indri.yaml:12`).
     pub used_at: String,
     /// Why it cannot be applied this run (a secret that did not resolve):
@@ -53,6 +56,8 @@ pub struct Catalog {
 pub struct Pending {
     pub entry: Entry,
     pub after: Vec<(String, usize)>,
+    /// `notify` ids and their lines.
+    pub notify: Vec<(String, usize)>,
 }
 
 /// Checks ids, resolves `after` and implicit parent-directory edges, and
@@ -97,6 +102,48 @@ pub fn build(
         .filter_map(|(i, p)| p.entry.resource.path().map(|path| (path, i)))
         .collect();
     let mut edges: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); kept.len()];
+    let mut notifies: Vec<Vec<usize>> = vec![Vec::new(); kept.len()];
+    // A notified resource (a service) comes after what notifies it (its
+    // config files), so it starts with them in place.
+    for (i, p) in kept.iter().enumerate() {
+        for (target, line) in &p.notify {
+            match index.get(&normalize_id(target)) {
+                Some(&j) if j == i => diags.push(
+                    Diagnostic::new(&p.entry.file, "a resource cannot `notify` itself")
+                        .line(*line)
+                        .resource(&p.entry.id),
+                ),
+                Some(&j) if !kept[j].entry.resource.notifiable() => diags.push(
+                    Diagnostic::new(
+                        &p.entry.file,
+                        format!(
+                            "`notify` names `{target}`, a {} that cannot be notified",
+                            kept[j].entry.resource.kind()
+                        ),
+                    )
+                    .line(*line)
+                    .resource(&p.entry.id)
+                    .hint("only services restart on a notification: notify service:NAME"),
+                ),
+                Some(&j) => {
+                    edges[j].insert(i);
+                    notifies[i].push(j);
+                }
+                None => diags.push(
+                    Diagnostic::new(
+                        &p.entry.file,
+                        format!("`notify` names `{target}`, which is not in this host's catalog"),
+                    )
+                    .line(*line)
+                    .resource(&p.entry.id)
+                    .hint(match closest_id(target, &index) {
+                        Some(id) => format!("did you mean `{id}`? ids are kind:identity"),
+                        None => "declare the service on this host, e.g. service:zot".into(),
+                    }),
+                ),
+            }
+        }
+    }
     for (i, p) in kept.iter().enumerate() {
         if let Some(path) = p.entry.resource.path() {
             if let Some(parent) = path.ancestors().skip(1).find_map(|a| dirs.get(a)) {
@@ -163,6 +210,7 @@ pub fn build(
         .map(|&i| {
             let mut e = slots[i].take().expect("each index once");
             e.deps = edges[i].iter().map(|&d| position[d]).collect();
+            e.notifies = notifies[i].iter().map(|&d| position[d]).collect();
             e
         })
         .collect();

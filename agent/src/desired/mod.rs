@@ -532,7 +532,7 @@ impl Expander<'_> {
             f
         };
         let after = fields.string_list("after", diags).unwrap_or_default();
-        let notify: Vec<String> = fields
+        let notify: Vec<(String, usize)> = fields
             .string_list("notify", diags)
             .unwrap_or_default()
             .into_iter()
@@ -540,7 +540,7 @@ impl Expander<'_> {
                 if n.split_once(':')
                     .is_some_and(|(k, i)| !k.is_empty() && !i.is_empty())
                 {
-                    Some(n)
+                    Some((n, line))
                 } else {
                     diags.push(
                         fields
@@ -597,13 +597,15 @@ impl Expander<'_> {
                 line: node.line,
                 resource,
                 deps: Vec::new(),
-                notify,
+                notify: notify.iter().map(|(n, _)| n.clone()).collect(),
+                notifies: Vec::new(),
                 used_at: format!("{}:{}", self.host_file, self.use_line),
                 blocked,
                 on_drift,
                 digest: hasher.finalize().to_hex()[..32].to_string(),
             },
             after,
+            notify,
         })
     }
 

@@ -53,6 +53,8 @@ pub enum Action {
     Forget,
     /// Nothing this run (see [`Classification::Skipped`]).
     Skip,
+    /// Apply only: a service restarted because a file notifying it changed.
+    Restart,
 }
 
 /// One catalog entry in the plan.

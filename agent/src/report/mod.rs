@@ -204,6 +204,7 @@ pub fn apply_text(report: &ApplyReport, style: Style) -> String {
             (_, Action::Update) => "updated",
             (_, Action::Delete) => "removed",
             (_, Action::Forget) => "forgotten (left in place)",
+            (_, Action::Restart) => "restarted",
             _ => "unchanged",
         };
         let fields = if o.fields.is_empty() {

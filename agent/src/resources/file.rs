@@ -276,6 +276,36 @@ impl Resource for File {
         out
     }
 
+    /// Rollback: the content, mode and owner observed before this run, or
+    /// no file if there was none.
+    fn restore(&self, live: &Observation, host: &Host) -> Result<(), ResourceError> {
+        let live: &Live = live.get();
+        match (live.meta, &live.content) {
+            (Some(m), Some(old)) if m.kind == Ft::File => {
+                let attrs = crate::fsops::Attrs {
+                    mode: m.mode,
+                    uid: Some(m.uid),
+                    gid: Some(m.gid),
+                };
+                let staged = host.fs.stage_file(&self.path, old, attrs)?;
+                for r in host.fs.commit(vec![staged]) {
+                    r?;
+                }
+                Ok(())
+            }
+            (None, _) => {
+                if host.fs.meta(&self.path)?.is_some() {
+                    host.fs.remove_file(&self.path)?;
+                }
+                Ok(())
+            }
+            _ => Err(ResourceError::Unsupported(format!(
+                "{} was not a regular file before; it cannot be put back",
+                self.path.display()
+            ))),
+        }
+    }
+
     fn apply(
         &self,
         live: &Observation,
@@ -296,13 +326,13 @@ impl Resource for File {
 }
 
 /// `123 bytes, blake3 1a2b3c4d`: identifies content without printing it.
-fn describe(content: &[u8]) -> String {
+pub(crate) fn describe(content: &[u8]) -> String {
     let hash = blake3::hash(content).to_hex();
     format!("{} bytes, blake3 {}", content.len(), &hash[..12])
 }
 
 /// A unified diff of two texts, `None` when either is not UTF-8.
-fn unified_diff(old: &[u8], new: &[u8], name: &str) -> Option<String> {
+pub(crate) fn unified_diff(old: &[u8], new: &[u8], name: &str) -> Option<String> {
     let old = std::str::from_utf8(old).ok()?;
     let new = std::str::from_utf8(new).ok()?;
     let diff = similar::TextDiff::from_lines(old, new);

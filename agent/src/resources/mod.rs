@@ -24,6 +24,7 @@ pub mod absent;
 pub mod directory;
 pub mod exec;
 pub mod file;
+pub mod service;
 pub mod symlink;
 
 /// Every kind the agent knows. The one list: parser, help and engine read it.
@@ -32,6 +33,8 @@ pub static REGISTRY: &[&dyn Kind] = &[
     &directory::DirectoryKind,
     &symlink::SymlinkKind,
     &absent::AbsentKind,
+    &service::ServiceKind,
+    &service::ScheduleKind,
 ];
 
 /// Finds a kind by name.
@@ -149,6 +152,30 @@ pub trait Resource: Send + Sync + Debug {
     fn sandbox_note(&self) -> Option<&'static str> {
         None
     }
+    /// Whether `notify: [this]` is allowed (services restart on it).
+    fn notifiable(&self) -> bool {
+        false
+    }
+    /// A resource that notifies this one changed: restart it (once per
+    /// run). Returns whether it restarted (a stopped service does not).
+    fn notified(&self, _host: &Host) -> Result<bool, ResourceError> {
+        Err(ResourceError::Unsupported(format!(
+            "{} cannot be notified",
+            self.kind()
+        )))
+    }
+    /// After a start or restart this run: waits until it is up, within its
+    /// start timeout. `Err` says why it is not.
+    fn wait_up(&self, _host: &Host) -> Result<(), String> {
+        Ok(())
+    }
+    /// Rollback: puts back what `live` observed before this run changed it.
+    fn restore(&self, _live: &Observation, _host: &Host) -> Result<(), ResourceError> {
+        Err(ResourceError::Unsupported(format!(
+            "{} cannot be rolled back",
+            self.kind()
+        )))
+    }
     /// Whether its desired state holds secret values.
     fn holds_secrets(&self) -> bool {
         false
@@ -216,6 +243,8 @@ pub enum ResourceError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Exec(#[from] exec::ExecError),
+    #[error("{0}")]
+    Unsupported(String),
     #[error("`{command}` failed ({}): {message}", code.map_or("killed".to_string(), |c| format!("exit {c}")))]
     Command {
         command: String,
@@ -360,6 +389,7 @@ pub struct Ownership {
 pub struct ApplyCtx<'h> {
     pub host: &'h Host,
     staged: Vec<Staged>,
+    started: bool,
 }
 
 impl<'h> ApplyCtx<'h> {
@@ -367,7 +397,39 @@ impl<'h> ApplyCtx<'h> {
         ApplyCtx {
             host,
             staged: Vec::new(),
+            started: false,
         }
+    }
+
+    /// Writes a file now (staged, made durable, renamed), for kinds that
+    /// must see it in place before their next step (a unit file before
+    /// `daemon-reload`).
+    pub fn write_now(
+        &self,
+        path: &Path,
+        content: &[u8],
+        attrs: Attrs,
+    ) -> Result<(), ResourceError> {
+        let staged = self.host.fs.stage_file(path, content, attrs)?;
+        self.host
+            .fs
+            .commit(vec![staged])
+            .into_iter()
+            .next()
+            .unwrap_or(Ok(()))
+            .map_err(Into::into)
+    }
+
+    /// Says that this resource started or restarted a service: the engine
+    /// then waits for it to come up and does not restart it again for a
+    /// notification this run.
+    pub fn mark_started(&mut self) {
+        self.started = true;
+    }
+
+    /// Whether the last resource applied marked itself started; resets it.
+    pub fn take_started(&mut self) -> bool {
+        std::mem::take(&mut self.started)
     }
 
     /// Writes a file's new content to a temp file; the engine renames it
