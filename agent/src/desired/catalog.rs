@@ -205,7 +205,7 @@ pub fn build(
         position[i] = pos;
     }
     let mut slots: Vec<Option<Entry>> = kept.into_iter().map(|p| Some(p.entry)).collect();
-    let entries = order
+    let mut entries: Vec<Entry> = order
         .iter()
         .map(|&i| {
             let mut e = slots[i].take().expect("each index once");
@@ -214,6 +214,19 @@ pub fn build(
             e
         })
         .collect();
+    // What comes after a blocked resource (a service after its secret
+    // config) is blocked too: it must not start without it.
+    for i in 0..entries.len() {
+        if entries[i].blocked.is_none() {
+            if let Some(&d) = entries[i]
+                .deps
+                .iter()
+                .find(|&&d| entries[d].blocked.is_some())
+            {
+                entries[i].blocked = Some(format!("{} to be applied first", entries[d].id));
+            }
+        }
+    }
     Some(Catalog {
         host,
         revision,
