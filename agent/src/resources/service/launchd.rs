@@ -137,7 +137,8 @@ pub fn plist_bytes(spec: &Spec) -> Vec<u8> {
 pub fn files(spec: &Spec) -> Vec<GenFile> {
     let (owner, group) = match (spec.scope, &spec.user) {
         (Scope::Agent, Some(u)) => (Some(u.clone()), Some("staff".to_string())),
-        _ => (Some("root".to_string()), Some("wheel".to_string())),
+        // root:wheel, by id (0:0 on every macOS; also resolvable where no `wheel` exists)
+        _ => (Some("0".to_string()), Some("0".to_string())),
     };
     vec![GenFile {
         field: "plist",

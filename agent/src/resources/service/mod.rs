@@ -916,3 +916,6 @@ pub(crate) fn poll_up(
 pub(crate) fn settle_for(timeout: Duration) -> Duration {
     (timeout / 2).min(Duration::from_secs(2))
 }
+
+#[cfg(test)]
+mod tests;
