@@ -52,6 +52,34 @@ enum Command {
     Secrets(SecretsCommand),
     /// List the resource kinds a module can declare, with their fields.
     Kinds,
+    /// Install the agent's own service (systemd unit / LaunchDaemon) running
+    /// `agent run --config FILE`, restarted on failure, and start it.
+    InstallService(InstallArgs),
+    /// Stop, disable and remove the agent's own service.
+    UninstallService(UninstallArgs),
+}
+
+#[derive(Debug, Args)]
+struct InstallArgs {
+    /// Agent config the service runs with (made absolute). Default: the platform's default path.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The agent binary the service runs. Default: this binary.
+    #[arg(long, value_name = "FILE")]
+    binary: Option<PathBuf>,
+    /// Write the unit/plist under this directory only; call no service manager.
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Print the unit/plist and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+struct UninstallArgs {
+    /// Remove the unit/plist under this directory only; call no service manager.
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,6 +205,8 @@ pub fn main() -> ExitCode {
             print!("{}", kinds_text());
             Ok(ExitCode::SUCCESS)
         }
+        Command::InstallService(args) => run_install_service(args),
+        Command::UninstallService(args) => run_uninstall_service(args),
     };
     match result {
         Ok(code) => code,
@@ -464,6 +494,61 @@ fn run_secrets_check(args: CheckArgs) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn absolute(path: PathBuf) -> Result<PathBuf> {
+    if path.is_absolute() {
+        return Ok(path);
+    }
+    Ok(std::env::current_dir()
+        .context("cannot read the current directory")?
+        .join(path))
+}
+
+fn run_install_service(args: InstallArgs) -> Result<ExitCode> {
+    let config = absolute(args.config.unwrap_or_else(config::default_path))?;
+    let binary = match args.binary {
+        Some(b) => absolute(b)?,
+        None => std::env::current_exe()
+            .and_then(|p| p.canonicalize())
+            .context("cannot find this binary's path; pass --binary")?,
+    };
+    if !args.dry_run {
+        // The service would only crash-loop on a config that does not load.
+        config::load(&config)?;
+    }
+    let done = crate::install::install(&binary, &config, args.root.as_deref(), args.dry_run)?;
+    for (path, content) in &done.files {
+        let shown = match &args.root {
+            Some(r) => r.join(path.strip_prefix("/").unwrap_or(path)),
+            None => path.clone(),
+        };
+        if args.dry_run {
+            println!("# {} (would be written)\n{content}", shown.display());
+        } else if done.changed.is_empty() {
+            println!("up to date: {}", shown.display());
+        } else {
+            println!(
+                "installed: {} ({})",
+                shown.display(),
+                done.changed.join(", ")
+            );
+        }
+    }
+    if !args.dry_run && args.root.is_none() {
+        let name = crate::install::service_name(crate::install::this_platform());
+        println!("running: {name} (agent run --config {})", config.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_uninstall_service(args: UninstallArgs) -> Result<ExitCode> {
+    let name = crate::install::service_name(crate::install::this_platform());
+    match crate::install::uninstall(args.root.as_deref())? {
+        crate::resources::PruneOutcome::AlreadyGone => println!("not installed: {name}"),
+        _ => println!("removed: {name} (stopped, disabled, unit file deleted)"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_daemon(args: RunArgs) -> Result<ExitCode> {

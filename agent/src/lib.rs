@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod desired;
 pub mod engine;
 pub mod fsops;
+pub mod install;
 pub mod plan;
 pub mod report;
 pub mod resources;

@@ -1,0 +1,101 @@
+//! `agent install-service` / `uninstall-service` without a service manager:
+//! `--dry-run` prints the unit and writes nothing; `--root` writes only the
+//! unit file and removes it again. The real systemd run is in `systemd.rs`.
+
+use homelab_agent_tests::{agent, stderr, stdout};
+
+#[test]
+fn dry_run_prints_the_unit_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = agent()
+        .args([
+            "install-service",
+            "--dry-run",
+            "--config",
+            "/etc/homelab-agent/agent.yaml",
+        ])
+        .args(["--binary", "/usr/local/bin/agent"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("/etc/systemd/system/homelab-agent.service (would be written)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ExecStart=/usr/local/bin/agent run --config /etc/homelab-agent/agent.yaml")
+    );
+    assert!(text.contains("Restart=on-failure"));
+    assert!(text.contains("WantedBy=multi-user.target"));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn root_writes_the_unit_and_uninstall_removes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(&config, "repo: /srv/homelab\nhost: sifaka\n").unwrap();
+    let unit = root.join("etc/systemd/system/homelab-agent.service");
+
+    let out = agent()
+        .args(["install-service", "--config"])
+        .arg(&config)
+        .arg("--root")
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("installed:"), "{}", stdout(&out));
+    let text = std::fs::read_to_string(&unit).unwrap();
+    assert!(
+        text.contains(&format!("run --config {}", config.display())),
+        "{text}"
+    );
+
+    // Again: nothing to do.
+    let out = agent()
+        .args(["install-service", "--config"])
+        .arg(&config)
+        .arg("--root")
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("up to date:"), "{}", stdout(&out));
+
+    let out = agent()
+        .args(["uninstall-service", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("removed: homelab-agent"));
+    assert!(!unit.exists());
+    let out = agent()
+        .args(["uninstall-service", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("not installed"));
+}
+
+#[test]
+fn a_config_that_does_not_load_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(&config, "repo: /srv/homelab\nhots: sifaka\n").unwrap();
+    let out = agent()
+        .args(["install-service", "--config"])
+        .arg(&config)
+        .arg("--root")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("hots"), "{err}");
+    assert!(!dir.path().join("etc").exists());
+}
