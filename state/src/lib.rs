@@ -106,6 +106,11 @@ pub struct InventoryEntry {
     /// still hold them, so plans never show its current content.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub held_secrets: bool,
+    /// The (keyed) digest of a desired state that was applied, made the
+    /// service it notifies fail to start, and was rolled back. Held: not
+    /// retried until the desired state changes again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<String>,
 }
 
 /// Per-host revision bookkeeping.
@@ -647,6 +652,7 @@ mod tests {
             digest: Some(digest.into()),
             origin: Origin::Created,
             held_secrets: false,
+            rolled_back: None,
         }
     }
 

@@ -631,7 +631,7 @@ fn without_onepassword_plan_works_and_skips_secret_resources() {
         "{text}"
     );
     assert!(text.contains("+ file:/srv/app/plain.txt"), "{text}");
-    assert!(text.contains("4 skipped (secrets)."), "{text}");
+    assert!(text.contains("4 skipped."), "{text}");
     let classes = lab.classes();
     for path in SECRET_FILES {
         assert_eq!(classes[&id(path)], "skipped", "{path}");

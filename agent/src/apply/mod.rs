@@ -146,6 +146,7 @@ pub fn apply_cancellable(
                         Origin::Created
                     },
                     held_secrets: e.resource.holds_secrets(),
+                    rolled_back: None,
                 },
             )
         })
@@ -194,7 +195,8 @@ pub fn apply_cancellable(
             state[p.index] = State::Skipped;
             errors[p.index] = entries[p.index]
                 .blocked
-                .clone()
+                .as_deref()
+                .or(p.note)
                 .map(|why| format!("skipped: {why}"));
             continue;
         }
@@ -384,6 +386,20 @@ pub fn apply_cancellable(
     store.write(hostname, |w| {
         for p in &plan.resources {
             let entry = &entries[p.index];
+            if state[p.index] == State::RolledBack {
+                // Keeps what was applied before; holds this desired state.
+                let mut held = p.known.clone().unwrap_or(InventoryEntry {
+                    kind: entry.resource.kind().to_string(),
+                    module: entry.module.clone(),
+                    digest: None,
+                    origin: Origin::Adopted,
+                    held_secrets: entry.resource.holds_secrets(),
+                    rolled_back: None,
+                });
+                held.rolled_back = Some(p.digest.clone());
+                w.put_inventory(&entry.id, &held)?;
+                continue;
+            }
             let ok = match p.action {
                 Action::Create | Action::Update => {
                     state[p.index] == State::Done && sync_error.is_none()
@@ -409,6 +425,7 @@ pub fn apply_cancellable(
                 k.digest.as_deref() == Some(p.digest.as_str())
                     && k.origin == origin
                     && k.held_secrets == held_secrets
+                    && k.rolled_back.is_none()
             });
             if !up_to_date && p.action != Action::Report {
                 w.put_inventory(
@@ -419,6 +436,7 @@ pub fn apply_cancellable(
                         digest: Some(p.digest.clone()),
                         origin,
                         held_secrets,
+                        rolled_back: None,
                     },
                 )?;
             }

@@ -148,6 +148,9 @@ impl Plan {
     }
 }
 
+/// Why a rolled-back change is skipped.
+pub const HELD: &str = "held: this change made a service fail to start and was rolled back; change it in git to try again";
+
 /// Observes, diffs and classifies. `inventory` is the host's state as last
 /// committed.
 pub fn plan(
@@ -213,6 +216,15 @@ pub fn plan(
             Classification::Drift if !observation.exists => Action::Create,
             Classification::Drift => Action::Update,
         };
+        // This desired state was applied once, made a service fail to start
+        // and was rolled back: not retried until the desired state changes.
+        let held = !changes.is_empty()
+            && known.as_ref().and_then(|k| k.rolled_back.as_deref()) == Some(digest.as_str());
+        let (class, action) = if held {
+            (Classification::Skipped, Action::Skip)
+        } else {
+            (class, action)
+        };
         resources.push(Planned {
             index,
             class,
@@ -221,7 +233,9 @@ pub fn plan(
             observation,
             known,
             digest,
-            note: if host.sandbox {
+            note: if held {
+                Some(HELD)
+            } else if host.sandbox {
                 entry.resource.sandbox_note()
             } else {
                 None

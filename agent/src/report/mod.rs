@@ -70,17 +70,22 @@ pub fn plan_text(plan: &Plan, sandbox: Option<&str>, style: Style) -> String {
         let blocked;
         let why = match (p.class, p.action) {
             (Classification::Skipped, _) => {
-                blocked = format!(
-                    " skipped: needs {}",
-                    entry.blocked.as_deref().unwrap_or("a secret")
-                );
+                blocked = match (&entry.blocked, p.note) {
+                    (Some(b), _) => format!(" skipped: needs {b}"),
+                    (None, Some(note)) => format!(" skipped: {note}"),
+                    (None, None) => " skipped".to_string(),
+                };
                 blocked.as_str()
             }
             (Classification::Drift, Action::Report) => " drifted; on_drift: report, left alone",
             (Classification::Drift, _) => " drifted; will be healed",
             _ => "",
         };
-        let note = p.note.map(|n| format!(" [{n}]")).unwrap_or_default();
+        let note = p
+            .note
+            .filter(|_| p.class != Classification::Skipped)
+            .map(|n| format!(" [{n}]"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
             "{} {}  (module {}){why}{note}",
@@ -139,7 +144,7 @@ fn summary_line(word: &str, s: &Summary) -> String {
         s.create, s.change, s.prune, s.drift
     );
     if s.skipped > 0 {
-        let _ = write!(line, " {} skipped (secrets).", s.skipped);
+        let _ = write!(line, " {} skipped.", s.skipped);
     }
     if s.errors > 0 {
         let _ = write!(line, " {} error(s).", s.errors);

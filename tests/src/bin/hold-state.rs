@@ -23,6 +23,7 @@ fn main() {
                     digest: None,
                     origin: Origin::Created,
                     held_secrets: false,
+                    rolled_back: None,
                 },
             )
         })
