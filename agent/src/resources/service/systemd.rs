@@ -337,7 +337,12 @@ pub fn converge(
 }
 
 pub fn restart(spec: &Spec, host: &Host) -> Result<(), ResourceError> {
-    host.run_ok(&systemctl(["restart", main_unit(spec).as_str()]))?;
+    let unit = main_unit(spec);
+    // A service crash-looping on a bad config has used up its start rate
+    // limit (5 starts in 10 s): clear it, or the restart onto the restored
+    // config is refused.
+    host.run_ok(&systemctl(["reset-failed", unit.as_str()]))?;
+    host.run_ok(&systemctl(["restart", unit.as_str()]))?;
     Ok(())
 }
 
