@@ -134,6 +134,16 @@ corpus! {
         "modules/app/module.yaml:17",
         "params.enabeld",
     ];
+    schedule_bad_calendar: "30-schedule-bad-calendar" => [
+        "modules/app/module.yaml:19: schedule:app-backup: `calendar`: hour `25` is out of range (0-23)",
+    ];
+    notify_dangling: "31-notify-dangling" => [
+        "modules/app/module.yaml:17: file:/srv/app/x.conf: `notify` names `service:ap`, which is not in this host's catalog",
+        "did you mean `service:app`?",
+    ];
+    service_relative_program: "32-service-relative-program" => [
+        "modules/app/module.yaml:18: service:app: `program` must be an absolute path, found `bin/app`",
+    ];
 }
 
 fn fixtures() -> PathBuf {
