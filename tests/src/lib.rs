@@ -5,6 +5,7 @@
 
 pub mod connect_standin;
 pub mod git_server;
+pub mod nspawn;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
