@@ -24,6 +24,7 @@ pub mod absent;
 pub mod directory;
 pub mod exec;
 pub mod file;
+pub mod package;
 pub mod symlink;
 
 /// Every kind the agent knows. The one list: parser, help and engine read it.
@@ -32,6 +33,7 @@ pub static REGISTRY: &[&dyn Kind] = &[
     &directory::DirectoryKind,
     &symlink::SymlinkKind,
     &absent::AbsentKind,
+    &package::PackageKind,
 ];
 
 /// Finds a kind by name.
@@ -216,6 +218,8 @@ pub enum ResourceError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Exec(#[from] exec::ExecError),
+    #[error(transparent)]
+    Package(#[from] package::PackageError),
     #[error("`{command}` failed ({}): {message}", code.map_or("killed".to_string(), |c| format!("exit {c}")))]
     Command {
         command: String,
