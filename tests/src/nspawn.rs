@@ -160,6 +160,10 @@ fn build_rootfs() -> (PathBuf, TreeOrigin) {
     if done(&tree) {
         return (tree, TreeOrigin::Cached);
     }
+    // A tree without the completion marker is not trusted.
+    if tree.exists() {
+        std::fs::remove_dir_all(&tree).expect("remove an incomplete cached tree");
+    }
     let partial = cache.join(format!("{RELEASE}-{TREE_VERSION}.partial"));
     if partial.exists() {
         std::fs::remove_dir_all(&partial).expect("remove a partial tree from a killed debootstrap");

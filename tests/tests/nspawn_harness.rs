@@ -61,14 +61,13 @@ fn real_systemd_runs_a_unit_and_stops_cleanly() {
     assert_eq!(props["SubState"], "running", "{props:?}");
     let main_pid: u32 = props["MainPID"].parse().unwrap();
     assert!(main_pid > 1, "{props:?}");
-    // The pid is the container's: its /proc knows it as our sleep.
-    let cmdline = c.exec(&["cat", &format!("/proc/{main_pid}/cmdline")]);
-    assert_eq!(
-        stdout(&cmdline),
-        "/bin/sleep\0infinity\0",
-        "{}",
-        text(&cmdline)
-    );
+    // The pid is the container's: its /proc knows it as our sleep (once
+    // the forked child has exec'd: `start` of a simple service returns
+    // right after the fork).
+    let proc_cmdline = format!("/proc/{main_pid}/cmdline");
+    c.wait_until("MainPID runs /bin/sleep", Duration::from_secs(10), || {
+        stdout(&c.exec(&["cat", &proc_cmdline])) == "/bin/sleep\0infinity\0"
+    });
     // The unit runs in the container's cgroup subtree, not the host's.
     let cgroups = c.cgroups().to_vec();
     let in_ours = cgroups.iter().any(|d| {

@@ -24,6 +24,7 @@ pub mod absent;
 pub mod directory;
 pub mod exec;
 pub mod file;
+pub mod package;
 pub mod service;
 pub mod symlink;
 
@@ -35,6 +36,7 @@ pub static REGISTRY: &[&dyn Kind] = &[
     &absent::AbsentKind,
     &service::ServiceKind,
     &service::ScheduleKind,
+    &package::PackageKind,
 ];
 
 /// Finds a kind by name.
@@ -245,6 +247,8 @@ pub enum ResourceError {
     Exec(#[from] exec::ExecError),
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Package(#[from] package::PackageError),
     #[error("`{command}` failed ({}): {message}", code.map_or("killed".to_string(), |c| format!("exit {c}")))]
     Command {
         command: String,
