@@ -5,6 +5,7 @@
 
 pub mod connect_standin;
 pub mod git_server;
+pub mod real_tools;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
