@@ -240,7 +240,11 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
 }
 
 /// A duration: whole seconds, or a string such as `90s`, `5m`, `1h`.
-fn duration(r: &mut MapReader<'_>, key: &str, diags: &mut Diagnostics) -> Option<Duration> {
+pub(crate) fn duration(
+    r: &mut MapReader<'_>,
+    key: &str,
+    diags: &mut Diagnostics,
+) -> Option<Duration> {
     let node = r.take(key)?;
     let d = match &node.value {
         Value::Int(n) if *n > 0 => Some(Duration::from_secs(*n as u64)),

@@ -6,6 +6,7 @@
 pub mod connect_standin;
 pub mod git_server;
 pub mod nspawn;
+pub mod real_tools;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -134,6 +134,10 @@ corpus! {
         "modules/app/module.yaml:17",
         "params.enabeld",
     ];
+    validate_without_path: "28-validate-without-path" => [
+        "modules/app/module.yaml:17: file:/srv/app/x.conf: `validate: /usr/sbin/app --check-config` does not say where the file goes: `%s` is missing",
+        "%s stands for the path of the rendered temp file",
+    ];
     schedule_bad_calendar: "30-schedule-bad-calendar" => [
         "modules/app/module.yaml:19: schedule:app-backup: `calendar`: hour `25` is out of range (0-23)",
     ];

@@ -43,6 +43,12 @@ fn plan_sifaka_human() {
     insta::assert_snapshot!(plan("sifaka", false));
 }
 
+/// The k3s x86 worker also runs the GinFlix reverse proxy (modules/caddy).
+#[test]
+fn plan_k3s_x86_human() {
+    insta::assert_snapshot!(plan("k3s-x86", false));
+}
+
 #[test]
 fn every_reference_host_validates() {
     let repo = workspace();
@@ -51,6 +57,9 @@ fn every_reference_host_validates() {
     let text = stdout(&out);
     assert!(text.contains("ok: host indri:"), "{text}");
     assert!(text.contains("ok: host sifaka:"), "{text}");
+    for host in ["k3s-cp", "k3s-x86", "k3s-pi"] {
+        assert!(text.contains(&format!("ok: host {host}:")), "{text}");
+    }
 }
 
 /// With a Connect server holding the reference homelab's items (the
@@ -88,7 +97,7 @@ fn reference_secrets_resolve_through_connect() {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    for host in ["indri", "sifaka", "k3s-cp", "k3s-x86"] {
+    for host in ["indri", "sifaka", "k3s-cp", "k3s-x86", "k3s-pi"] {
         let root = dir.path().join(host);
         let config = dir.path().join(format!("{host}.yaml"));
         std::fs::write(
@@ -118,9 +127,17 @@ fn reference_secrets_resolve_through_connect() {
         ] {
             assert!(!text.contains(value), "{host} plan shows a secret");
         }
-        if host == "k3s-cp" {
+        if host.starts_with("k3s-") {
             assert!(text.contains("+token: \"[redacted]\""), "{text}");
             assert!(text.contains("mode: (none) -> 0600"), "{text}");
+            // Each node's config.yaml as the plan shows it (token masked): the
+            // server and agent roles of the k3s design.
+            let config = text
+                .split("\n+ ")
+                .find(|block| block.starts_with("file:/etc/rancher/k3s/config.yaml"))
+                .and_then(|block| block.split("\n\n").next())
+                .unwrap_or_else(|| panic!("{host}: no config.yaml in {text}"));
+            insta::assert_snapshot!(format!("k3s_config_{host}"), config);
         }
     }
 }

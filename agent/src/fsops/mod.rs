@@ -429,6 +429,26 @@ impl Fs {
         Ok(staged)
     }
 
+    /// Where a staged temp file really is (root-prefixed), for a tool that
+    /// checks it before [`Fs::commit`] (a file's `validate:` command).
+    pub fn staged_path(&self, staged: &Staged) -> PathBuf {
+        let (parent, _) = self.split(&staged.path);
+        self.host_path(parent).join(&staged.tmp)
+    }
+
+    /// Removes a staged temp file instead of committing it; the target is
+    /// left exactly as it was.
+    pub fn discard(&self, staged: Staged) -> Result<(), FsError> {
+        match unlinkat(
+            staged.dir.as_fd(),
+            staged.tmp.as_os_str(),
+            UnlinkatFlags::NoRemoveDir,
+        ) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(io("remove temp file of", &staged.path)(e)),
+        }
+    }
+
     /// Makes staged data durable, then renames each temp file over its
     /// target. Returns one result per staged file, in order.
     pub fn commit(&self, staged: Vec<Staged>) -> Vec<Result<(), FsError>> {
@@ -721,6 +741,26 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, [OsString::from("a")]);
+    }
+
+    #[test]
+    fn a_discarded_staged_file_leaves_the_target_and_no_temp_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("a"), b"old").unwrap();
+        let fs = Fs::new(tmp.path()).unwrap();
+        let staged = fs
+            .stage_file(Path::new("/a"), b"new", attrs(0o640))
+            .unwrap();
+        let at = fs.staged_path(&staged);
+        assert_eq!(at.parent().unwrap(), tmp.path());
+        assert_eq!(std::fs::read(&at).unwrap(), b"new");
+        fs.discard(staged).unwrap();
+        let names: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [OsString::from("a")]);
+        assert_eq!(std::fs::read(tmp.path().join("a")).unwrap(), b"old");
     }
 
     #[test]

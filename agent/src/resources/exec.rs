@@ -3,10 +3,12 @@
 //! issues can be recorded and checked in tests without the tool.
 //!
 //! [`SystemRunner`] runs real processes: no shell, a bounded run time (the
-//! child is killed when it is over), stdin closed unless given, and stdout
-//! and stderr captured (capped at 1 MiB each).
+//! child is killed when it is over, with every process it started: it runs
+//! in its own process group), stdin closed unless given, and stdout and
+//! stderr captured (capped at 1 MiB each).
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -134,6 +136,10 @@ impl Runner for SystemRunner {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group, so the time limit also ends what it
+            // started (a grandchild holding the pipes would otherwise keep
+            // the reads below waiting past the limit).
+            .process_group(0)
             .spawn()
             .map_err(|source| ExecError::Spawn {
                 program: cmd.program.clone(),
@@ -148,6 +154,8 @@ impl Runner for SystemRunner {
                 Ok(Some(status)) => break Some(status),
                 Ok(None) if Instant::now() >= deadline => {
                     timed_out = true;
+                    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+                    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
                     let _ = child.kill();
                     break child.wait().ok();
                 }
@@ -248,6 +256,22 @@ mod tests {
         assert!(out.timed_out);
         assert_eq!(out.code, None);
         assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn the_time_limit_ends_what_the_command_started() {
+        // `sleep` is a grandchild holding stdout: killing only `sh` would
+        // leave the output readers waiting for it.
+        let started = Instant::now();
+        let out = SystemRunner
+            .run(&Cmd::new("sh", ["-c", "sleep 5; echo late"]).timeout(Duration::from_millis(200)))
+            .unwrap();
+        assert!(out.timed_out);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -255,6 +255,18 @@ pub enum ResourceError {
         code: Option<i32>,
         message: String,
     },
+    /// A file's `validate:` command refused the rendered file (or could not
+    /// run); the live file was not touched.
+    #[error("validate: `{command}` {status}{output}\n  {path} was left untouched (the rendered file was checked as a temp file, now removed); {hint}")]
+    Validate {
+        path: PathBuf,
+        command: String,
+        /// `failed (exit 1)`, `timed out after 30s`, `could not start: ...`.
+        status: String,
+        /// The tool's own message (`:\n    ...`), or why it is not shown.
+        output: String,
+        hint: String,
+    },
     #[error("user `{0}` does not exist on this host\n  create the user first, or change `owner`")]
     UnknownUser(String),
     #[error(
@@ -447,6 +459,33 @@ impl<'h> ApplyCtx<'h> {
         self.staged
             .push(self.host.fs.stage_file(path, content, attrs)?);
         Ok(())
+    }
+
+    /// [`ApplyCtx::stage_file`], then `check` on the temp file (its host
+    /// path; already with the final owner and mode) before it joins the
+    /// batch. When `check` fails the temp file is removed and the live file
+    /// is left exactly as it was.
+    pub fn stage_file_checked(
+        &mut self,
+        path: &Path,
+        content: &[u8],
+        attrs: Attrs,
+        check: impl FnOnce(&Host, &Path) -> Result<(), ResourceError>,
+    ) -> Result<(), ResourceError> {
+        let staged = self.host.fs.stage_file(path, content, attrs)?;
+        let at = self.host.fs.staged_path(&staged);
+        match check(self.host, &at) {
+            Ok(()) => {
+                self.staged.push(staged);
+                Ok(())
+            }
+            Err(e) => {
+                // The check's error is the one worth reporting; a temp file
+                // that cannot be removed is cleaned by the next write here.
+                let _ = self.host.fs.discard(staged);
+                Err(e)
+            }
+        }
     }
 
     /// Files staged so far, handed to the engine's batch.
