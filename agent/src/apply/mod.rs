@@ -19,7 +19,7 @@
 //! already match are adopted into the inventory without a write.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use homelab_agent_state::{
     InventoryEntry, Origin, RunCounts, RunRecord, RunResult, StateError, Store,
@@ -57,6 +57,10 @@ pub struct ApplyReport {
     pub outcomes: Vec<Outcome>,
     pub counts: RunCounts,
     pub revision: String,
+    /// Time spent pruning (the rest of apply's time is applying), for the
+    /// phase metrics.
+    #[serde(skip)]
+    pub prune_duration: Duration,
 }
 
 impl ApplyReport {
@@ -234,6 +238,7 @@ pub fn apply_cancellable(
     flush(&mut batch, &mut state, &mut errors);
 
     // 4. Prune.
+    let prune_started = Instant::now();
     let mut prune_results = Vec::new();
     let stop_before_prune = cancelled();
     for p in &plan.prunes {
@@ -262,6 +267,7 @@ pub fn apply_cancellable(
         };
         prune_results.push(result);
     }
+    let prune_duration = prune_started.elapsed();
     let sync_error = host.fs.sync().err().map(|e| e.to_string());
 
     // Outcomes and counts.
@@ -397,5 +403,6 @@ pub fn apply_cancellable(
         outcomes,
         counts,
         revision: plan.catalog.revision.clone(),
+        prune_duration,
     })
 }
