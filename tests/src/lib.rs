@@ -5,6 +5,9 @@
 
 pub mod connect_standin;
 pub mod git_server;
+pub mod local_daemon;
+pub mod loki_standin;
+pub mod prometheus;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -443,10 +443,9 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
         Some(r) => {
             warn!(stage = %r.stage, revision = ?r.revision, error = %r.error, "revision refused; staying on the last good revision");
             // Counted every run; sent to Loki once per refused revision.
-            let known = record
-                .refused
-                .as_ref()
-                .is_some_and(|k| k.stage == r.stage && k.revision == r.revision);
+            let known = record.refused.as_ref().is_some_and(|k| {
+                k.stage == r.stage && k.revision == r.revision && k.error == r.error
+            });
             telemetry.metrics.source_error(&r.stage);
             telemetry.metrics.phase_failed(if r.stage == "validate" {
                 Phase::Render

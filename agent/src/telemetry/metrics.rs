@@ -67,6 +67,17 @@ pub const TRIGGERS: [&str; 7] = [
     "startup", "poll", "webhook", "source", "watch", "signal", "cli",
 ];
 
+/// The `reason` values of `homelab_agent_kube_errors_total` ([`KubeErrorReason::name`]).
+pub const KUBE_ERROR_REASONS: [&str; 7] = [
+    "connect",
+    "forbidden",
+    "not_found",
+    "conflict",
+    "invalid",
+    "timeout",
+    "other",
+];
+
 /// Why a Kubernetes operation failed (`homelab_agent_kube_errors_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KubeErrorReason {
@@ -87,6 +98,16 @@ pub enum KubeErrorReason {
 }
 
 impl KubeErrorReason {
+    pub const ALL: [KubeErrorReason; 7] = [
+        KubeErrorReason::Connect,
+        KubeErrorReason::Forbidden,
+        KubeErrorReason::NotFound,
+        KubeErrorReason::Conflict,
+        KubeErrorReason::Invalid,
+        KubeErrorReason::Timeout,
+        KubeErrorReason::Other,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             KubeErrorReason::Connect => "connect",
@@ -405,6 +426,7 @@ impl Metrics {
         for (family, reasons) in [
             (&self.source_errors, &SOURCE_ERROR_REASONS[..]),
             (&self.secret_errors, &SECRET_ERROR_REASONS[..]),
+            (&self.kube_errors, &KUBE_ERROR_REASONS[..]),
             (&self.loki_dropped, &LOKI_DROP_REASONS[..]),
         ] {
             for reason in reasons {
@@ -838,6 +860,17 @@ mod tests {
             !text.contains("# EOF") && !text.contains("# UNIT"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn kube_error_reasons_are_the_label_values() {
+        let names: Vec<&str> = KubeErrorReason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names, KUBE_ERROR_REASONS);
+        let m = Metrics::new("k");
+        m.kube_error(KubeErrorReason::Conflict);
+        assert!(m
+            .openmetrics()
+            .contains("homelab_agent_kube_errors_total{host=\"k\",reason=\"conflict\"} 1\n"));
     }
 
     #[test]
