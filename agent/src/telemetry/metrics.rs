@@ -61,11 +61,9 @@ pub const SECRET_ERROR_REASONS: [&str; 3] = ["not_configured", "unavailable", "f
 /// Why Loki events were dropped
 /// (`homelab_agent_loki_events_dropped_total{reason}`).
 pub const LOKI_DROP_REASONS: [&str; 3] = ["queue_full", "rejected", "retries_exhausted"];
-/// What started a run (`homelab_agent_runs_total{trigger}`): the daemon's
-/// triggers (see `daemon::queue::Trigger::name`) and `cli`.
-pub const TRIGGERS: [&str; 7] = [
-    "startup", "poll", "webhook", "source", "watch", "signal", "cli",
-];
+/// What started a daemon run (`homelab_agent_runs_total{trigger}`): the
+/// names of `daemon::queue::Trigger` (a batch counts as its first trigger).
+pub const TRIGGERS: [&str; 6] = ["startup", "poll", "webhook", "source", "watch", "signal"];
 
 /// The `reason` values of `homelab_agent_kube_errors_total` ([`KubeErrorReason::name`]).
 pub const KUBE_ERROR_REASONS: [&str; 7] = [
@@ -860,6 +858,21 @@ mod tests {
             !text.contains("# EOF") && !text.contains("# UNIT"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn trigger_series_are_the_daemon_triggers() {
+        use crate::daemon::queue::Trigger;
+        let names = [
+            Trigger::Startup,
+            Trigger::Poll,
+            Trigger::Webhook,
+            Trigger::SourceChanged,
+            Trigger::Drift,
+            Trigger::Signal,
+        ]
+        .map(Trigger::name);
+        assert_eq!(names, TRIGGERS);
     }
 
     #[test]
