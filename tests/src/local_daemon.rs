@@ -55,11 +55,16 @@ impl LocalLab {
         self.root().join(p.trim_start_matches('/'))
     }
 
-    /// Writes a repo file (creating parents).
+    /// Writes a repo file (creating parents) atomically: the daemon watches
+    /// the repo, and a run started between the truncate and the write of a
+    /// plain `fs::write` would read an empty module (which is valid, and
+    /// prunes everything it held).
     pub fn write(&self, rel: &str, content: &str) {
         let p = self.repo().join(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, content).unwrap();
+        let tmp = p.with_extension("tmp-write");
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
     }
 
     /// Writes a file only its owner can read (password files).

@@ -235,6 +235,9 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
                 let mut run = tokio::task::spawn_blocking(move || {
                     reconcile(&s, &batch);
                     w.lock().unwrap().sync_managed();
+                    // Only now is the run over for `/api/status`: a hand edit
+                    // made after it reads `running: false` is watched.
+                    s.status.write().unwrap().running = false;
                 });
                 loop {
                     tokio::select! {
@@ -512,9 +515,7 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
         .run_finished(primary, outcome, &phases, started.elapsed());
     release_memory();
     refresh_status_from_state(shared);
-    let mut st = shared.status.write().unwrap();
-    st.counts = counts;
-    st.running = false;
+    shared.status.write().unwrap().counts = counts;
 }
 
 fn run_plan_apply(

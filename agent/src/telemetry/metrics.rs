@@ -334,7 +334,7 @@ impl Metrics {
         let r = &mut registry;
         r.register(
             "drift_events",
-            "Resources found drifted (live state changed by hand since the last apply), counted once per run that saw them",
+            "Drifts found: a resource whose live state was changed by hand since the last apply, counted when first seen (a drift left in place is not counted again)",
             m.drift_events.clone(),
         );
         r.register(
@@ -480,17 +480,27 @@ impl Metrics {
         s.last_success = record.applied_at.unwrap_or(0);
     }
 
-    /// A drift seen by a run, and whether the run healed it.
-    pub fn drift(&self, module: &str, kind: &str, healed: bool) {
-        let l = ResourceLabels {
+    fn resource_labels(&self, module: &str, kind: &str) -> ResourceLabels {
+        ResourceLabels {
             host: self.host(),
             module: module.to_string(),
             kind: kind.to_string(),
-        };
-        self.drift_events.get_or_create(&l).inc();
-        if healed {
-            self.drift_corrections.get_or_create(&l).inc();
         }
+    }
+
+    /// A resource was found drifted (counted once per drift, see
+    /// `Telemetry::observe_apply`).
+    pub fn drift_event(&self, module: &str, kind: &str) {
+        self.drift_events
+            .get_or_create(&self.resource_labels(module, kind))
+            .inc();
+    }
+
+    /// A drifted resource was healed.
+    pub fn correction(&self, module: &str, kind: &str) {
+        self.drift_corrections
+            .get_or_create(&self.resource_labels(module, kind))
+            .inc();
     }
 
     /// A finished run: its outcome, its phases and its total duration.
@@ -821,7 +831,8 @@ mod tests {
     #[test]
     fn names_units_and_suffixes_follow_the_conventions() {
         let m = Metrics::new("nas");
-        m.drift("app", "file", true);
+        m.drift_event("app", "file");
+        m.correction("app", "file");
         m.set_revisions(&homelab_agent_state::HostRecord {
             applied_revision: Some("abc".into()),
             fetched_revision: Some("def".into()),

@@ -152,6 +152,18 @@ impl RunOutcome {
 pub struct Telemetry {
     pub metrics: Arc<Metrics>,
     loki: RwLock<Option<(LokiConfig, Shipper)>>,
+    /// What the previous run left drifted or failing, so a drift that
+    /// persists (`on_drift: report`) or a resource failing the same way run
+    /// after run is counted and sent once, not once per poll.
+    last: std::sync::Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// Ids still drifted after the run.
+    drifted: std::collections::HashSet<String>,
+    /// (id, error) of resources that failed or were skipped.
+    errors: std::collections::HashSet<(String, String)>,
 }
 
 impl Telemetry {
@@ -161,6 +173,7 @@ impl Telemetry {
         let t = Telemetry {
             metrics: Arc::new(Metrics::new(host)),
             loki: RwLock::new(None),
+            last: Default::default(),
         };
         t.configure(host, loki)?;
         Ok(t)
@@ -200,8 +213,20 @@ impl Telemetry {
     }
 
     /// An applied run: gauges, drift counters and the run's events.
-    /// Returns the outcome for the `runs_total` counter.
+    /// A drift still there from the previous run, or a resource failing with
+    /// the same error again, is not counted or sent again. Returns the
+    /// outcome for the `runs_total` counter.
     pub fn observe_apply(&self, plan: &Plan, report: &ApplyReport, trigger: &str) -> RunOutcome {
+        let events = self.account(plan, report, trigger);
+        self.emit(events);
+        RunOutcome::of(report)
+    }
+
+    /// [`Telemetry::observe_apply`] without sending: counts, and returns the
+    /// events to send.
+    fn account(&self, plan: &Plan, report: &ApplyReport, trigger: &str) -> Vec<Event> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut now = Seen::default();
         self.metrics
             .set_resources(metrics::resource_table(plan, Some(report)));
         let kinds: std::collections::HashMap<&str, (&str, &str)> = plan
@@ -216,7 +241,14 @@ impl Telemetry {
             if o.class == Classification::Drift {
                 let (module, kind) = kinds.get(o.id.as_str()).copied().unwrap_or_default();
                 let healed = o.error.is_none() && o.action != Action::Report;
-                self.metrics.drift(module, kind, healed);
+                if !last.drifted.contains(&o.id) {
+                    self.metrics.drift_event(module, kind);
+                }
+                if healed {
+                    self.metrics.correction(module, kind);
+                } else {
+                    now.drifted.insert(o.id.clone());
+                }
             }
             if o.error.is_some() && o.class != Classification::Skipped {
                 match o.class {
@@ -231,8 +263,22 @@ impl Telemetry {
         if prune_failed {
             self.metrics.phase_failed(Phase::Prune);
         }
-        self.emit(events::for_run(plan, report, trigger));
-        RunOutcome::of(report)
+        let mut events = events::for_run(plan, report, trigger);
+        events.retain(|e| {
+            let id = e.resource.clone().unwrap_or_default();
+            match e.event {
+                events::EventKind::Drift => !last.drifted.contains(&id),
+                events::EventKind::Error => {
+                    let key = (id, e.error.clone().unwrap_or_default());
+                    let new = !last.errors.contains(&key);
+                    now.errors.insert(key);
+                    new
+                }
+                _ => true,
+            }
+        });
+        *last = now;
+        events
     }
 
     /// A run that stopped before finishing: in `phase` (counted), or
@@ -455,7 +501,23 @@ mod tests {
         }
         // And the metrics of the run hold no value either.
         let t = Telemetry::new("lab", None).unwrap();
-        // (The outcome follows the counts; the fabricated rollback is not in them.)
+        let first = t.account(&plan, &report, "watch");
+        assert_eq!(first.len(), events.len());
+        // The same run again (the report-only drift still there, the same
+        // failure): nothing new to count or send but the heals.
+        let again: Vec<EventKind> = t
+            .account(&plan, &report, "poll")
+            .iter()
+            .map(|e| e.event)
+            .collect();
+        assert!(
+            !again.contains(&EventKind::Error)
+                && again.iter().filter(|k| **k == EventKind::Drift).count() == 2,
+            "{again:?}"
+        );
+        // Three runs seen: heal and pw drift (and are healed) in each, the
+        // report-only drift is counted once. (The outcome follows the
+        // counts; the fabricated rollback is not in them.)
         assert_eq!(
             t.observe_apply(&plan, &report, "watch"),
             RunOutcome::Success
@@ -464,7 +526,9 @@ mod tests {
         assert!(!text.contains(SECRET), "{text}");
         assert!(
             text.contains(
-                "homelab_agent_drift_corrections_total{host=\"lab\",module=\"m\",kind=\"file\"} 2"
+                "homelab_agent_drift_corrections_total{host=\"lab\",module=\"m\",kind=\"file\"} 6"
+            ) && text.contains(
+                "homelab_agent_drift_events_total{host=\"lab\",module=\"m\",kind=\"file\"} 7"
             ),
             "{text}"
         );
