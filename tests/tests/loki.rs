@@ -160,6 +160,61 @@ fn events_reach_loki_with_three_labels_structured_lines_in_order_and_batched() {
         s["refused"].is_null()
     });
 
+    // A managed directory replaced by a symlink: its files cannot be
+    // observed (the agent never follows one), the run stops before apply
+    // with an error event, and heals once the symlink is gone.
+    let app = lab.host_path("/srv/app");
+    let elsewhere = lab.tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::rename(&app, lab.tmp.path().join("moved-away")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &app).unwrap();
+    let entries = loki.wait_for("a run error", Duration::from_secs(10), |e| {
+        of_event(e, "error")
+            .iter()
+            .any(|x| x.json()["stage"] == "observe")
+    });
+    let run_error = of_event(&entries, "error")[0].json();
+    assert_eq!(run_error["level"], "error");
+    assert_eq!(run_error["msg"], "run failed at observe");
+    assert!(
+        run_error["error"]
+            .as_str()
+            .unwrap()
+            .contains("could not be observed; nothing was applied"),
+        "{run_error}"
+    );
+    assert!(run_error["revision"]
+        .as_str()
+        .unwrap()
+        .starts_with("local-"));
+    let m = daemon.wait_metrics("the failed run", Duration::from_secs(10), |m| {
+        sample(
+            m,
+            "homelab_agent_runs_total{host=\"lab\",trigger=\"watch\",result=\"error\"}",
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    });
+    assert!(
+        sample(
+            &m,
+            "homelab_agent_run_phase_failures_total{host=\"lab\",phase=\"observe\"}"
+        )
+        .unwrap()
+            >= 1.0,
+        "{m}"
+    );
+    assert!(
+        elsewhere.read_dir().unwrap().next().is_none(),
+        "nothing written through the symlink"
+    );
+    std::fs::remove_file(&app).unwrap();
+    wait_for_file(
+        &lab.host_path("/srv/app/f0.conf"),
+        "value = 0\n",
+        Duration::from_secs(10),
+    );
+
     // Everything the stand-in stored, over every push.
     std::thread::sleep(Duration::from_millis(600));
     let entries = loki.entries();
