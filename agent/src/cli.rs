@@ -20,6 +20,7 @@ use crate::fsops::Fs;
 use crate::report::{self, Style};
 use crate::resources::Host;
 use crate::source::{LocalDir, Source};
+use crate::telemetry::{Phase, Phases};
 
 /// Plans and converges this host from a repository of desired state.
 ///
@@ -142,6 +143,10 @@ struct PlanArgs {
     /// Exit 0 when there is nothing to do, 2 when there are changes or drift, 1 on errors.
     #[arg(long)]
     detailed_exitcode: bool,
+    /// Also write the plan's metrics (resources managed, drifted, pending; revisions; last
+    /// success) to FILE for node-exporter's textfile collector (atomically; name it *.prom).
+    #[arg(long, value_name = "FILE")]
+    metrics_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -154,6 +159,10 @@ struct ApplyArgs {
     /// Exit 0 when nothing changed, 2 when something was changed, 1 on errors.
     #[arg(long)]
     detailed_exitcode: bool,
+    /// Also write the run's metrics to FILE for node-exporter's textfile collector (see
+    /// `agent plan --help`).
+    #[arg(long, value_name = "FILE")]
+    metrics_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -248,6 +257,9 @@ struct Loaded {
     sandbox: Option<String>,
     /// The commit fetched for the followed ref (git sources).
     fetched: Option<String>,
+    /// Time spent fetching and rendering.
+    phases: Phases,
+    loki: Option<config::LokiConfig>,
 }
 
 /// Flags over config over defaults.
@@ -258,6 +270,7 @@ struct Resolved {
     state_dir: PathBuf,
     policy: DriftPolicy,
     onepassword: Option<config::OnePasswordConfig>,
+    loki: Option<config::LokiConfig>,
 }
 
 fn resolve_target(target: &Target) -> Result<Resolved> {
@@ -315,14 +328,18 @@ fn resolve_target(target: &Target) -> Result<Resolved> {
         state_dir,
         policy: c.map_or(DriftPolicy::Heal, |c| c.on_drift),
         onepassword: c.and_then(|c| c.onepassword.clone()),
+        loki: c.and_then(|c| c.loki.clone()),
     })
 }
 
 fn load(target: &Target) -> Result<Loaded> {
     let r = resolve_target(target)?;
-    let resolved = engine::resolve(&r.spec, &r.state_dir)?;
+    let mut phases = Phases::default();
+    let resolved = phases.time(Phase::Fetch, || engine::resolve(&r.spec, &r.state_dir))?;
     let secrets = engine::secret_source(r.onepassword.as_ref());
-    let catalog = engine::load(resolved.source, &r.host, r.policy, secrets)?;
+    let catalog = phases.time(Phase::Render, || {
+        engine::load(resolved.source, &r.host, r.policy, secrets)
+    })?;
     let fs = Fs::new(r.root.as_deref().unwrap_or(Path::new("/")))?;
     let host = Host::new(fs, r.root.is_some(), catalog.host.platform);
     Ok(Loaded {
@@ -331,7 +348,30 @@ fn load(target: &Target) -> Result<Loaded> {
         state_dir: r.state_dir,
         sandbox: r.root.map(|r| r.display().to_string()),
         fetched: resolved.fetched,
+        phases,
+        loki: r.loki,
     })
+}
+
+/// `--metrics-file`: the plan's (and apply's) snapshot metrics as a
+/// node-exporter textfile, written atomically.
+fn write_metrics_file(
+    path: &Path,
+    state_dir: &Path,
+    plan: &crate::plan::Plan,
+    report: Option<&crate::apply::ApplyReport>,
+    phases: &Phases,
+) -> Result<()> {
+    let host = &plan.catalog.host.name;
+    let metrics = crate::telemetry::metrics::Metrics::new(host);
+    metrics.set_resources(crate::telemetry::metrics::resource_table(plan, report));
+    let record = Store::open_read_only(state_dir)
+        .and_then(|s| s.host(host))
+        .unwrap_or_default();
+    metrics.set_revisions(&record);
+    metrics.set_last_phases(phases);
+    crate::telemetry::metrics::write_textfile(path, &metrics.textfile())?;
+    Ok(())
 }
 
 /// The inventory for a plan. Plans never write, with one exception: a
@@ -354,10 +394,12 @@ fn read_inventory(
 }
 
 fn run_plan(args: PlanArgs) -> Result<ExitCode> {
-    let loaded = load(&args.target)?;
+    let mut loaded = load(&args.target)?;
     let inventory = read_inventory(&loaded.state_dir, &loaded.catalog.host.name)?;
     let key = homelab_agent_state::DigestKey::load(&loaded.state_dir, false)?;
-    let plan = crate::plan::plan(loaded.catalog, &loaded.host, &inventory, &key);
+    let plan = loaded.phases.time(Phase::Observe, || {
+        crate::plan::plan(loaded.catalog, &loaded.host, &inventory, &key)
+    });
     if args.json {
         println!(
             "{}",
@@ -369,6 +411,9 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
             report::plan_text(&plan, loaded.sandbox.as_deref(), style())
         );
     }
+    if let Some(path) = &args.metrics_file {
+        write_metrics_file(path, &loaded.state_dir, &plan, None, &loaded.phases)?;
+    }
     Ok(if !plan.failures.is_empty() {
         ExitCode::from(1)
     } else if args.detailed_exitcode && plan.has_changes() {
@@ -379,14 +424,22 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
 }
 
 fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
-    let loaded = load(&args.target)?;
+    let mut loaded = load(&args.target)?;
     let hostname = loaded.catalog.host.name.clone();
+    // Loki events (with `loki:` in the config); a bad password file stops
+    // the run before anything is applied.
+    let telemetry = match &loaded.loki {
+        Some(l) => Some(crate::telemetry::Telemetry::new(&hostname, Some(l))?),
+        None => None,
+    };
     let _lock = Lock::acquire(&loaded.state_dir, &format!("agent apply --host {hostname}"))?;
     // Plan from a read-only view, so a plan that cannot be applied leaves
     // the state directory untouched.
     let inventory = Store::open_read_only_recovering(&loaded.state_dir)?.inventory(&hostname)?;
     let key = homelab_agent_state::DigestKey::load(&loaded.state_dir, false)?;
-    let mut plan = crate::plan::plan(loaded.catalog, &loaded.host, &inventory, &key);
+    let mut plan = loaded.phases.time(Phase::Observe, || {
+        crate::plan::plan(loaded.catalog, &loaded.host, &inventory, &key)
+    });
     if !plan.failures.is_empty() {
         print!(
             "{}",
@@ -400,7 +453,15 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
         plan.rekey(&applied_key);
     }
     let store = Store::open(&loaded.state_dir)?;
+    let apply_started = std::time::Instant::now();
     let report = crate::apply::apply(&plan, &loaded.host, &store, "cli")?;
+    loaded.phases.add(
+        Phase::Apply,
+        apply_started
+            .elapsed()
+            .saturating_sub(report.prune_duration),
+    );
+    loaded.phases.add(Phase::Prune, report.prune_duration);
     if args.target.rev.is_some() && !report.failed() {
         // A revision picked by hand: the daemon keeps it until a newer fetch.
         let fetched = loaded.fetched.clone();
@@ -413,10 +474,24 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
             })
         })?;
     }
+    drop(store);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", report::apply_text(&report, style()));
+    }
+    if let Some(t) = &telemetry {
+        t.observe_apply(&plan, &report, "cli");
+        t.flush(std::time::Duration::from_secs(5));
+    }
+    if let Some(path) = &args.metrics_file {
+        write_metrics_file(
+            path,
+            &loaded.state_dir,
+            &plan,
+            Some(&report),
+            &loaded.phases,
+        )?;
     }
     Ok(if report.failed() {
         ExitCode::from(1)

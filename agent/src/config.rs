@@ -50,6 +50,37 @@ pub struct OnePasswordConfig {
     pub token_file: PathBuf,
 }
 
+/// `loki:` settings: where the agent's events go (Loki's JSON push API).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LokiConfig {
+    /// The push endpoint: the configured URL, with `/loki/api/v1/push`
+    /// appended unless the URL already ends with it.
+    pub push_url: String,
+    /// Sent as `X-Scope-OrgID` (multi-tenant Loki).
+    pub tenant: Option<String>,
+    /// Basic auth (a reverse proxy in front of Loki); needs `password_file`.
+    pub username: Option<String>,
+    /// File holding the basic-auth password (chmod 600).
+    pub password_file: Option<PathBuf>,
+    /// Events per push (at most).
+    pub batch_size: usize,
+    /// How long an event may wait for its batch to fill.
+    pub batch_wait: Duration,
+    /// Events kept in memory while Loki is slow or down; beyond this the
+    /// oldest are dropped (and counted).
+    pub max_buffered_events: usize,
+    /// Retries of a batch answered 429/5xx or not answered, before it is
+    /// dropped (and counted).
+    pub max_retries: u32,
+    /// Cap of the exponential backoff between retries (from 500 ms).
+    pub max_backoff: Duration,
+    /// Timeout of one push request.
+    pub timeout: Duration,
+}
+
+/// The push path appended to `loki.url`.
+pub const LOKI_PUSH_PATH: &str = "/loki/api/v1/push";
+
 /// The whole agent config, defaults filled in.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AgentConfig {
@@ -71,6 +102,8 @@ pub struct AgentConfig {
     pub verify: Option<VerifyConfig>,
     pub onepassword: Option<OnePasswordConfig>,
     pub log_format: LogFormat,
+    /// Events to Loki; `None`: no events are sent.
+    pub loki: Option<LokiConfig>,
 }
 
 const KEYS: &[&str] = &[
@@ -87,6 +120,20 @@ const KEYS: &[&str] = &[
     "verify",
     "onepassword",
     "log_format",
+    "loki",
+];
+
+const LOKI_KEYS: &[&str] = &[
+    "url",
+    "tenant",
+    "username",
+    "password_file",
+    "batch_size",
+    "batch_wait",
+    "max_buffered_events",
+    "max_retries",
+    "max_backoff",
+    "timeout",
 ];
 
 /// Where the config lives by default on this OS.
@@ -217,6 +264,9 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
             LogFormat::Text
         }
     };
+    let loki = r
+        .take("loki")
+        .and_then(|node| loki(&file, node, &rel, &mut diags));
     r.finish(KEYS, &mut diags);
     if !diags.is_empty() {
         return Err(invalid(diags));
@@ -236,13 +286,140 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         verify,
         onepassword,
         log_format,
+        loki,
     })
+}
+
+/// The `loki:` section. Every problem is reported; `None` if any.
+fn loki(
+    file: &str,
+    node: &yaml::Node,
+    rel: &dyn Fn(String) -> PathBuf,
+    diags: &mut Diagnostics,
+) -> Option<LokiConfig> {
+    let before = diags.len();
+    let mut l = MapReader::new(file, "`loki`", node, diags)?;
+    let url = match l.string("url", diags) {
+        None => {
+            if !l.has("url") {
+                diags.push(
+                    Diagnostic::new(file, "`loki` needs `url`")
+                        .line(node.line)
+                        .hint("loki: {url: http://loki.example:3100}"),
+                );
+            }
+            None
+        }
+        Some((url, line)) => {
+            let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+            let host_ok = url
+                .split_once("://")
+                .is_some_and(|(_, rest)| !rest.is_empty() && !rest.starts_with('/'));
+            if !scheme_ok || !host_ok || url.contains(char::is_whitespace) {
+                diags.push(
+                    Diagnostic::new(file, format!("`loki.url: {url}` is not an http(s) URL"))
+                        .line(line)
+                        .hint("e.g. url: http://loki.example:3100 (the push path is added)"),
+                );
+                None
+            } else {
+                let base = url.trim_end_matches('/');
+                Some(if base.ends_with(LOKI_PUSH_PATH) {
+                    base.to_string()
+                } else {
+                    format!("{base}{LOKI_PUSH_PATH}")
+                })
+            }
+        }
+    };
+    let tenant = l.string("tenant", diags).and_then(|(t, line)| {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "!-_.*'()".contains(c);
+        if t.is_empty() || t.len() > 150 || t == "." || t == ".." || !t.chars().all(allowed) {
+            diags.push(
+                Diagnostic::new(file, format!("`loki.tenant: {t}` is not a Loki tenant id"))
+                    .line(line)
+                    .hint("1 to 150 letters, digits and ! - _ . * ' ( ); one tenant only"),
+            );
+            None
+        } else {
+            Some(t)
+        }
+    });
+    let username = l.string("username", diags);
+    let password_file = l.string("password_file", diags);
+    if let (Some((_, line)), None) | (None, Some((_, line))) = (&username, &password_file) {
+        diags.push(
+            Diagnostic::new(
+                file,
+                "`loki` basic auth needs both `username` and `password_file`",
+            )
+            .line(*line)
+            .hint("username: agent, password_file: /etc/homelab-agent/loki-password (chmod 600)"),
+        );
+    }
+    let batch_size = int_in(&mut l, "batch_size", 1, 10_000, diags).unwrap_or(100);
+    let batch_wait = duration_at_least(&mut l, "batch_wait", Duration::from_millis(100), diags)
+        .unwrap_or(Duration::from_secs(1));
+    let max_buffered_events =
+        int_in(&mut l, "max_buffered_events", 1, 1_000_000, diags).unwrap_or(5_000);
+    let max_retries = int_in(&mut l, "max_retries", 0, 100, diags).unwrap_or(10) as u32;
+    let max_backoff = duration_at_least(&mut l, "max_backoff", Duration::from_secs(1), diags)
+        .unwrap_or(Duration::from_secs(60));
+    let timeout = duration_at_least(&mut l, "timeout", Duration::from_secs(1), diags)
+        .unwrap_or(Duration::from_secs(10));
+    l.finish(LOKI_KEYS, diags);
+    if diags.len() > before {
+        return None;
+    }
+    Some(LokiConfig {
+        push_url: url?,
+        tenant,
+        username: username.map(|u| u.0),
+        password_file: password_file.map(|p| rel(p.0)),
+        batch_size,
+        batch_wait,
+        max_buffered_events,
+        max_retries,
+        max_backoff,
+        timeout,
+    })
+}
+
+/// An integer in `min..=max`.
+fn int_in(
+    r: &mut MapReader<'_>,
+    key: &str,
+    min: i64,
+    max: i64,
+    diags: &mut Diagnostics,
+) -> Option<usize> {
+    let node = r.take(key)?;
+    match &node.value {
+        Value::Int(n) if (min..=max).contains(n) => Some(*n as usize),
+        _ => {
+            diags.push(r.diag(
+                node.line,
+                format!("`{key}` must be a whole number from {min} to {max}"),
+            ));
+            None
+        }
+    }
 }
 
 /// A duration: whole seconds, or a string such as `90s`, `5m`, `1h`.
 pub(crate) fn duration(
     r: &mut MapReader<'_>,
     key: &str,
+    diags: &mut Diagnostics,
+) -> Option<Duration> {
+    duration_at_least(r, key, Duration::from_secs(1), diags)
+}
+
+/// [`duration`] with another lower bound.
+fn duration_at_least(
+    r: &mut MapReader<'_>,
+    key: &str,
+    min: Duration,
     diags: &mut Diagnostics,
 ) -> Option<Duration> {
     let node = r.take(key)?;
@@ -252,12 +429,15 @@ pub(crate) fn duration(
         _ => None,
     };
     match d {
-        Some(d) if d >= Duration::from_secs(1) => Some(d),
+        Some(d) if d >= min => Some(d),
         _ => {
             diags.push(
                 r.diag(
                     node.line,
-                    format!("`{key}` must be a duration of at least 1s"),
+                    format!(
+                        "`{key}` must be a duration of at least {}",
+                        humantime::format_duration(min)
+                    ),
                 )
                 .hint("seconds (60) or a string such as \"90s\", \"5m\""),
             );
@@ -307,6 +487,70 @@ mod tests {
         ] {
             assert!(err.contains(want), "missing {want:?} in:\n{err}");
         }
+    }
+
+    #[test]
+    fn loki_defaults_and_push_path() {
+        let c = parse(
+            Path::new("/etc/homelab-agent/agent.yaml"),
+            "repo: .\nloki:\n  url: http://loki:3100/\n  tenant: homelab\n  username: agent\n  password_file: loki-password\n",
+        )
+        .unwrap();
+        let l = c.loki.unwrap();
+        assert_eq!(l.push_url, "http://loki:3100/loki/api/v1/push");
+        assert_eq!(l.tenant.as_deref(), Some("homelab"));
+        assert_eq!(l.username.as_deref(), Some("agent"));
+        assert_eq!(
+            l.password_file.as_deref(),
+            Some(Path::new("/etc/homelab-agent/loki-password"))
+        );
+        assert_eq!(
+            (
+                l.batch_size,
+                l.batch_wait,
+                l.max_buffered_events,
+                l.max_retries
+            ),
+            (100, Duration::from_secs(1), 5_000, 10)
+        );
+        let c = parse(
+            Path::new("a.yaml"),
+            "repo: .\nloki: {url: \"https://gw.example/loki/api/v1/push\", batch_wait: 250ms}\n",
+        )
+        .unwrap();
+        let l = c.loki.unwrap();
+        assert_eq!(l.push_url, "https://gw.example/loki/api/v1/push");
+        assert_eq!(l.batch_wait, Duration::from_millis(250));
+        assert!(parse(Path::new("a.yaml"), "repo: .\n")
+            .unwrap()
+            .loki
+            .is_none());
+    }
+
+    #[test]
+    fn loki_problems_are_reported_with_their_lines() {
+        let err = parse(
+            Path::new("agent.yaml"),
+            "repo: .\nloki:\n  url: loki:3100\n  tenant: a|b\n  username: agent\n  batch_size: 0\n  batch_wait: 10ms\n  max_retries: -1\n  batchsize: 5\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "agent.yaml:3: `loki.url: loki:3100` is not an http(s) URL",
+            "agent.yaml:4: `loki.tenant: a|b` is not a Loki tenant id",
+            "agent.yaml:5: `loki` basic auth needs both `username` and `password_file`",
+            "agent.yaml:6: `batch_size` must be a whole number from 1 to 10000",
+            "agent.yaml:7: `batch_wait` must be a duration of at least 100ms",
+            "agent.yaml:8: `max_retries` must be a whole number from 0 to 100",
+            "agent.yaml:9: unknown key `batchsize`",
+            "did you mean `batch_size`?",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in:\n{err}");
+        }
+        let err = parse(Path::new("agent.yaml"), "repo: .\nloki: {tenant: t}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agent.yaml:2: `loki` needs `url`"), "{err}");
     }
 
     #[test]

@@ -20,3 +20,4 @@ pub mod report;
 pub mod resources;
 pub mod secrets;
 pub mod source;
+pub mod telemetry;

@@ -5,7 +5,10 @@
 
 pub mod connect_standin;
 pub mod git_server;
+pub mod local_daemon;
+pub mod loki_standin;
 pub mod nspawn;
+pub mod prometheus;
 pub mod real_tools;
 
 use std::collections::BTreeMap;
@@ -39,6 +42,19 @@ pub fn agent_bin() -> &'static Path {
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-q", "-p", "homelab-agent", "--bin", "agent"])
             .current_dir(workspace());
+        // Cargo sets these for the test process; passed on, they make build
+        // scripts that watch them (ring's watches CARGO_MANIFEST_DIR) rerun,
+        // which rebuilt the TLS stack and the agent once per test binary.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_MANIFEST_")
+                || key.starts_with("CARGO_PKG_")
+                || key == "CARGO_CRATE_NAME"
+                || key == "CARGO_PRIMARY_PACKAGE"
+            {
+                cmd.env_remove(&*key);
+            }
+        }
         if release {
             cmd.arg("--release");
         }

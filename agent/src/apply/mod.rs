@@ -19,7 +19,7 @@
 //! already match are adopted into the inventory without a write.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use homelab_agent_state::{
     InventoryEntry, Origin, RunCounts, RunRecord, RunResult, StateError, Store,
@@ -57,6 +57,10 @@ pub struct ApplyReport {
     pub outcomes: Vec<Outcome>,
     pub counts: RunCounts,
     pub revision: String,
+    /// Time spent pruning (the rest of apply's time is applying), for the
+    /// phase metrics.
+    #[serde(skip)]
+    pub prune_duration: Duration,
 }
 
 impl ApplyReport {
@@ -267,6 +271,7 @@ pub fn apply_cancellable(
     }
 
     // 4. Prune.
+    let prune_started = Instant::now();
     let mut prune_results = Vec::new();
     let stop_before_prune = cancelled();
     for p in &plan.prunes {
@@ -295,6 +300,7 @@ pub fn apply_cancellable(
         };
         prune_results.push(result);
     }
+    let prune_duration = prune_started.elapsed();
     let sync_error = host.fs.sync().err().map(|e| e.to_string());
 
     // Outcomes and counts.
@@ -313,10 +319,14 @@ pub fn apply_cancellable(
             (Classification::Drift, ..) => counts.drift_healed += 1,
             _ => {}
         }
-        let restarted = match &handled[p.index] {
-            Handled::Restarted(by) => Some(by.clone()),
-            _ => None,
+        let (restarted, rolled_back) = match &handled[p.index] {
+            Handled::Restarted(by) => (Some(by.clone()), false),
+            Handled::RolledBack(_) => (None, true),
+            Handled::Failed(why) => (None, why.contains(" rolled back (")),
+            Handled::Nothing => (None, false),
         };
+        // Events and reports recognise a rollback by this note.
+        let rollback_note = rolled_back.then(|| "rolled back".to_string());
         if p.class != Classification::InSync {
             outcomes.push(Outcome {
                 id: entry.id.clone(),
@@ -324,7 +334,8 @@ pub fn apply_cancellable(
                 class: p.class,
                 fields: p.changes.iter().map(|c| c.field).collect(),
                 error,
-                note: restarted.map(|by| format!("restarted (notified by {by})")),
+                note: rollback_note
+                    .or_else(|| restarted.map(|by| format!("restarted (notified by {by})"))),
             });
         } else if restarted.is_some() || error.is_some() {
             outcomes.push(Outcome {
@@ -333,7 +344,7 @@ pub fn apply_cancellable(
                 class: p.class,
                 fields: Vec::new(),
                 error,
-                note: restarted.map(|by| format!("notified by {by}")),
+                note: rollback_note.or_else(|| restarted.map(|by| format!("notified by {by}"))),
             });
         }
     }
@@ -459,6 +470,7 @@ pub fn apply_cancellable(
         outcomes,
         counts,
         revision: plan.catalog.revision.clone(),
+        prune_duration,
     })
 }
 

@@ -8,6 +8,7 @@
 //! | `GET /healthz` | `200 ok` while the process serves |
 //! | `GET /readyz` | `200 ready`, or `503` with [`StatusSnapshot::ready`]'s reason |
 //! | `GET /api/status` | `200` JSON of the [`StatusSnapshot`] |
+//! | `GET /metrics` | Prometheus metrics: OpenMetrics when `Accept` prefers it, else text 0.0.4 |
 //! | anything else | `404` (`405` for a known path with another method) |
 //!
 //! # Webhooks
@@ -37,6 +38,7 @@ use sha2::Sha256;
 
 use super::queue::{Trigger, TriggerQueue};
 use super::status::StatusSnapshot;
+use crate::telemetry::metrics::Metrics;
 
 /// Largest accepted webhook body (1 MiB); larger bodies get `413`.
 pub const BODY_LIMIT: usize = 1024 * 1024;
@@ -82,6 +84,8 @@ pub struct HttpState {
     pub queue: Arc<TriggerQueue>,
     pub status: Arc<RwLock<StatusSnapshot>>,
     recent: Mutex<RecentDeliveries>,
+    /// `None`: `/metrics` answers `404`.
+    metrics: RwLock<Option<Arc<Metrics>>>,
 }
 
 impl HttpState {
@@ -95,7 +99,13 @@ impl HttpState {
             queue,
             status,
             recent: Mutex::new(RecentDeliveries::new(RECENT_DELIVERIES)),
+            metrics: RwLock::new(None),
         })
+    }
+
+    /// Serves these metrics at `/metrics`.
+    pub fn set_metrics(&self, metrics: Arc<Metrics>) {
+        *self.metrics.write().unwrap_or_else(|e| e.into_inner()) = Some(metrics);
     }
 
     /// Replaces the webhook settings (config reload). Takes effect for the
@@ -168,6 +178,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/api/status", get(api_status))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(state)
 }
@@ -198,6 +209,21 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
 
 async fn api_status(State(state): State<Arc<HttpState>>) -> Json<StatusSnapshot> {
     Json(state.status_snapshot())
+}
+
+/// `/metrics`, in the format the scraper prefers (content negotiation).
+async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    let metrics = state
+        .metrics
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let Some(metrics) = metrics else {
+        return (StatusCode::NOT_FOUND, "metrics are not enabled").into_response();
+    };
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (body, content_type) = metrics.negotiate(accept);
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 async fn not_found() -> (StatusCode, &'static str) {
@@ -1170,6 +1196,54 @@ mod tests {
         assert_eq!(code, StatusCode::OK);
         let back: StatusSnapshot = serde_json::from_str(&text).unwrap();
         assert_eq!(back, *state.status.read().unwrap());
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_in_the_format_asked_for() {
+        let state = enabled();
+        let (code, _) = send(&state, Method::GET, "/metrics", &[], Vec::new()).await;
+        assert_eq!(code, StatusCode::NOT_FOUND, "no metrics set yet");
+        state.set_metrics(Arc::new(Metrics::new("lab")));
+        let get = |accept: Option<&'static str>| {
+            let state = state.clone();
+            async move {
+                let mut req = HttpRequest::builder().method(Method::GET).uri("/metrics");
+                if let Some(a) = accept {
+                    req = req.header("Accept", a);
+                }
+                let resp = router(state)
+                    .oneshot(req.body(Body::empty()).unwrap())
+                    .await
+                    .unwrap();
+                let ct = resp.headers()[header::CONTENT_TYPE]
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                (ct, String::from_utf8(body.to_vec()).unwrap())
+            }
+        };
+        let (ct, body) = get(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+        ))
+        .await;
+        assert_eq!(ct, crate::telemetry::metrics::OPENMETRICS_CONTENT_TYPE);
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        for accept in [None, Some("text/plain"), Some("*/*")] {
+            let (ct, body) = get(accept).await;
+            assert_eq!(
+                ct,
+                crate::telemetry::metrics::PROMETHEUS_CONTENT_TYPE,
+                "{accept:?}"
+            );
+            assert!(!body.contains("# EOF"), "{body}");
+            assert!(
+                body.contains("# TYPE homelab_agent_runs_total counter\n"),
+                "{body}"
+            );
+        }
     }
 
     #[tokio::test]

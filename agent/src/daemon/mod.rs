@@ -2,7 +2,7 @@
 //!
 //! - `queue.rs`: the coalescing trigger queue.
 //! - `status.rs`: the status snapshot served over HTTP.
-//! - `http.rs`: the one HTTP listener (webhook, health, status).
+//! - `http.rs`: the one HTTP listener (webhook, health, status, metrics).
 
 pub mod http;
 pub mod queue;

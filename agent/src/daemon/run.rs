@@ -21,7 +21,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use homelab_agent_state::{Lock, Refused, Store};
 use notify::{RecursiveMode, Watcher};
@@ -37,6 +37,7 @@ use crate::fsops::Fs;
 use crate::plan::{self, Classification};
 use crate::resources::Host;
 use crate::source::git::{self, RepoLocation};
+use crate::telemetry::{Phase, Phases, RunOutcome, Telemetry};
 
 /// Errors that stop the daemon (at start-up only; run errors are reported
 /// and retried).
@@ -113,6 +114,8 @@ struct Shared {
     /// Consecutive fetch failures, for the poll backoff.
     fetch_failures: AtomicU32,
     runs: AtomicU32,
+    /// Metrics (served at `/metrics`) and Loki events.
+    telemetry: Arc<Telemetry>,
 }
 
 fn now_secs() -> u64 {
@@ -122,7 +125,7 @@ fn now_secs() -> u64 {
 }
 
 /// Reads a secret file, refusing one that others can read.
-fn read_private_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+pub(crate) fn read_private_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path)
         .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
@@ -174,7 +177,12 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
         reference: config.reference.clone(),
         ..StatusSnapshot::default()
     }));
+    let telemetry = Arc::new(
+        Telemetry::new(&settings.host, config.loki.as_ref())
+            .map_err(|e| DaemonError::Setup(e.to_string()))?,
+    );
     let http = HttpState::new(queue.clone(), status.clone(), webhook);
+    http.set_metrics(telemetry.metrics.clone());
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| DaemonError::Listen {
@@ -197,6 +205,7 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
         drift: RwLock::new(None),
         fetch_failures: AtomicU32::new(0),
         runs: AtomicU32::new(0),
+        telemetry,
     });
     refresh_status_from_state(&shared);
 
@@ -226,6 +235,9 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
                 let mut run = tokio::task::spawn_blocking(move || {
                     reconcile(&s, &batch);
                     w.lock().unwrap().sync_managed();
+                    // Only now is the run over for `/api/status`: a hand edit
+                    // made after it reads `running: false` is watched.
+                    s.status.write().unwrap().running = false;
                 });
                 loop {
                     tokio::select! {
@@ -246,6 +258,9 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
     }
     let _ = stop_tx.send(true);
     let _ = server.await;
+    // Give queued events a moment to reach Loki.
+    let telemetry = shared.telemetry.clone();
+    let _ = tokio::task::spawn_blocking(move || telemetry.flush(Duration::from_secs(5))).await;
     info!("agent run: stopped");
     Ok(())
 }
@@ -256,7 +271,14 @@ fn reload(shared: &Arc<Shared>) {
     let result = config::load(&path)
         .map_err(|e| e.to_string())
         .and_then(|c| settings(&c).map_err(|e| e.to_string()).map(|s| (c, s)))
-        .and_then(|(c, s)| webhook_config(&c).map(|w| (s, w)));
+        .and_then(|(c, s)| webhook_config(&c).map(|w| (s, w)))
+        .and_then(|(s, w)| {
+            shared
+                .telemetry
+                .configure(&s.host, s.config.loki.as_ref())
+                .map_err(|e| e.to_string())
+                .map(|()| (s, w))
+        });
     match result {
         Ok((new, webhook)) => {
             shared.http.set_webhook(webhook);
@@ -297,6 +319,8 @@ fn choose_catalog(
     s: &Settings,
     record: &homelab_agent_state::HostRecord,
     fetch: bool,
+    telemetry: &Telemetry,
+    phases: &mut Phases,
 ) -> (Option<Catalog>, Option<String>, Option<Refused>) {
     let spec = SourceSpec {
         repo: s.config.repo.clone(),
@@ -313,7 +337,7 @@ fn choose_catalog(
         fetch,
         fetch_timeout: Duration::from_secs(60),
     };
-    let secrets = engine::secret_source(s.config.onepassword.as_ref());
+    let secrets = telemetry.count_secrets(engine::secret_source(s.config.onepassword.as_ref()));
     let refuse = |e: &StageError, revision: Option<String>| Refused {
         stage: e.stage().to_string(),
         revision,
@@ -322,7 +346,7 @@ fn choose_catalog(
     };
     let mut fetched = None;
     let refused;
-    match engine::resolve(&spec, &s.state_dir) {
+    match phases.time(Phase::Fetch, || engine::resolve(&spec, &s.state_dir)) {
         Ok(resolved) => {
             fetched = resolved.fetched.clone();
             // `agent apply --rev` pinned a revision: keep it until a newer fetch.
@@ -338,12 +362,16 @@ fn choose_catalog(
                 _ => None,
             };
             let source = match pinned {
-                Some((cache, applied)) => engine::open_commit(&cache, &applied),
+                Some((cache, applied)) => {
+                    phases.time(Phase::Fetch, || engine::open_commit(&cache, &applied))
+                }
                 None => Ok(resolved.source),
             };
-            match source
-                .and_then(|src| engine::load(src, &s.host, s.config.on_drift, secrets.clone()))
-            {
+            match source.and_then(|src| {
+                phases.time(Phase::Render, || {
+                    engine::load(src, &s.host, s.config.on_drift, secrets.clone())
+                })
+            }) {
                 Ok(c) => return (Some(c), fetched, None),
                 Err(e) => refused = Some(refuse(&e, fetched.clone())),
             }
@@ -357,8 +385,13 @@ fn choose_catalog(
     ) {
         (RepoLocation::Remote(url), Some(good)) => {
             let cache = engine::cache_dir(&s.state_dir, &url);
-            engine::open_commit(&cache, good)
-                .and_then(|src| engine::load(src, &s.host, s.config.on_drift, secrets.clone()))
+            phases
+                .time(Phase::Fetch, || engine::open_commit(&cache, good))
+                .and_then(|src| {
+                    phases.time(Phase::Render, || {
+                        engine::load(src, &s.host, s.config.on_drift, secrets.clone())
+                    })
+                })
                 .ok()
         }
         _ => None,
@@ -368,37 +401,68 @@ fn choose_catalog(
 
 /// One run: choose the revision, plan, apply, record.
 fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
+    let started = Instant::now();
+    let mut phases = Phases::default();
     let s = shared.settings.read().unwrap().clone();
     let trigger = triggers
         .iter()
         .map(|t| t.name())
         .collect::<Vec<_>>()
         .join("+");
+    // The metric label: the batch's first trigger (a bounded set of values).
+    let primary = triggers.iter().next().map_or("poll", |t| t.name());
+    let telemetry = &shared.telemetry;
     shared.status.write().unwrap().running = true;
     let _lock = match Lock::acquire(&s.state_dir, &format!("agent run ({trigger})")) {
         Ok(l) => l,
         Err(e) => {
             warn!(error = %e, "run skipped: the state directory is locked; retrying at the next trigger");
+            telemetry
+                .metrics
+                .run_finished(primary, RunOutcome::Error, &phases, started.elapsed());
             shared.status.write().unwrap().running = false;
             return;
         }
     };
-    let record =
-        match Store::open_read_only_recovering(&s.state_dir).and_then(|st| st.host(&s.host)) {
-            Ok(r) => r,
-            Err(e) => {
-                error!(error = %e, "cannot read state");
-                shared.status.write().unwrap().running = false;
-                return;
-            }
-        };
+    let record = match Store::open_read_only_recovering(&s.state_dir)
+        .and_then(|st| st.host(&s.host))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot read state");
+            telemetry.run_error(None, "state", None, &e.to_string(), &trigger);
+            telemetry
+                .metrics
+                .run_finished(primary, RunOutcome::Error, &phases, started.elapsed());
+            shared.status.write().unwrap().running = false;
+            return;
+        }
+    };
     // A run for drift alone converges to the revision already fetched: no
     // network round trip between a hand edit and its heal.
     let fetch = !triggers.iter().all(|t| *t == Trigger::Drift) || record.fetched_revision.is_none();
-    let (catalog, fetched, refused) = choose_catalog(&s, &record, fetch);
+    let (catalog, fetched, refused) = choose_catalog(&s, &record, fetch, telemetry, &mut phases);
     match &refused {
         Some(r) => {
             warn!(stage = %r.stage, revision = ?r.revision, error = %r.error, "revision refused; staying on the last good revision");
+            // Counted every run; sent to Loki once per refused revision.
+            let known = record.refused.as_ref().is_some_and(|k| {
+                k.stage == r.stage && k.revision == r.revision && k.error == r.error
+            });
+            telemetry.metrics.source_error(&r.stage);
+            telemetry.metrics.phase_failed(if r.stage == "validate" {
+                Phase::Render
+            } else {
+                Phase::Fetch
+            });
+            if !known {
+                telemetry.emit([crate::telemetry::events::refused(
+                    &r.stage,
+                    r.revision.as_deref(),
+                    &r.error,
+                    &trigger,
+                )]);
+            }
             if r.stage == "fetch" {
                 shared.fetch_failures.fetch_add(1, Ordering::Relaxed);
             }
@@ -407,10 +471,11 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     }
     let candidate_ok = refused.is_none();
     let mut counts = ClassCounts::default();
+    let mut outcome = RunOutcome::Error;
     if let Some(catalog) = catalog {
         let revision = catalog.revision.clone();
-        match run_plan_apply(shared, &s, catalog, &trigger) {
-            Ok(c) => counts = c,
+        match run_plan_apply(shared, &s, catalog, &trigger, &mut phases) {
+            Ok((c, o)) => (counts, outcome) = (c, o),
             Err(e) => error!(error = %e, "run failed"),
         }
         let _ = Store::open(&s.state_dir).and_then(|st| {
@@ -445,11 +510,12 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
         });
     }
     shared.runs.fetch_add(1, Ordering::Relaxed);
+    telemetry
+        .metrics
+        .run_finished(primary, outcome, &phases, started.elapsed());
     release_memory();
     refresh_status_from_state(shared);
-    let mut st = shared.status.write().unwrap();
-    st.counts = counts;
-    st.running = false;
+    shared.status.write().unwrap().counts = counts;
 }
 
 fn run_plan_apply(
@@ -457,15 +523,25 @@ fn run_plan_apply(
     s: &Settings,
     catalog: Catalog,
     trigger: &str,
-) -> Result<ClassCounts, String> {
-    let fs = Fs::new(s.root.as_deref().unwrap_or(Path::new("/"))).map_err(|e| e.to_string())?;
+    phases: &mut Phases,
+) -> Result<(ClassCounts, RunOutcome), String> {
+    let telemetry = &shared.telemetry;
+    let revision = catalog.revision.clone();
+    let failed = |phase: Option<Phase>, stage: &str, e: String| {
+        telemetry.run_error(phase, stage, Some(&revision), &e, trigger);
+        e
+    };
+    let fs = Fs::new(s.root.as_deref().unwrap_or(Path::new("/")))
+        .map_err(|e| failed(Some(Phase::Observe), "observe", e.to_string()))?;
     let host = Host::new(fs, s.root.is_some(), catalog.host.platform);
     let inventory = Store::open_read_only_recovering(&s.state_dir)
         .and_then(|st| st.inventory(&s.host))
-        .map_err(|e| e.to_string())?;
-    let key =
-        homelab_agent_state::DigestKey::load(&s.state_dir, true).map_err(|e| e.to_string())?;
-    let plan = plan::plan(catalog, &host, &inventory, &key);
+        .map_err(|e| failed(None, "state", e.to_string()))?;
+    let key = homelab_agent_state::DigestKey::load(&s.state_dir, true)
+        .map_err(|e| failed(None, "state", e.to_string()))?;
+    let plan = phases.time(Phase::Observe, || {
+        plan::plan(catalog, &host, &inventory, &key)
+    });
     let mut counts = ClassCounts {
         prune: plan.prunes.len(),
         ..ClassCounts::default()
@@ -490,8 +566,9 @@ fn run_plan_apply(
         }
     }
     if !plan.failures.is_empty() {
+        telemetry.observe_plan(&plan);
         let err = crate::apply::refuse(&plan).to_string();
-        return Err(err);
+        return Err(failed(Some(Phase::Observe), "observe", err));
     }
     // The drift watcher compares events against this catalog from now on:
     // set before applying, so the events of the agent's own writes compare
@@ -509,11 +586,20 @@ fn run_plan_apply(
         root: s.root.clone(),
         platform: plan.catalog.host.platform,
     });
-    let store = Store::open(&s.state_dir).map_err(|e| e.to_string())?;
+    let store = Store::open(&s.state_dir).map_err(|e| failed(None, "state", e.to_string()))?;
+    let apply_started = Instant::now();
     let report =
         crate::apply::apply_cancellable(&plan, &host, &store, trigger, Some(&shared.cancel))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(Some(Phase::Apply), "apply", e.to_string()))?;
     drop(store);
+    phases.add(
+        Phase::Apply,
+        apply_started
+            .elapsed()
+            .saturating_sub(report.prune_duration),
+    );
+    phases.add(Phase::Prune, report.prune_duration);
+    let outcome = telemetry.observe_apply(&plan, &report, trigger);
     for o in &report.outcomes {
         match &o.error {
             None => {
@@ -525,7 +611,7 @@ fn run_plan_apply(
     info!(revision = %report.revision, trigger, created = report.counts.created, changed = report.counts.changed,
         pruned = report.counts.pruned, drift_healed = report.counts.drift_healed,
         drift_reported = report.counts.drift_reported, failed = report.counts.failed, "run finished");
-    Ok(counts)
+    Ok((counts, outcome))
 }
 
 /// Hands memory freed by the run back to the OS, so an idle daemon stays
@@ -545,6 +631,7 @@ fn refresh_status_from_state(shared: &Arc<Shared>) {
         return;
     };
     let record = store.host(&s.host).unwrap_or_default();
+    shared.telemetry.metrics.set_revisions(&record);
     let last_run = store.runs(&s.host, 1).ok().and_then(|mut r| r.pop());
     let mut st = shared.status.write().unwrap();
     st.host = s.host.clone();

@@ -1,0 +1,456 @@
+//! Ships [`Event`]s to Loki's JSON push API (`POST /loki/api/v1/push`).
+//!
+//! # Expected flow
+//! [`Shipper::push`] serialises the event and appends it to a bounded
+//! in-memory queue (never blocks, never fails). One background thread takes
+//! up to `batch_size` events once the batch is full or its oldest event has
+//! waited `batch_wait`, groups them into streams
+//! `{job="homelab-agent", host, event}` (entries in time order) and posts
+//! them.
+//!
+//! # Guarantees
+//! - Reconciliation never waits for Loki: pushing takes a mutex for a
+//!   queue append.
+//! - Memory is bounded: at most `max_buffered_events` events are held
+//!   (queued plus in flight); when Loki is slow or down the oldest queued
+//!   event is dropped and counted (`queue_full`).
+//! - 204/2xx: sent. 400: Loki stored what it could and says what it
+//!   ignored; the batch is never resent (the ignored entries are counted as
+//!   `rejected`). 413: the batch is split in halves. 429, 5xx and network
+//!   errors: retried with exponential backoff (500 ms doubling, jittered,
+//!   capped at `max_backoff`) up to `max_retries`, then dropped and counted
+//!   (`retries_exhausted`). Other 4xx (401, 403, 404): dropped, counted as
+//!   `rejected`, logged with what to fix.
+//! - Timestamps are strictly increasing per process, so entries are ordered
+//!   within every stream and no two are equal (Loki drops exact repeats).
+//!
+//! # Assumptions
+//! Loki (or the proxy in front) accepts `Content-Type: application/json`;
+//! `X-Scope-OrgID` is sent when `tenant` is set; basic auth when
+//! `username` is set. No proxies, no redirects. The password is read once,
+//! from a file only its owner can read; it is never logged.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::events::{Event, EventKind};
+use super::metrics::Metrics;
+use crate::config::LokiConfig;
+
+/// The `job` label of every stream.
+pub const JOB: &str = "homelab-agent";
+
+/// First retry delay.
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Errors starting the shipper (config problems; sending never errors).
+#[derive(Debug, thiserror::Error)]
+pub enum LokiError {
+    #[error("loki.password_file: {0}")]
+    Password(String),
+    #[error("cannot start the Loki shipper: {0}")]
+    Start(String),
+}
+
+struct Queued {
+    event: EventKind,
+    ts_ns: u128,
+    line: String,
+    enqueued: Instant,
+}
+
+#[derive(Default)]
+struct Queue {
+    events: VecDeque<Queued>,
+    in_flight: usize,
+    last_ts: u128,
+    stop: bool,
+    done: bool,
+}
+
+struct Inner {
+    config: LokiConfig,
+    host: String,
+    password: Option<String>,
+    metrics: Arc<Metrics>,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish_depth(&self, q: &Queue) {
+        self.metrics.loki_queued(q.events.len() + q.in_flight);
+    }
+}
+
+/// The background shipper. Dropping it asks the thread to send what is
+/// queued and stop (without waiting); [`Shipper::shutdown`] waits.
+pub struct Shipper {
+    inner: Arc<Inner>,
+}
+
+impl Shipper {
+    /// Reads the password file (if any) and starts the thread.
+    pub fn start(
+        config: &LokiConfig,
+        host: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Shipper, LokiError> {
+        let password = match &config.password_file {
+            None => None,
+            Some(path) => {
+                let bytes = crate::daemon::run::read_private_file(path, "Loki password file")
+                    .map_err(LokiError::Password)?;
+                Some(String::from_utf8(bytes).map_err(|_| {
+                    LokiError::Password(format!("{} is not UTF-8 text", path.display()))
+                })?)
+            }
+        };
+        let inner = Arc::new(Inner {
+            config: config.clone(),
+            host: host.to_string(),
+            password,
+            metrics,
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+        });
+        let worker = inner.clone();
+        std::thread::Builder::new()
+            .name("loki-shipper".into())
+            .spawn(move || run(&worker))
+            .map_err(|e| LokiError::Start(e.to_string()))?;
+        Ok(Shipper { inner })
+    }
+
+    /// Queues an event; drops the oldest queued one when full.
+    pub fn push(&self, event: &Event) {
+        let line = event.line();
+        let mut q = self.inner.lock();
+        let ts_ns = event.at_ns.max(q.last_ts + 1);
+        q.last_ts = ts_ns;
+        let cap = self.inner.config.max_buffered_events;
+        let mut dropped = 0;
+        while q.events.len() + q.in_flight >= cap {
+            if q.events.pop_front().is_none() {
+                break;
+            }
+            dropped += 1;
+        }
+        if q.events.len() + q.in_flight >= cap {
+            // Everything held is in flight: this one cannot be kept.
+            dropped += 1;
+        } else {
+            q.events.push_back(Queued {
+                event: event.event,
+                ts_ns,
+                line,
+                enqueued: Instant::now(),
+            });
+        }
+        if dropped > 0 {
+            self.inner.metrics.loki_dropped("queue_full", dropped);
+        }
+        self.inner.publish_depth(&q);
+        drop(q);
+        self.inner.wake.notify_all();
+    }
+
+    /// Events queued or in flight.
+    pub fn pending(&self) -> usize {
+        let q = self.inner.lock();
+        q.events.len() + q.in_flight
+    }
+
+    /// Sends what is queued (no more waiting for batches to fill, no
+    /// backoff sleeps) and stops; waits at most `limit`. Returns whether
+    /// the thread finished in time.
+    pub fn shutdown(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut q = self.inner.lock();
+        q.stop = true;
+        self.inner.wake.notify_all();
+        while !q.done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            q = self
+                .inner
+                .wake
+                .wait_timeout(q, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+impl Drop for Shipper {
+    fn drop(&mut self) {
+        self.inner.lock().stop = true;
+        self.inner.wake.notify_all();
+    }
+}
+
+/// The thread: batch, send, repeat; exit when stopped and empty.
+fn run(inner: &Inner) {
+    crate::source::git::install_tls_provider();
+    let client = reqwest::blocking::Client::builder()
+        .timeout(inner.config.timeout)
+        .connect_timeout(inner.config.timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build();
+    let client = match client {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "loki: cannot set up the HTTP client; events are not sent");
+            let mut q = inner.lock();
+            q.done = true;
+            inner.wake.notify_all();
+            return;
+        }
+    };
+    while let Some(batch) = next_batch(inner) {
+        send(inner, &client, batch);
+        let mut q = inner.lock();
+        q.in_flight = 0;
+        inner.publish_depth(&q);
+    }
+    let mut q = inner.lock();
+    q.done = true;
+    inner.wake.notify_all();
+}
+
+/// Waits for a full batch, a batch that waited long enough, or stop.
+/// `None`: stopped with nothing left.
+fn next_batch(inner: &Inner) -> Option<Vec<Queued>> {
+    let mut q = inner.lock();
+    loop {
+        let Some(oldest) = q.events.front().map(|e| e.enqueued) else {
+            if q.stop {
+                return None;
+            }
+            q = inner.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+            continue;
+        };
+        let waited = oldest.elapsed();
+        if q.stop || q.events.len() >= inner.config.batch_size || waited >= inner.config.batch_wait
+        {
+            let n = q.events.len().min(inner.config.batch_size);
+            let batch: Vec<Queued> = q.events.drain(..n).collect();
+            q.in_flight = batch.len();
+            inner.publish_depth(&q);
+            return Some(batch);
+        }
+        q = inner
+            .wake
+            .wait_timeout(q, inner.config.batch_wait - waited)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+/// The push body: one stream per event kind, entries in time order.
+pub fn push_body(host: &str, batch: &[(EventKind, u128, &str)]) -> String {
+    let mut streams: BTreeMap<EventKind, Vec<(u128, &str)>> = BTreeMap::new();
+    for (event, ts, line) in batch {
+        streams.entry(*event).or_default().push((*ts, line));
+    }
+    let streams: Vec<serde_json::Value> = streams
+        .into_iter()
+        .map(|(event, mut values)| {
+            values.sort_by_key(|(ts, _)| *ts);
+            serde_json::json!({
+                "stream": {"job": JOB, "host": host, "event": event.name()},
+                "values": values
+                    .into_iter()
+                    .map(|(ts, line)| [ts.to_string(), line.to_string()])
+                    .collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    serde_json::json!({ "streams": streams }).to_string()
+}
+
+/// How Loki answered one push.
+enum Answer {
+    Sent,
+    /// 400: Loki ignored this many entries (the rest were stored).
+    PartlyRejected(u64, String),
+    TooLarge,
+    /// 429, 5xx, timeouts, connection errors.
+    Retry(String),
+    /// 401, 403, 404, ...: a config problem.
+    Refused(u16, String),
+}
+
+fn post(inner: &Inner, client: &reqwest::blocking::Client, batch: &[Queued]) -> Answer {
+    let entries: Vec<(EventKind, u128, &str)> = batch
+        .iter()
+        .map(|q| (q.event, q.ts_ns, q.line.as_str()))
+        .collect();
+    let body = push_body(&inner.host, &entries);
+    let mut req = client
+        .post(&inner.config.push_url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body);
+    if let Some(tenant) = &inner.config.tenant {
+        req = req.header("X-Scope-OrgID", tenant);
+    }
+    if let (Some(user), Some(password)) = (&inner.config.username, &inner.password) {
+        req = req.basic_auth(user, Some(password));
+    }
+    let resp = match req.send() {
+        Ok(r) => r,
+        Err(e) => {
+            let why = if e.is_timeout() {
+                "timed out".to_string()
+            } else if e.is_connect() {
+                "cannot connect".to_string()
+            } else {
+                e.without_url().to_string()
+            };
+            return Answer::Retry(why);
+        }
+    };
+    let status = resp.status().as_u16();
+    // Loki's error bodies are short plain text; read at most 4 KiB of it.
+    let text = {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        let _ = resp.take(4096).read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).trim().to_string()
+    };
+    match status {
+        200..=299 => Answer::Sent,
+        400 => {
+            let ignored = ignored_count(&text).unwrap_or(batch.len() as u64);
+            Answer::PartlyRejected(ignored.min(batch.len() as u64), first_line(&text))
+        }
+        413 => Answer::TooLarge,
+        429 | 500..=599 => Answer::Retry(format!("HTTP {status}: {}", first_line(&text))),
+        _ => Answer::Refused(status, first_line(&text)),
+    }
+}
+
+fn first_line(text: &str) -> String {
+    super::events::truncate(text.lines().next().unwrap_or(""))
+        .chars()
+        .take(300)
+        .collect()
+}
+
+/// Sums Loki's "total ignored: N out of M" counts in a 400 body.
+pub fn ignored_count(body: &str) -> Option<u64> {
+    let mut total = None;
+    for part in body.split("total ignored: ").skip(1) {
+        let n: u64 = part
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())?;
+        total = Some(total.unwrap_or(0) + n);
+    }
+    total
+}
+
+/// Sends one batch with retries; accounts for every event in it.
+fn send(inner: &Inner, client: &reqwest::blocking::Client, batch: Vec<Queued>) {
+    let n = batch.len() as u64;
+    let mut attempt = 0u32;
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        match post(inner, client, &batch) {
+            Answer::Sent => {
+                inner.metrics.loki_sent(n);
+                return;
+            }
+            Answer::PartlyRejected(ignored, why) => {
+                tracing::warn!(events = n, ignored, reason = %why, "loki: push rejected (400); the batch is not resent");
+                inner.metrics.loki_sent(n - ignored);
+                inner.metrics.loki_dropped("rejected", ignored);
+                return;
+            }
+            Answer::TooLarge if batch.len() > 1 => {
+                let mut first = batch;
+                let second = first.split_off(first.len() / 2);
+                send(inner, client, first);
+                send(inner, client, second);
+                return;
+            }
+            Answer::TooLarge => {
+                tracing::warn!("loki: one event is larger than Loki accepts (413); dropped");
+                inner.metrics.loki_dropped("rejected", n);
+                return;
+            }
+            Answer::Refused(status, why) => {
+                let hint = match status {
+                    401 => "; set loki.tenant (X-Scope-OrgID) or check loki.username/password_file",
+                    403 => "; check loki.username and loki.password_file",
+                    404 => "; check loki.url (the push path /loki/api/v1/push is added)",
+                    _ => "",
+                };
+                tracing::warn!(status, reason = %why, events = n, "loki: push refused{hint}");
+                inner.metrics.loki_dropped("rejected", n);
+                return;
+            }
+            Answer::Retry(why) => {
+                attempt += 1;
+                if attempt > inner.config.max_retries {
+                    tracing::warn!(events = n, attempts = attempt, reason = %why, "loki: giving up on a batch");
+                    inner.metrics.loki_dropped("retries_exhausted", n);
+                    return;
+                }
+                tracing::debug!(attempt, reason = %why, "loki: push failed; retrying");
+                let jitter = 0.8 + fastrand::f64() * 0.4;
+                let wait = backoff.mul_f64(jitter).min(inner.config.max_backoff);
+                let q = inner.lock();
+                if !q.stop {
+                    // Woken early by shutdown: retry at once.
+                    let _ = inner.wake.wait_timeout_while(q, wait, |q| !q.stop);
+                }
+                backoff = (backoff * 2).min(inner.config.max_backoff);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_groups_streams_and_orders_entries() {
+        let body = push_body(
+            "nas",
+            &[
+                (EventKind::Drift, 30, "{\"a\":3}"),
+                (EventKind::Apply, 10, "{\"a\":1}"),
+                (EventKind::Drift, 20, "{\"a\":2}"),
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let streams = v["streams"].as_array().unwrap();
+        assert_eq!(streams.len(), 2);
+        assert_eq!(
+            streams[0]["stream"],
+            serde_json::json!({"job": "homelab-agent", "host": "nas", "event": "apply"})
+        );
+        assert_eq!(
+            streams[1]["values"],
+            serde_json::json!([["20", "{\"a\":2}"], ["30", "{\"a\":3}"]])
+        );
+    }
+
+    #[test]
+    fn ignored_counts_are_summed_from_a_400_body() {
+        let body = "entry with timestamp 2024-06-10 ignored, reason: 'entry too far behind', user 'fake', total ignored: 1 out of 2 for stream: {event=\"apply\"}\nentry ... total ignored: 3 out of 3 for stream: {event=\"drift\"}";
+        assert_eq!(ignored_count(body), Some(4));
+        assert_eq!(ignored_count("invalid labels"), None);
+    }
+}
