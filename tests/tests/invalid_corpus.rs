@@ -148,6 +148,9 @@ corpus! {
     service_relative_program: "32-service-relative-program" => [
         "modules/app/module.yaml:18: service:app: `program` must be an absolute path, found `bin/app`",
     ];
+    empty_module_file: "33-empty-module-file" => [
+        "modules/app/module.yaml:1: file is empty",
+    ];
 }
 
 fn fixtures() -> PathBuf {

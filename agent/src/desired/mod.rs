@@ -72,6 +72,20 @@ fn read_yaml(
             line: 1,
         }));
     };
+    // An empty file is never meant: it is most often one caught half-written
+    // (an editor truncates, then writes), and reading it as "no resources"
+    // would prune everything the file declared.
+    if text.trim().is_empty() {
+        diags.push(
+            Diagnostic::new(file, "file is empty")
+                .line(1)
+                .hint("an empty host or module file is refused so it cannot prune what it declared; write its content, or remove the module use"),
+        );
+        return Ok(Some(Node {
+            value: Value::Null,
+            line: 1,
+        }));
+    }
     match yaml::parse(file, &text) {
         Ok(node) => Ok(Some(node)),
         Err(errors) => {
