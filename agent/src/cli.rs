@@ -218,6 +218,8 @@ struct Loaded {
     sandbox: Option<String>,
     /// The commit fetched for the followed ref (git sources).
     fetched: Option<String>,
+    /// How stacks reach their clusters.
+    kube: crate::k8s::client::KubeSettings,
 }
 
 /// Flags over config over defaults.
@@ -228,6 +230,7 @@ struct Resolved {
     state_dir: PathBuf,
     policy: DriftPolicy,
     onepassword: Option<config::OnePasswordConfig>,
+    kube: crate::k8s::client::KubeSettings,
 }
 
 fn resolve_target(target: &Target) -> Result<Resolved> {
@@ -285,6 +288,9 @@ fn resolve_target(target: &Target) -> Result<Resolved> {
         state_dir,
         policy: c.map_or(DriftPolicy::Heal, |c| c.on_drift),
         onepassword: c.and_then(|c| c.onepassword.clone()),
+        kube: crate::k8s::client::KubeSettings {
+            kubeconfig: c.and_then(|c| c.kubeconfig.clone()),
+        },
     })
 }
 
@@ -301,6 +307,7 @@ fn load(target: &Target) -> Result<Loaded> {
         state_dir: r.state_dir,
         sandbox: r.root.map(|r| r.display().to_string()),
         fetched: resolved.fetched,
+        kube: r.kube,
     })
 }
 
@@ -328,20 +335,28 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     let inventory = read_inventory(&loaded.state_dir, &loaded.catalog.host.name)?;
     let key = homelab_agent_state::DigestKey::load(&loaded.state_dir, false)?;
     let plan = crate::plan::plan(loaded.catalog, &loaded.host, &inventory, &key);
+    // Kubernetes stacks, after the native resources (see k8s/).
+    let stacks = crate::k8s::plan::plan_stacks(&plan.catalog, &inventory, &key, &loaded.kube);
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report::plan_json(&plan))?
-        );
+        let mut value = report::plan_json(&plan);
+        value["stacks"] = crate::k8s::report::plan_json(&plan.catalog, &stacks);
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print!(
             "{}",
             report::plan_text(&plan, loaded.sandbox.as_deref(), style())
         );
+        print!(
+            "{}",
+            crate::k8s::report::plan_text(&plan.catalog, &stacks, style())
+        );
     }
-    Ok(if !plan.failures.is_empty() {
+    let stack_errors = crate::k8s::plan::total(&stacks).errors > 0;
+    Ok(if !plan.failures.is_empty() || stack_errors {
         ExitCode::from(1)
-    } else if args.detailed_exitcode && plan.has_changes() {
+    } else if args.detailed_exitcode
+        && (plan.has_changes() || stacks.iter().any(|s| s.has_changes()))
+    {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
@@ -371,6 +386,16 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
     }
     let store = Store::open(&loaded.state_dir)?;
     let report = crate::apply::apply(&plan, &loaded.host, &store, "cli")?;
+    // Kubernetes stacks, after the native resources; each fails alone.
+    let stacks = crate::k8s::apply::apply_stacks(
+        &plan.catalog,
+        &inventory,
+        &applied_key,
+        &store,
+        &loaded.kube,
+        None,
+    );
+    crate::k8s::apply::record_run(&store, &hostname, &stacks)?;
     if args.target.rev.is_some() && !report.failed() {
         // A revision picked by hand: the daemon keeps it until a newer fetch.
         let fetched = loaded.fetched.clone();
@@ -384,13 +409,21 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
         })?;
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut value = serde_json::to_value(&report)?;
+        value["stacks"] = serde_json::to_value(&stacks)?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print!("{}", report::apply_text(&report, style()));
+        print!("{}", crate::k8s::report::apply_text(&stacks, style()));
     }
-    Ok(if report.failed() {
+    let stacks_failed = stacks.iter().any(crate::k8s::apply::StackReport::failed);
+    let stacks_changed = stacks.iter().any(|s| {
+        let c = &s.counts;
+        c.created + c.changed + c.drift_healed + c.pruned + c.skipped > 0
+    });
+    Ok(if report.failed() || stacks_failed {
         ExitCode::from(1)
-    } else if args.detailed_exitcode && report.changed_anything() {
+    } else if args.detailed_exitcode && (report.changed_anything() || stacks_changed) {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS

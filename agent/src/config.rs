@@ -71,6 +71,8 @@ pub struct AgentConfig {
     pub verify: Option<VerifyConfig>,
     pub onepassword: Option<OnePasswordConfig>,
     pub log_format: LogFormat,
+    /// The kubeconfig stacks use (default: `$KUBECONFIG`, else `~/.kube/config`).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 const KEYS: &[&str] = &[
@@ -87,6 +89,7 @@ const KEYS: &[&str] = &[
     "verify",
     "onepassword",
     "log_format",
+    "kubeconfig",
 ];
 
 /// Where the config lives by default on this OS.
@@ -217,6 +220,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
             LogFormat::Text
         }
     };
+    let kubeconfig = r.string("kubeconfig", &mut diags).map(|s| rel(s.0));
     r.finish(KEYS, &mut diags);
     if !diags.is_empty() {
         return Err(invalid(diags));
@@ -236,6 +240,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         verify,
         onepassword,
         log_format,
+        kubeconfig,
     })
 }
 
