@@ -150,6 +150,12 @@ impl Lab {
         (out, text)
     }
 
+    fn run_both(&self, cmd: &str) -> (Output, String) {
+        let out = self.run(cmd, &[]);
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        (out, text)
+    }
+
     fn apply_ok(&self) -> String {
         let (out, text) = self.apply();
         assert!(out.status.success(), "{text}");
@@ -260,5 +266,464 @@ fn plan_from_empty_apply_then_nothing_to_do() {
     assert!(
         text.contains("Nothing to do: 3 object(s) in sync."),
         "{text}"
+    );
+}
+
+fn edit_replicas(lab: &Lab, replicas: i64) {
+    lab.kube.edit(
+        "kubectl-edit",
+        "apps",
+        "Deployment",
+        Some("web"),
+        "web",
+        &json!({"spec": {"replicas": replicas}}),
+    );
+}
+
+fn owners_of_replicas(d: &Value) -> Vec<String> {
+    d["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["fieldsV1"]["f:spec"].get("f:replicas").is_some())
+        .map(|m| m["manager"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn kubectl_edit_is_drift_healed_or_reported_per_policy() {
+    let lab = Lab::new();
+    lab.apply_ok();
+    edit_replicas(&lab, 5);
+    assert_eq!(owners_of_replicas(&lab.deployment()), ["kubectl-edit"]);
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("! k8s:web/web/Deployment.apps/web drifted; will be healed\n    spec.replicas: 5 -> 2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Stacks: 0 to create, 0 to change, 0 to prune, 1 drifted."),
+        "{text}"
+    );
+    let out = lab.run("plan", &["--detailed-exitcode"]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = lab.apply_ok();
+    assert!(
+        text.contains("! k8s:web/web/Deployment.apps/web drift healed (spec.replicas)"),
+        "{text}"
+    );
+    let d = lab.deployment();
+    assert_eq!(d["spec"]["replicas"], 2);
+    // Healing takes the field back from the editor.
+    assert_eq!(owners_of_replicas(&d), ["homelab-agent"]);
+    assert!(lab.plan().1.contains("No changes: 3 object(s) in sync."));
+
+    // The same stack reported only.
+    lab.write(
+        "hosts/lab.yaml",
+        &HOST.replace(
+            "    context: lab\n",
+            "    context: lab\n    on_drift: report\n",
+        ),
+    );
+    edit_replicas(&lab, 7);
+    let (_, text) = lab.plan();
+    assert!(
+        text.contains("! k8s:web/web/Deployment.apps/web drifted; on_drift: report, left alone"),
+        "{text}"
+    );
+    let text = lab.apply_ok();
+    assert!(
+        text.contains("drift reported, left alone (on_drift: report)"),
+        "{text}"
+    );
+    assert_eq!(lab.deployment()["spec"]["replicas"], 7);
+    assert!(text.contains("1 drifted (0 healed, 1 reported)"), "{text}");
+
+    // Per object: the annotation wins over the stack's policy. (Heal
+    // first: a manifest change while kubectl-edit owns replicas would be a
+    // conflict.)
+    lab.write("hosts/lab.yaml", HOST);
+    lab.apply_ok();
+    assert_eq!(lab.deployment()["spec"]["replicas"], 2);
+    lab.write(
+        "k8s/web/app.yaml",
+        &APP.replace(
+            "metadata:\n  name: web\n",
+            "metadata:\n  name: web\n  annotations:\n    homelab-agent/on-drift: report\n",
+        ),
+    );
+    lab.apply_ok();
+    edit_replicas(&lab, 9);
+    let text = lab.apply_ok();
+    assert!(text.contains("drift reported, left alone"), "{text}");
+    assert_eq!(lab.deployment()["spec"]["replicas"], 9);
+}
+
+#[test]
+fn a_removed_manifest_is_pruned_and_an_object_without_ownership_labels_never() {
+    let lab = Lab::new();
+    lab.write("k8s/web/extra.yaml", EXTRA);
+    lab.write(
+        "k8s/web/kept.yaml",
+        &EXTRA.replace("name: extra", "name: kept"),
+    );
+    lab.apply_ok();
+    assert!(lab.config_map("extra").is_some() && lab.config_map("kept").is_some());
+    // Someone takes `kept` over: it no longer carries the ownership labels.
+    lab.kube.edit(
+        "kubectl-edit",
+        "",
+        "ConfigMap",
+        Some("web"),
+        "kept",
+        &json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null, "homelab-agent/stack": null}}}),
+    );
+    // An object the agent never created, in the same namespace.
+    lab.kube
+        .apply_as(
+            "helm",
+            &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "theirs", "namespace": "web"}, "data": {"a": "b"}}),
+            false,
+        )
+        .unwrap();
+    std::fs::remove_file(lab.repo().join("k8s/web/extra.yaml")).unwrap();
+    std::fs::remove_file(lab.repo().join("k8s/web/kept.yaml")).unwrap();
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("- k8s:web/web/ConfigMap/extra  will be deleted: it left the stack"),
+        "{text}"
+    );
+    assert!(
+        text.contains("- k8s:web/web/ConfigMap/kept  will be forgotten: left in place: it does not carry both ownership labels"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Stacks: 0 to create, 0 to change, 1 to prune, 0 drifted."),
+        "{text}"
+    );
+    // Plan deleted nothing.
+    assert!(lab.config_map("extra").is_some());
+    let text = lab.apply_ok();
+    assert!(
+        text.contains("- k8s:web/web/ConfigMap/extra deleted"),
+        "{text}"
+    );
+    assert!(lab.config_map("extra").is_none());
+    assert!(
+        lab.config_map("kept").is_some(),
+        "an object without the labels is never pruned"
+    );
+    assert!(lab.config_map("theirs").is_some());
+    // Both left the inventory: the next plan has nothing to prune.
+    let (_, text) = lab.plan();
+    assert!(text.contains("No changes: 3 object(s) in sync."), "{text}");
+    let status = lab.run("status", &["--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let ids: Vec<&String> = status["inventory"].as_object().unwrap().keys().collect();
+    assert!(
+        !ids.iter()
+            .any(|id| id.contains("extra") || id.contains("kept")),
+        "{ids:?}"
+    );
+}
+
+#[test]
+fn a_conflict_with_another_manager_is_reported_then_forced_when_configured() {
+    let lab = Lab::new();
+    lab.kube
+        .apply_as(
+            "helm",
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "web"}}),
+            false,
+        )
+        .unwrap();
+    lab.kube
+        .apply_as(
+            "helm",
+            &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "web-config", "namespace": "web"},
+                    "data": {"color": "red", "greeting": "hello"}}),
+            false,
+        )
+        .unwrap();
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("~ k8s:web/web/ConfigMap/web-config\n    data.color: \"red\" -> \"blue\"\n"),
+        "{text}"
+    );
+    assert!(text.contains("    conflict: field manager \"helm\" owns .data.color; apply will fail unless the stack says force_conflicts: true\n"), "{text}");
+    assert!(text.contains("1 conflict(s)."), "{text}");
+    let (out, text) = lab.apply();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("failed k8s:web/web/ConfigMap/web-config: conflict: field manager \"helm\" owns .data.color; set `force_conflicts: true` in k8s/web/stack.yaml"),
+        "{text}"
+    );
+    // The rest of the stack (and the host) converged.
+    assert!(
+        text.contains("+ k8s:web/web/Deployment.apps/web created"),
+        "{text}"
+    );
+    assert!(text.contains("+ file:/srv/app.conf created"), "{text}");
+    assert_eq!(
+        lab.config_map("web-config").unwrap()["data"]["color"],
+        "red"
+    );
+
+    lab.write(
+        "k8s/web/stack.yaml",
+        &format!("{STACK}force_conflicts: true\n"),
+    );
+    let (_, text) = lab.plan();
+    assert!(text.contains("will be taken over (force)"), "{text}");
+    let text = lab.apply_ok();
+    assert!(text.contains("k8s:web/web/ConfigMap/web-config"), "{text}");
+    let cm = lab.config_map("web-config").unwrap();
+    assert_eq!(cm["data"]["color"], "blue");
+    let helm_fields = cm["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["manager"] == "helm")
+        .map(|m| m["fieldsV1"].to_string())
+        .unwrap_or_default();
+    assert!(!helm_fields.contains("f:color"), "{helm_fields}");
+}
+
+#[test]
+fn an_unhealthy_deployment_fails_the_run_naming_the_object_and_reason() {
+    let lab = Lab::new();
+    lab.write("k8s/web/stack.yaml", "namespace: web\ntimeout: 2s\n");
+    lab.apply_ok();
+    lab.kube.set_status(
+        "apps",
+        "Deployment",
+        Some("web"),
+        "web",
+        json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 0, "availableReplicas": 0,
+               "conditions": [{"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable",
+                               "message": "Deployment does not have minimum availability."}]}),
+    );
+    lab.write("hosts/lab.yaml", &HOST.replace("nginx:1.25", "nginx:1.27"));
+    let (out, text) = lab.apply();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("failed k8s:web/web/Deployment.apps/web: not healthy after 2s (timeout of k8s/web/stack.yaml): the controller has not seen generation 2 yet"),
+        "{text}"
+    );
+    // A deadline the controller gave up on fails at once, with its conditions.
+    lab.kube.set_status(
+        "apps",
+        "Deployment",
+        Some("web"),
+        "web",
+        json!({"observedGeneration": 2, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 1,
+               "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                               "message": "ReplicaSet \"web-7d9\" has timed out progressing."}]}),
+    );
+    let (out, text) = lab.apply();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("failed k8s:web/web/Deployment.apps/web: unhealthy: progress deadline exceeded; conditions: Progressing=False (ProgressDeadlineExceeded: ReplicaSet \"web-7d9\" has timed out progressing.)"),
+        "{text}"
+    );
+    let status = lab.run("status", &[]);
+    assert!(
+        stdout(&status).contains("partial") || stdout(&status).contains("failed"),
+        "{}",
+        stdout(&status)
+    );
+}
+
+#[test]
+fn api_down_or_a_bad_kubeconfig_fails_the_stack_only() {
+    let mut lab = Lab::new();
+    lab.kube.stop();
+    let (out, text) = lab.plan();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("+ file:/srv/app.conf"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "Stack web (namespace web, context lab): error: cannot reach the Kubernetes API at {}",
+            lab.kube.url()
+        )),
+        "{text}"
+    );
+    let (out, text) = lab.apply();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("+ file:/srv/app.conf created"), "{text}");
+    assert!(
+        text.contains("Stack web: failed: cannot reach the Kubernetes API"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(lab.root().join("srv/app.conf")).unwrap(),
+        "hello\n"
+    );
+    // Back up: the stack converges.
+    lab.kube.restart();
+    let text = lab.apply_ok();
+    assert!(text.contains("Stacks: 3 created"), "{text}");
+
+    // A context the kubeconfig does not have.
+    lab.write(
+        "hosts/lab.yaml",
+        &HOST.replace("context: lab", "context: elsewhere"),
+    );
+    let (out, text) = lab.plan();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("it has no context `elsewhere` (contexts: lab)"),
+        "{text}"
+    );
+
+    // No kubeconfig and no in-cluster config at all: not checked, not an error.
+    lab.write("hosts/lab.yaml", HOST);
+    lab.write_config("");
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Stack web (namespace web, context lab): not checked: no kubeconfig: nothing at $KUBECONFIG"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  = k8s:web/web/Deployment.apps/web"),
+        "{text}"
+    );
+    assert!(text.contains("1 not checked (no cluster)."), "{text}");
+    let json = lab.plan_json();
+    assert_eq!(json["stacks"][0]["status"], "not_checked");
+}
+
+#[test]
+fn crds_and_their_custom_resources_in_one_run() {
+    let lab = Lab::new();
+    lab.write(
+        "k8s/web/crd.yaml",
+        "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+---
+apiVersion: example.com/v1
+kind: Widget
+metadata:
+  name: gear
+spec:
+  teeth: 12
+",
+    );
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("+ k8s:web/web/Widget.example.com/gear (its CRD is created first)"),
+        "{text}"
+    );
+    let text = lab.apply_ok();
+    assert!(
+        text.contains("+ k8s:web/web/Widget.example.com/gear created"),
+        "{text}"
+    );
+    assert_eq!(
+        lab.kube
+            .get("example.com", "Widget", Some("web"), "gear")
+            .unwrap()["spec"]["teeth"],
+        12
+    );
+    let (_, text) = lab.plan();
+    assert!(text.contains("No changes: 5 object(s) in sync."), "{text}");
+}
+
+#[test]
+fn config_maps_generated_from_repository_files() {
+    let lab = Lab::new();
+    lab.write("dashboards/agent.json", "{\"title\": \"homelab-agent\"}\n");
+    lab.write(
+        "k8s/web/stack.yaml",
+        &format!("{STACK}config_maps:\n  - name: dashboards\n    labels: {{grafana_dashboard: \"1\"}}\n    files: [dashboards/agent.json]\n"),
+    );
+    lab.apply_ok();
+    let cm = lab.config_map("dashboards").unwrap();
+    assert_eq!(cm["data"]["agent.json"], "{\"title\": \"homelab-agent\"}\n");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(cm["metadata"]["labels"]["homelab-agent/stack"], "lab.web");
+    // The file changes: so does the ConfigMap (a change, not drift).
+    lab.write("dashboards/agent.json", "{\"title\": \"v2\"}\n");
+    let (_, text) = lab.plan();
+    assert!(
+        text.contains("~ k8s:web/web/ConfigMap/dashboards\n    data.agent.json:"),
+        "{text}"
+    );
+    lab.apply_ok();
+    assert_eq!(
+        lab.config_map("dashboards").unwrap()["data"]["agent.json"],
+        "{\"title\": \"v2\"}\n"
+    );
+    // A missing file is a validation error with file:line; nothing is touched.
+    lab.write(
+        "k8s/web/stack.yaml",
+        &format!(
+            "{STACK}config_maps:\n  - name: dashboards\n    files: [dashboards/missing.json]\n"
+        ),
+    );
+    let (out, _) = lab.plan();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("k8s/web/stack.yaml:5: file `dashboards/missing.json` of ConfigMap dashboards does not exist"), "{}", stderr(&out));
+}
+
+#[test]
+fn invalid_stacks_are_rejected_with_file_and_line() {
+    let lab = Lab::new();
+    lab.write(
+        "k8s/web/bad.yaml",
+        "apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: leaky
+data:
+  password: \"{{ secret('op://homelab/db/password') }}\"
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: Not_Valid
+",
+    );
+    lab.write("hosts/lab.yaml", &format!("{HOST}  - name: nosuch\n"));
+    let before = lab.kube.requests().len();
+    let (out, _) = lab.run_both("apply");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("hosts/lab.yaml:9: unknown stack `nosuch`: there is no k8s/nosuch/stack.yaml"),
+        "{err}"
+    );
+    assert!(err.contains("k8s/web/bad.yaml:6: template error"), "{err}");
+    assert!(err.contains("in stacks, secret(\"op://...\") may only be used in the values of a Secret's `stringData`"), "{err}");
+    assert!(
+        err.contains("k8s/web/bad.yaml:8: `Not_Valid` is not a valid object name"),
+        "{err}"
+    );
+    assert_eq!(
+        lab.kube.requests().len(),
+        before,
+        "nothing reached the cluster"
+    );
+    assert!(
+        !lab.root().join("srv/app.conf").exists(),
+        "nothing was applied"
     );
 }
