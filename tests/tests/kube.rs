@@ -727,3 +727,204 @@ metadata:
         "nothing was applied"
     );
 }
+
+const OP_TOKEN: &str = "kube-leak-test-connect-token";
+/// Distinctive, with characters whose base64, JSON and URL forms differ.
+const API_KEY: &str = "Vk9-kube-CANARY-p@ss/w0rd+Zq8=&x<y>";
+const ROTATED: &str = "Rot8-kube-CANARY-44zz";
+
+const SECRET: &str = "apiVersion: v1
+kind: Secret
+metadata:
+  name: api
+type: Opaque
+stringData:
+  API_KEY: \"{{ secret('op://homelab/vlog/api-key') }}\"
+  URL: http://vlog.example:9002
+";
+
+fn encodings(value: &str) -> Vec<String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(value);
+    let json = serde_json::to_string(value).unwrap();
+    vec![
+        value.to_string(),
+        b64.trim_end_matches('=').to_string(),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value),
+        json.trim_matches('"').to_string(),
+        value.replace('/', "%2F").replace('@', "%40"),
+    ]
+}
+
+fn assert_no_secret(what: &str, text: &str) {
+    for value in [API_KEY, ROTATED] {
+        for enc in encodings(value) {
+            assert!(
+                !text.contains(&enc),
+                "{what} holds a secret value ({enc}):\n{text}"
+            );
+        }
+    }
+}
+
+/// Every byte under `dir`, for the leak check of the state directory.
+fn all_bytes(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.push_str(&all_bytes(&p));
+        } else {
+            out.push_str(&String::from_utf8_lossy(&std::fs::read(&p).unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn secret_values_from_connect_never_leak_and_a_failed_secret_blocks_its_object() {
+    use base64::Engine;
+    use homelab_agent_tests::connect_standin::ConnectStandIn;
+    use std::os::unix::fs::PermissionsExt;
+
+    let lab = Lab::new();
+    let mut connect = ConnectStandIn::start(OP_TOKEN);
+    let vault = connect.add_vault("homelab");
+    let item = connect.add_item(&vault, "vlog", &[("api-key", API_KEY)]);
+    let token_file = lab.tmp.path().join("op-token");
+    std::fs::write(&token_file, OP_TOKEN).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let kubeconfig = lab.tmp.path().join("kubeconfig");
+    let listen = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    lab.write_config(&format!(
+        "kubeconfig: {}\nonepassword:\n  connect_url: {}\n  token_file: {}\nlisten: {listen}\npoll_interval: 1h\n",
+        kubeconfig.display(),
+        connect.url(),
+        token_file.display()
+    ));
+    lab.write("k8s/web/secret.yaml", SECRET);
+    let mut seen = String::new();
+
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(text.contains("+ k8s:web/web/Secret/api\n"), "{text}");
+    seen += &text;
+    let out = lab.run("plan", &["--json"]);
+    seen += &String::from_utf8_lossy(&out.stdout);
+    let text = lab.apply_ok();
+    seen += &text;
+    let stored = lab.kube.get("", "Secret", Some("web"), "api").unwrap();
+    assert_eq!(
+        stored["data"]["API_KEY"],
+        base64::engine::general_purpose::STANDARD.encode(API_KEY),
+        "the value reached the cluster"
+    );
+    assert!(lab.plan().1.contains("No changes: 4 object(s) in sync."));
+
+    // Rotated in 1Password: a change, shown without values.
+    connect.set_field(&item, "api-key", ROTATED);
+    let (_, text) = lab.plan();
+    assert!(
+        text.contains("~ k8s:web/web/Secret/api\n    data.API_KEY: (secret value) -> (secret value, changed)\n"),
+        "{text}"
+    );
+    seen += &text;
+    let out = lab.run("plan", &["--json"]);
+    seen += &String::from_utf8_lossy(&out.stdout);
+    let out = lab.run("apply", &["--json"]);
+    assert!(out.status.success());
+    seen += &String::from_utf8_lossy(&out.stdout);
+    seen += &stderr(&out);
+    assert_eq!(
+        lab.kube.get("", "Secret", Some("web"), "api").unwrap()["data"]["API_KEY"],
+        base64::engine::general_purpose::STANDARD.encode(ROTATED)
+    );
+
+    // The daemon converges the same; its logs hold no value either.
+    connect.set_field(&item, "api-key", API_KEY);
+    let log = lab.tmp.path().join("daemon.log");
+    let mut child = agent()
+        .args(["run", "--config", lab.config().to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let stored = lab.kube.get("", "Secret", Some("web"), "api").unwrap();
+        if stored["data"]["API_KEY"] == base64::engine::general_purpose::STANDARD.encode(API_KEY) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not apply the stack"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let status = loop {
+        if let Ok((200, body)) =
+            homelab_agent_tests::git_server::http_request("GET", &listen, "/api/status", &[], &[])
+        {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            if v["last_run"].is_object() && v["running"] == false {
+                break body;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no run recorded");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    seen += &status;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("k8s:web/web/Secret/api"), "{logs}");
+    seen += &logs;
+
+    // Connect down: the Secret is skipped, never applied with a placeholder.
+    connect.stop();
+    lab.write(
+        "k8s/web/secret.yaml",
+        &SECRET.replace(
+            "URL: http://vlog.example:9002",
+            "URL: http://vlog.example:9003",
+        ),
+    );
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("? k8s:web/web/Secret/api skipped: needs op://homelab/vlog/api-key"),
+        "{text}"
+    );
+    let (out, text) = lab.apply();
+    seen += &text;
+    assert!(out.status.success(), "skipped is not failed: {text}");
+    assert!(
+        text.contains("? k8s:web/web/Secret/api skipped: needs op://homelab/vlog/api-key"),
+        "{text}"
+    );
+    let stored = lab.kube.get("", "Secret", Some("web"), "api").unwrap();
+    assert_eq!(
+        stored["data"]["API_KEY"],
+        base64::engine::general_purpose::STANDARD.encode(API_KEY)
+    );
+    assert_eq!(
+        stored["data"]["URL"],
+        base64::engine::general_purpose::STANDARD.encode("http://vlog.example:9002")
+    );
+    assert!(!stored.to_string().contains("unresolved"));
+    let status = lab.run("status", &["--json"]);
+    seen += &String::from_utf8_lossy(&status.stdout);
+
+    assert_no_secret("plans, applies, status and daemon logs", &seen);
+    assert_no_secret(
+        "the state directory",
+        &all_bytes(&lab.root().join("var/lib/homelab-agent")),
+    );
+}
