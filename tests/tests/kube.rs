@@ -928,3 +928,146 @@ fn secret_values_from_connect_never_leak_and_a_failed_secret_blocks_its_object()
         &all_bytes(&lab.root().join("var/lib/homelab-agent")),
     );
 }
+
+/// MetalLB's CRDs, as its installation (k3s's HelmChart) would leave them.
+fn install_metallb(kube: &KubeStandIn) {
+    for (plural, kind) in [
+        ("ipaddresspools", "IPAddressPool"),
+        ("l2advertisements", "L2Advertisement"),
+    ] {
+        kube.apply_as(
+            "helm",
+            &json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                    "metadata": {"name": format!("{plural}.metallb.io")},
+                    "spec": {"group": "metallb.io", "scope": "Namespaced",
+                             "names": {"plural": plural, "singular": kind.to_lowercase(), "kind": kind},
+                             "versions": [{"name": "v1beta1", "served": true, "storage": true,
+                                           "schema": {"openAPIV3Schema": {"type": "object"}}}]}}),
+            false,
+        )
+        .unwrap();
+    }
+    kube.apply_as(
+        "helm",
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "metallb-system"}}),
+        false,
+    )
+    .unwrap();
+}
+
+/// The reference homelab's own stacks (indri: vlog-workers and vod on
+/// minikube; k3s-cp: metallb), with their secrets from a Connect stand-in:
+/// planned from empty, applied, then nothing to do.
+#[test]
+fn reference_stacks_plan_from_empty_apply_and_settle() {
+    use homelab_agent_tests::connect_standin::ConnectStandIn;
+    use homelab_agent_tests::{copy_dir, workspace};
+    use std::os::unix::fs::PermissionsExt;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    for dir in ["hosts", "modules", "k8s"] {
+        copy_dir(&workspace().join(dir), &repo.join(dir));
+    }
+    let connect = ConnectStandIn::start(OP_TOKEN);
+    let vault = connect.add_vault("homelab");
+    for (item, field, value) in [
+        ("vlog-worker", "api-key", "ref-vlog-api-key-1"),
+        ("vlog-postgres", "password", "ref-vlog-pg-2"),
+        ("ginflix-postgres", "password", "ref-ginflix-pg-3"),
+        ("ginflix", "django-secret-key", "ref-django-key-4"),
+    ] {
+        connect.add_item(&vault, item, &[(field, value)]);
+    }
+    let token_file = tmp.path().join("op-token");
+    std::fs::write(&token_file, OP_TOKEN).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let minikube = KubeStandIn::start();
+    let k3s = KubeStandIn::start();
+    install_metallb(&k3s);
+    for (host, kube, context) in [
+        ("indri", &minikube, "minikube"),
+        ("k3s-cp", &k3s, "default"),
+    ] {
+        let dir = tmp.path().join(host);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = kube.write_kubeconfig(&dir, context);
+        let config = dir.join("agent.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "repo: {}\nhost: {host}\nroot: {}\nkubeconfig: {}\nonepassword:\n  connect_url: {}\n  token_file: {}\n",
+                repo.display(),
+                dir.join("root").display(),
+                kubeconfig.display(),
+                connect.url(),
+                token_file.display()
+            ),
+        )
+        .unwrap();
+        let run = |cmd: &str| {
+            let out = agent()
+                .args([cmd, "--config", config.to_str().unwrap()])
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                format!("{}{}", stdout(&out), stderr(&out)),
+            )
+        };
+        let started = std::time::Instant::now();
+        let (code, text) = run("plan");
+        let elapsed = started.elapsed();
+        assert_eq!(code, Some(0), "{host}: {text}");
+        let expected = if host == "indri" { 25 } else { 3 };
+        assert!(
+            text.contains(&format!(
+                "Stacks: {expected} to create, 0 to change, 0 to prune, 0 drifted.\n"
+            )),
+            "{host}: {text}"
+        );
+        assert!(
+            !text.contains("? k8s:"),
+            "every stack secret resolves: {host}: {text}"
+        );
+        eprintln!(
+            "{host}: plan of {expected} stack objects from empty against the stand-in: {elapsed:?}"
+        );
+        let (code, text) = run("apply");
+        assert!(
+            text.contains(&format!("Stacks: {expected} created, 0 changed, 0 pruned")),
+            "{host}: {text}"
+        );
+        assert!(!text.contains("failed k8s:"), "{host}: {text}");
+        let _ = code; // native resources may be skipped for secrets not in this Connect
+        let (_, text) = run("plan");
+        assert!(
+            text.contains("Stacks: 0 to create, 0 to change, 0 to prune, 0 drifted.\n"),
+            "{host}: {text}"
+        );
+        for value in [
+            "ref-vlog-api-key-1",
+            "ref-vlog-pg-2",
+            "ref-ginflix-pg-3",
+            "ref-django-key-4",
+        ] {
+            assert!(!text.contains(value), "{host} plan shows a secret");
+        }
+    }
+    assert!(minikube
+        .get("apps", "Deployment", Some("vlog"), "vlog-worker")
+        .is_some());
+    assert!(minikube
+        .get("batch", "Job", Some("vod"), "web-migrate-1-0-0")
+        .is_some());
+    assert_eq!(
+        minikube
+            .get("apps", "StatefulSet", Some("vod"), "postgres")
+            .unwrap()["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],
+        "data"
+    );
+    assert_eq!(
+        k3s.names("metallb.io", "IPAddressPool"),
+        ["metallb-system/internal", "metallb-system/internet-facing"]
+    );
+}

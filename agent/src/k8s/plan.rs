@@ -312,6 +312,11 @@ async fn observe(
     for r in results {
         plan.objects.push(r?);
     }
+    // Shown (and applied) in apply order: kind rank, then id.
+    plan.objects.sort_by(|a, b| {
+        let rank = |p: &ObjectPlan| super::kind_rank(&stack.objects[p.index].reference.kind);
+        (rank(a), &a.id).cmp(&(rank(b), &b.id))
+    });
     let desired: HashSet<&str> = plan.objects.iter().map(|o| o.id.as_str()).collect();
     let prefix = stack.id_prefix();
     let mut prunes = Vec::new();

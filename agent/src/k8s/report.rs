@@ -54,7 +54,9 @@ pub fn plan_text(catalog: &Catalog, plans: &[StackPlan], style: Style) -> String
                     "  {} object(s) in the desired state, not compared with a cluster:",
                     stack.objects.len()
                 );
-                for o in &stack.objects {
+                let mut listed: Vec<&super::DesiredObject> = stack.objects.iter().collect();
+                listed.sort_by_key(|o| (super::kind_rank(&o.reference.kind), o.id.clone()));
+                for o in listed {
                     match &o.blocked {
                         Some(b) => {
                             let _ =
@@ -194,7 +196,9 @@ pub fn plan_json(catalog: &Catalog, plans: &[StackPlan]) -> serde_json::Value {
             };
             let mut objects: Vec<serde_json::Value> = Vec::new();
             if matches!(p.status, StackStatus::NotChecked(_)) {
-                for o in &stack.objects {
+                let mut listed: Vec<&super::DesiredObject> = stack.objects.iter().collect();
+                listed.sort_by_key(|o| (super::kind_rank(&o.reference.kind), o.id.clone()));
+                for o in listed {
                     objects.push(serde_json::json!({
                         "id": o.id,
                         "apiVersion": o.api_version,
