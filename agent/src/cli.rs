@@ -456,7 +456,19 @@ fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
     let mut failed = false;
     for host in hosts {
         match desired::load(source.clone(), &host) {
-            Ok(catalog) => println!("ok: host {host}: {} resources", catalog.entries.len()),
+            Ok(catalog) if catalog.stacks.is_empty() => {
+                println!("ok: host {host}: {} resources", catalog.entries.len())
+            }
+            Ok(catalog) => println!(
+                "ok: host {host}: {} resources, {} stack(s) with {} object(s)",
+                catalog.entries.len(),
+                catalog.stacks.len(),
+                catalog
+                    .stacks
+                    .iter()
+                    .map(|s| s.objects.len())
+                    .sum::<usize>()
+            ),
             Err(e) => {
                 failed = true;
                 eprintln!("error: host {host}: {e}");

@@ -213,6 +213,28 @@ fn plan_from_empty_apply_then_nothing_to_do() {
         text.contains("Stacks: 3 to create, 0 to change, 0 to prune, 0 drifted."),
         "{text}"
     );
+    let json = lab.plan_json();
+    assert_eq!(
+        objects(&json, "web"),
+        [
+            (
+                "k8s:web//Namespace/web".to_string(),
+                "create".to_string(),
+                "create".to_string()
+            ),
+            (
+                "k8s:web/web/ConfigMap/web-config".to_string(),
+                "create".to_string(),
+                "create".to_string()
+            ),
+            (
+                "k8s:web/web/Deployment.apps/web".to_string(),
+                "create".to_string(),
+                "create".to_string()
+            ),
+        ]
+    );
+    assert_eq!(json["stacks"][0]["status"], "planned");
     // A plan never writes, not even with dry runs against the cluster.
     assert!(lab.kube.get("", "Namespace", None, "web").is_none());
     assert!(lab
