@@ -702,3 +702,138 @@ fn generated_config_map(
         policy,
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::desired::{self, LoadOptions};
+    use crate::secrets::resolve::{SecretError, SecretSource};
+    use crate::secrets::{Reference, SecretValue};
+    use crate::source::LocalDir;
+
+    /// Resolves every reference to `value-of-<item>`.
+    struct Fixed;
+    impl SecretSource for Fixed {
+        fn resolve(&self, r: &Reference) -> Result<SecretValue, SecretError> {
+            Ok(SecretValue::new(format!("value-of-{}", r.item)))
+        }
+    }
+
+    /// Loads host `h` owning stack `s` with `files` in k8s/s/; `Ok(stacks)`
+    /// or the diagnostics as text.
+    fn load(files: &[(&str, &str)]) -> Result<Vec<super::Stack>, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |rel: &str, text: &str| {
+            let p = dir.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        };
+        write("hosts/h.yaml", "platform: linux\nroots: [/srv]\nvars: {tag: \"1.2\"}\nstacks:\n  - name: s\n    context: c\n");
+        write("k8s/s/stack.yaml", "namespace: app\n");
+        for (rel, text) in files {
+            write(rel, text);
+        }
+        let opts = LoadOptions {
+            secrets: Arc::new(Fixed),
+            ..LoadOptions::default()
+        };
+        desired::load_with(Arc::new(LocalDir::open(dir.path()).unwrap()), "h", &opts)
+            .map(|c| c.stacks)
+            .map_err(|e| e.to_string())
+    }
+
+    const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  image: \"app:{{ vars.tag }}\"\n  stack: \"{{ stack.name }}/{{ stack.namespace }}/{{ host.name }}\"\n";
+
+    #[test]
+    fn manifests_render_get_the_default_namespace_and_the_ownership_labels() {
+        let stacks = load(&[
+            ("k8s/s/a.yaml", CM),
+            (
+                "k8s/s/ns.yaml",
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: app\n",
+            ),
+        ])
+        .unwrap();
+        let s = &stacks[0];
+        assert_eq!(s.access.describe(), "context c");
+        let ids: Vec<&str> = s.objects.iter().map(|o| o.id.as_str()).collect();
+        assert_eq!(ids, ["k8s:s/app/ConfigMap/c", "k8s:s//Namespace/app"]);
+        let body = &s.objects[0].body.0;
+        assert_eq!(body["data"]["image"], "app:1.2");
+        assert_eq!(body["data"]["stack"], "s/app/h");
+        assert_eq!(body["metadata"]["namespace"], "app");
+        assert_eq!(
+            body["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "homelab-agent"
+        );
+        assert_eq!(body["metadata"]["labels"]["homelab-agent/stack"], "h.s");
+        assert!(s.objects[1].body.0["metadata"].get("namespace").is_none());
+        assert_eq!(
+            (s.objects[0].file.as_str(), s.objects[0].line),
+            ("k8s/s/a.yaml", 1)
+        );
+    }
+
+    #[test]
+    fn secrets_resolve_only_in_secret_string_data() {
+        let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\nstringData:\n  key: \"{{ secret('op://v/item/f') }}\"\n";
+        let stacks = load(&[("k8s/s/s.yaml", secret)]).unwrap();
+        let o = &stacks[0].objects[0];
+        assert_eq!(o.body.0["stringData"]["key"], "value-of-item");
+        assert!(o.holds_secrets && o.blocked.is_none());
+        assert!(
+            !format!("{:?}", stacks[0]).contains("value-of-item"),
+            "Debug never shows a value"
+        );
+        for bad in [
+            secret.replace("kind: Secret", "kind: ConfigMap"),
+            secret.replace(
+                "stringData:\n  key:",
+                "metadata2: {}\nstringData:\n  key: x\nannotations:\n  a:",
+            ),
+            secret.replace(
+                "name: s\n",
+                "name: s\n  labels:\n    x: \"{{ secret('op://v/i/f') }}\"\n",
+            ),
+        ] {
+            let err = load(&[("k8s/s/s.yaml", &bad)]).unwrap_err();
+            assert!(
+                err.contains("may only be used in the values of a Secret's `stringData`"),
+                "{err}"
+            );
+            assert!(err.contains("k8s/s/s.yaml:"), "{err}");
+        }
+    }
+
+    #[test]
+    fn problems_are_reported_with_file_and_line() {
+        let check = |text: &str, want: &str| {
+            let err = load(&[("k8s/s/x.yaml", text)]).unwrap_err();
+            assert!(err.contains(want), "want {want:?} in:\n{err}");
+        };
+        check(
+            "kind: ConfigMap\nmetadata: {name: a}\n",
+            "k8s/s/x.yaml:1: the object has no `apiVersion`",
+        );
+        check(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n",
+            "k8s/s/x.yaml:1: the ConfigMap has no metadata.name",
+        );
+        check(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: a, namespace: b}\n",
+            "Namespace a is cluster-scoped and cannot have a namespace",
+        );
+        check(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n  labels: {homelab-agent/stack: other}\n",
+            "label homelab-agent/stack: \"other\" of ConfigMap a contradicts the agent's ownership label (h.s)",
+        );
+        check(&format!("{CM}---\n{CM}"), "k8s/s/x.yaml:9: k8s:s/app/ConfigMap/c: duplicate object; first declared at k8s/s/x.yaml:1");
+        check("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n  annotations: {homelab-agent/on-drift: sometimes}\n", "must be `heal` or `report`");
+        check("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {x: \"{{ vars.nope }}\"}\n", "k8s/s/x.yaml:4: template error in `{{ vars.nope }}` at data.x: undefined value");
+        check(
+            "- a\n- b\n",
+            "k8s/s/x.yaml:1: a manifest document must be a map",
+        );
+    }
+}
