@@ -281,6 +281,10 @@ fn resolve_target(target: &Target) -> Result<Resolved> {
         fetch: true,
         fetch_timeout: std::time::Duration::from_secs(60),
     };
+    let kube = crate::k8s::client::KubeSettings {
+        kubeconfig: c.and_then(|c| c.kubeconfig.clone()),
+        sandbox: root.is_some(),
+    };
     Ok(Resolved {
         spec,
         host,
@@ -288,9 +292,7 @@ fn resolve_target(target: &Target) -> Result<Resolved> {
         state_dir,
         policy: c.map_or(DriftPolicy::Heal, |c| c.on_drift),
         onepassword: c.and_then(|c| c.onepassword.clone()),
-        kube: crate::k8s::client::KubeSettings {
-            kubeconfig: c.and_then(|c| c.kubeconfig.clone()),
-        },
+        kube,
     })
 }
 

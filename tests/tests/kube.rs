@@ -602,9 +602,30 @@ fn api_down_or_a_bad_kubeconfig_fails_the_stack_only() {
         "{text}"
     );
 
-    // No kubeconfig and no in-cluster config at all: not checked, not an error.
+    // A sandbox (`root:`) without `kubeconfig:` never uses the user's own
+    // kubeconfig: not checked.
     lab.write("hosts/lab.yaml", HOST);
     lab.write_config("");
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Stack web (namespace web, context lab): not checked: sandbox run (--root): stacks reach a cluster only through `kubeconfig:` in the agent config"),
+        "{text}"
+    );
+    // No kubeconfig and no in-cluster config at all (no sandbox; a plan
+    // only reads): not checked, not an error.
+    std::fs::write(
+        lab.config(),
+        format!(
+            "repo: {}
+host: lab
+state_dir: {}
+",
+            lab.repo().display(),
+            lab.tmp.path().join("state").display()
+        ),
+    )
+    .unwrap();
     let (out, text) = lab.plan();
     assert!(out.status.success(), "{text}");
     assert!(

@@ -522,6 +522,7 @@ fn run_plan_apply(
         &store,
         &crate::k8s::client::KubeSettings {
             kubeconfig: s.config.kubeconfig.clone(),
+            sandbox: s.root.is_some(),
         },
         Some(&shared.cancel),
     );

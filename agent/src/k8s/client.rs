@@ -23,6 +23,10 @@ pub struct KubeSettings {
     /// `kubeconfig:` of the agent config. Unset: `$KUBECONFIG` (colon
     /// separated), else `~/.kube/config`.
     pub kubeconfig: Option<PathBuf>,
+    /// A sandbox run (`--root`): stacks reach a cluster only through a
+    /// `kubeconfig:` the agent config names, never the user's own one, so
+    /// trying the agent out never touches a real cluster by accident.
+    pub sandbox: bool,
 }
 
 /// Why a stack could not be planned or applied at all.
@@ -98,6 +102,11 @@ pub async fn connect(
     access: &ClusterAccess,
     settings: &KubeSettings,
 ) -> Result<Connection, StackError> {
+    if settings.sandbox && settings.kubeconfig.is_none() {
+        return Ok(Connection::NotChecked(
+            "sandbox run (--root): stacks reach a cluster only through `kubeconfig:` in the agent config".to_string(),
+        ));
+    }
     let mut config = match access {
         ClusterAccess::InCluster => {
             if !in_cluster_present() {
