@@ -339,9 +339,13 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     let plan = crate::plan::plan(loaded.catalog, &loaded.host, &inventory, &key);
     // Kubernetes stacks, after the native resources (see k8s/).
     let stacks = crate::k8s::plan::plan_stacks(&plan.catalog, &inventory, &key, &loaded.kube);
+    let orphans = crate::k8s::plan::orphaned_stacks(&plan.catalog, &inventory);
     if args.json {
         let mut value = report::plan_json(&plan);
         value["stacks"] = crate::k8s::report::plan_json(&plan.catalog, &stacks);
+        if !orphans.is_empty() {
+            value["orphaned_stacks"] = serde_json::json!(orphans);
+        }
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print!(
@@ -352,6 +356,7 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
             "{}",
             crate::k8s::report::plan_text(&plan.catalog, &stacks, style())
         );
+        print!("{}", crate::k8s::report::orphans_text(&orphans));
     }
     let stack_errors = crate::k8s::plan::total(&stacks).errors > 0;
     Ok(if !plan.failures.is_empty() || stack_errors {

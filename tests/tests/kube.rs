@@ -1114,3 +1114,28 @@ fn reference_stacks_plan_from_empty_apply_and_settle() {
         ["metallb-system/internal", "metallb-system/internet-facing"]
     );
 }
+
+#[test]
+fn a_stack_the_host_stops_listing_is_reported_never_silently_dropped() {
+    let lab = Lab::new();
+    lab.apply_ok();
+    lab.write("hosts/lab.yaml", &HOST[..HOST.find("stacks:").unwrap()]);
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Stack web is no longer listed by this host: its 3 object(s) stay in the cluster and in the inventory."),
+        "{text}"
+    );
+    lab.apply_ok();
+    assert!(lab.config_map("web-config").is_some());
+    // Listed again with its manifests removed: everything is pruned.
+    lab.write("hosts/lab.yaml", HOST);
+    for f in ["00-namespace.yaml", "app.yaml"] {
+        std::fs::remove_file(lab.repo().join("k8s/web").join(f)).unwrap();
+    }
+    let text = lab.apply_ok();
+    assert!(text.contains("- k8s:web//Namespace/web deleted"), "{text}");
+    assert!(lab.kube.get("", "Namespace", None, "web").is_none());
+    assert!(lab.config_map("web-config").is_none());
+    assert!(!lab.plan().1.contains("no longer listed"));
+}

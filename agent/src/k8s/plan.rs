@@ -538,3 +538,22 @@ async fn plan_prune(
     };
     Ok(prune)
 }
+
+/// Stacks the inventory holds objects of that this host no longer lists:
+/// (stack, object count). Their objects are neither pruned nor forgotten
+/// (how to reach their cluster left with the host's entry); the report says
+/// how to delete them.
+pub fn orphaned_stacks(
+    catalog: &Catalog,
+    inventory: &BTreeMap<String, InventoryEntry>,
+) -> Vec<(String, usize)> {
+    let mut out: BTreeMap<String, usize> = BTreeMap::new();
+    for id in inventory.keys() {
+        if let Some((stack, _)) = ObjectRef::parse_id(id) {
+            if !catalog.stacks.iter().any(|s| s.name() == stack) {
+                *out.entry(stack).or_default() += 1;
+            }
+        }
+    }
+    out.into_iter().collect()
+}

@@ -354,3 +354,15 @@ pub fn apply_text(reports: &[StackReport], style: Style) -> String {
     out.push('\n');
     out
 }
+
+/// A line per stack that left the host but still has objects in the inventory.
+pub fn orphans_text(orphans: &[(String, usize)]) -> String {
+    let mut out = String::new();
+    for (stack, n) in orphans {
+        let _ = writeln!(
+            out,
+            "\nStack {stack} is no longer listed by this host: its {n} object(s) stay in the cluster and in the inventory.\n  To delete them, list it again with its manifests removed and apply (prune), then drop it."
+        );
+    }
+    out
+}
