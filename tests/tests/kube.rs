@@ -1139,3 +1139,50 @@ fn a_stack_the_host_stops_listing_is_reported_never_silently_dropped() {
     assert!(lab.config_map("web-config").is_none());
     assert!(!lab.plan().1.contains("no longer listed"));
 }
+
+#[test]
+fn a_field_left_out_is_removed_and_a_rejected_object_fails_alone() {
+    let lab = Lab::new();
+    lab.apply_ok();
+    // Server-side apply removes what the manager stops applying.
+    lab.write("k8s/web/app.yaml", &APP.replace("  color: blue\n", ""));
+    let (_, text) = lab.plan();
+    assert!(
+        text.contains("~ k8s:web/web/ConfigMap/web-config\n    data.color: \"blue\" -> (none)\n"),
+        "{text}"
+    );
+    lab.apply_ok();
+    assert!(lab.config_map("web-config").unwrap()["data"]
+        .get("color")
+        .is_none());
+    // The API server rejects an object (422): that object fails, with the
+    // server's reason; the rest of the stack and the host converge.
+    lab.write(
+        "k8s/web/app.yaml",
+        &APP.replace("replicas: 2", "replicas: -1")
+            .replace("greeting: hello", "greeting: hi"),
+    );
+    let (out, text) = lab.plan();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("error: k8s:web/web/Deployment.apps/web  (k8s/web/app.yaml:9): dry-run apply rejected: 422 Invalid: Deployment.apps \"web\" is invalid: spec.replicas: Invalid value: -1: must be greater than or equal to 0"),
+        "{text}"
+    );
+    let (out, text) = lab.apply();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(
+            "failed k8s:web/web/Deployment.apps/web: dry-run apply rejected: 422 Invalid"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("~ k8s:web/web/ConfigMap/web-config updated (data.color, data.greeting)"),
+        "{text}"
+    );
+    assert_eq!(
+        lab.config_map("web-config").unwrap()["data"]["greeting"],
+        "hi"
+    );
+    assert_eq!(lab.deployment()["spec"]["replicas"], 2);
+}

@@ -292,13 +292,13 @@ async fn apply_one(
     let mut outcomes = Vec::new();
     for (i, p) in plan.objects.iter().enumerate() {
         let o = &stack.objects[p.index];
-        let error = run.errors[i]
+        let failure = run.errors[i].clone().or_else(|| p.error.clone());
+        let error = failure
             .clone()
-            .or_else(|| p.error.clone())
             .or_else(|| o.blocked.as_ref().map(|b| format!("skipped: needs {b}")));
-        match (p.class, p.action, &error) {
-            (Classification::Skipped, ..) => counts.skipped += 1,
+        match (p.class, p.action, &failure) {
             (_, _, Some(_)) => counts.failed += 1,
+            (Classification::Skipped, ..) => counts.skipped += 1,
             (Classification::InSync, ..) => counts.unchanged += 1,
             (_, Action::Report, _) => counts.drift_reported += 1,
             (Classification::Create, ..) => counts.created += 1,
