@@ -137,7 +137,7 @@ fn every_manifest_validates_strictly_against_current_kubernetes() {
     let out = std::process::Command::new(kubernetes_validate())
         .arg("--strict")
         .arg("--kubernetes-version")
-        .arg("1.33.0")
+        .arg("1.37.0")
         .args(&files)
         .output()
         .expect("run kubernetes-validate");
