@@ -602,6 +602,18 @@ fn api_down_or_a_bad_kubeconfig_fails_the_stack_only() {
         "{text}"
     );
 
+    // In-cluster config asked for, but the agent does not run in a pod.
+    lab.write(
+        "hosts/lab.yaml",
+        &HOST.replace("context: lab", "in_cluster: true"),
+    );
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Stack web (namespace web, in-cluster config): not checked: not running inside a cluster"),
+        "{text}"
+    );
+
     // A sandbox (`root:`) without `kubeconfig:` never uses the user's own
     // kubeconfig: not checked.
     lab.write("hosts/lab.yaml", HOST);
