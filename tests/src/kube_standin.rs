@@ -1650,6 +1650,234 @@ fn roll_out(kind: &str, o: &mut Value) {
 mod tests {
     use super::*;
 
+    /// One raw HTTP request to the stand-in: (status, JSON body).
+    fn call(
+        k: &KubeStandIn,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &str,
+        token: bool,
+    ) -> (u16, Value) {
+        let mut s = TcpStream::connect(("127.0.0.1", k.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let auth = if token {
+            format!("Authorization: Bearer {TOKEN}\r\n")
+        } else {
+            String::new()
+        };
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out[9..12].parse().unwrap();
+        let body = out.split_once("\r\n\r\n").unwrap().1;
+        (code, serde_json::from_str(body).unwrap())
+    }
+
+    const APPLY: &str = "application/apply-patch+yaml";
+
+    #[test]
+    fn speaks_the_documented_protocol_over_http() {
+        let k = KubeStandIn::start();
+        // Discovery.
+        let (code, v) = call(&k, "GET", "/api", "", "", true);
+        assert_eq!((code, v["versions"].clone()), (200, json!(["v1"])));
+        let (_, v) = call(&k, "GET", "/apis", "", "", true);
+        assert!(v["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["name"] == "apps" && g["preferredVersion"]["groupVersion"] == "apps/v1"));
+        let (_, v) = call(&k, "GET", "/apis/apps/v1", "", "", true);
+        assert_eq!(v["kind"], "APIResourceList");
+        assert!(v["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "deployments/status"));
+        // Authentication.
+        let (code, v) = call(&k, "GET", "/api", "", "", false);
+        assert_eq!((code, v["reason"].as_str()), (401, Some("Unauthorized")));
+        // 404 as the real server shapes it.
+        let (code, v) = call(
+            &k,
+            "GET",
+            "/apis/apps/v1/namespaces/default/deployments/nope",
+            "",
+            "",
+            true,
+        );
+        assert_eq!(code, 404);
+        assert_eq!(
+            v,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "deployments.apps \"nope\" not found", "reason": "NotFound",
+            "details": {"name": "nope", "group": "apps", "kind": "deployments"}, "code": 404})
+        );
+        // Apply needs a field manager; a dry run never persists.
+        let cm = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c","namespace":"default","labels":{"app":"a"}},"data":{"a":"1","b":"2"}}"#;
+        let path = "/api/v1/namespaces/default/configmaps/c";
+        let (code, v) = call(&k, "PATCH", path, APPLY, cm, true);
+        assert_eq!(
+            (code, v["message"].as_str()),
+            (
+                400,
+                Some("PATCH requests with apply must have fieldManager")
+            )
+        );
+        let (code, v) = call(
+            &k,
+            "PATCH",
+            &format!("{path}?fieldManager=m&dryRun=All"),
+            APPLY,
+            cm,
+            true,
+        );
+        assert_eq!(code, 201);
+        assert!(v["metadata"].get("resourceVersion").is_none());
+        assert_eq!(call(&k, "GET", path, "", "", true).0, 404);
+        let (code, v) = call(
+            &k,
+            "PATCH",
+            &format!("{path}?fieldManager=m"),
+            APPLY,
+            cm,
+            true,
+        );
+        assert_eq!(code, 201);
+        assert_eq!(v["metadata"]["managedFields"][0]["manager"], "m");
+        assert_eq!(
+            v["metadata"]["managedFields"][0]["fieldsV1"]["f:data"],
+            json!({"f:a": {}, "f:b": {}})
+        );
+        // Another manager with a different value: 409 with the field; force moves it.
+        let other = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c","namespace":"default"},"data":{"a":"9"}}"#;
+        let (code, v) = call(
+            &k,
+            "PATCH",
+            &format!("{path}?fieldManager=n"),
+            APPLY,
+            other,
+            true,
+        );
+        assert_eq!(code, 409);
+        assert_eq!(v["reason"], "Conflict");
+        assert_eq!(
+            v["message"],
+            "Apply failed with 1 conflict: conflict with \"m\" using v1: .data.a"
+        );
+        assert_eq!(
+            v["details"]["causes"],
+            json!([{"reason": "FieldManagerConflict", "message": "conflict with \"m\" using v1", "field": ".data.a"}])
+        );
+        let (code, _) = call(
+            &k,
+            "PATCH",
+            &format!("{path}?fieldManager=n&force=true"),
+            APPLY,
+            other,
+            true,
+        );
+        assert_eq!(code, 200);
+        // m stops applying b (and a, now n's): b is removed, a stays n's.
+        let less = r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"c","namespace":"default","labels":{"app":"a"}}}"#;
+        let (_, v) = call(
+            &k,
+            "PATCH",
+            &format!("{path}?fieldManager=m"),
+            APPLY,
+            less,
+            true,
+        );
+        assert_eq!(v["data"], json!({"a": "9"}));
+        // A merge patch is an Update: the fields it changes become its manager's.
+        let (code, v) = call(
+            &k,
+            "PATCH",
+            &format!("{path}?fieldManager=kubectl-edit"),
+            "application/merge-patch+json",
+            r#"{"metadata":{"labels":{"app":"b"}}}"#,
+            true,
+        );
+        assert_eq!(code, 200);
+        let edit = v["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["manager"] == "kubectl-edit")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            (edit["operation"].as_str(), edit["fieldsV1"].clone()),
+            (
+                Some("Update"),
+                json!({"f:metadata": {"f:labels": {"f:app": {}}}})
+            )
+        );
+        // List with a label selector; delete; 404 after.
+        let (_, v) = call(
+            &k,
+            "GET",
+            "/api/v1/configmaps?labelSelector=app%3Db",
+            "",
+            "",
+            true,
+        );
+        assert_eq!(v["items"].as_array().unwrap().len(), 1);
+        let (_, v) = call(
+            &k,
+            "GET",
+            "/api/v1/namespaces/default/configmaps?labelSelector=app%3Da",
+            "",
+            "",
+            true,
+        );
+        assert_eq!(v["items"].as_array().unwrap().len(), 0);
+        let (code, v) = call(
+            &k,
+            "DELETE",
+            path,
+            "application/json",
+            r#"{"kind":"DeleteOptions","apiVersion":"v1","propagationPolicy":"Background"}"#,
+            true,
+        );
+        assert_eq!((code, v["status"].as_str()), (200, Some("Success")));
+        assert_eq!(
+            call(&k, "DELETE", path, "application/json", "{}", true).0,
+            404
+        );
+        // 422 Invalid with its cause.
+        let bad = r#"{"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"d","namespace":"default"},"spec":{"replicas":-1,"selector":{"matchLabels":{"a":"b"}}}}"#;
+        let (code, v) = call(
+            &k,
+            "PATCH",
+            "/apis/apps/v1/namespaces/default/deployments/d?fieldManager=m",
+            APPLY,
+            bad,
+            true,
+        );
+        assert_eq!((code, v["reason"].as_str()), (422, Some("Invalid")));
+        assert_eq!(v["details"]["causes"][0]["field"], "spec.replicas");
+        // A missing namespace is a 404 NotFound naming it.
+        let (code, v) = call(
+            &k,
+            "PATCH",
+            "/api/v1/namespaces/gone/configmaps/c?fieldManager=m",
+            APPLY,
+            &cm.replace("default", "gone"),
+            true,
+        );
+        assert_eq!(
+            (code, v["message"].as_str()),
+            (404, Some("namespaces \"gone\" not found"))
+        );
+    }
+
     #[test]
     fn field_paths_and_merge() {
         let o = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "labels": {"a": "1"}},
