@@ -260,6 +260,8 @@ struct Loaded {
     /// Time spent fetching and rendering.
     phases: Phases,
     loki: Option<config::LokiConfig>,
+    /// How stacks reach their clusters.
+    kube: crate::k8s::client::KubeSettings,
 }
 
 /// Flags over config over defaults.
@@ -271,6 +273,7 @@ struct Resolved {
     policy: DriftPolicy,
     onepassword: Option<config::OnePasswordConfig>,
     loki: Option<config::LokiConfig>,
+    kube: crate::k8s::client::KubeSettings,
 }
 
 fn resolve_target(target: &Target) -> Result<Resolved> {
@@ -321,6 +324,10 @@ fn resolve_target(target: &Target) -> Result<Resolved> {
         fetch: true,
         fetch_timeout: std::time::Duration::from_secs(60),
     };
+    let kube = crate::k8s::client::KubeSettings {
+        kubeconfig: c.and_then(|c| c.kubeconfig.clone()),
+        sandbox: root.is_some(),
+    };
     Ok(Resolved {
         spec,
         host,
@@ -329,6 +336,7 @@ fn resolve_target(target: &Target) -> Result<Resolved> {
         policy: c.map_or(DriftPolicy::Heal, |c| c.on_drift),
         onepassword: c.and_then(|c| c.onepassword.clone()),
         loki: c.and_then(|c| c.loki.clone()),
+        kube,
     })
 }
 
@@ -350,6 +358,7 @@ fn load(target: &Target) -> Result<Loaded> {
         fetched: resolved.fetched,
         phases,
         loki: r.loki,
+        kube: r.kube,
     })
 }
 
@@ -400,23 +409,38 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     let plan = loaded.phases.time(Phase::Observe, || {
         crate::plan::plan(loaded.catalog, &loaded.host, &inventory, &key)
     });
+    // Kubernetes stacks, after the native resources (see k8s/).
+    let stacks = loaded.phases.time(Phase::Observe, || {
+        crate::k8s::plan::plan_stacks(&plan.catalog, &inventory, &key, &loaded.kube)
+    });
+    let orphans = crate::k8s::plan::orphaned_stacks(&plan.catalog, &inventory);
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report::plan_json(&plan))?
-        );
+        let mut value = report::plan_json(&plan);
+        value["stacks"] = crate::k8s::report::plan_json(&plan.catalog, &stacks);
+        if !orphans.is_empty() {
+            value["orphaned_stacks"] = serde_json::json!(orphans);
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print!(
             "{}",
             report::plan_text(&plan, loaded.sandbox.as_deref(), style())
         );
+        print!(
+            "{}",
+            crate::k8s::report::plan_text(&plan.catalog, &stacks, style())
+        );
+        print!("{}", crate::k8s::report::orphans_text(&orphans));
     }
     if let Some(path) = &args.metrics_file {
         write_metrics_file(path, &loaded.state_dir, &plan, None, &loaded.phases)?;
     }
-    Ok(if !plan.failures.is_empty() {
+    let stack_errors = crate::k8s::plan::total(&stacks).errors > 0;
+    Ok(if !plan.failures.is_empty() || stack_errors {
         ExitCode::from(1)
-    } else if args.detailed_exitcode && plan.has_changes() {
+    } else if args.detailed_exitcode
+        && (plan.has_changes() || stacks.iter().any(|s| s.has_changes()))
+    {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
@@ -462,6 +486,18 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
             .saturating_sub(report.prune_duration),
     );
     loaded.phases.add(Phase::Prune, report.prune_duration);
+    // Kubernetes stacks, after the native resources; each fails alone.
+    let stacks_started = std::time::Instant::now();
+    let stacks = crate::k8s::apply::apply_stacks(
+        &plan.catalog,
+        &inventory,
+        &applied_key,
+        &store,
+        &loaded.kube,
+        None,
+    );
+    loaded.phases.add(Phase::Apply, stacks_started.elapsed());
+    crate::k8s::apply::record_run(&store, &hostname, &stacks)?;
     if args.target.rev.is_some() && !report.failed() {
         // A revision picked by hand: the daemon keeps it until a newer fetch.
         let fetched = loaded.fetched.clone();
@@ -476,9 +512,12 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
     }
     drop(store);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut value = serde_json::to_value(&report)?;
+        value["stacks"] = serde_json::to_value(&stacks)?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         print!("{}", report::apply_text(&report, style()));
+        print!("{}", crate::k8s::report::apply_text(&stacks, style()));
     }
     if let Some(t) = &telemetry {
         t.observe_apply(&plan, &report, "cli");
@@ -493,9 +532,14 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
             &loaded.phases,
         )?;
     }
-    Ok(if report.failed() {
+    let stacks_failed = stacks.iter().any(crate::k8s::apply::StackReport::failed);
+    let stacks_changed = stacks.iter().any(|s| {
+        let c = &s.counts;
+        c.created + c.changed + c.drift_healed + c.pruned + c.skipped > 0
+    });
+    Ok(if report.failed() || stacks_failed {
         ExitCode::from(1)
-    } else if args.detailed_exitcode && report.changed_anything() {
+    } else if args.detailed_exitcode && (report.changed_anything() || stacks_changed) {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
@@ -528,7 +572,19 @@ fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
     let mut failed = false;
     for host in hosts {
         match desired::load(source.clone(), &host) {
-            Ok(catalog) => println!("ok: host {host}: {} resources", catalog.entries.len()),
+            Ok(catalog) if catalog.stacks.is_empty() => {
+                println!("ok: host {host}: {} resources", catalog.entries.len())
+            }
+            Ok(catalog) => println!(
+                "ok: host {host}: {} resources, {} stack(s) with {} object(s)",
+                catalog.entries.len(),
+                catalog.stacks.len(),
+                catalog
+                    .stacks
+                    .iter()
+                    .map(|s| s.objects.len())
+                    .sum::<usize>()
+            ),
             Err(e) => {
                 failed = true;
                 eprintln!("error: host {host}: {e}");

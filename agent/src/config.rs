@@ -104,6 +104,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// Events to Loki; `None`: no events are sent.
     pub loki: Option<LokiConfig>,
+    /// The kubeconfig stacks use (default: `$KUBECONFIG`, else `~/.kube/config`).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 const KEYS: &[&str] = &[
@@ -120,6 +122,7 @@ const KEYS: &[&str] = &[
     "verify",
     "onepassword",
     "log_format",
+    "kubeconfig",
     "loki",
 ];
 
@@ -267,6 +270,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
     let loki = r
         .take("loki")
         .and_then(|node| loki(&file, node, &rel, &mut diags));
+    let kubeconfig = r.string("kubeconfig", &mut diags).map(|s| rel(s.0));
     r.finish(KEYS, &mut diags);
     if !diags.is_empty() {
         return Err(invalid(diags));
@@ -287,6 +291,7 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         onepassword,
         log_format,
         loki,
+        kubeconfig,
     })
 }
 

@@ -4,7 +4,8 @@
 //! [`source`] (a revision) → [`desired`] (a validated catalog) → [`plan`]
 //! (observe + diff + classify) → [`apply`] (converge, prune, commit state)
 //! → [`report`] (text and JSON). [`resources`] holds the kinds and
-//! [`fsops`] the safe filesystem layer they write through. [`cli`] wires
+//! [`fsops`] the safe filesystem layer they write through; [`k8s`] the
+//! Kubernetes stacks, planned and applied after the native resources. [`cli`] wires
 //! them into the `agent` binary.
 
 pub mod apply;
@@ -15,6 +16,7 @@ pub mod desired;
 pub mod engine;
 pub mod fsops;
 pub mod install;
+pub mod k8s;
 pub mod plan;
 pub mod report;
 pub mod resources;

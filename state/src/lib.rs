@@ -621,6 +621,29 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Changes the newest run record of the host, if there is one: a phase
+    /// that runs after the record was written (the Kubernetes stacks) adds
+    /// what it did to the same run.
+    pub fn update_last_run(&mut self, f: impl FnOnce(&mut RunRecord)) -> Result<bool, StateError> {
+        let last = self
+            .runs
+            .range((self.host.as_str(), 0)..=(self.host.as_str(), u64::MAX))
+            .map_err(|e| self.store.db_err(e))?
+            .next_back()
+            .transpose()
+            .map_err(|e| self.store.db_err(e))?
+            .map(|(k, v)| (k.value().1, v.value().to_vec()));
+        let Some((seq, bytes)) = last else {
+            return Ok(false);
+        };
+        let mut record: RunRecord = self.store.parse(&bytes, "run record")?;
+        f(&mut record);
+        self.runs
+            .insert((self.host.as_str(), seq), to_json(&record).as_slice())
+            .map_err(|e| self.store.db_err(e))?;
+        Ok(true)
+    }
+
     fn trim_runs(&mut self) -> Result<(), StateError> {
         let host = self.host.as_str();
         let keys: Vec<u64> = self
@@ -734,6 +757,27 @@ mod tests {
         assert_eq!(runs.len(), MAX_RUNS);
         assert_eq!(runs[0].revision, "rev129");
         assert_eq!(runs[MAX_RUNS - 1].revision, "rev30");
+    }
+
+    #[test]
+    fn the_last_run_can_be_amended_and_only_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(!store.write("indri", |w| w.update_last_run(|_| {})).unwrap());
+        for n in 0..3 {
+            store.write("indri", |w| w.add_run(&run(n))).unwrap();
+        }
+        let amended = store
+            .write("indri", |w| w.update_last_run(|r| r.counts.failed = 4))
+            .unwrap();
+        assert!(amended);
+        let runs = store.runs("indri", 10).unwrap();
+        assert_eq!(runs.len(), 3);
+        assert_eq!(
+            (runs[0].revision.as_str(), runs[0].counts.failed),
+            ("rev2", 4)
+        );
+        assert_eq!(runs[1].counts.failed, 0);
     }
 
     #[test]

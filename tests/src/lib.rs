@@ -5,6 +5,7 @@
 
 pub mod connect_standin;
 pub mod git_server;
+pub mod kube_standin;
 pub mod local_daemon;
 pub mod loki_standin;
 pub mod nspawn;
@@ -42,17 +43,24 @@ pub fn agent_bin() -> &'static Path {
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-q", "-p", "homelab-agent", "--bin", "agent"])
             .current_dir(workspace());
-        // Cargo sets these for the test process; passed on, they make build
-        // scripts that watch them (ring's watches CARGO_MANIFEST_DIR) rerun,
-        // which rebuilt the TLS stack and the agent once per test binary.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if key.starts_with("CARGO_MANIFEST_")
-                || key.starts_with("CARGO_PKG_")
-                || key == "CARGO_CRATE_NAME"
-                || key == "CARGO_PRIMARY_PACKAGE"
+        // ring's build script reruns when CARGO_PKG_NAME, CARGO_MANIFEST_DIR
+        // ... change: cargo sets them for this test process (not for the
+        // outer build), which rebuilt the TLS stack and the agent on every
+        // test binary.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+            ]
+            .iter()
+            .any(|p| name.starts_with(p))
             {
-                cmd.env_remove(&*key);
+                cmd.env_remove(&*name);
             }
         }
         if release {
@@ -64,10 +72,17 @@ pub fn agent_bin() -> &'static Path {
     })
 }
 
-/// A command for the agent binary, colour off.
+/// Where the harness points `$KUBECONFIG`: nowhere. Tests that want a
+/// cluster name a kubeconfig explicitly (the Kubernetes stand-in's, or the
+/// opt-in real cluster's), so a developer's own ~/.kube/config never leaks
+/// into a test.
+pub const NO_KUBECONFIG: &str = "/nonexistent/homelab-agent-tests/kubeconfig";
+
+/// A command for the agent binary, colour off, no kubeconfig.
 pub fn agent() -> Command {
     let mut cmd = Command::new(agent_bin());
     cmd.env("NO_COLOR", "1");
+    cmd.env("KUBECONFIG", NO_KUBECONFIG);
     cmd
 }
 

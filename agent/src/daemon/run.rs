@@ -591,6 +591,35 @@ fn run_plan_apply(
     let report =
         crate::apply::apply_cancellable(&plan, &host, &store, trigger, Some(&shared.cancel))
             .map_err(|e| failed(Some(Phase::Apply), "apply", e.to_string()))?;
+    // Kubernetes stacks after the native resources, on a runtime of their
+    // own inside this blocking task (the event loop is never blocked).
+    let stacks = crate::k8s::apply::apply_stacks(
+        &plan.catalog,
+        &inventory,
+        &key,
+        &store,
+        &crate::k8s::client::KubeSettings {
+            kubeconfig: s.config.kubeconfig.clone(),
+            sandbox: s.root.is_some(),
+        },
+        Some(&shared.cancel),
+    );
+    if let Err(e) = crate::k8s::apply::record_run(&store, &s.host, &stacks) {
+        warn!(error = %e, "cannot record the stacks' results in the run record");
+    }
+    log_stacks(&stacks);
+    for st in &stacks {
+        let errors = st
+            .error
+            .iter()
+            .chain(st.outcomes.iter().filter_map(|o| o.error.as_ref()))
+            .filter(|e| !e.starts_with("skipped"));
+        for e in errors {
+            telemetry
+                .metrics
+                .kube_error(crate::telemetry::metrics::KubeErrorReason::of_message(e));
+        }
+    }
     drop(store);
     phases.add(
         Phase::Apply,
@@ -612,6 +641,28 @@ fn run_plan_apply(
         pruned = report.counts.pruned, drift_healed = report.counts.drift_healed,
         drift_reported = report.counts.drift_reported, failed = report.counts.failed, "run finished");
     Ok((counts, outcome))
+}
+
+/// One log event per stack object touched, and per failed or unchecked stack.
+fn log_stacks(stacks: &[crate::k8s::apply::StackReport]) {
+    for st in stacks {
+        if let Some(why) = &st.not_checked {
+            info!(stack = %st.name, reason = %why, "stack not checked");
+        }
+        if let Some(e) = &st.error {
+            warn!(stack = %st.name, error = %e, "stack failed");
+        }
+        for o in &st.outcomes {
+            match &o.error {
+                None => {
+                    info!(stack = %st.name, resource = %o.id, action = ?o.action, classification = ?o.class, fields = ?o.fields, "applied")
+                }
+                Some(err) => {
+                    warn!(stack = %st.name, resource = %o.id, error = %err, "apply failed")
+                }
+            }
+        }
+    }
 }
 
 /// Hands memory freed by the run back to the OS, so an idle daemon stays

@@ -50,6 +50,8 @@ pub struct Catalog {
     pub host: HostInfo,
     pub revision: String,
     pub entries: Vec<Entry>,
+    /// The host's Kubernetes stacks (converged after the entries).
+    pub stacks: Vec<crate::k8s::Stack>,
 }
 
 /// An entry before ordering: explicit `after` ids are still strings.
@@ -231,6 +233,7 @@ pub fn build(
         host,
         revision,
         entries,
+        stacks: Vec::new(),
     })
 }
 

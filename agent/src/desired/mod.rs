@@ -244,6 +244,15 @@ pub fn load_with(
             }
         }
     }
+    let stack_cx = crate::k8s::load::StackContext {
+        host_file: &host_file,
+        host: &spec.name,
+        vars: vars_value.clone(),
+        host_value: host_value.clone(),
+        policy: spec.on_drift.unwrap_or(default_policy),
+        secrets: opts.secrets.clone(),
+    };
+    let stacks = crate::k8s::load::load_stacks(&source, &spec.stacks, &stack_cx, &mut diags)?;
     if !diags.is_empty() {
         return Err(DesiredError::Invalid {
             diags: diags.sorted(),
@@ -251,7 +260,10 @@ pub fn load_with(
     }
     let revision = source.revision();
     match catalog::build(host_info, revision, pending, &mut diags) {
-        Some(catalog) if diags.is_empty() => Ok(catalog),
+        Some(mut catalog) if diags.is_empty() => {
+            catalog.stacks = stacks;
+            Ok(catalog)
+        }
         _ => Err(DesiredError::Invalid {
             diags: diags.sorted(),
         }),

@@ -57,6 +57,8 @@ pub struct HostSpec {
     pub vars: Node,
     pub on_drift: Option<DriftPolicy>,
     pub modules: Vec<ModuleUse>,
+    /// The Kubernetes stacks this host owns (`k8s/<name>/`).
+    pub stacks: Vec<crate::k8s::model::StackUse>,
 }
 
 /// One entry of a host's `modules:`.
@@ -206,9 +208,7 @@ pub fn parse_host(name: &str, file: &str, doc: &Node, diags: &mut Diagnostics) -
             on_drift: policy,
         });
     }
-    // Kubernetes stacks arrive in a later release; the key is accepted now so
-    // host files written for it validate.
-    r.list("stacks", diags);
+    let stacks = crate::k8s::model::parse_stack_uses(&mut r, file, diags);
     r.finish(HOST_KEYS, diags);
     Some(HostSpec {
         name: name.to_string(),
@@ -218,6 +218,7 @@ pub fn parse_host(name: &str, file: &str, doc: &Node, diags: &mut Diagnostics) -
         vars,
         on_drift: host_policy,
         modules,
+        stacks,
     })
 }
 

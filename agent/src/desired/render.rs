@@ -51,6 +51,22 @@ impl ModuleEnv {
         secrets: Arc<dyn SecretSource>,
         usage: Arc<Mutex<SecretUsage>>,
     ) -> ModuleEnv {
+        ModuleEnv::with_loader_dir(
+            source,
+            format!("modules/{module}/templates"),
+            secrets,
+            usage,
+        )
+    }
+
+    /// An environment whose templates (`{% include %}`) load from the
+    /// repo-relative folder `dir` (a Kubernetes stack's folder).
+    pub fn with_loader_dir(
+        source: Arc<dyn Source>,
+        dir: String,
+        secrets: Arc<dyn SecretSource>,
+        usage: Arc<Mutex<SecretUsage>>,
+    ) -> ModuleEnv {
         let mut env = Environment::new();
         env.add_function(
             "secret",
@@ -93,7 +109,6 @@ impl ModuleEnv {
                 .build()
                 .expect("default delimiters are valid"),
         );
-        let dir = format!("modules/{module}/templates");
         env.set_loader(move |name: &str| {
             if name
                 .split('/')

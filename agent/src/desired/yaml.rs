@@ -175,9 +175,25 @@ impl MarkedEventReceiver for Builder {
 /// structural problems (duplicate keys, non-string keys) become diagnostics
 /// against `file`.
 pub fn parse(file: &str, text: &str) -> Result<Node, Diagnostics> {
+    Ok(parse_docs(file, text, false)?
+        .into_iter()
+        .next()
+        .unwrap_or(Node {
+            value: Value::Null,
+            line: 1,
+        }))
+}
+
+/// Parses every document of a multi-document stream (`---` separated), as
+/// Kubernetes manifests are written. Lines count from the start of the file.
+pub fn parse_all(file: &str, text: &str) -> Result<Vec<Node>, Diagnostics> {
+    parse_docs(file, text, true)
+}
+
+fn parse_docs(file: &str, text: &str, multi: bool) -> Result<Vec<Node>, Diagnostics> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut builder, false) {
+    if let Err(e) = parser.load(&mut builder, multi) {
         return Err(Diagnostics::one(
             Diagnostic::new(file, format!("invalid YAML: {}", e.info()))
                 .line(e.marker().line())
@@ -191,10 +207,7 @@ pub fn parse(file: &str, text: &str) -> Result<Node, Diagnostics> {
         }
         return Err(diags);
     }
-    Ok(builder.docs.into_iter().next().unwrap_or(Node {
-        value: Value::Null,
-        line: 1,
-    }))
+    Ok(builder.docs)
 }
 
 /// Reads the keys of one YAML map, reporting wrong types and, on
@@ -432,6 +445,14 @@ mod tests {
         assert_eq!(items[0].value, Value::Str("x".into()));
         assert_eq!(items[1].line, 4);
         assert_eq!(entries[2].1.value, Value::Str("2".into()));
+    }
+
+    #[test]
+    fn every_document_of_a_stream_with_its_line() {
+        let docs = parse_all("m.yaml", "a: 1\n---\nb: 2\n---\n# nothing\n").unwrap();
+        assert_eq!(docs.len(), 3);
+        assert_eq!(docs[1].line, 3);
+        assert_eq!(docs[2].value, Value::Null);
     }
 
     #[test]

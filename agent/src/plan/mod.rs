@@ -246,7 +246,8 @@ pub fn plan(
     let in_catalog: HashSet<&str> = catalog.entries.iter().map(|e| e.id.as_str()).collect();
     let mut prunes: Vec<PlannedPrune> = inventory
         .iter()
-        .filter(|(id, _)| !in_catalog.contains(id.as_str()))
+        // Stack objects are planned (and pruned) by `k8s`, not here.
+        .filter(|(id, e)| !in_catalog.contains(id.as_str()) && e.kind != crate::k8s::INVENTORY_KIND)
         .map(|(id, e)| PlannedPrune {
             id: id.clone(),
             kind: e.kind.clone(),

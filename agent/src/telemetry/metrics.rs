@@ -96,6 +96,28 @@ pub enum KubeErrorReason {
 }
 
 impl KubeErrorReason {
+    /// The reason of an error message from a stack run (`k8s::apply`): the
+    /// agent's own wording (`conflict:`, `rejected by the API server: 422 ...`,
+    /// `unhealthy:`, `cannot reach the Kubernetes API`).
+    pub fn of_message(message: &str) -> KubeErrorReason {
+        let m = message;
+        if m.starts_with("conflict:") || m.contains(": 409 ") {
+            KubeErrorReason::Conflict
+        } else if m.contains("cannot reach the Kubernetes API") {
+            KubeErrorReason::Connect
+        } else if m.contains(": 401 ") || m.contains(": 403 ") {
+            KubeErrorReason::Forbidden
+        } else if m.contains(": 404 ") {
+            KubeErrorReason::NotFound
+        } else if m.contains(": 422 ") || m.contains(": 400 ") {
+            KubeErrorReason::Invalid
+        } else if m.starts_with("unhealthy:") || m.contains("timed out") {
+            KubeErrorReason::Timeout
+        } else {
+            KubeErrorReason::Other
+        }
+    }
+
     pub const ALL: [KubeErrorReason; 7] = [
         KubeErrorReason::Connect,
         KubeErrorReason::Forbidden,

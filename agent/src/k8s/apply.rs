@@ -1,0 +1,580 @@
+//! Apply of one stack, after the native resources.
+//!
+//! # Expected flow
+//! 1. Plan the stack (connect, discovery, dry runs); a stack that cannot be
+//!    planned fails alone.
+//! 2. Record intents (inventory entries without a digest) for objects about
+//!    to be created, so a crash still leaves them owned and prunable.
+//! 3. CRDs and Namespaces first (CRDs waited for until `Established`, then
+//!    discovery runs again so their custom resources resolve), then the rest
+//!    by kind rank; objects of one rank in parallel (bounded). Server-side
+//!    apply under `homelab-agent`; `force` only with `force_conflicts: true`
+//!    or to heal drift (the fields were the agent's before someone edited
+//!    them).
+//! 4. Prune in reverse order (only what the plan found owned and created).
+//! 5. With `wait: true`, wait for every workload of the stack to be rolled
+//!    out (Jobs complete) within the stack's timeout.
+//! 6. Commit the stack's inventory in one transaction: applied objects get
+//!    their digest, pruned ones leave; a failed delete stays to be retried.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use homelab_agent_state::{
+    DigestKey, InventoryEntry, Origin, RunCounts, RunResult, StateError, Store,
+};
+use serde_json::Value as Json;
+
+use super::client::{self, Cluster, KubeSettings, Resolver};
+use super::health::{self, Health};
+use super::plan::{self, ObjectPlan, StackPlan, StackStatus, PARALLELISM};
+use super::{Stack, INVENTORY_KIND};
+use crate::desired::catalog::Catalog;
+use crate::plan::{Action, Classification};
+
+/// How often health and CRD establishment are polled.
+pub const POLL: Duration = Duration::from_millis(500);
+
+/// What happened to one object.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StackOutcome {
+    pub id: String,
+    pub action: Action,
+    pub class: Classification,
+    pub fields: Vec<String>,
+    pub error: Option<String>,
+    pub note: Option<String>,
+}
+
+/// What apply did to one stack.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StackReport {
+    pub name: String,
+    /// Not checked: no cluster credentials at all (with the reason).
+    pub not_checked: Option<String>,
+    /// The whole stack failed (cannot connect, discovery, state).
+    pub error: Option<String>,
+    pub outcomes: Vec<StackOutcome>,
+    pub counts: RunCounts,
+}
+
+impl StackReport {
+    pub fn failed(&self) -> bool {
+        self.error.is_some() || self.counts.failed > 0
+    }
+}
+
+/// Applies every stack of the catalog in turn, each isolated from the
+/// others, and records each one's inventory in `store`.
+pub fn apply_stacks(
+    catalog: &Catalog,
+    inventory: &BTreeMap<String, InventoryEntry>,
+    key: &DigestKey,
+    store: &Store,
+    settings: &KubeSettings,
+    cancel: Option<&AtomicBool>,
+) -> Vec<StackReport> {
+    if catalog.stacks.is_empty() {
+        return Vec::new();
+    }
+    let host = catalog.host.name.as_str();
+    plan::runtime().block_on(async {
+        let mut out = Vec::new();
+        for (index, stack) in catalog.stacks.iter().enumerate() {
+            out.push(apply_one(index, stack, host, inventory, key, store, settings, cancel).await);
+        }
+        out
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn apply_one(
+    index: usize,
+    stack: &Stack,
+    host: &str,
+    inventory: &BTreeMap<String, InventoryEntry>,
+    key: &DigestKey,
+    store: &Store,
+    settings: &KubeSettings,
+    cancel: Option<&AtomicBool>,
+) -> StackReport {
+    let mut report = StackReport {
+        name: stack.name().to_string(),
+        not_checked: None,
+        error: None,
+        outcomes: Vec::new(),
+        counts: RunCounts::default(),
+    };
+    let (plan, connected) = plan::plan_one(index, stack, inventory, key, settings).await;
+    match &plan.status {
+        StackStatus::NotChecked(why) => {
+            report.not_checked = Some(why.clone());
+            return report;
+        }
+        StackStatus::Failed(e) => {
+            report.error = Some(e.clone());
+            return report;
+        }
+        StackStatus::Planned => {}
+    }
+    let (cluster, mut resolver) = connected.expect("a planned stack is connected");
+    let mut run = Run {
+        stack,
+        plan: &plan,
+        cluster: &cluster,
+        errors: vec![None; plan.objects.len()],
+        applied: vec![false; plan.objects.len()],
+    };
+    // 2. Intents.
+    let intents: Vec<(String, InventoryEntry)> = plan
+        .objects
+        .iter()
+        .filter(|p| p.error.is_none() && p.action == Action::Create && p.known.is_none())
+        .map(|p| {
+            (
+                p.id.clone(),
+                InventoryEntry {
+                    kind: INVENTORY_KIND.to_string(),
+                    module: stack.name().to_string(),
+                    digest: None,
+                    origin: Origin::Created,
+                    held_secrets: stack.objects[p.index].holds_secrets,
+                    rolled_back: None,
+                },
+            )
+        })
+        .collect();
+    if !intents.is_empty() {
+        if let Err(e) = store.write(host, |w| {
+            for (id, entry) in &intents {
+                w.put_inventory(id, entry)?;
+            }
+            Ok(())
+        }) {
+            report.error = Some(format!(
+                "cannot record intents in the state: {e}; nothing was applied"
+            ));
+            return report;
+        }
+    }
+    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+
+    // 3. Apply: stage 1 (CRDs, Namespaces), then the rest by rank.
+    let mut order: Vec<usize> = (0..plan.objects.len()).collect();
+    order.sort_by_key(|&i| {
+        let r = &stack.objects[plan.objects[i].index].reference;
+        (
+            super::kind_rank(&r.kind),
+            r.group.clone(),
+            r.kind.clone(),
+            plan.objects[i].id.clone(),
+        )
+    });
+    let first_stage = |i: &usize| {
+        matches!(
+            stack.objects[plan.objects[*i].index]
+                .reference
+                .kind
+                .as_str(),
+            "CustomResourceDefinition" | "Namespace"
+        )
+    };
+    let (stage1, stage2): (Vec<usize>, Vec<usize>) = order.into_iter().partition(first_stage);
+    for &i in &stage1 {
+        if cancelled() {
+            run.errors[i] = Some("not applied: the agent was asked to stop".into());
+            continue;
+        }
+        run.apply_object(i, &resolver).await;
+    }
+    let crds_applied: Vec<usize> = stage1
+        .iter()
+        .copied()
+        .filter(|&i| {
+            run.applied[i]
+                && stack.objects[plan.objects[i].index].reference.kind == "CustomResourceDefinition"
+        })
+        .collect();
+    if !crds_applied.is_empty() {
+        for &i in &crds_applied {
+            if let Err(e) = run.wait_established(i, &resolver).await {
+                run.errors[i] = Some(e);
+            }
+        }
+        let groups: Vec<String> = {
+            let mut g: Vec<String> = stack
+                .objects
+                .iter()
+                .map(|o| o.reference.group.clone())
+                .collect();
+            g.sort();
+            g.dedup();
+            g
+        };
+        match Resolver::discover(&cluster, &groups).await {
+            Ok(r) => resolver = r,
+            Err(e) => {
+                report.error = Some(format!("discovery after applying CRDs failed: {e}"));
+            }
+        }
+    }
+    let mut start = 0;
+    while start < stage2.len() && report.error.is_none() {
+        let rank = super::kind_rank(
+            &stack.objects[plan.objects[stage2[start]].index]
+                .reference
+                .kind,
+        );
+        let end = stage2[start..]
+            .iter()
+            .position(|&i| {
+                super::kind_rank(&stack.objects[plan.objects[i].index].reference.kind) != rank
+            })
+            .map_or(stage2.len(), |p| start + p);
+        let batch = &stage2[start..end];
+        let results: Vec<(usize, Result<bool, String>)> =
+            futures::stream::iter(batch.iter().copied())
+                .map(|i| {
+                    let run = &run;
+                    let resolver = &resolver;
+                    async move {
+                        if cancelled() {
+                            return (
+                                i,
+                                Err("not applied: the agent was asked to stop".to_string()),
+                            );
+                        }
+                        (i, run.apply_one_result(i, resolver).await)
+                    }
+                })
+                .buffer_unordered(PARALLELISM)
+                .collect()
+                .await;
+        for (i, r) in results {
+            match r {
+                Ok(applied) => run.applied[i] = applied,
+                Err(e) => run.errors[i] = Some(e),
+            }
+        }
+        start = end;
+    }
+
+    // 4. Prune.
+    let mut prune_results: Vec<Result<Option<String>, String>> = Vec::new();
+    for p in &plan.prunes {
+        let result = match (p.action, &p.resource) {
+            _ if cancelled() || report.error.is_some() => Err("not pruned this run".to_string()),
+            (Action::Delete, Some(ar)) => {
+                let api = client::api(&cluster, ar, p.reference.namespace.as_deref());
+                match client::delete(&api, &p.reference.name).await {
+                    Ok(true) => Ok(None),
+                    Ok(false) => Ok(Some("already gone".to_string())),
+                    Err(e) => Err(format!(
+                        "delete failed (kept in the inventory, retried next run): {}",
+                        e.describe()
+                    )),
+                }
+            }
+            (Action::Forget, _) => Ok(p.note.clone()),
+            _ => Err(p.note.clone().unwrap_or_else(|| "not pruned".into())),
+        };
+        prune_results.push(result);
+    }
+
+    // 5. Health.
+    if stack.spec.wait && report.error.is_none() && !cancelled() {
+        run.wait_healthy(&resolver).await;
+    }
+
+    // Outcomes and counts.
+    let mut counts = RunCounts::default();
+    let mut outcomes = Vec::new();
+    for (i, p) in plan.objects.iter().enumerate() {
+        let o = &stack.objects[p.index];
+        let failure = run.errors[i].clone().or_else(|| p.error.clone());
+        let error = failure
+            .clone()
+            .or_else(|| o.blocked.as_ref().map(|b| format!("skipped: needs {b}")));
+        match (p.class, p.action, &failure) {
+            (_, _, Some(_)) => counts.failed += 1,
+            (Classification::Skipped, ..) => counts.skipped += 1,
+            (Classification::InSync, ..) => counts.unchanged += 1,
+            (_, Action::Report, _) => counts.drift_reported += 1,
+            (Classification::Create, ..) => counts.created += 1,
+            (Classification::Change, ..) => counts.changed += 1,
+            (Classification::Drift, ..) => counts.drift_healed += 1,
+            _ => {}
+        }
+        if p.class != Classification::InSync || error.is_some() {
+            outcomes.push(StackOutcome {
+                id: p.id.clone(),
+                action: p.action,
+                class: p.class,
+                fields: p.changes.iter().map(|c| c.path.clone()).collect(),
+                error,
+                note: None,
+            });
+        }
+    }
+    for (p, r) in plan.prunes.iter().zip(&prune_results) {
+        let (error, note) = match r {
+            Ok(note) => {
+                if p.action == Action::Delete {
+                    counts.pruned += 1;
+                }
+                (None, note.clone())
+            }
+            Err(e) => {
+                counts.failed += 1;
+                (Some(e.clone()), None)
+            }
+        };
+        outcomes.push(StackOutcome {
+            id: p.id.clone(),
+            action: p.action,
+            class: Classification::Prune,
+            fields: Vec::new(),
+            error,
+            note,
+        });
+    }
+
+    // 6. Commit.
+    let committed = store.write(host, |w| -> Result<(), StateError> {
+        for (i, p) in plan.objects.iter().enumerate() {
+            let o = &stack.objects[p.index];
+            let ok = match p.action {
+                Action::Create | Action::Update => run.applied[i],
+                Action::None => p.error.is_none(),
+                _ => false,
+            };
+            if !ok {
+                continue;
+            }
+            let origin = p.known.as_ref().map_or(
+                if p.exists {
+                    Origin::Adopted
+                } else {
+                    Origin::Created
+                },
+                |k| k.origin,
+            );
+            let entry = InventoryEntry {
+                kind: INVENTORY_KIND.to_string(),
+                module: stack.name().to_string(),
+                digest: Some(p.digest.clone()),
+                origin,
+                held_secrets: o.holds_secrets,
+                rolled_back: None,
+            };
+            if p.known.as_ref() != Some(&entry) {
+                w.put_inventory(&p.id, &entry)?;
+            }
+        }
+        for (p, r) in plan.prunes.iter().zip(&prune_results) {
+            if r.is_ok() {
+                w.remove_inventory(&p.id)?;
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = committed {
+        report.error = Some(format!("cannot record the stack's inventory: {e}"));
+    }
+    report.outcomes = outcomes;
+    report.counts = counts;
+    report
+}
+
+struct Run<'a> {
+    stack: &'a Stack,
+    plan: &'a StackPlan,
+    cluster: &'a Cluster,
+    errors: Vec<Option<String>>,
+    applied: Vec<bool>,
+}
+
+impl Run<'_> {
+    async fn apply_object(&mut self, i: usize, resolver: &Resolver) {
+        match self.apply_one_result(i, resolver).await {
+            Ok(applied) => self.applied[i] = applied,
+            Err(e) => self.errors[i] = Some(e),
+        }
+    }
+
+    /// Applies object `i` of the plan if it needs it: `Ok(true)` applied,
+    /// `Ok(false)` nothing to do.
+    async fn apply_one_result(&self, i: usize, resolver: &Resolver) -> Result<bool, String> {
+        let p: &ObjectPlan = &self.plan.objects[i];
+        if p.error.is_some() || !matches!(p.action, Action::Create | Action::Update) {
+            return Ok(false);
+        }
+        let o = &self.stack.objects[p.index];
+        let Some((ar, scope)) = resolver.resolve(&o.reference) else {
+            return Err(format!(
+                "the cluster serves no {} in {} even after applying the stack's CRDs",
+                o.reference.kind, o.api_version
+            ));
+        };
+        let (namespace, _) = plan::placement(self.stack, p.index, &scope)?;
+        let body = plan::body_for(self.stack, p.index, namespace.as_deref());
+        let api = client::api(self.cluster, &ar, namespace.as_deref());
+        let force = self.stack.spec.force_conflicts || p.class == Classification::Drift;
+        match client::apply(&api, &o.reference.name, &body, force, false).await {
+            Ok(_) => Ok(true),
+            Err(e) if !e.conflicts().is_empty() => Err(format!(
+                "conflict: {}; set `force_conflicts: true` in {} to take these fields over, or stop setting them",
+                client::describe_conflicts(&e.conflicts()),
+                self.stack.spec.file
+            )),
+            Err(e) => Err(format!("rejected by the API server: {}", e.describe())),
+        }
+    }
+
+    /// Waits for a CRD's `Established` condition.
+    async fn wait_established(&self, i: usize, resolver: &Resolver) -> Result<(), String> {
+        let o = &self.stack.objects[self.plan.objects[i].index];
+        let Some((ar, _)) = resolver.resolve(&o.reference) else {
+            return Err("apiextensions.k8s.io is not served".into());
+        };
+        let api = client::api(self.cluster, &ar, None);
+        let deadline = Instant::now() + self.stack.spec.timeout;
+        loop {
+            if let Ok(Some(live)) = client::get(&api, &o.reference.name).await {
+                let established = live
+                    .pointer("/status/conditions")
+                    .and_then(Json::as_array)
+                    .is_some_and(|cs| {
+                        cs.iter().any(|c| {
+                            c.get("type").and_then(Json::as_str) == Some("Established")
+                                && c.get("status").and_then(Json::as_str) == Some("True")
+                        })
+                    });
+                if established {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the CRD was not Established within {}",
+                    humantime::format_duration(self.stack.spec.timeout)
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until every workload of the stack is healthy, or the timeout;
+    /// an unhealthy one fails with its object and conditions.
+    async fn wait_healthy(&mut self, resolver: &Resolver) {
+        let deadline = Instant::now() + self.stack.spec.timeout;
+        let mut pending: Vec<usize> = (0..self.plan.objects.len())
+            .filter(|&i| {
+                let p = &self.plan.objects[i];
+                let r = &self.stack.objects[p.index].reference;
+                p.error.is_none()
+                    && self.errors[i].is_none()
+                    && p.action != Action::Skip
+                    && health::has_health(&r.group, &r.kind)
+            })
+            .collect();
+        let mut last: BTreeMap<usize, String> = BTreeMap::new();
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for &i in &pending {
+                let p = &self.plan.objects[i];
+                let r = &self.stack.objects[p.index].reference;
+                let Some((ar, _)) = resolver.resolve(r) else {
+                    continue;
+                };
+                let api = client::api(self.cluster, &ar, p.namespace.as_deref());
+                match client::get(&api, &r.name).await {
+                    Ok(Some(live)) => match health::evaluate(&r.kind, &live) {
+                        Health::Ready => {}
+                        Health::Progressing(why) => {
+                            last.insert(i, why);
+                            still.push(i);
+                        }
+                        Health::Failed(why) => {
+                            self.errors[i] = Some(format!("unhealthy: {why}"));
+                        }
+                    },
+                    Ok(None) => {
+                        last.insert(i, "it does not exist".into());
+                        still.push(i);
+                    }
+                    Err(e) => {
+                        last.insert(i, format!("cannot read it: {}", e.describe()));
+                        still.push(i);
+                    }
+                }
+            }
+            pending = still;
+            if pending.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                for &i in &pending {
+                    self.errors[i] = Some(format!(
+                        "not healthy after {} (timeout of {}): {}",
+                        humantime::format_duration(self.stack.spec.timeout),
+                        self.stack.spec.file,
+                        last.get(&i).map(String::as_str).unwrap_or("no status")
+                    ));
+                }
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// Adds what the stacks did to the run the native apply just recorded:
+/// counts, and a failed stack makes the run partial (or failed).
+pub fn record_run(store: &Store, host: &str, reports: &[StackReport]) -> Result<(), StateError> {
+    if reports.is_empty() {
+        return Ok(());
+    }
+    store
+        .write(host, |w| {
+            w.update_last_run(|r| {
+                for s in reports {
+                    let c = &s.counts;
+                    r.counts.created += c.created;
+                    r.counts.changed += c.changed;
+                    r.counts.pruned += c.pruned;
+                    r.counts.drift_healed += c.drift_healed;
+                    r.counts.drift_reported += c.drift_reported;
+                    r.counts.unchanged += c.unchanged;
+                    r.counts.skipped += c.skipped;
+                    r.counts.failed += c.failed + u32::from(s.error.is_some());
+                    let first = s
+                        .error
+                        .clone()
+                        .map(|e| format!("stack {}: {e}", s.name))
+                        .or_else(|| {
+                            s.outcomes
+                                .iter()
+                                .find_map(|o| o.error.as_ref().map(|e| format!("{}: {e}", o.id)))
+                        });
+                    if r.error.is_none() {
+                        r.error = first;
+                    }
+                }
+                if reports.iter().any(StackReport::failed) && r.result == RunResult::Success {
+                    let did = r.counts.created
+                        + r.counts.changed
+                        + r.counts.drift_healed
+                        + r.counts.pruned;
+                    r.result = if did > 0 {
+                        RunResult::Partial
+                    } else {
+                        RunResult::Failed
+                    };
+                }
+            })
+        })
+        .map(|_| ())
+}

@@ -1,0 +1,396 @@
+//! The cluster side: how a stack reaches its API server (a kubeconfig
+//! context or the in-cluster service account), discovery, and the four
+//! calls the agent makes (get, server-side apply, dry-run apply, delete),
+//! all through the real kube-rs client. Errors are turned into sentences
+//! that name the server, the object and what to do.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::GroupVersionKind;
+use kube::discovery::{ApiResource, Discovery, Scope};
+use kube::{Client, Config};
+use serde_json::Value as Json;
+
+use super::model::ClusterAccess;
+use super::{ObjectRef, FIELD_MANAGER};
+
+/// Where the kubeconfig comes from when a stack uses one.
+#[derive(Debug, Clone, Default)]
+pub struct KubeSettings {
+    /// `kubeconfig:` of the agent config. Unset: `$KUBECONFIG` (colon
+    /// separated), else `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// A sandbox run (`--root`): stacks reach a cluster only through a
+    /// `kubeconfig:` the agent config names, never the user's own one, so
+    /// trying the agent out never touches a real cluster by accident.
+    pub sandbox: bool,
+}
+
+/// Why a stack could not be planned or applied at all.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StackError {
+    #[error("kubeconfig {path}: {message}\n  fix the file, or point `kubeconfig:` in the agent config (or $KUBECONFIG) at a good one")]
+    Kubeconfig { path: String, message: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot reach the Kubernetes API at {server}: {message}\n  is the cluster running, and the kubeconfig's server address right?")]
+    Unreachable { server: String, message: String },
+    #[error("the Kubernetes API at {server} refused discovery: {message}")]
+    Api { server: String, message: String },
+}
+
+/// The outcome of looking for cluster credentials.
+pub enum Connection {
+    Ready(Cluster),
+    /// No kubeconfig and no in-cluster config exist at all: nothing to
+    /// check against (a fresh checkout). Holds the reason.
+    NotChecked(String),
+}
+
+/// A connected client and the server's address (for messages).
+#[derive(Clone)]
+pub struct Cluster {
+    pub client: Client,
+    pub server: String,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The kubeconfig files that exist, and a description of where the agent looked.
+fn kubeconfig_paths(settings: &KubeSettings) -> (Vec<PathBuf>, String) {
+    if let Some(p) = &settings.kubeconfig {
+        return (
+            vec![p.clone()],
+            format!("`kubeconfig: {}` of the agent config", p.display()),
+        );
+    }
+    if let Some(list) = std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()) {
+        let paths: Vec<PathBuf> = std::env::split_paths(&list)
+            .filter(|p| !p.as_os_str().is_empty())
+            .collect();
+        let existing = paths.iter().filter(|p| p.is_file()).cloned().collect();
+        return (
+            existing,
+            format!("$KUBECONFIG ({})", list.to_string_lossy()),
+        );
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => {
+            let p = Path::new(&home).join(".kube/config");
+            let existing = if p.is_file() {
+                vec![p.clone()]
+            } else {
+                Vec::new()
+            };
+            (existing, "~/.kube/config".to_string())
+        }
+        None => (Vec::new(), "$HOME (unset)".to_string()),
+    }
+}
+
+fn in_cluster_present() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        && Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token").is_file()
+}
+
+/// Builds the client for `access`. Never touches the network.
+pub async fn connect(
+    access: &ClusterAccess,
+    settings: &KubeSettings,
+) -> Result<Connection, StackError> {
+    if settings.sandbox && settings.kubeconfig.is_none() {
+        return Ok(Connection::NotChecked(
+            "sandbox run (--root): stacks reach a cluster only through `kubeconfig:` in the agent config".to_string(),
+        ));
+    }
+    let mut config = match access {
+        ClusterAccess::InCluster => {
+            if !in_cluster_present() {
+                return Ok(Connection::NotChecked(
+                    "not running inside a cluster (no KUBERNETES_SERVICE_HOST and service account token), and the stack asks for in_cluster".to_string(),
+                ));
+            }
+            Config::incluster()
+                .map_err(|e| StackError::Config(format!("in-cluster config: {}", chain(&e))))?
+        }
+        ClusterAccess::Kubeconfig { context } => {
+            let (paths, looked) = kubeconfig_paths(settings);
+            if let (Some(p), true) = (&settings.kubeconfig, paths.iter().all(|p| !p.is_file())) {
+                return Err(StackError::Kubeconfig {
+                    path: p.display().to_string(),
+                    message: "the file does not exist".to_string(),
+                });
+            }
+            if paths.is_empty() {
+                return Ok(Connection::NotChecked(format!(
+                    "no kubeconfig: nothing at {looked}, and not running inside a cluster"
+                )));
+            }
+            let mut merged: Option<Kubeconfig> = None;
+            for p in &paths {
+                let kc = Kubeconfig::read_from(p).map_err(|e| StackError::Kubeconfig {
+                    path: p.display().to_string(),
+                    message: chain(&e),
+                })?;
+                merged = Some(match merged {
+                    None => kc,
+                    Some(m) => m.merge(kc).map_err(|e| StackError::Kubeconfig {
+                        path: p.display().to_string(),
+                        message: chain(&e),
+                    })?,
+                });
+            }
+            let kc = merged.expect("at least one path");
+            let shown = paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":");
+            if let Some(c) = context {
+                if !kc.contexts.iter().any(|n| &n.name == c) {
+                    let known: Vec<&str> = kc.contexts.iter().map(|n| n.name.as_str()).collect();
+                    return Err(StackError::Kubeconfig {
+                        path: shown,
+                        message: format!(
+                            "it has no context `{c}` (contexts: {})",
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    });
+                }
+            }
+            let options = KubeConfigOptions {
+                context: context.clone(),
+                ..KubeConfigOptions::default()
+            };
+            Config::from_custom_kubeconfig(kc, &options)
+                .await
+                .map_err(|e| StackError::Kubeconfig {
+                    path: shown,
+                    message: chain(&e),
+                })?
+        }
+    };
+    config.connect_timeout = Some(CONNECT_TIMEOUT);
+    config.read_timeout = Some(READ_TIMEOUT);
+    let server = config
+        .cluster_url
+        .to_string()
+        .trim_end_matches('/')
+        .to_string();
+    crate::source::git::install_tls_provider();
+    let client = Client::try_from(config).map_err(|e| {
+        StackError::Config(format!(
+            "cannot build the Kubernetes client for {server}: {}",
+            chain(&e)
+        ))
+    })?;
+    Ok(Connection::Ready(Cluster { client, server }))
+}
+
+/// An error and its sources, one sentence.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// What an API call failed with.
+#[derive(Debug, Clone)]
+pub enum CallError {
+    /// A Status from the server.
+    Api(Box<kube::core::Status>),
+    /// The server could not be reached or answered nonsense.
+    Transport(String),
+}
+
+impl CallError {
+    fn from_kube(e: kube::Error) -> CallError {
+        match e {
+            kube::Error::Api(status) => CallError::Api(status),
+            other => CallError::Transport(chain(&other)),
+        }
+    }
+
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            CallError::Api(s) => Some(s.code),
+            CallError::Transport(_) => None,
+        }
+    }
+
+    /// Field-manager conflicts: (manager, field) pairs.
+    pub fn conflicts(&self) -> Vec<Conflict> {
+        let CallError::Api(s) = self else {
+            return Vec::new();
+        };
+        if s.code != 409 {
+            return Vec::new();
+        }
+        let causes = s
+            .details
+            .as_ref()
+            .map(|d| d.causes.as_slice())
+            .unwrap_or_default();
+        causes
+            .iter()
+            .filter(|c| c.reason == "FieldManagerConflict")
+            .map(|c| Conflict {
+                manager: c
+                    .message
+                    .split('"')
+                    .nth(1)
+                    .unwrap_or(&c.message)
+                    .to_string(),
+                field: c.field.clone(),
+            })
+            .collect()
+    }
+
+    /// `422 Invalid: <message>` or the transport error.
+    pub fn describe(&self) -> String {
+        match self {
+            CallError::Api(s) => {
+                let mut out = format!("{} {}: {}", s.code, s.reason, s.message);
+                if let Some(d) = &s.details {
+                    for c in &d.causes {
+                        if !s.message.contains(&c.message) {
+                            out.push_str(&format!("; {} {}", c.field, c.message));
+                        }
+                    }
+                }
+                out
+            }
+            CallError::Transport(t) => t.clone(),
+        }
+    }
+}
+
+/// Another field manager owns a field the stack sets.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Conflict {
+    pub manager: String,
+    pub field: String,
+}
+
+/// Formats conflicts for a message: `"kubectl-edit": .spec.replicas, .data.x`.
+pub fn describe_conflicts(conflicts: &[Conflict]) -> String {
+    let mut by_manager: Vec<(String, Vec<String>)> = Vec::new();
+    for c in conflicts {
+        match by_manager.iter_mut().find(|(m, _)| *m == c.manager) {
+            Some((_, fields)) => fields.push(c.field.clone()),
+            None => by_manager.push((c.manager.clone(), vec![c.field.clone()])),
+        }
+    }
+    by_manager
+        .iter()
+        .map(|(m, f)| format!("field manager \"{m}\" owns {}", f.join(", ")))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Discovery of the groups a stack needs.
+pub struct Resolver {
+    discovery: Discovery,
+}
+
+impl Resolver {
+    /// Runs discovery for `groups` (core is `""`).
+    pub async fn discover(cluster: &Cluster, groups: &[String]) -> Result<Resolver, StackError> {
+        let refs: Vec<&str> = groups.iter().map(String::as_str).collect();
+        let discovery = Discovery::new(cluster.client.clone())
+            .filter(&refs)
+            .run()
+            .await
+            .map_err(|e| match e {
+                kube::Error::Api(s) => StackError::Api {
+                    server: cluster.server.clone(),
+                    message: format!("{} {}: {}", s.code, s.reason, s.message),
+                },
+                other => StackError::Unreachable {
+                    server: cluster.server.clone(),
+                    message: chain(&other),
+                },
+            })?;
+        Ok(Resolver { discovery })
+    }
+
+    /// The resource and scope of an exact group/version/kind.
+    pub fn resolve(&self, r: &ObjectRef) -> Option<(ApiResource, Scope)> {
+        let gvk = GroupVersionKind::gvk(&r.group, &r.version, &r.kind);
+        self.discovery
+            .resolve_gvk(&gvk)
+            .map(|(ar, caps)| (ar, caps.scope))
+    }
+
+    /// The preferred version's resource of a group and kind (for prunes,
+    /// whose version the inventory does not keep).
+    pub fn resolve_kind(&self, group: &str, kind: &str) -> Option<(ApiResource, Scope)> {
+        self.discovery
+            .get(group)?
+            .recommended_kind(kind)
+            .map(|(ar, caps)| (ar, caps.scope))
+    }
+}
+
+/// The API of one object's resource.
+pub fn api(cluster: &Cluster, ar: &ApiResource, namespace: Option<&str>) -> Api<DynamicObject> {
+    match namespace {
+        Some(ns) => Api::namespaced_with(cluster.client.clone(), ns, ar),
+        None => Api::all_with(cluster.client.clone(), ar),
+    }
+}
+
+/// The live object, `None` when it does not exist.
+pub async fn get(api: &Api<DynamicObject>, name: &str) -> Result<Option<Json>, CallError> {
+    match api.get_opt(name).await {
+        Ok(Some(o)) => Ok(Some(serde_json::to_value(o).expect("objects serialize"))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(CallError::from_kube(e)),
+    }
+}
+
+/// Server-side apply of `body` under the agent's field manager.
+pub async fn apply(
+    api: &Api<DynamicObject>,
+    name: &str,
+    body: &Json,
+    force: bool,
+    dry_run: bool,
+) -> Result<Json, CallError> {
+    let mut params = PatchParams::apply(FIELD_MANAGER);
+    if force {
+        params = params.force();
+    }
+    if dry_run {
+        params = params.dry_run();
+    }
+    match api.patch(name, &params, &Patch::Apply(body)).await {
+        Ok(o) => Ok(serde_json::to_value(o).expect("objects serialize")),
+        Err(e) => Err(CallError::from_kube(e)),
+    }
+}
+
+/// Deletes in the background; `false` when it was already gone.
+pub async fn delete(api: &Api<DynamicObject>, name: &str) -> Result<bool, CallError> {
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(CallError::from_kube(e)),
+    }
+}

@@ -1,0 +1,559 @@
+//! Plan of one stack: for every object, the live object and a server-side
+//! dry-run apply (never persisted), diffed after normalisation and
+//! classified like native resources (create, change, drift, in sync,
+//! skipped); prunes from the inventory. Never writes, to the cluster or the
+//! state.
+
+use std::collections::{BTreeMap, HashSet};
+
+use futures::StreamExt;
+use homelab_agent_state::{DigestKey, InventoryEntry, Origin};
+use kube::discovery::{ApiResource, Scope};
+use serde_json::Value as Json;
+
+use super::client::{self, Cluster, Conflict, Connection, KubeSettings, Resolver, StackError};
+use super::diff::{self, ObjectChange};
+use super::{ObjectRef, Stack, MANAGED_BY, MANAGED_BY_LABEL, STACK_LABEL};
+use crate::desired::catalog::Catalog;
+use crate::desired::model::DriftPolicy;
+use crate::plan::{stored_digest, Action, Classification};
+
+/// How many objects of a stack are observed or applied at once.
+pub const PARALLELISM: usize = 4;
+
+/// Whether the stack could be looked at.
+#[derive(Debug, Clone)]
+pub enum StackStatus {
+    Planned,
+    /// No cluster credentials exist at all (not an error).
+    NotChecked(String),
+    /// The cluster could not be used (an error for this stack only).
+    Failed(String),
+}
+
+/// One object in a stack's plan.
+#[derive(Debug, Clone)]
+pub struct ObjectPlan {
+    /// Index into [`Stack::objects`].
+    pub index: usize,
+    /// The id (its namespace as discovery decided).
+    pub id: String,
+    /// `None` for cluster-scoped objects.
+    pub namespace: Option<String>,
+    pub class: Classification,
+    pub action: Action,
+    pub changes: Vec<ObjectChange>,
+    /// Fields another manager owns that this apply would set.
+    pub conflicts: Vec<Conflict>,
+    /// Why it could not be planned (the object only; the stack goes on).
+    pub error: Option<String>,
+    pub known: Option<InventoryEntry>,
+    /// Keyed digest to record when applied.
+    pub digest: String,
+    pub exists: bool,
+    /// Its kind comes from a CRD of this stack not served yet.
+    pub pending_crd: bool,
+}
+
+/// An inventory entry of the stack that left it.
+#[derive(Debug, Clone)]
+pub struct ObjectPrune {
+    pub id: String,
+    pub reference: ObjectRef,
+    /// `Delete`, or `Forget` (left in place, with the reason in `note`).
+    pub action: Action,
+    pub note: Option<String>,
+    /// The resource to delete through (when `Delete`).
+    pub resource: Option<ApiResource>,
+}
+
+/// The plan of one stack.
+#[derive(Debug, Clone)]
+pub struct StackPlan {
+    /// Index into [`Catalog::stacks`].
+    pub index: usize,
+    pub name: String,
+    pub status: StackStatus,
+    pub objects: Vec<ObjectPlan>,
+    pub prunes: Vec<ObjectPrune>,
+}
+
+/// Counts for a stacks summary line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct StackSummary {
+    pub create: usize,
+    pub change: usize,
+    pub prune: usize,
+    pub drift: usize,
+    pub in_sync: usize,
+    pub skipped: usize,
+    pub conflicts: usize,
+    pub errors: usize,
+    pub not_checked: usize,
+}
+
+impl StackPlan {
+    pub fn summary(&self) -> StackSummary {
+        let mut s = StackSummary::default();
+        match &self.status {
+            StackStatus::NotChecked(_) => s.not_checked += 1,
+            StackStatus::Failed(_) => s.errors += 1,
+            StackStatus::Planned => {}
+        }
+        s.prune = self
+            .prunes
+            .iter()
+            .filter(|p| p.action == Action::Delete)
+            .count();
+        for o in &self.objects {
+            if o.error.is_some() {
+                s.errors += 1;
+                continue;
+            }
+            if !o.conflicts.is_empty() {
+                s.conflicts += 1;
+            }
+            match o.class {
+                Classification::InSync => s.in_sync += 1,
+                Classification::Create => s.create += 1,
+                Classification::Change => s.change += 1,
+                Classification::Drift => s.drift += 1,
+                Classification::Skipped => s.skipped += 1,
+                Classification::Prune => {}
+            }
+        }
+        s
+    }
+
+    /// Anything to do or report (what `--detailed-exitcode` 2 means).
+    pub fn has_changes(&self) -> bool {
+        let s = self.summary();
+        s.create + s.change + s.drift + s.skipped + s.prune > 0
+            || self.prunes.iter().any(|p| p.action == Action::Forget)
+    }
+}
+
+/// Adds the counts of several stacks.
+pub fn total(plans: &[StackPlan]) -> StackSummary {
+    let mut t = StackSummary::default();
+    for p in plans {
+        let s = p.summary();
+        t.create += s.create;
+        t.change += s.change;
+        t.prune += s.prune;
+        t.drift += s.drift;
+        t.in_sync += s.in_sync;
+        t.skipped += s.skipped;
+        t.conflicts += s.conflicts;
+        t.errors += s.errors;
+        t.not_checked += s.not_checked;
+    }
+    t
+}
+
+/// A small runtime of its own for the stack phase: the engine is
+/// synchronous, and the daemon calls it from its blocking pool, never from
+/// its event loop.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime builds")
+}
+
+/// Plans every stack of the catalog (none: empty). Never writes.
+pub fn plan_stacks(
+    catalog: &Catalog,
+    inventory: &BTreeMap<String, InventoryEntry>,
+    key: &DigestKey,
+    settings: &KubeSettings,
+) -> Vec<StackPlan> {
+    if catalog.stacks.is_empty() {
+        return Vec::new();
+    }
+    runtime().block_on(async {
+        let mut out = Vec::new();
+        for (index, stack) in catalog.stacks.iter().enumerate() {
+            out.push(plan_one(index, stack, inventory, key, settings).await.0);
+        }
+        out
+    })
+}
+
+/// Connects and plans one stack; also returns the cluster and discovery
+/// (for apply).
+pub async fn plan_one(
+    index: usize,
+    stack: &Stack,
+    inventory: &BTreeMap<String, InventoryEntry>,
+    key: &DigestKey,
+    settings: &KubeSettings,
+) -> (StackPlan, Option<(Cluster, Resolver)>) {
+    let mut plan = StackPlan {
+        index,
+        name: stack.name().to_string(),
+        status: StackStatus::Planned,
+        objects: Vec::new(),
+        prunes: Vec::new(),
+    };
+    let cluster = match client::connect(&stack.access, settings).await {
+        Ok(Connection::Ready(c)) => c,
+        Ok(Connection::NotChecked(why)) => {
+            plan.status = StackStatus::NotChecked(why);
+            return (plan, None);
+        }
+        Err(e) => {
+            plan.status = StackStatus::Failed(e.to_string());
+            return (plan, None);
+        }
+    };
+    let resolver = match Resolver::discover(&cluster, &groups(stack, inventory)).await {
+        Ok(r) => r,
+        Err(e) => {
+            plan.status = StackStatus::Failed(e.to_string());
+            return (plan, None);
+        }
+    };
+    match observe(stack, inventory, key, &cluster, &resolver, &mut plan).await {
+        Ok(()) => (plan, Some((cluster, resolver))),
+        Err(e) => {
+            plan.status = StackStatus::Failed(e.to_string());
+            plan.objects.clear();
+            plan.prunes.clear();
+            (plan, None)
+        }
+    }
+}
+
+/// The API groups the stack's objects and its inventory entries use.
+fn groups(stack: &Stack, inventory: &BTreeMap<String, InventoryEntry>) -> Vec<String> {
+    let mut g: Vec<String> = stack
+        .objects
+        .iter()
+        .map(|o| o.reference.group.clone())
+        .collect();
+    let prefix = stack.id_prefix();
+    g.extend(
+        inventory
+            .keys()
+            .filter(|id| id.starts_with(&prefix))
+            .filter_map(|id| ObjectRef::parse_id(id).map(|(_, r)| r.group)),
+    );
+    g.sort();
+    g.dedup();
+    g
+}
+
+/// Whether a stack object defines (as a CRD) the group and kind of `r`.
+pub fn defined_by_crd(stack: &Stack, r: &ObjectRef) -> bool {
+    stack.objects.iter().any(|o| {
+        o.reference.kind == "CustomResourceDefinition"
+            && o.body.0.pointer("/spec/group").and_then(Json::as_str) == Some(r.group.as_str())
+            && o.body.0.pointer("/spec/names/kind").and_then(Json::as_str) == Some(r.kind.as_str())
+    })
+}
+
+/// The body to send: a cluster-scoped object carries no namespace.
+pub fn body_for(stack: &Stack, index: usize, namespace: Option<&str>) -> Json {
+    let mut body = stack.objects[index].body.0.clone();
+    if namespace.is_none() {
+        if let Some(meta) = body.get_mut("metadata").and_then(Json::as_object_mut) {
+            meta.remove("namespace");
+        }
+    }
+    body
+}
+
+/// Where an object lives, as discovery says. Errors name the object.
+pub fn placement(
+    stack: &Stack,
+    index: usize,
+    scope: &Scope,
+) -> Result<(Option<String>, String), String> {
+    let o = &stack.objects[index];
+    match scope {
+        Scope::Namespaced => {
+            let ns = o.reference.namespace.clone().unwrap_or_else(|| stack.spec.namespace.clone());
+            let r = ObjectRef {
+                namespace: Some(ns.clone()),
+                ..o.reference.clone()
+            };
+            Ok((Some(ns), r.id(stack.name())))
+        }
+        Scope::Cluster if o.namespace_explicit => Err(format!(
+            "{} is cluster-scoped in this cluster, but its manifest names namespace {}; remove metadata.namespace",
+            o.reference.kind_group(),
+            o.reference.namespace.as_deref().unwrap_or("")
+        )),
+        Scope::Cluster => {
+            let r = ObjectRef {
+                namespace: None,
+                ..o.reference.clone()
+            };
+            Ok((None, r.id(stack.name())))
+        }
+    }
+}
+
+async fn observe(
+    stack: &Stack,
+    inventory: &BTreeMap<String, InventoryEntry>,
+    key: &DigestKey,
+    cluster: &Cluster,
+    resolver: &Resolver,
+    plan: &mut StackPlan,
+) -> Result<(), StackError> {
+    let results: Vec<Result<ObjectPlan, StackError>> =
+        futures::stream::iter(0..stack.objects.len())
+            .map(|i| observe_object(stack, i, inventory, key, cluster, resolver))
+            .buffered(PARALLELISM)
+            .collect()
+            .await;
+    for r in results {
+        plan.objects.push(r?);
+    }
+    // Shown (and applied) in apply order: kind rank, then id.
+    plan.objects.sort_by(|a, b| {
+        let rank = |p: &ObjectPlan| super::kind_rank(&stack.objects[p.index].reference.kind);
+        (rank(a), &a.id).cmp(&(rank(b), &b.id))
+    });
+    let desired: HashSet<&str> = plan.objects.iter().map(|o| o.id.as_str()).collect();
+    let prefix = stack.id_prefix();
+    let mut prunes = Vec::new();
+    for (id, entry) in inventory.iter().filter(|(id, _)| id.starts_with(&prefix)) {
+        if desired.contains(id.as_str()) {
+            continue;
+        }
+        let Some((_, reference)) = ObjectRef::parse_id(id) else {
+            continue;
+        };
+        prunes.push(plan_prune(stack, id, entry, reference, cluster, resolver).await?);
+    }
+    // Reverse apply order: dependents before what they depend on.
+    prunes.sort_by(|a, b| {
+        let key = |p: &ObjectPrune| (super::kind_rank(&p.reference.kind), p.id.clone());
+        key(b).cmp(&key(a))
+    });
+    plan.prunes = prunes;
+    Ok(())
+}
+
+fn transport(cluster: &Cluster, e: &client::CallError) -> Option<StackError> {
+    match e {
+        client::CallError::Transport(m) => Some(StackError::Unreachable {
+            server: cluster.server.clone(),
+            message: m.clone(),
+        }),
+        client::CallError::Api(_) => None,
+    }
+}
+
+async fn observe_object(
+    stack: &Stack,
+    index: usize,
+    inventory: &BTreeMap<String, InventoryEntry>,
+    key: &DigestKey,
+    cluster: &Cluster,
+    resolver: &Resolver,
+) -> Result<ObjectPlan, StackError> {
+    let o = &stack.objects[index];
+    let digest = stored_digest(key, &o.digest);
+    let mut p = ObjectPlan {
+        index,
+        id: o.id.clone(),
+        namespace: o.reference.namespace.clone(),
+        class: Classification::Skipped,
+        action: Action::Skip,
+        changes: Vec::new(),
+        conflicts: Vec::new(),
+        error: None,
+        known: inventory.get(&o.id).cloned(),
+        digest: digest.clone(),
+        exists: false,
+        pending_crd: false,
+    };
+    if o.blocked.is_some() {
+        return Ok(p);
+    }
+    let Some((ar, scope)) = resolver.resolve(&o.reference) else {
+        if defined_by_crd(stack, &o.reference) {
+            p.class = Classification::Create;
+            p.action = Action::Create;
+            p.pending_crd = true;
+            return Ok(p);
+        }
+        p.error = Some(format!(
+            "the cluster serves no {} in {} (is its CustomResourceDefinition installed?)",
+            o.reference.kind, o.api_version
+        ));
+        return Ok(p);
+    };
+    let (namespace, id) = match placement(stack, index, &scope) {
+        Ok(x) => x,
+        Err(e) => {
+            p.error = Some(e);
+            return Ok(p);
+        }
+    };
+    p.known = inventory.get(&id).cloned();
+    p.id = id;
+    p.namespace = namespace.clone();
+    let api = client::api(cluster, &ar, namespace.as_deref());
+    let name = &o.reference.name;
+    let live = match client::get(&api, name).await {
+        Ok(l) => l,
+        Err(e) => {
+            if let Some(err) = transport(cluster, &e) {
+                return Err(err);
+            }
+            p.error = Some(format!("cannot read it: {}", e.describe()));
+            return Ok(p);
+        }
+    };
+    p.exists = live.is_some();
+    let body = body_for(stack, index, namespace.as_deref());
+    let applied_same = p.known.as_ref().and_then(|k| k.digest.as_deref()) == Some(digest.as_str());
+    let dry = match client::apply(&api, name, &body, false, true).await {
+        Ok(d) => Some(d),
+        Err(e) if !e.conflicts().is_empty() => {
+            p.conflicts = e.conflicts();
+            match client::apply(&api, name, &body, true, true).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    p.error = Some(format!("dry-run apply rejected: {}", e.describe()));
+                    return Ok(p);
+                }
+            }
+        }
+        // Its namespace is created by the same stack, in this run.
+        Err(e) if e.code() == Some(404) && live.is_none() => None,
+        Err(e) => {
+            if let Some(err) = transport(cluster, &e) {
+                return Err(err);
+            }
+            p.error = Some(format!("dry-run apply rejected: {}", e.describe()));
+            return Ok(p);
+        }
+    };
+    let Some(live) = live else {
+        p.class = if applied_same {
+            Classification::Drift
+        } else {
+            Classification::Create
+        };
+        p.action = if applied_same && o.on_drift == DriftPolicy::Report {
+            Action::Report
+        } else {
+            Action::Create
+        };
+        return Ok(p);
+    };
+    let dry = dry.expect("a live object's dry run either succeeded or returned");
+    p.changes = diff::diff(&diff::normalize(&live, key), &diff::normalize(&dry, key));
+    if p.changes.is_empty() {
+        // Equal values are no conflict: nothing to take over.
+        p.conflicts.clear();
+    }
+    p.class = if p.changes.is_empty() {
+        Classification::InSync
+    } else if applied_same {
+        Classification::Drift
+    } else {
+        Classification::Change
+    };
+    p.action = match p.class {
+        Classification::InSync => Action::None,
+        Classification::Drift if o.on_drift == DriftPolicy::Report => Action::Report,
+        _ => Action::Update,
+    };
+    Ok(p)
+}
+
+async fn plan_prune(
+    stack: &Stack,
+    id: &str,
+    entry: &InventoryEntry,
+    reference: ObjectRef,
+    cluster: &Cluster,
+    resolver: &Resolver,
+) -> Result<ObjectPrune, StackError> {
+    let mut prune = ObjectPrune {
+        id: id.to_string(),
+        reference,
+        action: Action::Forget,
+        note: None,
+        resource: None,
+    };
+    let r = &prune.reference;
+    let Some((ar, _)) = resolver.resolve_kind(&r.group, &r.kind) else {
+        prune.note = Some(format!(
+            "the cluster no longer serves {}; nothing to delete",
+            r.kind_group()
+        ));
+        return Ok(prune);
+    };
+    let api = client::api(cluster, &ar, r.namespace.as_deref());
+    let live = match client::get(&api, &r.name).await {
+        Ok(l) => l,
+        Err(e) => {
+            if let Some(err) = transport(cluster, &e) {
+                return Err(err);
+            }
+            prune.note = Some(format!(
+                "kept in the inventory: cannot read it: {}",
+                e.describe()
+            ));
+            prune.action = Action::None;
+            return Ok(prune);
+        }
+    };
+    let Some(live) = live else {
+        prune.note = Some("already gone".to_string());
+        return Ok(prune);
+    };
+    let label = |k: &str| {
+        live.pointer("/metadata/labels")
+            .and_then(|l| l.get(k))
+            .and_then(Json::as_str)
+            .map(str::to_string)
+    };
+    let owned = label(MANAGED_BY_LABEL).as_deref() == Some(MANAGED_BY)
+        && label(STACK_LABEL).as_deref() == Some(stack.owner.as_str());
+    prune.note = if !owned {
+        Some(format!(
+            "left in place: it does not carry both ownership labels ({MANAGED_BY_LABEL}={MANAGED_BY}, {STACK_LABEL}={})",
+            stack.owner
+        ))
+    } else if entry.origin == Origin::Adopted {
+        Some("left in place: it existed before the agent managed it".to_string())
+    } else if !stack.spec.prune {
+        Some(format!(
+            "left in place: {} says prune: false",
+            stack.spec.file
+        ))
+    } else {
+        prune.action = Action::Delete;
+        prune.resource = Some(ar);
+        None
+    };
+    Ok(prune)
+}
+
+/// Stacks the inventory holds objects of that this host no longer lists:
+/// (stack, object count). Their objects are neither pruned nor forgotten
+/// (how to reach their cluster left with the host's entry); the report says
+/// how to delete them.
+pub fn orphaned_stacks(
+    catalog: &Catalog,
+    inventory: &BTreeMap<String, InventoryEntry>,
+) -> Vec<(String, usize)> {
+    let mut out: BTreeMap<String, usize> = BTreeMap::new();
+    for id in inventory.keys() {
+        if let Some((stack, _)) = ObjectRef::parse_id(id) {
+            if !catalog.stacks.iter().any(|s| s.name() == stack) {
+                *out.entry(stack).or_default() += 1;
+            }
+        }
+    }
+    out.into_iter().collect()
+}

@@ -1,0 +1,1200 @@
+//! Kubernetes stacks end to end: the real `agent` binary, its real kube-rs
+//! client, over HTTP to the Kubernetes API stand-in
+//! (`homelab_agent_tests::kube_standin`, 127.0.0.1) through a kubeconfig.
+//! Plan of every stack from empty, apply, nothing to do, `kubectl edit`
+//! drift healed or reported, a manifest removed and pruned, an object
+//! without the ownership labels never pruned, a conflict with another field
+//! manager reported and then forced, an unhealthy Deployment failing the
+//! run, the API down while native resources still converge, CRDs in the same
+//! run, and the leak test for a Secret from 1Password.
+
+use std::path::PathBuf;
+use std::process::Output;
+
+use homelab_agent_tests::kube_standin::KubeStandIn;
+use homelab_agent_tests::{agent, stderr, stdout};
+use serde_json::{json, Value};
+
+const HOST: &str = "platform: linux
+roots: [/srv]
+vars: {image: \"nginx:1.25\"}
+modules:
+  - name: app
+stacks:
+  - name: web
+    context: lab
+";
+
+const MODULE: &str = "resources:
+  - file: /srv/app.conf
+    content: \"hello\\n\"
+";
+
+const STACK: &str = "namespace: web\ntimeout: 5s\n";
+
+const NAMESPACE: &str = "apiVersion: v1
+kind: Namespace
+metadata:
+  name: web
+";
+
+const APP: &str = "apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: web-config
+data:
+  greeting: hello
+  color: blue
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+        - name: web
+          image: \"{{ vars.image }}\"
+";
+
+const EXTRA: &str = "apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: extra
+data:
+  k: v
+";
+
+/// A sandbox, a repo with host `lab` (one native file, stack `web`), the
+/// Kubernetes stand-in and an agent config pointing at its kubeconfig.
+struct Lab {
+    tmp: tempfile::TempDir,
+    kube: KubeStandIn,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let lab = Lab {
+            tmp: tempfile::tempdir().unwrap(),
+            kube: KubeStandIn::start(),
+        };
+        std::fs::create_dir_all(lab.root()).unwrap();
+        lab.write("hosts/lab.yaml", HOST);
+        lab.write("modules/app/module.yaml", MODULE);
+        lab.write("k8s/web/stack.yaml", STACK);
+        lab.write("k8s/web/00-namespace.yaml", NAMESPACE);
+        lab.write("k8s/web/app.yaml", APP);
+        let kubeconfig = lab.kube.write_kubeconfig(lab.tmp.path(), "lab");
+        lab.write_config(&format!("kubeconfig: {}\n", kubeconfig.display()));
+        lab
+    }
+
+    fn repo(&self) -> PathBuf {
+        self.tmp.path().join("repo")
+    }
+
+    fn root(&self) -> PathBuf {
+        self.tmp.path().join("root")
+    }
+
+    fn config(&self) -> PathBuf {
+        self.tmp.path().join("agent.yaml")
+    }
+
+    fn write(&self, rel: &str, content: &str) {
+        let p = self.repo().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+
+    fn write_config(&self, extra: &str) {
+        std::fs::write(
+            self.config(),
+            format!(
+                "repo: {}\nhost: lab\nroot: {}\n{extra}",
+                self.repo().display(),
+                self.root().display()
+            ),
+        )
+        .unwrap();
+    }
+
+    fn run(&self, cmd: &str, extra: &[&str]) -> Output {
+        let config = self.config();
+        let mut args = vec![cmd, "--config", config.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        agent().args(&args).output().expect("spawn agent")
+    }
+
+    fn plan(&self) -> (Output, String) {
+        let out = self.run("plan", &[]);
+        let text = stdout(&out);
+        (out, text)
+    }
+
+    fn plan_json(&self) -> Value {
+        let out = self.run("plan", &["--json"]);
+        assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn apply(&self) -> (Output, String) {
+        let out = self.run("apply", &[]);
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        (out, text)
+    }
+
+    fn run_both(&self, cmd: &str) -> (Output, String) {
+        let out = self.run(cmd, &[]);
+        let text = format!("{}{}", stdout(&out), stderr(&out));
+        (out, text)
+    }
+
+    fn apply_ok(&self) -> String {
+        let (out, text) = self.apply();
+        assert!(out.status.success(), "{text}");
+        text
+    }
+
+    fn deployment(&self) -> Value {
+        self.kube
+            .get("apps", "Deployment", Some("web"), "web")
+            .expect("deployment web/web")
+    }
+
+    fn config_map(&self, name: &str) -> Option<Value> {
+        self.kube.get("", "ConfigMap", Some("web"), name)
+    }
+}
+
+fn objects(plan: &Value, stack: &str) -> Vec<(String, String, String)> {
+    plan["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == stack)
+        .unwrap()["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["id"].as_str().unwrap().to_string(),
+                o["classification"].as_str().unwrap_or("").to_string(),
+                o["action"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn plan_from_empty_apply_then_nothing_to_do() {
+    let lab = Lab::new();
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(
+        text.contains("Stack web (namespace web, context lab)"),
+        "{text}"
+    );
+    for id in [
+        "+ k8s:web//Namespace/web",
+        "+ k8s:web/web/ConfigMap/web-config",
+        "+ k8s:web/web/Deployment.apps/web",
+    ] {
+        assert!(text.contains(id), "{id} missing:\n{text}");
+    }
+    assert!(
+        text.contains("Stacks: 3 to create, 0 to change, 0 to prune, 0 drifted."),
+        "{text}"
+    );
+    let json = lab.plan_json();
+    assert_eq!(
+        objects(&json, "web"),
+        [
+            (
+                "k8s:web//Namespace/web".to_string(),
+                "create".to_string(),
+                "create".to_string()
+            ),
+            (
+                "k8s:web/web/ConfigMap/web-config".to_string(),
+                "create".to_string(),
+                "create".to_string()
+            ),
+            (
+                "k8s:web/web/Deployment.apps/web".to_string(),
+                "create".to_string(),
+                "create".to_string()
+            ),
+        ]
+    );
+    assert_eq!(json["stacks"][0]["status"], "planned");
+    // A plan never writes, not even with dry runs against the cluster.
+    assert!(lab.kube.get("", "Namespace", None, "web").is_none());
+    assert!(lab
+        .kube
+        .requests()
+        .iter()
+        .any(|r| r.method == "PATCH" && r.query.contains("dryRun=All")));
+
+    let text = lab.apply_ok();
+    assert!(text.contains("+ file:/srv/app.conf created"), "{text}");
+    assert!(
+        text.contains("+ k8s:web/web/Deployment.apps/web created"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Stacks: 3 created, 0 changed, 0 pruned"),
+        "{text}"
+    );
+    let d = lab.deployment();
+    assert_eq!(
+        d["spec"]["template"]["spec"]["containers"][0]["image"],
+        "nginx:1.25"
+    );
+    assert_eq!(
+        d["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "homelab-agent"
+    );
+    assert_eq!(d["metadata"]["labels"]["homelab-agent/stack"], "lab.web");
+    let managers: Vec<&str> = d["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["manager"].as_str().unwrap())
+        .collect();
+    assert_eq!(managers, ["homelab-agent"]);
+    assert_eq!(
+        lab.config_map("web-config").unwrap()["data"]["color"],
+        "blue"
+    );
+
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("No changes: 3 object(s) in sync."), "{text}");
+    assert!(
+        text.contains("Stacks: 0 to create, 0 to change, 0 to prune, 0 drifted."),
+        "{text}"
+    );
+    let out = lab.run("plan", &["--detailed-exitcode"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let text = lab.apply_ok();
+    assert!(
+        text.contains("Nothing to do: 3 object(s) in sync."),
+        "{text}"
+    );
+}
+
+fn edit_replicas(lab: &Lab, replicas: i64) {
+    lab.kube.edit(
+        "kubectl-edit",
+        "apps",
+        "Deployment",
+        Some("web"),
+        "web",
+        &json!({"spec": {"replicas": replicas}}),
+    );
+}
+
+fn owners_of_replicas(d: &Value) -> Vec<String> {
+    d["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["fieldsV1"]["f:spec"].get("f:replicas").is_some())
+        .map(|m| m["manager"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn kubectl_edit_is_drift_healed_or_reported_per_policy() {
+    let lab = Lab::new();
+    lab.apply_ok();
+    edit_replicas(&lab, 5);
+    assert_eq!(owners_of_replicas(&lab.deployment()), ["kubectl-edit"]);
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("! k8s:web/web/Deployment.apps/web drifted; will be healed\n    spec.replicas: 5 -> 2\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Stacks: 0 to create, 0 to change, 0 to prune, 1 drifted."),
+        "{text}"
+    );
+    let out = lab.run("plan", &["--detailed-exitcode"]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = lab.apply_ok();
+    assert!(
+        text.contains("! k8s:web/web/Deployment.apps/web drift healed (spec.replicas)"),
+        "{text}"
+    );
+    let d = lab.deployment();
+    assert_eq!(d["spec"]["replicas"], 2);
+    // Healing takes the field back from the editor.
+    assert_eq!(owners_of_replicas(&d), ["homelab-agent"]);
+    assert!(lab.plan().1.contains("No changes: 3 object(s) in sync."));
+
+    // The same stack reported only.
+    lab.write(
+        "hosts/lab.yaml",
+        &HOST.replace(
+            "    context: lab\n",
+            "    context: lab\n    on_drift: report\n",
+        ),
+    );
+    edit_replicas(&lab, 7);
+    let (_, text) = lab.plan();
+    assert!(
+        text.contains("! k8s:web/web/Deployment.apps/web drifted; on_drift: report, left alone"),
+        "{text}"
+    );
+    let text = lab.apply_ok();
+    assert!(
+        text.contains("drift reported, left alone (on_drift: report)"),
+        "{text}"
+    );
+    assert_eq!(lab.deployment()["spec"]["replicas"], 7);
+    assert!(text.contains("1 drifted (0 healed, 1 reported)"), "{text}");
+
+    // Per object: the annotation wins over the stack's policy. (Heal
+    // first: a manifest change while kubectl-edit owns replicas would be a
+    // conflict.)
+    lab.write("hosts/lab.yaml", HOST);
+    lab.apply_ok();
+    assert_eq!(lab.deployment()["spec"]["replicas"], 2);
+    lab.write(
+        "k8s/web/app.yaml",
+        &APP.replace(
+            "metadata:\n  name: web\n",
+            "metadata:\n  name: web\n  annotations:\n    homelab-agent/on-drift: report\n",
+        ),
+    );
+    lab.apply_ok();
+    edit_replicas(&lab, 9);
+    let text = lab.apply_ok();
+    assert!(text.contains("drift reported, left alone"), "{text}");
+    assert_eq!(lab.deployment()["spec"]["replicas"], 9);
+}
+
+#[test]
+fn a_removed_manifest_is_pruned_and_an_object_without_ownership_labels_never() {
+    let lab = Lab::new();
+    lab.write("k8s/web/extra.yaml", EXTRA);
+    lab.write(
+        "k8s/web/kept.yaml",
+        &EXTRA.replace("name: extra", "name: kept"),
+    );
+    lab.apply_ok();
+    assert!(lab.config_map("extra").is_some() && lab.config_map("kept").is_some());
+    // Someone takes `kept` over: it no longer carries the ownership labels.
+    lab.kube.edit(
+        "kubectl-edit",
+        "",
+        "ConfigMap",
+        Some("web"),
+        "kept",
+        &json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null, "homelab-agent/stack": null}}}),
+    );
+    // An object the agent never created, in the same namespace.
+    lab.kube
+        .apply_as(
+            "helm",
+            &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "theirs", "namespace": "web"}, "data": {"a": "b"}}),
+            false,
+        )
+        .unwrap();
+    std::fs::remove_file(lab.repo().join("k8s/web/extra.yaml")).unwrap();
+    std::fs::remove_file(lab.repo().join("k8s/web/kept.yaml")).unwrap();
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("- k8s:web/web/ConfigMap/extra  will be deleted: it left the stack"),
+        "{text}"
+    );
+    assert!(
+        text.contains("- k8s:web/web/ConfigMap/kept  will be forgotten: left in place: it does not carry both ownership labels"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Stacks: 0 to create, 0 to change, 1 to prune, 0 drifted."),
+        "{text}"
+    );
+    // Plan deleted nothing.
+    assert!(lab.config_map("extra").is_some());
+    let text = lab.apply_ok();
+    assert!(
+        text.contains("- k8s:web/web/ConfigMap/extra deleted"),
+        "{text}"
+    );
+    assert!(lab.config_map("extra").is_none());
+    assert!(
+        lab.config_map("kept").is_some(),
+        "an object without the labels is never pruned"
+    );
+    assert!(lab.config_map("theirs").is_some());
+    // Both left the inventory: the next plan has nothing to prune.
+    let (_, text) = lab.plan();
+    assert!(text.contains("No changes: 3 object(s) in sync."), "{text}");
+    let status = lab.run("status", &["--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let ids: Vec<&String> = status["inventory"].as_object().unwrap().keys().collect();
+    assert!(
+        !ids.iter()
+            .any(|id| id.contains("extra") || id.contains("kept")),
+        "{ids:?}"
+    );
+}
+
+#[test]
+fn a_conflict_with_another_manager_is_reported_then_forced_when_configured() {
+    let lab = Lab::new();
+    lab.kube
+        .apply_as(
+            "helm",
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "web"}}),
+            false,
+        )
+        .unwrap();
+    lab.kube
+        .apply_as(
+            "helm",
+            &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "web-config", "namespace": "web"},
+                    "data": {"color": "red", "greeting": "hello"}}),
+            false,
+        )
+        .unwrap();
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("~ k8s:web/web/ConfigMap/web-config\n    data.color: \"red\" -> \"blue\"\n"),
+        "{text}"
+    );
+    assert!(text.contains("    conflict: field manager \"helm\" owns .data.color; apply will fail unless the stack says force_conflicts: true\n"), "{text}");
+    assert!(text.contains("1 conflict(s)."), "{text}");
+    let (out, text) = lab.apply();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("failed k8s:web/web/ConfigMap/web-config: conflict: field manager \"helm\" owns .data.color; set `force_conflicts: true` in k8s/web/stack.yaml"),
+        "{text}"
+    );
+    // The rest of the stack (and the host) converged.
+    assert!(
+        text.contains("+ k8s:web/web/Deployment.apps/web created"),
+        "{text}"
+    );
+    assert!(text.contains("+ file:/srv/app.conf created"), "{text}");
+    assert_eq!(
+        lab.config_map("web-config").unwrap()["data"]["color"],
+        "red"
+    );
+
+    lab.write(
+        "k8s/web/stack.yaml",
+        &format!("{STACK}force_conflicts: true\n"),
+    );
+    let (_, text) = lab.plan();
+    assert!(text.contains("will be taken over (force)"), "{text}");
+    let text = lab.apply_ok();
+    assert!(text.contains("k8s:web/web/ConfigMap/web-config"), "{text}");
+    let cm = lab.config_map("web-config").unwrap();
+    assert_eq!(cm["data"]["color"], "blue");
+    let helm_fields = cm["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["manager"] == "helm")
+        .map(|m| m["fieldsV1"].to_string())
+        .unwrap_or_default();
+    assert!(!helm_fields.contains("f:color"), "{helm_fields}");
+}
+
+#[test]
+fn an_unhealthy_deployment_fails_the_run_naming_the_object_and_reason() {
+    let lab = Lab::new();
+    lab.write("k8s/web/stack.yaml", "namespace: web\ntimeout: 2s\n");
+    lab.apply_ok();
+    lab.kube.set_status(
+        "apps",
+        "Deployment",
+        Some("web"),
+        "web",
+        json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 0, "availableReplicas": 0,
+               "conditions": [{"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable",
+                               "message": "Deployment does not have minimum availability."}]}),
+    );
+    lab.write("hosts/lab.yaml", &HOST.replace("nginx:1.25", "nginx:1.27"));
+    let (out, text) = lab.apply();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("failed k8s:web/web/Deployment.apps/web: not healthy after 2s (timeout of k8s/web/stack.yaml): the controller has not seen generation 2 yet"),
+        "{text}"
+    );
+    // A deadline the controller gave up on fails at once, with its conditions.
+    lab.kube.set_status(
+        "apps",
+        "Deployment",
+        Some("web"),
+        "web",
+        json!({"observedGeneration": 2, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 1,
+               "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                               "message": "ReplicaSet \"web-7d9\" has timed out progressing."}]}),
+    );
+    let (out, text) = lab.apply();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("failed k8s:web/web/Deployment.apps/web: unhealthy: progress deadline exceeded; conditions: Progressing=False (ProgressDeadlineExceeded: ReplicaSet \"web-7d9\" has timed out progressing.)"),
+        "{text}"
+    );
+    let status = lab.run("status", &[]);
+    assert!(
+        stdout(&status).contains("partial") || stdout(&status).contains("failed"),
+        "{}",
+        stdout(&status)
+    );
+}
+
+#[test]
+fn api_down_or_a_bad_kubeconfig_fails_the_stack_only() {
+    let mut lab = Lab::new();
+    lab.kube.stop();
+    let (out, text) = lab.plan();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("+ file:/srv/app.conf"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "Stack web (namespace web, context lab): error: cannot reach the Kubernetes API at {}",
+            lab.kube.url()
+        )),
+        "{text}"
+    );
+    let (out, text) = lab.apply();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("+ file:/srv/app.conf created"), "{text}");
+    assert!(
+        text.contains("Stack web: failed: cannot reach the Kubernetes API"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(lab.root().join("srv/app.conf")).unwrap(),
+        "hello\n"
+    );
+    // Back up: the stack converges.
+    lab.kube.restart();
+    let text = lab.apply_ok();
+    assert!(text.contains("Stacks: 3 created"), "{text}");
+
+    // A context the kubeconfig does not have.
+    lab.write(
+        "hosts/lab.yaml",
+        &HOST.replace("context: lab", "context: elsewhere"),
+    );
+    let (out, text) = lab.plan();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("it has no context `elsewhere` (contexts: lab)"),
+        "{text}"
+    );
+
+    // In-cluster config asked for, but the agent does not run in a pod.
+    lab.write(
+        "hosts/lab.yaml",
+        &HOST.replace("context: lab", "in_cluster: true"),
+    );
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Stack web (namespace web, in-cluster config): not checked: not running inside a cluster"),
+        "{text}"
+    );
+
+    // A sandbox (`root:`) without `kubeconfig:` never uses the user's own
+    // kubeconfig: not checked.
+    lab.write("hosts/lab.yaml", HOST);
+    lab.write_config("");
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Stack web (namespace web, context lab): not checked: sandbox run (--root): stacks reach a cluster only through `kubeconfig:` in the agent config"),
+        "{text}"
+    );
+    // No kubeconfig and no in-cluster config at all (no sandbox; a plan
+    // only reads): not checked, not an error.
+    std::fs::write(
+        lab.config(),
+        format!(
+            "repo: {}
+host: lab
+state_dir: {}
+",
+            lab.repo().display(),
+            lab.tmp.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Stack web (namespace web, context lab): not checked: no kubeconfig: nothing at $KUBECONFIG"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  = k8s:web/web/Deployment.apps/web"),
+        "{text}"
+    );
+    assert!(text.contains("1 not checked (no cluster)."), "{text}");
+    let json = lab.plan_json();
+    assert_eq!(json["stacks"][0]["status"], "not_checked");
+}
+
+#[test]
+fn crds_and_their_custom_resources_in_one_run() {
+    let lab = Lab::new();
+    lab.write(
+        "k8s/web/crd.yaml",
+        "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+---
+apiVersion: example.com/v1
+kind: Widget
+metadata:
+  name: gear
+spec:
+  teeth: 12
+",
+    );
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("+ k8s:web/web/Widget.example.com/gear (its CRD is created first)"),
+        "{text}"
+    );
+    let text = lab.apply_ok();
+    assert!(
+        text.contains("+ k8s:web/web/Widget.example.com/gear created"),
+        "{text}"
+    );
+    assert_eq!(
+        lab.kube
+            .get("example.com", "Widget", Some("web"), "gear")
+            .unwrap()["spec"]["teeth"],
+        12
+    );
+    let (_, text) = lab.plan();
+    assert!(text.contains("No changes: 5 object(s) in sync."), "{text}");
+}
+
+#[test]
+fn config_maps_generated_from_repository_files() {
+    let lab = Lab::new();
+    lab.write("dashboards/agent.json", "{\"title\": \"homelab-agent\"}\n");
+    lab.write(
+        "k8s/web/stack.yaml",
+        &format!("{STACK}config_maps:\n  - name: dashboards\n    labels: {{grafana_dashboard: \"1\"}}\n    files: [dashboards/agent.json]\n"),
+    );
+    lab.apply_ok();
+    let cm = lab.config_map("dashboards").unwrap();
+    assert_eq!(cm["data"]["agent.json"], "{\"title\": \"homelab-agent\"}\n");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(cm["metadata"]["labels"]["homelab-agent/stack"], "lab.web");
+    // The file changes: so does the ConfigMap (a change, not drift).
+    lab.write("dashboards/agent.json", "{\"title\": \"v2\"}\n");
+    let (_, text) = lab.plan();
+    assert!(
+        text.contains("~ k8s:web/web/ConfigMap/dashboards\n    data.agent.json:"),
+        "{text}"
+    );
+    lab.apply_ok();
+    assert_eq!(
+        lab.config_map("dashboards").unwrap()["data"]["agent.json"],
+        "{\"title\": \"v2\"}\n"
+    );
+    // A missing file is a validation error with file:line; nothing is touched.
+    lab.write(
+        "k8s/web/stack.yaml",
+        &format!(
+            "{STACK}config_maps:\n  - name: dashboards\n    files: [dashboards/missing.json]\n"
+        ),
+    );
+    let (out, _) = lab.plan();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("k8s/web/stack.yaml:5: file `dashboards/missing.json` of ConfigMap dashboards does not exist"), "{}", stderr(&out));
+}
+
+#[test]
+fn invalid_stacks_are_rejected_with_file_and_line() {
+    let lab = Lab::new();
+    lab.write(
+        "k8s/web/bad.yaml",
+        "apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: leaky
+data:
+  password: \"{{ secret('op://homelab/db/password') }}\"
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: Not_Valid
+",
+    );
+    lab.write("hosts/lab.yaml", &format!("{HOST}  - name: nosuch\n"));
+    let before = lab.kube.requests().len();
+    let (out, _) = lab.run_both("apply");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("hosts/lab.yaml:9: unknown stack `nosuch`: there is no k8s/nosuch/stack.yaml"),
+        "{err}"
+    );
+    assert!(err.contains("k8s/web/bad.yaml:6: template error"), "{err}");
+    assert!(err.contains("in stacks, secret(\"op://...\") may only be used in the values of a Secret's `stringData`"), "{err}");
+    assert!(
+        err.contains("k8s/web/bad.yaml:8: `Not_Valid` is not a valid object name"),
+        "{err}"
+    );
+    assert_eq!(
+        lab.kube.requests().len(),
+        before,
+        "nothing reached the cluster"
+    );
+    assert!(
+        !lab.root().join("srv/app.conf").exists(),
+        "nothing was applied"
+    );
+}
+
+const OP_TOKEN: &str = "kube-leak-test-connect-token";
+/// Distinctive, with characters whose base64, JSON and URL forms differ.
+const API_KEY: &str = "Vk9-kube-CANARY-p@ss/w0rd+Zq8=&x<y>";
+const ROTATED: &str = "Rot8-kube-CANARY-44zz";
+
+const SECRET: &str = "apiVersion: v1
+kind: Secret
+metadata:
+  name: api
+type: Opaque
+stringData:
+  API_KEY: \"{{ secret('op://homelab/vlog/api-key') }}\"
+  URL: http://vlog.example:9002
+";
+
+fn encodings(value: &str) -> Vec<String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(value);
+    let json = serde_json::to_string(value).unwrap();
+    vec![
+        value.to_string(),
+        b64.trim_end_matches('=').to_string(),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value),
+        json.trim_matches('"').to_string(),
+        value.replace('/', "%2F").replace('@', "%40"),
+    ]
+}
+
+fn assert_no_secret(what: &str, text: &str) {
+    for value in [API_KEY, ROTATED] {
+        for enc in encodings(value) {
+            assert!(
+                !text.contains(&enc),
+                "{what} holds a secret value ({enc}):\n{text}"
+            );
+        }
+    }
+}
+
+/// Every byte under `dir`, for the leak check of the state directory.
+fn all_bytes(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.push_str(&all_bytes(&p));
+        } else {
+            out.push_str(&String::from_utf8_lossy(&std::fs::read(&p).unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn secret_values_from_connect_never_leak_and_a_failed_secret_blocks_its_object() {
+    use base64::Engine;
+    use homelab_agent_tests::connect_standin::ConnectStandIn;
+    use std::os::unix::fs::PermissionsExt;
+
+    let lab = Lab::new();
+    let mut connect = ConnectStandIn::start(OP_TOKEN);
+    let vault = connect.add_vault("homelab");
+    let item = connect.add_item(&vault, "vlog", &[("api-key", API_KEY)]);
+    let token_file = lab.tmp.path().join("op-token");
+    std::fs::write(&token_file, OP_TOKEN).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let kubeconfig = lab.tmp.path().join("kubeconfig");
+    let listen = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    lab.write_config(&format!(
+        "kubeconfig: {}\nonepassword:\n  connect_url: {}\n  token_file: {}\nlisten: {listen}\npoll_interval: 1h\n",
+        kubeconfig.display(),
+        connect.url(),
+        token_file.display()
+    ));
+    lab.write("k8s/web/secret.yaml", SECRET);
+    let mut seen = String::new();
+
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(text.contains("+ k8s:web/web/Secret/api\n"), "{text}");
+    seen += &text;
+    let out = lab.run("plan", &["--json"]);
+    seen += &String::from_utf8_lossy(&out.stdout);
+    let text = lab.apply_ok();
+    seen += &text;
+    let stored = lab.kube.get("", "Secret", Some("web"), "api").unwrap();
+    assert_eq!(
+        stored["data"]["API_KEY"],
+        base64::engine::general_purpose::STANDARD.encode(API_KEY),
+        "the value reached the cluster"
+    );
+    assert!(lab.plan().1.contains("No changes: 4 object(s) in sync."));
+
+    // Rotated in 1Password: a change, shown without values.
+    connect.set_field(&item, "api-key", ROTATED);
+    let (_, text) = lab.plan();
+    assert!(
+        text.contains("~ k8s:web/web/Secret/api\n    data.API_KEY: (secret value) -> (secret value, changed)\n"),
+        "{text}"
+    );
+    seen += &text;
+    let out = lab.run("plan", &["--json"]);
+    seen += &String::from_utf8_lossy(&out.stdout);
+    let out = lab.run("apply", &["--json"]);
+    assert!(out.status.success());
+    seen += &String::from_utf8_lossy(&out.stdout);
+    seen += &stderr(&out);
+    assert_eq!(
+        lab.kube.get("", "Secret", Some("web"), "api").unwrap()["data"]["API_KEY"],
+        base64::engine::general_purpose::STANDARD.encode(ROTATED)
+    );
+
+    // The daemon converges the same; its logs hold no value either.
+    connect.set_field(&item, "api-key", API_KEY);
+    let log = lab.tmp.path().join("daemon.log");
+    let mut child = agent()
+        .args(["run", "--config", lab.config().to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let stored = lab.kube.get("", "Secret", Some("web"), "api").unwrap();
+        if stored["data"]["API_KEY"] == base64::engine::general_purpose::STANDARD.encode(API_KEY) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not apply the stack"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let status = loop {
+        if let Ok((200, body)) =
+            homelab_agent_tests::git_server::http_request("GET", &listen, "/api/status", &[], &[])
+        {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            if v["last_run"].is_object() && v["running"] == false {
+                break body;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no run recorded");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    seen += &status;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("k8s:web/web/Secret/api"), "{logs}");
+    seen += &logs;
+
+    // Connect down: the Secret is skipped, never applied with a placeholder.
+    connect.stop();
+    lab.write(
+        "k8s/web/secret.yaml",
+        &SECRET.replace(
+            "URL: http://vlog.example:9002",
+            "URL: http://vlog.example:9003",
+        ),
+    );
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("? k8s:web/web/Secret/api skipped: needs op://homelab/vlog/api-key"),
+        "{text}"
+    );
+    let (out, text) = lab.apply();
+    seen += &text;
+    assert!(out.status.success(), "skipped is not failed: {text}");
+    assert!(
+        text.contains("? k8s:web/web/Secret/api skipped: needs op://homelab/vlog/api-key"),
+        "{text}"
+    );
+    let stored = lab.kube.get("", "Secret", Some("web"), "api").unwrap();
+    assert_eq!(
+        stored["data"]["API_KEY"],
+        base64::engine::general_purpose::STANDARD.encode(API_KEY)
+    );
+    assert_eq!(
+        stored["data"]["URL"],
+        base64::engine::general_purpose::STANDARD.encode("http://vlog.example:9002")
+    );
+    assert!(!stored.to_string().contains("unresolved"));
+    let status = lab.run("status", &["--json"]);
+    seen += &String::from_utf8_lossy(&status.stdout);
+
+    assert_no_secret("plans, applies, status and daemon logs", &seen);
+    assert_no_secret(
+        "the state directory",
+        &all_bytes(&lab.root().join("var/lib/homelab-agent")),
+    );
+}
+
+/// MetalLB's CRDs, as its installation (k3s's HelmChart) would leave them.
+fn install_metallb(kube: &KubeStandIn) {
+    for (plural, kind) in [
+        ("ipaddresspools", "IPAddressPool"),
+        ("l2advertisements", "L2Advertisement"),
+    ] {
+        kube.apply_as(
+            "helm",
+            &json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                    "metadata": {"name": format!("{plural}.metallb.io")},
+                    "spec": {"group": "metallb.io", "scope": "Namespaced",
+                             "names": {"plural": plural, "singular": kind.to_lowercase(), "kind": kind},
+                             "versions": [{"name": "v1beta1", "served": true, "storage": true,
+                                           "schema": {"openAPIV3Schema": {"type": "object"}}}]}}),
+            false,
+        )
+        .unwrap();
+    }
+    kube.apply_as(
+        "helm",
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "metallb-system"}}),
+        false,
+    )
+    .unwrap();
+}
+
+/// The reference homelab's own stacks (indri: vlog-workers and vod on
+/// minikube; k3s-cp: metallb), with their secrets from a Connect stand-in:
+/// planned from empty, applied, then nothing to do.
+#[test]
+fn reference_stacks_plan_from_empty_apply_and_settle() {
+    use homelab_agent_tests::connect_standin::ConnectStandIn;
+    use homelab_agent_tests::{copy_dir, workspace};
+    use std::os::unix::fs::PermissionsExt;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    for dir in ["hosts", "modules", "k8s"] {
+        copy_dir(&workspace().join(dir), &repo.join(dir));
+    }
+    let connect = ConnectStandIn::start(OP_TOKEN);
+    let vault = connect.add_vault("homelab");
+    for (item, field, value) in [
+        ("vlog-worker", "api-key", "ref-vlog-api-key-1"),
+        ("vlog-postgres", "password", "ref-vlog-pg-2"),
+        ("ginflix-postgres", "password", "ref-ginflix-pg-3"),
+        ("ginflix", "django-secret-key", "ref-django-key-4"),
+    ] {
+        connect.add_item(&vault, item, &[(field, value)]);
+    }
+    let token_file = tmp.path().join("op-token");
+    std::fs::write(&token_file, OP_TOKEN).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let minikube = KubeStandIn::start();
+    let k3s = KubeStandIn::start();
+    install_metallb(&k3s);
+    for (host, kube, context) in [
+        ("indri", &minikube, "minikube"),
+        ("k3s-cp", &k3s, "default"),
+    ] {
+        let dir = tmp.path().join(host);
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = kube.write_kubeconfig(&dir, context);
+        let config = dir.join("agent.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "repo: {}\nhost: {host}\nroot: {}\nkubeconfig: {}\nonepassword:\n  connect_url: {}\n  token_file: {}\n",
+                repo.display(),
+                dir.join("root").display(),
+                kubeconfig.display(),
+                connect.url(),
+                token_file.display()
+            ),
+        )
+        .unwrap();
+        let run = |cmd: &str| {
+            let out = agent()
+                .args([cmd, "--config", config.to_str().unwrap()])
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                format!("{}{}", stdout(&out), stderr(&out)),
+            )
+        };
+        let started = std::time::Instant::now();
+        let (code, text) = run("plan");
+        let elapsed = started.elapsed();
+        assert_eq!(code, Some(0), "{host}: {text}");
+        let expected = if host == "indri" { 25 } else { 3 };
+        assert!(
+            text.contains(&format!(
+                "Stacks: {expected} to create, 0 to change, 0 to prune, 0 drifted.\n"
+            )),
+            "{host}: {text}"
+        );
+        assert!(
+            !text.contains("? k8s:"),
+            "every stack secret resolves: {host}: {text}"
+        );
+        eprintln!(
+            "{host}: plan of {expected} stack objects from empty against the stand-in: {elapsed:?}"
+        );
+        let (code, text) = run("apply");
+        assert!(
+            text.contains(&format!("Stacks: {expected} created, 0 changed, 0 pruned")),
+            "{host}: {text}"
+        );
+        assert!(!text.contains("failed k8s:"), "{host}: {text}");
+        let _ = code; // native resources may be skipped for secrets not in this Connect
+        let (_, text) = run("plan");
+        assert!(
+            text.contains("Stacks: 0 to create, 0 to change, 0 to prune, 0 drifted.\n"),
+            "{host}: {text}"
+        );
+        for value in [
+            "ref-vlog-api-key-1",
+            "ref-vlog-pg-2",
+            "ref-ginflix-pg-3",
+            "ref-django-key-4",
+        ] {
+            assert!(!text.contains(value), "{host} plan shows a secret");
+        }
+    }
+    assert!(minikube
+        .get("apps", "Deployment", Some("vlog"), "vlog-worker")
+        .is_some());
+    assert!(minikube
+        .get("batch", "Job", Some("vod"), "web-migrate-1-0-0")
+        .is_some());
+    assert_eq!(
+        minikube
+            .get("apps", "StatefulSet", Some("vod"), "postgres")
+            .unwrap()["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],
+        "data"
+    );
+    assert_eq!(
+        k3s.names("metallb.io", "IPAddressPool"),
+        ["metallb-system/internal", "metallb-system/internet-facing"]
+    );
+}
+
+#[test]
+fn a_stack_the_host_stops_listing_is_reported_never_silently_dropped() {
+    let lab = Lab::new();
+    lab.apply_ok();
+    lab.write("hosts/lab.yaml", &HOST[..HOST.find("stacks:").unwrap()]);
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("Stack web is no longer listed by this host: its 3 object(s) stay in the cluster and in the inventory."),
+        "{text}"
+    );
+    lab.apply_ok();
+    assert!(lab.config_map("web-config").is_some());
+    // Listed again with its manifests removed: everything is pruned.
+    lab.write("hosts/lab.yaml", HOST);
+    for f in ["00-namespace.yaml", "app.yaml"] {
+        std::fs::remove_file(lab.repo().join("k8s/web").join(f)).unwrap();
+    }
+    let text = lab.apply_ok();
+    assert!(text.contains("- k8s:web//Namespace/web deleted"), "{text}");
+    assert!(lab.kube.get("", "Namespace", None, "web").is_none());
+    assert!(lab.config_map("web-config").is_none());
+    assert!(!lab.plan().1.contains("no longer listed"));
+}
+
+#[test]
+fn a_field_left_out_is_removed_and_a_rejected_object_fails_alone() {
+    let lab = Lab::new();
+    lab.apply_ok();
+    // Server-side apply removes what the manager stops applying.
+    lab.write("k8s/web/app.yaml", &APP.replace("  color: blue\n", ""));
+    let (_, text) = lab.plan();
+    assert!(
+        text.contains("~ k8s:web/web/ConfigMap/web-config\n    data.color: \"blue\" -> (none)\n"),
+        "{text}"
+    );
+    lab.apply_ok();
+    assert!(lab.config_map("web-config").unwrap()["data"]
+        .get("color")
+        .is_none());
+    // The API server rejects an object (422): that object fails, with the
+    // server's reason; the rest of the stack and the host converge.
+    lab.write(
+        "k8s/web/app.yaml",
+        &APP.replace("replicas: 2", "replicas: -1")
+            .replace("greeting: hello", "greeting: hi"),
+    );
+    let (out, text) = lab.plan();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("error: k8s:web/web/Deployment.apps/web  (k8s/web/app.yaml:9): dry-run apply rejected: 422 Invalid: Deployment.apps \"web\" is invalid: spec.replicas: Invalid value: -1: must be greater than or equal to 0"),
+        "{text}"
+    );
+    let (out, text) = lab.apply();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(
+            "failed k8s:web/web/Deployment.apps/web: dry-run apply rejected: 422 Invalid"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("~ k8s:web/web/ConfigMap/web-config updated (data.color, data.greeting)"),
+        "{text}"
+    );
+    assert_eq!(
+        lab.config_map("web-config").unwrap()["data"]["greeting"],
+        "hi"
+    );
+    assert_eq!(lab.deployment()["spec"]["replicas"], 2);
+}
