@@ -110,6 +110,11 @@ impl Lab {
         let lab = Lab::empty();
         copy_dir(&workspace().join("hosts"), &lab.repo().join("hosts"));
         copy_dir(&workspace().join("modules"), &lab.repo().join("modules"));
+        copy_dir(&workspace().join("k8s"), &lab.repo().join("k8s"));
+        copy_dir(
+            &workspace().join("dashboards"),
+            &lab.repo().join("dashboards"),
+        );
         lab
     }
 

@@ -1010,8 +1010,30 @@ fn install_metallb(kube: &KubeStandIn) {
     .unwrap();
 }
 
-/// The reference homelab's own stacks (indri: vlog-workers and vod on
-/// minikube; k3s-cp: metallb), with their secrets from a Connect stand-in:
+/// kube-prometheus-stack as installed on indri's minikube: the operator's
+/// PrometheusRule CRD and the `monitoring` namespace (not the agent's).
+fn install_prometheus_operator(kube: &KubeStandIn) {
+    kube.apply_as(
+        "helm",
+        &json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": "prometheusrules.monitoring.coreos.com"},
+                "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+                         "names": {"plural": "prometheusrules", "singular": "prometheusrule", "kind": "PrometheusRule"},
+                         "versions": [{"name": "v1", "served": true, "storage": true,
+                                       "schema": {"openAPIV3Schema": {"type": "object"}}}]}}),
+        false,
+    )
+    .unwrap();
+    kube.apply_as(
+        "helm",
+        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "monitoring"}}),
+        false,
+    )
+    .unwrap();
+}
+
+/// The reference homelab's own stacks (indri: vlog-workers, vod and
+/// monitoring on minikube; k3s-cp: metallb), with their secrets from a Connect stand-in:
 /// planned from empty, applied, then nothing to do.
 #[test]
 fn reference_stacks_plan_from_empty_apply_and_settle() {
@@ -1021,7 +1043,7 @@ fn reference_stacks_plan_from_empty_apply_and_settle() {
 
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
-    for dir in ["hosts", "modules", "k8s"] {
+    for dir in ["hosts", "modules", "k8s", "dashboards"] {
         copy_dir(&workspace().join(dir), &repo.join(dir));
     }
     let connect = ConnectStandIn::start(OP_TOKEN);
@@ -1040,6 +1062,7 @@ fn reference_stacks_plan_from_empty_apply_and_settle() {
     let minikube = KubeStandIn::start();
     let k3s = KubeStandIn::start();
     install_metallb(&k3s);
+    install_prometheus_operator(&minikube);
     for (host, kube, context) in [
         ("indri", &minikube, "minikube"),
         ("k3s-cp", &k3s, "default"),
@@ -1074,7 +1097,7 @@ fn reference_stacks_plan_from_empty_apply_and_settle() {
         let (code, text) = run("plan");
         let elapsed = started.elapsed();
         assert_eq!(code, Some(0), "{host}: {text}");
-        let expected = if host == "indri" { 25 } else { 3 };
+        let expected = if host == "indri" { 27 } else { 3 };
         assert!(
             text.contains(&format!(
                 "Stacks: {expected} to create, 0 to change, 0 to prune, 0 drifted.\n"

@@ -650,6 +650,31 @@ fn generated_config_map(
     if !ok {
         return Ok(None);
     }
+    // A PrometheusRule's spec is the rules file itself, verbatim.
+    let rule_spec = match cm.kind {
+        model::GeneratedKind::ConfigMap => None,
+        model::GeneratedKind::PrometheusRule => {
+            let (path, line) = &cm.files[0];
+            let text = data.values().next().and_then(Json::as_str).unwrap_or("");
+            match crate::desired::yaml::parse(path, text) {
+                Ok(node) if matches!(&node.value, Value::Map(e) if e.iter().any(|(k, _)| k == "groups")) => {
+                    Some(raw_json(&node))
+                }
+                Ok(_) => {
+                    diags.push(
+                        Diagnostic::new(&spec.file, format!("`{path}` is not a Prometheus rules file (no top-level `groups:`)"))
+                            .line(*line)
+                            .hint("a PrometheusRule's spec is a rules file: groups: [{name, rules: [...]}]"),
+                    );
+                    return Ok(None);
+                }
+                Err(e) => {
+                    diags.extend(e);
+                    return Ok(None);
+                }
+            }
+        }
+    };
     let namespace = cm
         .namespace
         .clone()
@@ -666,33 +691,49 @@ fn generated_config_map(
                 .collect(),
         ),
     );
+    let (group, kind, api_version) = match cm.kind {
+        model::GeneratedKind::ConfigMap => ("", "ConfigMap", "v1"),
+        model::GeneratedKind::PrometheusRule => (
+            "monitoring.coreos.com",
+            "PrometheusRule",
+            "monitoring.coreos.com/v1",
+        ),
+    };
     if !label_owner(
         &mut metadata,
         owner,
         &spec.file,
         cm.line,
-        "ConfigMap",
+        kind,
         &cm.name,
         diags,
     ) {
         return Ok(None);
     }
-    let body = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": metadata,
-        "data": data,
-    });
+    let body = match rule_spec {
+        None => serde_json::json!({
+            "apiVersion": api_version,
+            "kind": kind,
+            "metadata": metadata,
+            "data": data,
+        }),
+        Some(rules) => serde_json::json!({
+            "apiVersion": api_version,
+            "kind": kind,
+            "metadata": metadata,
+            "spec": rules,
+        }),
+    };
     Ok(Some(DesiredObject::new(
         &u.name,
         ObjectRef {
-            group: String::new(),
+            group: group.into(),
             version: "v1".into(),
-            kind: "ConfigMap".into(),
+            kind: kind.into(),
             namespace: Some(namespace),
             name: cm.name.clone(),
         },
-        "v1".into(),
+        api_version.into(),
         true,
         &spec.file,
         cm.line,
@@ -701,6 +742,24 @@ fn generated_config_map(
         false,
         policy,
     )))
+}
+
+/// A YAML node as JSON, strings untouched (no template rendering).
+fn raw_json(node: &Node) -> Json {
+    match &node.value {
+        Value::Null => Json::Null,
+        Value::Bool(b) => Json::Bool(*b),
+        Value::Int(i) => Json::from(*i),
+        Value::Float(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
+        Value::Str(s) => Json::String(s.clone()),
+        Value::Seq(items) => Json::Array(items.iter().map(raw_json).collect()),
+        Value::Map(entries) => Json::Object(
+            entries
+                .iter()
+                .map(|(k, v)| (k.clone(), raw_json(v)))
+                .collect(),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -741,6 +800,85 @@ mod tests {
         desired::load_with(Arc::new(LocalDir::open(dir.path()).unwrap()), "h", &opts)
             .map(|c| c.stacks)
             .map_err(|e| e.to_string())
+    }
+
+    /// `k8s/monitoring` carries the repository's one copy of the dashboard
+    /// and of the alert rules, byte for byte and verbatim.
+    #[test]
+    fn monitoring_stack_is_generated_from_dashboards() {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let opts = LoadOptions {
+            secrets: Arc::new(Fixed),
+            ..LoadOptions::default()
+        };
+        let catalog =
+            desired::load_with(Arc::new(LocalDir::open(&repo).unwrap()), "indri", &opts).unwrap();
+        let stack = catalog
+            .stacks
+            .iter()
+            .find(|s| s.spec.name == "monitoring")
+            .expect("indri owns k8s/monitoring");
+        let body = |kind: &str| {
+            let o = stack
+                .objects
+                .iter()
+                .find(|o| o.reference.kind == kind)
+                .unwrap_or_else(|| panic!("no {kind}"));
+            o.body.0.clone()
+        };
+        let cm = body("ConfigMap");
+        let dashboard =
+            std::fs::read_to_string(repo.join("dashboards/homelab-agent.json")).unwrap();
+        assert_eq!(
+            cm["data"]["homelab-agent.json"].as_str(),
+            Some(dashboard.as_str())
+        );
+        assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+        assert_eq!(cm["metadata"]["namespace"], "monitoring");
+        let rule = body("PrometheusRule");
+        assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+        assert_eq!(
+            rule["metadata"]["labels"]["release"],
+            "kube-prometheus-stack"
+        );
+        assert_eq!(
+            rule["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "homelab-agent"
+        );
+        let text = std::fs::read_to_string(repo.join("dashboards/alerts.yaml")).unwrap();
+        let node = crate::desired::yaml::parse("alerts.yaml", &text).unwrap();
+        assert_eq!(rule["spec"], super::raw_json(&node));
+        // Go templates in annotations are not rendered as Jinja.
+        let spec = rule["spec"].to_string();
+        assert!(
+            spec.contains("{{ $labels.host }}") || spec.contains("$labels"),
+            "{spec}"
+        );
+        assert!(rule["spec"]["groups"]
+            .as_array()
+            .is_some_and(|g| !g.is_empty()));
+    }
+
+    #[test]
+    fn prometheus_rules_need_a_rules_file() {
+        let err = load(&[
+            (
+                "k8s/s/stack.yaml",
+                "namespace: app\nprometheus_rules:\n  - name: r\n    files: [x.yaml]\n",
+            ),
+            ("x.yaml", "rules: []\n"),
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("`x.yaml` is not a Prometheus rules file (no top-level `groups:`)"),
+            "{err}"
+        );
+        let err = load(&[(
+            "k8s/s/stack.yaml",
+            "namespace: app\nprometheus_rules:\n  - name: r\n    files: [a.yaml, b.yaml]\n",
+        )])
+        .unwrap_err();
+        assert!(err.contains("takes exactly one rules file"), "{err}");
     }
 
     const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  image: \"app:{{ vars.tag }}\"\n  stack: \"{{ stack.name }}/{{ stack.namespace }}/{{ host.name }}\"\n";

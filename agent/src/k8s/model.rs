@@ -137,12 +137,24 @@ pub fn parse_stack_uses(
 /// (`config_maps:` in stack.yaml): one key per file, named after the file.
 #[derive(Debug, Clone)]
 pub struct GeneratedConfigMap {
+    /// What is generated: a ConfigMap (`config_maps:`), or a
+    /// PrometheusRule whose `spec` is the one rules file (`prometheus_rules:`).
+    pub kind: GeneratedKind,
     pub name: String,
     pub namespace: Option<String>,
     pub labels: Vec<(String, String)>,
     /// Repo-relative paths, with the line that names each.
     pub files: Vec<(String, usize)>,
     pub line: usize,
+}
+
+/// The kinds of generated objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GeneratedKind {
+    ConfigMap,
+    /// monitoring.coreos.com/v1 PrometheusRule from a Prometheus rules file
+    /// (`groups:`), taken verbatim (alert templates are Go templates).
+    PrometheusRule,
 }
 
 /// `k8s/<stack>/stack.yaml`.
@@ -179,6 +191,7 @@ const STACK_KEYS: &[&str] = &[
     "on_drift",
     "manifests",
     "config_maps",
+    "prometheus_rules",
 ];
 const CONFIG_MAP_KEYS: &[&str] = &["name", "namespace", "labels", "files"];
 
@@ -265,63 +278,77 @@ pub fn parse_stack(name: &str, file: &str, doc: &Node, diags: &mut Diagnostics) 
         }
         spec.manifests = Some(list);
     }
-    for item in r.list("config_maps", diags).unwrap_or_default() {
-        let Some(mut m) = MapReader::new(file, "a `config_maps` entry", item, diags) else {
-            continue;
-        };
-        let found = m.take("name");
-        let name = m
-            .require("name", found, diags)
-            .and_then(|n| n.as_str().map(str::to_string));
-        let namespace = m.string("namespace", diags).map(|(s, _)| s);
-        let mut labels = Vec::new();
-        match m.take("labels") {
-            None => {}
-            Some(Node {
-                value: Value::Map(entries),
-                ..
-            }) => {
-                for (k, v) in entries {
-                    match v.as_str() {
-                        Some(s) => labels.push((k.clone(), s.to_string())),
-                        None => diags.push(
-                            Diagnostic::new(
-                                file,
-                                format!("label `{k}` must be a string (quote it)"),
-                            )
-                            .line(v.line),
-                        ),
+    for (key, kind) in [
+        ("config_maps", GeneratedKind::ConfigMap),
+        ("prometheus_rules", GeneratedKind::PrometheusRule),
+    ] {
+        for item in r.list(key, diags).unwrap_or_default() {
+            let what = format!("a `{key}` entry");
+            let Some(mut m) = MapReader::new(file, &what, item, diags) else {
+                continue;
+            };
+            let found = m.take("name");
+            let name = m
+                .require("name", found, diags)
+                .and_then(|n| n.as_str().map(str::to_string));
+            let namespace = m.string("namespace", diags).map(|(s, _)| s);
+            let mut labels = Vec::new();
+            match m.take("labels") {
+                None => {}
+                Some(Node {
+                    value: Value::Map(entries),
+                    ..
+                }) => {
+                    for (k, v) in entries {
+                        match v.as_str() {
+                            Some(s) => labels.push((k.clone(), s.to_string())),
+                            None => diags.push(
+                                Diagnostic::new(
+                                    file,
+                                    format!("label `{k}` must be a string (quote it)"),
+                                )
+                                .line(v.line),
+                            ),
+                        }
                     }
                 }
+                Some(node) => diags.push(
+                    Diagnostic::new(file, "`labels` must be a map of strings").line(node.line),
+                ),
             }
-            Some(node) => diags
-                .push(Diagnostic::new(file, "`labels` must be a map of strings").line(node.line)),
-        }
-        let files = m.string_list("files", diags).unwrap_or_default();
-        if files.is_empty() {
-            diags.push(
-                Diagnostic::new(
-                    file,
-                    "a `config_maps` entry needs `files`: repo-relative paths",
-                )
-                .line(item.line),
-            );
-        }
-        m.finish(CONFIG_MAP_KEYS, diags);
-        if let Some(name) = name {
-            if !dns_subdomain(&name) {
+            let files = m.string_list("files", diags).unwrap_or_default();
+            if files.is_empty() {
                 diags.push(
-                    Diagnostic::new(file, format!("`{name}` is not a valid ConfigMap name"))
+                    Diagnostic::new(file, format!("{what} needs `files`: repo-relative paths"))
                         .line(item.line),
                 );
+            } else if kind == GeneratedKind::PrometheusRule && files.len() != 1 {
+                diags.push(
+                    Diagnostic::new(
+                        file,
+                        format!("{what} takes exactly one rules file in `files`"),
+                    )
+                    .line(item.line)
+                    .hint("one PrometheusRule per rules file; add another entry for another file"),
+                );
             }
-            spec.config_maps.push(GeneratedConfigMap {
-                name,
-                namespace,
-                labels,
-                files,
-                line: item.line,
-            });
+            m.finish(CONFIG_MAP_KEYS, diags);
+            if let Some(name) = name {
+                if !dns_subdomain(&name) {
+                    diags.push(
+                        Diagnostic::new(file, format!("`{name}` is not a valid ConfigMap name"))
+                            .line(item.line),
+                    );
+                }
+                spec.config_maps.push(GeneratedConfigMap {
+                    kind,
+                    name,
+                    namespace,
+                    labels,
+                    files,
+                    line: item.line,
+                });
+            }
         }
     }
     r.finish(STACK_KEYS, diags);

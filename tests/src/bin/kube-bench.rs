@@ -32,7 +32,7 @@ fn main() {
         .unwrap_or(10);
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
-    for dir in ["hosts", "modules", "k8s"] {
+    for dir in ["hosts", "modules", "k8s", "dashboards"] {
         copy_dir(&workspace().join(dir), &repo.join(dir));
     }
     let connect = ConnectStandIn::start("bench-token");
