@@ -73,7 +73,8 @@ impl TriggerQueue {
         }
     }
 
-    /// Takes what is pending without waiting (for tests and shutdown).
+    /// Takes what is pending without waiting (tests, shutdown, and folding
+    /// more source edits into a batch while they settle).
     pub fn take(&self) -> BTreeSet<Trigger> {
         std::mem::take(&mut *self.pending.lock().unwrap())
     }

@@ -227,6 +227,7 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
     loop {
         tokio::select! {
             batch = queue.next() => {
+                let batch = settle_source_edits(&queue, batch).await;
                 let s = shared.clone();
                 let w = watchers.clone();
                 // The reconcile runs on the blocking pool; signals are still
@@ -665,6 +666,32 @@ fn log_stacks(stacks: &[crate::k8s::apply::StackReport]) {
     }
 }
 
+/// A batch with a local source edit waits until the source has been quiet
+/// for [`SOURCE_SETTLE`] (at most [`SOURCE_SETTLE_MAX`]): an editor that
+/// truncates and then writes must not be read half-way, which could look
+/// like resources removed and prune them.
+async fn settle_source_edits(
+    queue: &TriggerQueue,
+    mut batch: BTreeSet<Trigger>,
+) -> BTreeSet<Trigger> {
+    if !batch.contains(&Trigger::SourceChanged) {
+        return batch;
+    }
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(SOURCE_SETTLE).await;
+        let more = queue.take();
+        let quiet = !more.contains(&Trigger::SourceChanged);
+        batch.extend(more);
+        if quiet || started.elapsed() >= SOURCE_SETTLE_MAX {
+            return batch;
+        }
+    }
+}
+
+const SOURCE_SETTLE: Duration = Duration::from_millis(200);
+const SOURCE_SETTLE_MAX: Duration = Duration::from_secs(5);
+
 /// Hands memory freed by the run back to the OS, so an idle daemon stays
 /// small (glibc keeps freed heap otherwise).
 fn release_memory() {
@@ -739,7 +766,7 @@ impl Watchers {
         });
         match watcher {
             Ok(mut w) => {
-                for sub in ["hosts", "modules", "k8s"] {
+                for sub in ["hosts", "modules", "k8s", "dashboards"] {
                     let path = dir.join(sub);
                     if path.is_dir() {
                         if let Err(e) = w.watch(&path, RecursiveMode::Recursive) {
@@ -834,5 +861,44 @@ fn on_managed_event(shared: &Arc<Shared>, event: &notify::Event) {
             shared.queue.push(Trigger::Drift);
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Edits keep arriving for 600 ms: the run waits until they stop, and
+    /// every trigger that came meanwhile is in the one batch.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_run_for_source_edits_waits_until_they_settle() {
+        let queue = Arc::new(TriggerQueue::new());
+        let q = queue.clone();
+        let writer = tokio::spawn(async move {
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                q.push(Trigger::SourceChanged);
+            }
+            q.push(Trigger::Webhook);
+        });
+        let started = Instant::now();
+        let batch = settle_source_edits(&queue, BTreeSet::from([Trigger::SourceChanged])).await;
+        writer.await.unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(600),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(batch.contains(&Trigger::Webhook), "{batch:?}");
+        assert!(queue.take().is_empty(), "nothing left for another run");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn other_triggers_do_not_wait() {
+        let queue = TriggerQueue::new();
+        let started = Instant::now();
+        let batch = settle_source_edits(&queue, BTreeSet::from([Trigger::Webhook])).await;
+        assert_eq!(batch, BTreeSet::from([Trigger::Webhook]));
+        assert!(started.elapsed() < Duration::from_millis(100));
     }
 }
