@@ -330,6 +330,29 @@ impl KubeStandIn {
             .map_err(|e| e.1)
     }
 
+    /// What a Helm release of kube-prometheus-stack leaves for the agent's
+    /// `monitoring` stack: the operator's PrometheusRule CRD and the
+    /// `monitoring` namespace (neither owned by the agent).
+    pub fn install_prometheus_operator(&self) {
+        self.apply_as(
+            "helm",
+            &serde_json::json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": "prometheusrules.monitoring.coreos.com"},
+                "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+                         "names": {"plural": "prometheusrules", "singular": "prometheusrule", "kind": "PrometheusRule"},
+                         "versions": [{"name": "v1", "served": true, "storage": true,
+                                       "schema": {"openAPIV3Schema": {"type": "object"}}}]}}),
+            false,
+        )
+        .expect("the CRD applies");
+        self.apply_as(
+            "helm",
+            &serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "monitoring"}}),
+            false,
+        )
+        .expect("the namespace applies");
+    }
+
     /// An Update (JSON merge patch) by `manager`, as `kubectl edit` does:
     /// the fields it changes become that manager's.
     pub fn edit(

@@ -1010,28 +1010,6 @@ fn install_metallb(kube: &KubeStandIn) {
     .unwrap();
 }
 
-/// kube-prometheus-stack as installed on indri's minikube: the operator's
-/// PrometheusRule CRD and the `monitoring` namespace (not the agent's).
-fn install_prometheus_operator(kube: &KubeStandIn) {
-    kube.apply_as(
-        "helm",
-        &json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-                "metadata": {"name": "prometheusrules.monitoring.coreos.com"},
-                "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
-                         "names": {"plural": "prometheusrules", "singular": "prometheusrule", "kind": "PrometheusRule"},
-                         "versions": [{"name": "v1", "served": true, "storage": true,
-                                       "schema": {"openAPIV3Schema": {"type": "object"}}}]}}),
-        false,
-    )
-    .unwrap();
-    kube.apply_as(
-        "helm",
-        &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "monitoring"}}),
-        false,
-    )
-    .unwrap();
-}
-
 /// The reference homelab's own stacks (indri: vlog-workers, vod and
 /// monitoring on minikube; k3s-cp: metallb), with their secrets from a Connect stand-in:
 /// planned from empty, applied, then nothing to do.
@@ -1062,7 +1040,7 @@ fn reference_stacks_plan_from_empty_apply_and_settle() {
     let minikube = KubeStandIn::start();
     let k3s = KubeStandIn::start();
     install_metallb(&k3s);
-    install_prometheus_operator(&minikube);
+    minikube.install_prometheus_operator();
     for (host, kube, context) in [
         ("indri", &minikube, "minikube"),
         ("k3s-cp", &k3s, "default"),

@@ -1,5 +1,5 @@
 //! Benchmark of the Kubernetes stacks: the reference host indri (its native
-//! resources and its stacks vlog-workers and vod, 25 objects with secrets
+//! resources and its stacks vlog-workers, vod and monitoring, 27 objects with secrets
 //! from a Connect stand-in) against the Kubernetes API stand-in on loopback,
 //! through the real kube-rs client. Run:
 //!
@@ -65,6 +65,7 @@ fn main() {
     let mut in_sync = Vec::new();
     for round in 0..rounds {
         let kube = KubeStandIn::start();
+        kube.install_prometheus_operator();
         let dir = tmp.path().join(format!("round-{round}"));
         std::fs::create_dir_all(&dir).unwrap();
         let kubeconfig = kube.write_kubeconfig(&dir, "minikube");
@@ -97,10 +98,10 @@ fn main() {
             (took, text)
         };
         let (t, text) = run("plan");
-        assert!(text.contains("Stacks: 25 to create"), "{text}");
+        assert!(text.contains("Stacks: 27 to create"), "{text}");
         from_empty.push(t);
         let (t, text) = run("apply");
-        assert!(text.contains("Stacks: 25 created"), "{text}");
+        assert!(text.contains("Stacks: 27 created"), "{text}");
         apply.push(t);
         let (t, text) = run("plan");
         assert!(
@@ -109,13 +110,13 @@ fn main() {
         );
         in_sync.push(t);
     }
-    println!("kube-bench: host indri, 27 native resources + 2 stacks (25 objects), {rounds} rounds, medians:");
+    println!("kube-bench: host indri, its native resources + 3 stacks (27 objects), {rounds} rounds, medians:");
     println!(
-        "  agent plan from empty (25 dry-run creates): {:?}",
+        "  agent plan from empty (27 dry-run creates): {:?}",
         median(from_empty)
     );
     println!(
-        "  agent apply (first, 25 objects, health waits): {:?}",
+        "  agent apply (first, 27 objects, health waits): {:?}",
         median(apply)
     );
     println!(
