@@ -82,6 +82,7 @@ pub fn spec(binary: &Path, config: &Path, platform: Platform) -> Spec {
             restart_delay: 5,
             start_timeout: Duration::from_secs(30),
         },
+        systemd_extra: Vec::new(),
     }
 }
 

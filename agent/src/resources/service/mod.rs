@@ -106,6 +106,9 @@ pub struct Spec {
     pub enabled: bool,
     pub scope: Scope,
     pub job: Job,
+    /// Extra `[Service]` settings for systemd (`systemd:` map), e.g. k3s'
+    /// `KillMode=process`; they replace the generated line of the same key.
+    pub systemd_extra: Vec<(String, String)>,
 }
 
 impl Spec {
@@ -131,6 +134,7 @@ pub fn label_for(name: &str) -> String {
 
 const SERVICE_FIELDS: &[&str] = &[
     "program",
+    "systemd",
     "args",
     "environment",
     "user",
@@ -148,6 +152,7 @@ const SERVICE_FIELDS: &[&str] = &[
 ];
 const SCHEDULE_FIELDS: &[&str] = &[
     "program",
+    "systemd",
     "args",
     "environment",
     "user",
@@ -322,6 +327,71 @@ fn environment(fields: &mut MapReader<'_>, diags: &mut Diagnostics) -> BTreeMap<
     out
 }
 
+/// `systemd:`: extra `[Service]` settings, `Key: value`. Keys are letters
+/// only (systemd's spelling, checked again by `systemd-analyze verify`).
+fn systemd_extra(
+    fields: &mut MapReader<'_>,
+    platform: Platform,
+    diags: &mut Diagnostics,
+) -> Vec<(String, String)> {
+    let Some(node) = fields.take("systemd") else {
+        return Vec::new();
+    };
+    if platform != Platform::Linux {
+        diags.push(
+            fields
+                .diag(node.line, "`systemd:` settings apply only to linux hosts")
+                .hint("use `when: host.platform == \"linux\"` on a resource meant for both, or remove it"),
+        );
+        return Vec::new();
+    }
+    let Value::Map(entries) = &node.value else {
+        diags.push(fields.diag(
+            node.line,
+            format!(
+                "`systemd` must be a map of Key: value, found {}",
+                node.value.type_name()
+            ),
+        ));
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (k, v) in entries {
+        if k.is_empty()
+            || !k.chars().all(|c| c.is_ascii_alphanumeric())
+            || !k.starts_with(|c: char| c.is_ascii_uppercase())
+        {
+            diags.push(
+                fields
+                    .diag(v.line, format!("`{k}` is not a systemd setting name"))
+                    .hint("write it as in systemd.service(5), e.g. KillMode, LimitNOFILE"),
+            );
+            continue;
+        }
+        let text = match &v.value {
+            Value::Str(s) => s.clone(),
+            Value::Int(n) => n.to_string(),
+            Value::Bool(b) => if *b { "yes" } else { "no" }.to_string(),
+            other => {
+                diags.push(fields.diag(
+                    v.line,
+                    format!(
+                        "systemd `{k}` must be a string, found {}",
+                        other.type_name()
+                    ),
+                ));
+                continue;
+            }
+        };
+        if text.contains('\n') {
+            diags.push(fields.diag(v.line, format!("systemd `{k}` holds a newline")));
+            continue;
+        }
+        out.push((k.clone(), text));
+    }
+    out
+}
+
 fn one_of<T: Copy>(
     fields: &mut MapReader<'_>,
     key: &str,
@@ -383,6 +453,7 @@ fn parse(input: ParseInput<'_, '_>, schedule: bool) -> Option<Box<dyn Resource>>
         ));
     }
     let environment = environment(fields, diags);
+    let systemd_extra = systemd_extra(fields, platform, diags);
     let user = fields.string("user", diags).map(|s| s.0);
     let group = fields.string("group", diags).map(|s| s.0);
     let wd = fields.string("working_directory", diags);
@@ -510,6 +581,7 @@ fn parse(input: ParseInput<'_, '_>, schedule: bool) -> Option<Box<dyn Resource>>
         enabled,
         scope,
         job: job?,
+        systemd_extra,
     };
     Some(Box::new(Unit::new(spec, platform)))
 }

@@ -77,12 +77,28 @@ fn process_lines(spec: &Spec, out: &mut String) {
     }
 }
 
+/// Generated `[Service]` lines, minus those the spec's `systemd:` settings
+/// replace, then those settings.
+fn service_section(spec: &Spec, generated: &str, out: &mut String) {
+    for line in generated.lines() {
+        let key = line.split_once('=').map_or("", |(k, _)| k);
+        if !spec.systemd_extra.iter().any(|(k, _)| k == key) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    for (k, v) in &spec.systemd_extra {
+        out.push_str(&format!("{k}={}\n", spec_escape(v)));
+    }
+}
+
 /// The unit text of the `.service`.
 pub fn service_unit(spec: &Spec) -> String {
     let mut out = String::from(HEADER);
     out.push_str("[Unit]\n");
     out.push_str(&format!("Description={}\n", spec_escape(&spec.description)));
     out.push_str("Wants=network-online.target\nAfter=network-online.target\n\n[Service]\n");
+    let mut section = String::new();
     match &spec.job {
         Job::Service {
             restart,
@@ -90,22 +106,24 @@ pub fn service_unit(spec: &Spec) -> String {
             start_timeout,
             ..
         } => {
-            out.push_str("Type=exec\n");
-            process_lines(spec, &mut out);
+            section.push_str("Type=exec\n");
+            process_lines(spec, &mut section);
             let restart = match restart {
                 Restart::Never => "no",
                 other => other.name(),
             };
-            out.push_str(&format!("Restart={restart}\nRestartSec={restart_delay}\n"));
-            out.push_str(&format!("TimeoutStartSec={}\n", start_timeout.as_secs()));
+            section.push_str(&format!("Restart={restart}\nRestartSec={restart_delay}\n"));
+            section.push_str(&format!("TimeoutStartSec={}\n", start_timeout.as_secs()));
+            service_section(spec, &section, &mut out);
             out.push_str("\n[Install]\nWantedBy=multi-user.target\n");
         }
         Job::Schedule { timeout, .. } => {
-            out.push_str("Type=oneshot\n");
-            process_lines(spec, &mut out);
+            section.push_str("Type=oneshot\n");
+            process_lines(spec, &mut section);
             if let Some(t) = timeout {
-                out.push_str(&format!("TimeoutStartSec={t}\n"));
+                section.push_str(&format!("TimeoutStartSec={t}\n"));
             }
+            service_section(spec, &section, &mut out);
         }
     }
     out

@@ -30,6 +30,7 @@ fn spec(name: &str, job: Job) -> Spec {
         enabled: true,
         scope: Scope::System,
         job,
+        systemd_extra: Vec::new(),
     }
 }
 
@@ -588,4 +589,32 @@ fn real_systemd_analyze_accepts_units_and_calendars() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// `systemd:` settings replace the generated line of the same key and are
+/// verified like the rest (an unknown key is refused).
+#[test]
+fn systemd_extra_settings_replace_generated_lines() {
+    let mut s = spec("k3s", service_job());
+    s.program = "/bin/sleep".into();
+    s.args = vec!["3600".into()];
+    s.systemd_extra = vec![
+        ("Type".into(), "notify".into()),
+        ("KillMode".into(), "process".into()),
+        ("Delegate".into(), "yes".into()),
+        ("LimitNOFILE".into(), "1048576".into()),
+    ];
+    let unit = String::from_utf8(systemd::service_unit(&s).into_bytes()).unwrap();
+    assert_eq!(unit.matches("Type=").count(), 1, "{unit}");
+    assert!(
+        unit.contains("Type=notify\n") && unit.contains("KillMode=process\n"),
+        "{unit}"
+    );
+    let host = Host::new(Fs::new(Path::new("/")).unwrap(), false, Platform::Linux);
+    systemd::verify(Unit::new(s.clone(), Platform::Linux).files(), &host).unwrap();
+    s.systemd_extra.push(("KillModee".into(), "process".into()));
+    let err = systemd::verify(Unit::new(s, Platform::Linux).files(), &host)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("KillModee"), "{err}");
 }
