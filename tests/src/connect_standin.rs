@@ -24,12 +24,11 @@
 //! port), [`ConnectStandIn::set_field`] (rotate a secret: bumps `version`).
 //! Duplicate titles and names are allowed, to test ambiguity handling.
 
+use crate::standin::{lock, Running};
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -60,11 +59,6 @@ pub struct ConnectStandIn {
     state: Arc<Mutex<State>>,
     port: u16,
     running: Option<Running>,
-}
-
-struct Running {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
 }
 
 struct State {
@@ -125,7 +119,12 @@ impl ConnectStandIn {
             last: None,
             clock: 0,
         }));
-        let running = Some(serve(listener, state.clone()));
+        let running = Some(Running::serve(
+            "connect-standin",
+            listener,
+            state.clone(),
+            handle,
+        ));
         ConnectStandIn {
             state,
             port,
@@ -298,13 +297,7 @@ impl ConnectStandIn {
     /// Stops serving (the port then refuses connections). Data is kept.
     pub fn stop(&mut self) {
         if let Some(running) = self.running.take() {
-            running.stop.store(true, Ordering::SeqCst);
-            // Wake the accept loop.
-            let _ = TcpStream::connect_timeout(
-                &([127, 0, 0, 1], self.port).into(),
-                Duration::from_secs(2),
-            );
-            let _ = running.thread.join();
+            running.stop();
         }
     }
 
@@ -325,7 +318,12 @@ impl ConnectStandIn {
                 ),
             }
         };
-        self.running = Some(serve(listener, self.state.clone()));
+        self.running = Some(Running::serve(
+            "connect-standin",
+            listener,
+            self.state.clone(),
+            handle,
+        ));
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -339,39 +337,11 @@ impl Drop for ConnectStandIn {
     }
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl State {
     fn tick(&mut self) -> u64 {
         self.clock += 1;
         self.clock
     }
-}
-
-fn serve(listener: TcpListener, state: Arc<Mutex<State>>) -> Running {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("connect-standin".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                if flag.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let state = state.clone();
-                let _ = std::thread::Builder::new()
-                    .name("connect-standin-conn".into())
-                    .spawn(move || handle(conn, &state));
-            }
-        })
-        .expect("spawn ConnectStandIn thread");
-    Running { stop, thread }
 }
 
 struct Request {

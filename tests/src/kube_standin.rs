@@ -41,13 +41,12 @@
 //! / [`KubeStandIn::restart`], [`KubeStandIn::requests`] and
 //! [`KubeStandIn::write_kubeconfig`].
 
+use crate::standin::{lock, Running};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -98,11 +97,6 @@ pub struct KubeStandIn {
     state: Arc<Mutex<State>>,
     port: u16,
     running: Option<Running>,
-}
-
-struct Running {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
 }
 
 fn builtin_types() -> Vec<ResourceType> {
@@ -246,7 +240,7 @@ impl KubeStandIn {
         let s = KubeStandIn {
             state: state.clone(),
             port,
-            running: Some(serve(listener, state)),
+            running: Some(Running::serve("kube-standin", listener, state, handle)),
         };
         for ns in ["default", "kube-system"] {
             s.apply_as(
@@ -421,12 +415,7 @@ impl KubeStandIn {
     /// Stops serving (connections are refused); objects are kept.
     pub fn stop(&mut self) {
         if let Some(running) = self.running.take() {
-            running.stop.store(true, Ordering::SeqCst);
-            let _ = TcpStream::connect_timeout(
-                &([127, 0, 0, 1], self.port).into(),
-                Duration::from_secs(2),
-            );
-            let _ = running.thread.join();
+            running.stop();
         }
     }
 
@@ -447,7 +436,12 @@ impl KubeStandIn {
                 ),
             }
         };
-        self.running = Some(serve(listener, self.state.clone()));
+        self.running = Some(Running::serve(
+            "kube-standin",
+            listener,
+            self.state.clone(),
+            handle,
+        ));
     }
 }
 
@@ -455,34 +449,6 @@ impl Drop for KubeStandIn {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn serve(listener: TcpListener, state: Arc<Mutex<State>>) -> Running {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("kube-standin".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                if flag.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let state = state.clone();
-                let _ = std::thread::Builder::new()
-                    .name("kube-standin-conn".into())
-                    .spawn(move || handle(conn, &state));
-            }
-        })
-        .expect("spawn KubeStandIn thread");
-    Running { stop, thread }
 }
 
 // ---------------------------------------------------------------- HTTP

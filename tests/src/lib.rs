@@ -11,6 +11,7 @@ pub mod loki_standin;
 pub mod nspawn;
 pub mod prometheus;
 pub mod real_tools;
+pub mod standin;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -29,12 +29,11 @@
 //! same port). [`LokiStandIn::pushes`] records every push with the status it
 //! got; [`LokiStandIn::entries`] every stored entry.
 
+use crate::standin::{lock, Running};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -116,18 +115,18 @@ pub struct LokiStandIn {
     running: Option<Running>,
 }
 
-struct Running {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
-}
-
 impl LokiStandIn {
     /// Starts on a free 127.0.0.1 port.
     pub fn start() -> LokiStandIn {
         let listener = TcpListener::bind("127.0.0.1:0").expect("LokiStandIn: bind 127.0.0.1:0");
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(State::default()));
-        let running = Some(serve(listener, state.clone()));
+        let running = Some(Running::serve(
+            "loki-standin",
+            listener,
+            state.clone(),
+            handle,
+        ));
         LokiStandIn {
             state,
             port,
@@ -216,12 +215,7 @@ impl LokiStandIn {
     /// Stops serving (the port then refuses connections). Data is kept.
     pub fn stop(&mut self) {
         if let Some(running) = self.running.take() {
-            running.stop.store(true, Ordering::SeqCst);
-            let _ = TcpStream::connect_timeout(
-                &([127, 0, 0, 1], self.port).into(),
-                Duration::from_secs(2),
-            );
-            let _ = running.thread.join();
+            running.stop();
         }
     }
 
@@ -241,7 +235,12 @@ impl LokiStandIn {
                 ),
             }
         };
-        self.running = Some(serve(listener, self.state.clone()));
+        self.running = Some(Running::serve(
+            "loki-standin",
+            listener,
+            self.state.clone(),
+            handle,
+        ));
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -253,34 +252,6 @@ impl Drop for LokiStandIn {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn serve(listener: TcpListener, state: Arc<Mutex<State>>) -> Running {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("loki-standin".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                if flag.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Ok(conn) = conn else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                let state = state.clone();
-                let _ = std::thread::Builder::new()
-                    .name("loki-standin-conn".into())
-                    .spawn(move || handle(conn, &state));
-            }
-        })
-        .expect("spawn LokiStandIn thread");
-    Running { stop, thread }
 }
 
 struct Request {

@@ -1,0 +1,66 @@
+//! What the protocol stand-ins (`connect_standin`, `kube_standin`,
+//! `loki_standin`) share: an accept loop on a loopback listener with one
+//! thread per connection, a clean stop, and a lock that survives a panicking
+//! handler (the test that panicked reports it; the stand-in keeps serving).
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// A serving stand-in: its accept thread and stop flag.
+pub struct Running {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+    port: u16,
+}
+
+impl Running {
+    /// Accepts on `listener` (thread `name`), handing each connection to
+    /// `handle` on its own thread with the shared `state`.
+    pub fn serve<S: Send + 'static>(
+        name: &str,
+        listener: TcpListener,
+        state: Arc<Mutex<S>>,
+        handle: fn(TcpStream, &Mutex<S>),
+    ) -> Running {
+        let port = listener.local_addr().expect("a bound listener").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let conn_name = format!("{name}-conn");
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if flag.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(conn) = conn else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    let state = state.clone();
+                    let _ = std::thread::Builder::new()
+                        .name(conn_name.clone())
+                        .spawn(move || handle(conn, &state));
+                }
+            })
+            .unwrap_or_else(|e| panic!("spawn the {name} thread: {e}"));
+        Running { stop, thread, port }
+    }
+
+    /// Stops accepting (a connection wakes the accept loop) and waits for
+    /// the accept thread; connections in flight finish on their own.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ =
+            TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_secs(2));
+        let _ = self.thread.join();
+    }
+}
+
+/// Locks `state`, also after a handler panicked while holding it.
+pub fn lock<S>(state: &Mutex<S>) -> MutexGuard<'_, S> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
