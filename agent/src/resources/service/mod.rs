@@ -178,7 +178,7 @@ impl Kind for ServiceKind {
         "service"
     }
     fn doc(&self) -> &'static str {
-        "a long-running daemon (systemd unit on linux, launchd plist on macos): program (absolute), args, environment, user, group, working_directory, stdout, stderr, state (running|stopped), enabled, restart (always|on-failure|never), restart_delay, start_timeout, description, scope (system|agent, macos); sandbox: files only"
+        "a long-running daemon (systemd unit on linux, launchd plist on macos): program (absolute), args, environment, user, group, working_directory, stdout, stderr, state (running|stopped), enabled, restart (always|on-failure|never), restart_delay, start_timeout, description, scope (system|agent, macos), systemd (linux: extra [Service] settings); sandbox: files only"
     }
     fn identity_kind(&self) -> IdentityKind {
         IdentityKind::Name
@@ -199,7 +199,7 @@ impl Kind for ScheduleKind {
         "schedule"
     }
     fn doc(&self) -> &'static str {
-        "a periodic job (systemd oneshot service + timer on linux, launchd StartCalendarInterval on macos): program, args, environment, user, group, working_directory, stdout, stderr, calendar (cron's 5 fields or hourly|daily|weekly|monthly) or every (e.g. 15m), persistent (catch up missed runs, default true), randomized_delay, timeout, enabled; sandbox: files only"
+        "a periodic job (systemd oneshot service + timer on linux, launchd StartCalendarInterval on macos): program, args, environment, user, group, working_directory, stdout, stderr, calendar (cron's 5 fields or hourly|daily|weekly|monthly) or every (e.g. 15m), persistent (catch up missed runs, default true), randomized_delay, timeout, enabled, systemd (linux: extra [Service] settings); sandbox: files only"
     }
     fn identity_kind(&self) -> IdentityKind {
         IdentityKind::Name
