@@ -24,7 +24,7 @@
 //! port), [`ConnectStandIn::set_field`] (rotate a secret: bumps `version`).
 //! Duplicate titles and names are allowed, to test ambiguity handling.
 
-use crate::standin::{lock, Running};
+use crate::standin::{lock, read_head, Head, Running};
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -421,43 +421,23 @@ fn handle(mut conn: TcpStream, state: &Mutex<State>) {
 /// Reads the request head (and discards a body); `None` on a closed or
 /// malformed connection (e.g. the wake-up connect of `stop`).
 fn read_request(conn: &mut TcpStream) -> Option<Request> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let end = loop {
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break pos;
-        }
-        if buf.len() > 64 * 1024 {
-            return None;
-        }
-        let n = conn.read(&mut chunk).ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut parts = lines.next()?.split(' ');
-    let method = parts.next()?.to_string();
-    let target = parts.next()?.to_string();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
+    let head = read_head(conn)?;
     // Discard a body, if any (reads only send none; be tidy for others).
-    let len: usize = headers
-        .iter()
-        .find(|(n, _)| n == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let mut have = buf.len() - (end + 4);
+    let len = head.content_length();
+    let mut chunk = [0u8; 4096];
+    let mut have = head.rest.len();
     while have < len.min(1 << 20) {
         match conn.read(&mut chunk) {
             Ok(0) | Err(_) => break,
             Ok(n) => have += n,
         }
     }
+    let Head {
+        method,
+        target,
+        headers,
+        ..
+    } = head;
     let (path, raw_query) = match target.split_once('?') {
         Some((p, q)) => (p.to_string(), Some(q.to_string())),
         None => (target, None),

@@ -41,7 +41,7 @@
 //! / [`KubeStandIn::restart`], [`KubeStandIn::requests`] and
 //! [`KubeStandIn::write_kubeconfig`].
 
-use crate::standin::{lock, Running};
+use crate::standin::{lock, read_head, Head, Running};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -499,31 +499,14 @@ fn decode(s: &str) -> String {
 }
 
 fn read_request(conn: &mut TcpStream) -> Option<Request> {
-    let mut buf = Vec::new();
+    let Head {
+        method,
+        target,
+        headers,
+        rest,
+    } = read_head(conn)?;
     let mut chunk = [0u8; 8192];
-    let end = loop {
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break pos;
-        }
-        if buf.len() > 64 * 1024 {
-            return None;
-        }
-        let n = conn.read(&mut chunk).ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut parts = lines.next()?.split(' ');
-    let method = parts.next()?.to_string();
-    let target = parts.next()?.to_string();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let mut body = buf[end + 4..].to_vec();
+    let mut body = rest;
     let header = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         // Read until the terminating chunk, then decode.

@@ -315,3 +315,23 @@ pub fn rfc3339(unix_secs: i64) -> String {
         rem % 60
     )
 }
+
+/// SIGTERM to `child`, then its exit status (waits at most 20 s).
+pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "daemon did not stop on SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -29,7 +29,7 @@
 //! same port). [`LokiStandIn::pushes`] records every push with the status it
 //! got; [`LokiStandIn::entries`] every stored entry.
 
-use crate::standin::{lock, Running};
+use crate::standin::{lock, read_head, Head, Running};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -271,36 +271,19 @@ impl Request {
 }
 
 fn read_request(conn: &mut TcpStream) -> Option<Request> {
-    let mut buf = Vec::new();
+    let head = read_head(conn)?;
+    let len = head.content_length();
+    let Head {
+        method,
+        target: path,
+        headers,
+        rest,
+    } = head;
     let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p;
-        }
-        let n = conn.read(&mut chunk).ok()?;
-        if n == 0 || buf.len() > 64 * 1024 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let mut first = lines.next()?.split_whitespace();
-    let method = first.next()?.to_string();
-    let path = first.next()?.to_string();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
     if len > MAX_BODY {
         return None;
     }
-    let mut body = buf[head_end + 4..].to_vec();
+    let mut body = rest;
     while body.len() < len {
         let n = conn.read(&mut chunk).ok()?;
         if n == 0 {

@@ -64,3 +64,59 @@ impl Running {
 pub fn lock<S>(state: &Mutex<S>) -> MutexGuard<'_, S> {
     state.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// An HTTP/1.1 request head, and the bytes read past it (the start of the body).
+pub struct Head {
+    pub method: String,
+    /// Path and query, as sent.
+    pub target: String,
+    /// Names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub rest: Vec<u8>,
+}
+
+impl Head {
+    /// `Content-Length`, 0 when absent or unreadable.
+    pub fn content_length(&self) -> usize {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Reads a request head (at most 64 KiB); `None` on a closed or malformed
+/// connection (e.g. the wake-up connect of [`Running::stop`]).
+pub fn read_head(conn: &mut impl std::io::Read) -> Option<Head> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let end = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos;
+        }
+        if buf.len() > 64 * 1024 {
+            return None;
+        }
+        let n = conn.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let method = first.next()?.to_string();
+    let target = first.next()?.to_string();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Some(Head {
+        method,
+        target,
+        headers,
+        rest: buf[end + 4..].to_vec(),
+    })
+}

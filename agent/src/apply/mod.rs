@@ -259,7 +259,7 @@ pub fn apply_cancellable(
         match h {
             Handled::Nothing => {}
             Handled::Restarted(_) => {}
-            Handled::Failed(why) => {
+            Handled::Failed(why) | Handled::FailedRolledBack(why) => {
                 state[i] = State::Failed;
                 errors[i] = Some(why.clone());
             }
@@ -322,7 +322,8 @@ pub fn apply_cancellable(
         let (restarted, rolled_back) = match &handled[p.index] {
             Handled::Restarted(by) => (Some(by.clone()), false),
             Handled::RolledBack(_) => (None, true),
-            Handled::Failed(why) => (None, why.contains(" rolled back (")),
+            Handled::FailedRolledBack(_) => (None, true),
+            Handled::Failed(_) => (None, false),
             Handled::Nothing => (None, false),
         };
         // Events and reports recognise a rollback by this note.
@@ -484,6 +485,9 @@ enum Handled {
     Failed(String),
     /// A resource put back to its previous state (not recorded as applied).
     RolledBack(String),
+    /// A service that did not come up; what fed it was put back (the
+    /// service itself had not changed).
+    FailedRolledBack(String),
 }
 
 struct HandlerState<'a> {
@@ -617,7 +621,7 @@ fn handlers(plan: &Plan, host: &Host, st: &mut HandlerState<'_>) -> Vec<Handled>
         out[s] = if restored.contains(&s) {
             Handled::RolledBack(msg)
         } else {
-            Handled::Failed(msg)
+            Handled::FailedRolledBack(msg)
         };
     }
     out

@@ -9,26 +9,7 @@ use super::client::describe_conflicts;
 use super::plan::{total, StackPlan, StackStatus};
 use crate::desired::catalog::Catalog;
 use crate::plan::{Action, Classification};
-use crate::report::Style;
-
-fn symbol(class: Classification) -> (&'static str, &'static str) {
-    match class {
-        Classification::Create => ("+", "32"),
-        Classification::Change => ("~", "33"),
-        Classification::Prune => ("-", "31"),
-        Classification::Drift => ("!", "35"),
-        Classification::InSync => (" ", "0"),
-        Classification::Skipped => ("?", "33"),
-    }
-}
-
-fn paint(style: Style, code: &str, text: &str) -> String {
-    if style.color {
-        format!("\x1b[{code}m{text}\x1b[0m")
-    } else {
-        text.to_string()
-    }
-}
+use crate::report::{symbol, Style};
 
 /// The plans of the host's stacks, then one summary line. Empty when the
 /// host owns no stack.
@@ -42,7 +23,7 @@ pub fn plan_text(catalog: &Catalog, plans: &[StackPlan], style: Style) -> String
         let _ = write!(
             out,
             "\nStack {} (namespace {}, {})",
-            paint(style, "1", &p.name),
+            style.paint("1", &p.name),
             stack.spec.namespace,
             stack.access.describe()
         );
@@ -60,7 +41,7 @@ pub fn plan_text(catalog: &Catalog, plans: &[StackPlan], style: Style) -> String
                     match &o.blocked {
                         Some(b) => {
                             let _ =
-                                writeln!(out, "  {} {}  needs {b}", paint(style, "33", "?"), o.id);
+                                writeln!(out, "  {} {}  needs {b}", style.paint("33", "?"), o.id);
                         }
                         None => {
                             let _ = writeln!(out, "  = {}", o.id);
@@ -73,7 +54,7 @@ pub fn plan_text(catalog: &Catalog, plans: &[StackPlan], style: Style) -> String
                 let _ = writeln!(
                     out,
                     ": {} {}",
-                    paint(style, "31", "error:"),
+                    style.paint("31", "error:"),
                     e.replace('\n', "\n  ")
                 );
                 continue;
@@ -88,7 +69,7 @@ pub fn plan_text(catalog: &Catalog, plans: &[StackPlan], style: Style) -> String
                 let _ = writeln!(
                     out,
                     "{} {}  ({}:{}): {e}",
-                    paint(style, "31", "error:"),
+                    style.paint("31", "error:"),
                     o.id,
                     obj.file,
                     obj.line
@@ -115,8 +96,8 @@ pub fn plan_text(catalog: &Catalog, plans: &[StackPlan], style: Style) -> String
             let _ = writeln!(
                 out,
                 "{} {}{why}",
-                paint(style, color, sym),
-                paint(style, "1", &o.id)
+                style.paint(color, sym),
+                style.paint("1", &o.id)
             );
             for c in &o.changes {
                 let _ = writeln!(
@@ -153,8 +134,8 @@ pub fn plan_text(catalog: &Catalog, plans: &[StackPlan], style: Style) -> String
             let _ = writeln!(
                 out,
                 "{} {}  {what}",
-                paint(style, color, sym),
-                paint(style, "1", &pr.id)
+                style.paint(color, sym),
+                style.paint("1", &pr.id)
             );
         }
         if shown == 0 {
@@ -273,7 +254,7 @@ pub fn apply_text(reports: &[StackReport], style: Style) -> String {
                 out,
                 "\nStack {}: {} {}",
                 r.name,
-                paint(style, "31", "failed:"),
+                style.paint("31", "failed:"),
                 e.replace('\n', "\n  ")
             );
         } else {
@@ -292,10 +273,10 @@ pub fn apply_text(reports: &[StackReport], style: Style) -> String {
             };
             match &o.error {
                 Some(err) if err.starts_with("skipped:") => {
-                    let _ = writeln!(out, "{} {} {err}", paint(style, "33", "?"), o.id);
+                    let _ = writeln!(out, "{} {} {err}", style.paint("33", "?"), o.id);
                 }
                 Some(err) => {
-                    let _ = writeln!(out, "{} {}: {err}", paint(style, "31", "failed"), o.id);
+                    let _ = writeln!(out, "{} {}: {err}", style.paint("31", "failed"), o.id);
                 }
                 None => {
                     let fields = if o.fields.is_empty() {
@@ -311,7 +292,7 @@ pub fn apply_text(reports: &[StackReport], style: Style) -> String {
                     let _ = writeln!(
                         out,
                         "{} {} {verb}{fields}{note}",
-                        paint(style, color, sym),
+                        style.paint(color, sym),
                         o.id
                     );
                 }

@@ -13,7 +13,7 @@ pub struct Style {
 }
 
 impl Style {
-    fn paint(self, code: &str, text: &str) -> String {
+    pub(crate) fn paint(self, code: &str, text: &str) -> String {
         if self.color {
             format!("\x1b[{code}m{text}\x1b[0m")
         } else {
@@ -22,7 +22,8 @@ impl Style {
     }
 }
 
-fn symbol(class: Classification) -> (&'static str, &'static str) {
+/// The plan symbol of a classification and its ANSI colour.
+pub(crate) fn symbol(class: Classification) -> (&'static str, &'static str) {
     match class {
         Classification::Create => ("+", "32"),
         Classification::Change => ("~", "33"),
