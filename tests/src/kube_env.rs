@@ -141,8 +141,17 @@ fn make_pki(dir: &Path) {
     openssl(
         dir,
         &[
-            "req", "-x509", "-new", "-key", "ca.key", "-days", "2", "-subj",
-            "/CN=kube-env-ca", "-out", "ca.crt",
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=kube-env-ca",
+            "-out",
+            "ca.crt",
         ],
     );
     std::fs::write(
@@ -159,12 +168,28 @@ fn make_pki(dir: &Path) {
         let csr = format!("{name}.csr");
         let crt = format!("{name}.crt");
         openssl(dir, &["genrsa", "-out", &key, "2048"]);
-        openssl(dir, &["req", "-new", "-key", &key, "-subj", subj, "-out", &csr]);
+        openssl(
+            dir,
+            &["req", "-new", "-key", &key, "-subj", subj, "-out", &csr],
+        );
         openssl(
             dir,
             &[
-                "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", &crt,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+                "-out",
+                &crt,
             ],
         );
     }
@@ -429,7 +454,31 @@ impl KubeEnv {
         path
     }
 
+    /// Like [`KubeEnv::write_kubeconfig`], with another server address (a
+    /// [`FaultProxy`] in front of this one, or a dead port).
+    pub fn write_kubeconfig_for(
+        &self,
+        dir: &Path,
+        contexts: &[&str],
+        identity: Identity,
+        server: &str,
+    ) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        self.write_kubeconfig_at(&path, contexts, identity, server);
+        path
+    }
+
     fn write_kubeconfig_to(&self, path: &Path, contexts: &[&str], identity: Identity) {
+        self.write_kubeconfig_at(path, contexts, identity, &self.server.clone());
+    }
+
+    fn write_kubeconfig_at(
+        &self,
+        path: &Path,
+        contexts: &[&str],
+        identity: Identity,
+        server: &str,
+    ) {
         use base64::Engine;
         let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
         let user = match identity {
@@ -443,7 +492,7 @@ impl KubeEnv {
         };
         let mut text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-env\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: kube-env\n  user:\n{user}contexts:\n",
-            self.server,
+            server,
             b64(self.ca_pem.as_bytes())
         );
         for c in contexts {
@@ -493,7 +542,10 @@ impl KubeEnv {
     pub fn kubectl(&self, args: &[&str]) -> Output {
         Command::new(self.bin.join("kubectl"))
             .arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
-            .arg(format!("--cache-dir={}", self.dir.join("kubectl-cache").display()))
+            .arg(format!(
+                "--cache-dir={}",
+                self.dir.join("kubectl-cache").display()
+            ))
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -505,7 +557,10 @@ impl KubeEnv {
         use std::io::Write;
         let mut child = Command::new(self.bin.join("kubectl"))
             .arg(format!("--kubeconfig={}", self.admin_kubeconfig.display()))
-            .arg(format!("--cache-dir={}", self.dir.join("kubectl-cache").display()))
+            .arg(format!(
+                "--cache-dir={}",
+                self.dir.join("kubectl-cache").display()
+            ))
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -536,7 +591,15 @@ impl KubeEnv {
     /// The object as JSON (`resource` as kubectl names it: `deployment.apps`,
     /// `configmap`, `ipaddresspools.metallb.io`), `None` when it does not exist.
     pub fn get(&self, resource: &str, namespace: Option<&str>, name: &str) -> Option<Value> {
-        let mut args = vec!["get", resource, name, "-o", "json", "--ignore-not-found"];
+        let mut args = vec![
+            "get",
+            resource,
+            name,
+            "-o",
+            "json",
+            "--ignore-not-found",
+            "--show-managed-fields",
+        ];
         if let Some(ns) = namespace {
             args.extend(["-n", ns]);
         }
@@ -604,7 +667,13 @@ impl KubeEnv {
 
     /// Deletes a namespace and does not wait.
     pub fn delete_namespace(&self, ns: &str) {
-        let _ = self.kubectl(&["delete", "namespace", ns, "--wait=false", "--ignore-not-found"]);
+        let _ = self.kubectl(&[
+            "delete",
+            "namespace",
+            ns,
+            "--wait=false",
+            "--ignore-not-found",
+        ]);
     }
 
     /// The node thread: every 200 ms, pending pods become Running and Ready
@@ -798,5 +867,103 @@ fn watchdog(dir: &Path) {
     if let Ok(child) = cmd.spawn() {
         // Never waited for: it ends on its own after this process.
         std::mem::forget(child);
+    }
+}
+
+/// What a [`FaultProxy`] does with connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forwards bytes both ways to the API server.
+    Pass,
+    /// Accepts and never answers (a hung server or network).
+    Hang,
+    /// Accepts and closes at once (a server restarting).
+    Close,
+}
+
+/// A TCP proxy on 127.0.0.1 in front of the real API server (TLS passes
+/// through untouched, the certificate is valid for 127.0.0.1), for faults
+/// the real server cannot be made to show on demand: hanging and dropped
+/// connections. It counts the connections it accepted.
+pub struct FaultProxy {
+    port: u16,
+    mode: Arc<Mutex<Fault>>,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultProxy {
+    pub fn start(target: &str) -> FaultProxy {
+        let target = target
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        listener.set_nonblocking(true).unwrap();
+        let proxy = FaultProxy {
+            port: listener.local_addr().unwrap().port(),
+            mode: Arc::new(Mutex::new(Fault::Pass)),
+            accepted: Arc::new(AtomicUsize::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (mode, accepted, stop) = (
+            proxy.mode.clone(),
+            proxy.accepted.clone(),
+            proxy.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut hung = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let conn = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                accepted.fetch_add(1, Ordering::Relaxed);
+                conn.set_nonblocking(false).unwrap();
+                match *mode.lock().unwrap_or_else(|e| e.into_inner()) {
+                    Fault::Close => drop(conn),
+                    Fault::Hang => hung.push(conn),
+                    Fault::Pass => {
+                        let Ok(upstream) = std::net::TcpStream::connect(&target) else {
+                            continue;
+                        };
+                        let (mut a, mut b) =
+                            (conn.try_clone().unwrap(), upstream.try_clone().unwrap());
+                        let (mut c, mut d) = (conn, upstream);
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut a, &mut b);
+                            let _ = b.shutdown(std::net::Shutdown::Write);
+                        });
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut d, &mut c);
+                            let _ = c.shutdown(std::net::Shutdown::Write);
+                        });
+                    }
+                }
+            }
+        });
+        proxy
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set(&self, fault: Fault) {
+        *self.mode.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }

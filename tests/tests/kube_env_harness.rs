@@ -61,7 +61,15 @@ fn tokens_client_certificates_and_rbac() {
         let kc = format!("--kubeconfig={}", kc.display());
         let read = env.kubectl(&[&kc, "get", "namespace", "default"]);
         assert!(read.status.success(), "{identity:?} reads");
-        let write = env.kubectl(&[&kc, "auth", "can-i", "create", "configmaps", "-n", "default"]);
+        let write = env.kubectl(&[
+            &kc,
+            "auth",
+            "can-i",
+            "create",
+            "configmaps",
+            "-n",
+            "default",
+        ]);
         assert_eq!(
             String::from_utf8_lossy(&write.stdout).trim() == "yes",
             can_write,

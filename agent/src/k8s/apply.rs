@@ -80,13 +80,13 @@ pub fn apply_stacks(
         return Vec::new();
     }
     let host = catalog.host.name.as_str();
-    plan::runtime().block_on(async {
-        let mut out = Vec::new();
-        for (index, stack) in catalog.stacks.iter().enumerate() {
-            out.push(apply_one(index, stack, host, inventory, key, store, settings, cancel).await);
-        }
-        out
-    })
+    // Stacks run side by side: one waiting for its rollout (up to its
+    // timeout) holds no other stack up.
+    plan::runtime().block_on(futures::future::join_all(
+        catalog.stacks.iter().enumerate().map(|(index, stack)| {
+            apply_one(index, stack, host, inventory, key, store, settings, cancel)
+        }),
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -213,10 +213,35 @@ async fn apply_one(
             g.dedup();
             g
         };
-        match Resolver::discover(&cluster, &groups).await {
-            Ok(r) => resolver = r,
-            Err(e) => {
-                report.error = Some(format!("discovery after applying CRDs failed: {e}"));
+        // Established is not yet served: wait (up to the stack's timeout)
+        // until discovery resolves every kind the stack's CRDs define.
+        let deadline = Instant::now() + stack.spec.timeout;
+        loop {
+            match Resolver::discover(&cluster, &groups).await {
+                Ok(r) => {
+                    let unresolved = stack.objects.iter().find(|o| {
+                        plan::defined_by_crd(stack, &o.reference)
+                            && r.resolve(&o.reference).is_none()
+                    });
+                    resolver = r;
+                    match unresolved {
+                        None => break,
+                        Some(o) if Instant::now() >= deadline => {
+                            report.error = Some(format!(
+                                "the cluster still serves no {} in {} {} after applying its CRD",
+                                o.reference.kind,
+                                o.api_version,
+                                humantime::format_duration(stack.spec.timeout)
+                            ));
+                            break;
+                        }
+                        Some(_) => tokio::time::sleep(POLL).await,
+                    }
+                }
+                Err(e) => {
+                    report.error = Some(format!("discovery after applying CRDs failed: {e}"));
+                    break;
+                }
             }
         }
     }
@@ -269,7 +294,7 @@ async fn apply_one(
             (Action::Delete, Some(ar)) => {
                 let api = client::api(&cluster, ar, p.reference.namespace.as_deref());
                 match client::delete(&api, &p.reference.name).await {
-                    Ok(true) => Ok(None),
+                    Ok(true) => Ok(still_deleting(&api, &p.reference.name).await),
                     Ok(false) => Ok(Some("already gone".to_string())),
                     Err(e) => Err(format!(
                         "delete failed (kept in the inventory, retried next run): {}",
@@ -421,15 +446,122 @@ impl Run<'_> {
         let (namespace, _) = plan::placement(self.stack, p.index, &scope)?;
         let body = plan::body_for(self.stack, p.index, namespace.as_deref());
         let api = client::api(self.cluster, &ar, namespace.as_deref());
-        let force = self.stack.spec.force_conflicts || p.class == Classification::Drift;
-        match client::apply(&api, &o.reference.name, &body, force, false).await {
+        let name = &o.reference.name;
+        match &p.wait_gone {
+            Some(None) => self.wait_gone(&api, name, "it").await?,
+            Some(Some(ns)) => {
+                let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+                    kube::Api::all(self.cluster.client.clone());
+                let namespaces = dynamic(namespaces);
+                self.wait_gone(&namespaces, ns, &format!("namespace {ns}"))
+                    .await?
+            }
+            None => {}
+        }
+        if p.recreate {
+            client::delete(&api, name)
+                .await
+                .map_err(|e| format!("cannot delete it to re-create it: {}", e.describe()))?;
+            self.wait_gone(&api, name, "it").await?;
+        }
+        if let Some(t) = &p.takeover {
+            let patch = serde_json::json!({"metadata": {
+                "managedFields": t.managed_fields,
+                "resourceVersion": t.resource_version,
+            }});
+            let params = kube::api::PatchParams::default();
+            let merge = kube::api::Patch::Merge(&patch);
+            client::call(|| api.patch(name, &params, &merge))
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot take the fields of {} over: {} (the object changed since the plan? run again)",
+                        t.from.join(", "),
+                        e.describe()
+                    )
+                })?;
+        }
+        if let Some(n) = p.handover {
+            let keep = serde_json::json!({
+                "apiVersion": o.api_version, "kind": o.reference.kind,
+                "metadata": {"name": name}, "spec": {"replicas": n},
+            });
+            let params = kube::api::PatchParams::apply(super::ownership::HANDOVER_MANAGER).force();
+            let apply = kube::api::Patch::Apply(&keep);
+            client::call(|| api.patch(name, &params, &apply))
+                .await
+                .map_err(|e| format!("cannot hand spec.replicas over: {}", e.describe()))?;
+        }
+        let force = plan::forces(self.stack, p);
+        match client::apply(&api, name, &body, force, false).await {
             Ok(_) => Ok(true),
-            Err(e) if !e.conflicts().is_empty() => Err(format!(
-                "conflict: {}; set `force_conflicts: true` in {} to take these fields over, or stop setting them",
-                client::describe_conflicts(&e.conflicts()),
-                self.stack.spec.file
-            )),
+            Err(e) if !e.conflicts().is_empty() => {
+                let conflicts: Vec<client::Conflict> = e
+                    .conflicts()
+                    .into_iter()
+                    .map(|mut c| {
+                        c.controller = p
+                            .conflicts
+                            .iter()
+                            .any(|k| k.manager == c.manager && k.controller)
+                            || super::ownership::is_controller(&c.manager, None);
+                        c
+                    })
+                    .collect();
+                if conflicts.iter().any(|c| c.controller) {
+                    Err(format!(
+                        "conflict: {}; a controller's fields are never forced: remove them from the manifest to leave them to it",
+                        client::describe_conflicts(&conflicts)
+                    ))
+                } else {
+                    Err(format!(
+                        "conflict: {}; set `force_conflicts: true` in {} to take these fields over, or stop setting them",
+                        client::describe_conflicts(&conflicts),
+                        self.stack.spec.file
+                    ))
+                }
+            }
             Err(e) => Err(format!("rejected by the API server: {}", e.describe())),
+        }
+    }
+
+    /// Waits (up to the stack's timeout) until the object is gone.
+    async fn wait_gone(
+        &self,
+        api: &kube::Api<kube::api::DynamicObject>,
+        name: &str,
+        what: &str,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + self.stack.spec.timeout;
+        loop {
+            match client::get(api, name).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(live)) => {
+                    if Instant::now() >= deadline {
+                        let finalizers = live
+                            .pointer("/metadata/finalizers")
+                            .and_then(Json::as_array)
+                            .map(|f| {
+                                f.iter()
+                                    .filter_map(Json::as_str)
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            })
+                            .unwrap_or_default();
+                        return Err(format!(
+                            "{what} was still being deleted after {}{}",
+                            humantime::format_duration(self.stack.spec.timeout),
+                            if finalizers.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (held by finalizers {finalizers})")
+                            }
+                        ));
+                    }
+                }
+                Err(e) => return Err(format!("cannot read {what}: {}", e.describe())),
+            }
+            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -466,6 +598,21 @@ impl Run<'_> {
         }
     }
 
+    /// A pod of the workload that waiting will not make ready (see
+    /// [`health::stuck_pod`]), with its reason.
+    async fn stuck_pod(&self, namespace: Option<&str>, workload: &Json) -> Option<String> {
+        let selector = health::pod_selector(workload)?;
+        let ns = namespace?;
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::namespaced(self.cluster.client.clone(), ns);
+        let lp = kube::api::ListParams::default().labels(&selector);
+        let list = client::call(|| pods.list(&lp)).await.ok()?;
+        list.items.iter().find_map(|pod| {
+            let v = serde_json::to_value(pod).ok()?;
+            health::stuck_pod(&v)
+        })
+    }
+
     /// Waits until every workload of the stack is healthy, or the timeout;
     /// an unhealthy one fails with its object and conditions.
     async fn wait_healthy(&mut self, resolver: &Resolver) {
@@ -494,6 +641,11 @@ impl Run<'_> {
                     Ok(Some(live)) => match health::evaluate(&r.kind, &live) {
                         Health::Ready => {}
                         Health::Progressing(why) => {
+                            if let Some(stuck) = self.stuck_pod(p.namespace.as_deref(), &live).await
+                            {
+                                self.errors[i] = Some(format!("unhealthy: {stuck}"));
+                                continue;
+                            }
                             last.insert(i, why);
                             still.push(i);
                         }
@@ -529,6 +681,36 @@ impl Run<'_> {
             tokio::time::sleep(POLL).await;
         }
     }
+}
+
+/// After a delete: a note when the object is still there (terminating,
+/// held by finalizers), so it is never reported as simply gone.
+async fn still_deleting(api: &kube::Api<kube::api::DynamicObject>, name: &str) -> Option<String> {
+    let live = client::get(api, name).await.ok()??;
+    let finalizers: Vec<&str> = live
+        .pointer("/metadata/finalizers")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Json::as_str)
+        .collect();
+    Some(if finalizers.is_empty() {
+        "deletion in progress (terminating)".to_string()
+    } else {
+        format!(
+            "deletion in progress: held by finalizers {} until they are removed",
+            finalizers.join(", ")
+        )
+    })
+}
+
+/// A typed API as a dynamic one (for [`Run::wait_gone`]).
+fn dynamic<K>(api: kube::Api<K>) -> kube::Api<kube::api::DynamicObject>
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    let ar = kube::discovery::ApiResource::erase::<K>(&());
+    kube::Api::all_with(api.into_client(), &ar)
 }
 
 /// Adds what the stacks did to the run the native apply just recorded:

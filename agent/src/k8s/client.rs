@@ -40,6 +40,34 @@ pub enum StackError {
     Unreachable { server: String, message: String },
     #[error("the Kubernetes API at {server} refused discovery: {message}")]
     Api { server: String, message: String },
+    #[error("{identity} may not {}\n  grant these in a Role or ClusterRole bound to {identity} (a plan's dry runs need `patch`, and `create` for new objects), or use a kubeconfig with more rights", missing.join(", "))]
+    Forbidden {
+        /// `user "viewer"`, or `this identity` when the server will not say.
+        identity: String,
+        /// `patch deployments.apps in namespace vod`, one per missing right.
+        missing: Vec<String>,
+    },
+}
+
+/// Who the cluster says the client is (`SelfSubjectReview`): `user
+/// "NAME"`, or `this identity` when it cannot tell.
+pub async fn whoami(cluster: &Cluster) -> String {
+    let body =
+        serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"});
+    let req = http::Request::post("/apis/authentication.k8s.io/v1/selfsubjectreviews")
+        .header("Content-Type", "application/json")
+        .body(serde_json::to_vec(&body).expect("JSON serializes"));
+    let Ok(req) = req else {
+        return "this identity".to_string();
+    };
+    let answer = tokio::time::timeout(CALL_BUDGET, cluster.client.request::<Json>(req)).await;
+    match answer {
+        Ok(Ok(v)) => v
+            .pointer("/status/userInfo/username")
+            .and_then(Json::as_str)
+            .map_or("this identity".to_string(), |u| format!("user \"{u}\"")),
+        _ => "this identity".to_string(),
+    }
 }
 
 /// The outcome of looking for cluster credentials.
@@ -58,7 +86,14 @@ pub struct Cluster {
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const READ_TIMEOUT: Duration = Duration::from_secs(30);
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most one API call may take, retries included. kube-rs's own retry
+/// layer is switched off: it could keep one call going for minutes.
+pub const CALL_BUDGET: Duration = Duration::from_secs(20);
+/// Attempts of one call on 429, 503, 504 or a refused connection.
+const ATTEMPTS: u32 = 3;
+/// The longest `Retry-After` the agent honours inside one call.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// The kubeconfig files that exist, and a description of where the agent looked.
 fn kubeconfig_paths(settings: &KubeSettings) -> (Vec<PathBuf>, String) {
@@ -180,6 +215,9 @@ pub async fn connect(
     };
     config.connect_timeout = Some(CONNECT_TIMEOUT);
     config.read_timeout = Some(READ_TIMEOUT);
+    config.write_timeout = Some(READ_TIMEOUT);
+    // Retries are the agent's own (`call`), bounded by CALL_BUDGET.
+    config.default_retry = false;
     let server = config
         .cluster_url
         .to_string()
@@ -217,6 +255,64 @@ pub enum CallError {
     Api(Box<kube::core::Status>),
     /// The server could not be reached or answered nonsense.
     Transport(String),
+    /// No answer within [`CALL_BUDGET`] (retries included).
+    Timeout,
+}
+
+/// Runs one API call, bounded: at most [`ATTEMPTS`] tries within
+/// [`CALL_BUDGET`], retrying only what a server says is temporary (429,
+/// 503, 504, honouring `Retry-After` up to [`MAX_RETRY_AFTER`]) and refused
+/// connections.
+pub async fn call<T, F, Fut>(mut f: F) -> Result<T, CallError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let attempt = async {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let err = match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) => CallError::from_kube(e),
+            };
+            let wait = match &err {
+                CallError::Api(s) if matches!(s.code, 429 | 503 | 504) => s
+                    .details
+                    .as_ref()
+                    .map(|d| u64::from(d.retry_after_seconds))
+                    .filter(|&secs| secs > 0)
+                    .map(Duration::from_secs)
+                    .unwrap_or(Duration::from_millis(250 * u64::from(tries))),
+                CallError::Transport(_) => Duration::from_millis(250 * u64::from(tries)),
+                _ => return Err(err),
+            };
+            if tries >= ATTEMPTS {
+                return Err(err);
+            }
+            tokio::time::sleep(wait.min(MAX_RETRY_AFTER)).await;
+        }
+    };
+    tokio::time::timeout(CALL_BUDGET, attempt)
+        .await
+        .unwrap_or(Err(CallError::Timeout))
+}
+
+/// Why the server refused a change, as its Status says (read once, here,
+/// at the protocol boundary; callers match on the variant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// 422 on fields that cannot change in place (the validation origin
+    /// `immutable`, whose message is `field is immutable`, also "when
+    /// `immutable` is set"): the fields named by the server.
+    Immutable(Vec<String>),
+    /// 403 with the cause `NamespaceTerminating`: the object's namespace
+    /// is being deleted.
+    NamespaceTerminating,
+    /// 403: the identity may not do this.
+    Forbidden,
+    /// 400 under strict field validation: unknown or duplicate fields.
+    UnknownFields(Vec<String>),
 }
 
 impl CallError {
@@ -227,10 +323,54 @@ impl CallError {
         }
     }
 
+    /// The server's refusal, classified.
+    pub fn refusal(&self) -> Option<Refusal> {
+        let CallError::Api(s) = self else {
+            return None;
+        };
+        let causes = s
+            .details
+            .as_ref()
+            .map(|d| d.causes.as_slice())
+            .unwrap_or_default();
+        match s.code {
+            403 => {
+                if causes.iter().any(|c| c.reason == "NamespaceTerminating") {
+                    return Some(Refusal::NamespaceTerminating);
+                }
+                Some(Refusal::Forbidden)
+            }
+            422 => {
+                let fields: Vec<String> = causes
+                    .iter()
+                    .filter(|c| c.message.contains("field is immutable"))
+                    .map(|c| c.field.clone())
+                    .collect();
+                (!fields.is_empty()).then_some(Refusal::Immutable(fields))
+            }
+            400 if s.message.contains("unknown field") || s.message.contains("duplicate field") => {
+                // `.spec.foo: field not declared in schema` (CRDs) and
+                // `unknown field "spec.foo"` (built-in types), one per line.
+                let fields = s
+                    .message
+                    .split(['\n', ','])
+                    .filter_map(|part| {
+                        let part = part.trim();
+                        part.split_once("unknown field \"")
+                            .and_then(|(_, rest)| rest.split_once('"'))
+                            .map(|(f, _)| f.to_string())
+                    })
+                    .collect();
+                Some(Refusal::UnknownFields(fields))
+            }
+            _ => None,
+        }
+    }
+
     pub fn code(&self) -> Option<u16> {
         match self {
             CallError::Api(s) => Some(s.code),
-            CallError::Transport(_) => None,
+            CallError::Transport(_) | CallError::Timeout => None,
         }
     }
 
@@ -258,6 +398,7 @@ impl CallError {
                     .unwrap_or(&c.message)
                     .to_string(),
                 field: c.field.clone(),
+                controller: false,
             })
             .collect()
     }
@@ -277,6 +418,10 @@ impl CallError {
                 out
             }
             CallError::Transport(t) => t.clone(),
+            CallError::Timeout => format!(
+                "no answer within {} (retries included)",
+                humantime::format_duration(CALL_BUDGET)
+            ),
         }
     }
 }
@@ -286,6 +431,9 @@ impl CallError {
 pub struct Conflict {
     pub manager: String,
     pub field: String,
+    /// The manager is a controller (see `ownership::is_controller`): its
+    /// fields are never forced.
+    pub controller: bool,
 }
 
 /// Formats conflicts for a message: `"kubectl-edit": .spec.replicas, .data.x`.
@@ -299,7 +447,14 @@ pub fn describe_conflicts(conflicts: &[Conflict]) -> String {
     }
     by_manager
         .iter()
-        .map(|(m, f)| format!("field manager \"{m}\" owns {}", f.join(", ")))
+        .map(|(m, f)| {
+            let controller = conflicts.iter().any(|c| &c.manager == m && c.controller);
+            format!(
+                "field manager \"{m}\"{} owns {}",
+                if controller { " (a controller)" } else { "" },
+                f.join(", ")
+            )
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -313,10 +468,16 @@ impl Resolver {
     /// Runs discovery for `groups` (core is `""`).
     pub async fn discover(cluster: &Cluster, groups: &[String]) -> Result<Resolver, StackError> {
         let refs: Vec<&str> = groups.iter().map(String::as_str).collect();
-        let discovery = Discovery::new(cluster.client.clone())
-            .filter(&refs)
-            .run()
+        let run = Discovery::new(cluster.client.clone()).filter(&refs).run();
+        let discovery = tokio::time::timeout(CALL_BUDGET, run)
             .await
+            .map_err(|_| StackError::Unreachable {
+                server: cluster.server.clone(),
+                message: format!(
+                    "discovery did not finish within {}",
+                    humantime::format_duration(CALL_BUDGET)
+                ),
+            })?
             .map_err(|e| match e {
                 kube::Error::Api(s) => StackError::Api {
                     server: cluster.server.clone(),
@@ -358,11 +519,9 @@ pub fn api(cluster: &Cluster, ar: &ApiResource, namespace: Option<&str>) -> Api<
 
 /// The live object, `None` when it does not exist.
 pub async fn get(api: &Api<DynamicObject>, name: &str) -> Result<Option<Json>, CallError> {
-    match api.get_opt(name).await {
-        Ok(Some(o)) => Ok(Some(serde_json::to_value(o).expect("objects serialize"))),
-        Ok(None) => Ok(None),
-        Err(e) => Err(CallError::from_kube(e)),
-    }
+    call(|| api.get_opt(name))
+        .await
+        .map(|o| o.map(|o| serde_json::to_value(o).expect("objects serialize")))
 }
 
 /// Server-side apply of `body` under the agent's field manager.
@@ -373,24 +532,27 @@ pub async fn apply(
     force: bool,
     dry_run: bool,
 ) -> Result<Json, CallError> {
-    let mut params = PatchParams::apply(FIELD_MANAGER);
+    // Strict: an unknown or duplicate field is an error naming the field,
+    // not silently dropped.
+    let mut params = PatchParams::apply(FIELD_MANAGER).validation_strict();
     if force {
         params = params.force();
     }
     if dry_run {
         params = params.dry_run();
     }
-    match api.patch(name, &params, &Patch::Apply(body)).await {
-        Ok(o) => Ok(serde_json::to_value(o).expect("objects serialize")),
-        Err(e) => Err(CallError::from_kube(e)),
-    }
+    let patch = Patch::Apply(body);
+    call(|| api.patch(name, &params, &patch))
+        .await
+        .map(|o| serde_json::to_value(o).expect("objects serialize"))
 }
 
 /// Deletes in the background; `false` when it was already gone.
 pub async fn delete(api: &Api<DynamicObject>, name: &str) -> Result<bool, CallError> {
-    match api.delete(name, &DeleteParams::background()).await {
+    let params = DeleteParams::background();
+    match call(|| api.delete(name, &params)).await {
         Ok(_) => Ok(true),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-        Err(e) => Err(CallError::from_kube(e)),
+        Err(CallError::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
     }
 }

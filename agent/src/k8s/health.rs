@@ -129,6 +129,71 @@ pub fn evaluate(kind: &str, obj: &Json) -> Health {
     }
 }
 
+/// Waiting reasons of a container that waiting will not cure: the image
+/// cannot be pulled, the container keeps crashing or cannot be created.
+/// A workload with such a pod fails at once with the pod's own reason
+/// instead of running out its stack's timeout.
+const STUCK_REASONS: &[&str] = &[
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// The label selector of a workload (`spec.selector.matchLabels`) as a
+/// query string, `None` without one.
+pub fn pod_selector(obj: &Json) -> Option<String> {
+    let labels = obj.pointer("/spec/selector/matchLabels")?.as_object()?;
+    if labels.is_empty() {
+        return None;
+    }
+    Some(
+        labels
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
+/// Why a pod cannot become ready, if waiting will not help: `pod NS/NAME:
+/// container C is waiting: ImagePullBackOff (message)`.
+pub fn stuck_pod(pod: &Json) -> Option<String> {
+    let statuses = ["/status/initContainerStatuses", "/status/containerStatuses"];
+    for pointer in statuses {
+        for c in pod
+            .pointer(pointer)
+            .and_then(Json::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let Some(waiting) = c.pointer("/state/waiting") else {
+                continue;
+            };
+            let reason = waiting.get("reason").and_then(Json::as_str).unwrap_or("");
+            if !STUCK_REASONS.contains(&reason) {
+                continue;
+            }
+            let s = |p: &str| pod.pointer(p).and_then(Json::as_str).unwrap_or("");
+            let mut out = format!(
+                "pod {}/{}: container {} is waiting: {reason}",
+                s("/metadata/namespace"),
+                s("/metadata/name"),
+                c.get("name").and_then(Json::as_str).unwrap_or("?")
+            );
+            if let Some(m) = waiting.get("message").and_then(Json::as_str) {
+                out.push_str(&format!(" ({m})"));
+            }
+            return Some(out);
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +206,23 @@ mod tests {
             Health::Failed(m) => format!("failed: {m}"),
         };
         assert!(got.starts_with(expect), "{got}");
+    }
+
+    #[test]
+    fn stuck_pods_name_the_container_and_reason() {
+        let pod = json!({"metadata": {"namespace": "vod", "name": "web-1"},
+            "status": {"containerStatuses": [
+                {"name": "ok", "state": {"running": {}}},
+                {"name": "web", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}}}]}});
+        assert_eq!(
+            stuck_pod(&pod).unwrap(),
+            "pod vod/web-1: container web is waiting: ImagePullBackOff (Back-off pulling image)"
+        );
+        let starting = json!({"status": {"containerStatuses": [
+            {"name": "web", "state": {"waiting": {"reason": "ContainerCreating"}}}]}});
+        assert_eq!(stuck_pod(&starting), None);
+        let d = json!({"spec": {"selector": {"matchLabels": {"app": "web", "tier": "x"}}}});
+        assert_eq!(pod_selector(&d).unwrap(), "app=web,tier=x");
     }
 
     #[test]

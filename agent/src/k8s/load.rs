@@ -412,6 +412,9 @@ fn object(
     if diags.len() > before {
         return None;
     }
+    if is_secret {
+        string_data_to_data(&mut body);
+    }
     let (group, version) = match api_version.split_once('/') {
         Some((g, v)) => (g.to_string(), v.to_string()),
         None => (String::new(), api_version.clone()),
@@ -762,6 +765,36 @@ fn raw_json(node: &Node) -> Json {
     }
 }
 
+/// A Secret's `stringData` becomes `data` (base64), as the server would
+/// store it. Under server-side apply the applier of `stringData.KEY` keeps
+/// owning that (write-only) field while the server stores `data.KEY`, so a
+/// key later removed from the manifest would never leave the cluster;
+/// applying `data` makes the agent own what is stored.
+fn string_data_to_data(body: &mut Json) {
+    use base64::Engine;
+    let Some(map) = body.as_object_mut() else {
+        return;
+    };
+    let Some(Json::Object(sd)) = map.remove("stringData") else {
+        return;
+    };
+    let data = map
+        .entry("data")
+        .or_insert_with(|| Json::Object(Map::new()));
+    if let Json::Object(data) = data {
+        for (k, v) in sd {
+            let text = match v {
+                Json::String(s) => s,
+                other => other.to_string(),
+            };
+            data.insert(
+                k,
+                Json::String(base64::engine::general_purpose::STANDARD.encode(text)),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -918,7 +951,9 @@ mod tests {
         let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\nstringData:\n  key: \"{{ secret('op://v/item/f') }}\"\n";
         let stacks = load(&[("k8s/s/s.yaml", secret)]).unwrap();
         let o = &stacks[0].objects[0];
-        assert_eq!(o.body.0["stringData"]["key"], "value-of-item");
+        // Sent as `data`, so the agent owns what the server stores.
+        assert!(o.body.0.get("stringData").is_none());
+        assert_eq!(o.body.0["data"]["key"], "dmFsdWUtb2YtaXRlbQ==");
         assert!(o.holds_secrets && o.blocked.is_none());
         assert!(
             !format!("{:?}", stacks[0]).contains("value-of-item"),

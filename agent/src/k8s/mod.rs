@@ -29,6 +29,7 @@ pub mod diff;
 pub mod health;
 pub mod load;
 pub mod model;
+pub mod ownership;
 pub mod plan;
 pub mod report;
 

@@ -11,8 +11,11 @@ use homelab_agent_state::{DigestKey, InventoryEntry, Origin};
 use kube::discovery::{ApiResource, Scope};
 use serde_json::Value as Json;
 
-use super::client::{self, Cluster, Conflict, Connection, KubeSettings, Resolver, StackError};
+use super::client::{
+    self, Cluster, Conflict, Connection, KubeSettings, Refusal, Resolver, StackError,
+};
 use super::diff::{self, ObjectChange};
+use super::ownership::{self, Takeover};
 use super::{ObjectRef, Stack, MANAGED_BY, MANAGED_BY_LABEL, STACK_LABEL};
 use crate::desired::catalog::Catalog;
 use crate::desired::model::DriftPolicy;
@@ -53,6 +56,33 @@ pub struct ObjectPlan {
     pub exists: bool,
     /// Its kind comes from a CRD of this stack not served yet.
     pub pending_crd: bool,
+    /// What apply will do besides the diff (adoption, hand-over, re-create,
+    /// waiting for a deletion), one sentence each.
+    pub notes: Vec<String>,
+    /// `managedFields` to rewrite before applying (adoption, stringData).
+    pub takeover: Option<Takeover>,
+    /// `spec.replicas` to keep while the manifest hands the field over.
+    pub handover: Option<i64>,
+    /// Delete and create again: fields that cannot change in place.
+    pub recreate: bool,
+    /// Wait for a deletion in progress before applying: the object itself
+    /// (`Some(None)`) or its namespace (`Some(Some(ns))`).
+    pub wait_gone: Option<Option<String>>,
+    /// The call the identity may not make: (verb, resource), for the
+    /// stack's one permission message.
+    pub forbidden: Option<(String, String)>,
+}
+
+/// Annotation that lets the agent delete and re-create an object whose
+/// change cannot be made in place (immutable fields). Jobs need none: a
+/// changed Job is a new run.
+pub const RECREATE_ANNOTATION: &str = "homelab-agent/recreate";
+
+/// Whether apply forces this object's conflicts: with `force_conflicts:
+/// true`, or to heal drift, and never over a controller's fields.
+pub fn forces(stack: &Stack, p: &ObjectPlan) -> bool {
+    (stack.spec.force_conflicts || p.class == Classification::Drift)
+        && !p.conflicts.iter().any(|c| c.controller)
 }
 
 /// An inventory entry of the stack that left it.
@@ -171,13 +201,15 @@ pub fn plan_stacks(
     if catalog.stacks.is_empty() {
         return Vec::new();
     }
-    runtime().block_on(async {
-        let mut out = Vec::new();
-        for (index, stack) in catalog.stacks.iter().enumerate() {
-            out.push(plan_one(index, stack, inventory, key, settings).await.0);
-        }
-        out
-    })
+    runtime().block_on(futures::future::join_all(
+        catalog
+            .stacks
+            .iter()
+            .enumerate()
+            .map(|(index, stack)| async move {
+                plan_one(index, stack, inventory, key, settings).await.0
+            }),
+    ))
 }
 
 /// Connects and plans one stack; also returns the cluster and discovery
@@ -303,14 +335,34 @@ async fn observe(
     resolver: &Resolver,
     plan: &mut StackPlan,
 ) -> Result<(), StackError> {
-    let results: Vec<Result<ObjectPlan, StackError>> =
-        futures::stream::iter(0..stack.objects.len())
-            .map(|i| observe_object(stack, i, inventory, key, cluster, resolver))
-            .buffered(PARALLELISM)
-            .collect()
-            .await;
-    for r in results {
+    let mut results = futures::stream::iter(0..stack.objects.len())
+        .map(|i| observe_object(stack, i, inventory, key, cluster, resolver))
+        .buffered(PARALLELISM);
+    // The first transport failure ends the stack (the rest would fail the
+    // same way, each after its own time-out).
+    while let Some(r) = results.next().await {
         plan.objects.push(r?);
+    }
+    drop(results);
+    // Missing permissions, said once for the stack, not once per object.
+    let mut missing: Vec<String> = plan
+        .objects
+        .iter()
+        .filter_map(|p| {
+            let (verb, resource) = p.forbidden.as_ref()?;
+            Some(match &p.namespace {
+                Some(ns) => format!("{verb} {resource} in namespace {ns}"),
+                None => format!("{verb} {resource} (cluster-wide)"),
+            })
+        })
+        .collect();
+    if !missing.is_empty() {
+        missing.sort();
+        missing.dedup();
+        return Err(StackError::Forbidden {
+            identity: client::whoami(cluster).await,
+            missing,
+        });
     }
     // Shown (and applied) in apply order: kind rank, then id.
     plan.objects.sort_by(|a, b| {
@@ -344,6 +396,10 @@ fn transport(cluster: &Cluster, e: &client::CallError) -> Option<StackError> {
             server: cluster.server.clone(),
             message: m.clone(),
         }),
+        client::CallError::Timeout => Some(StackError::Unreachable {
+            server: cluster.server.clone(),
+            message: e.describe(),
+        }),
         client::CallError::Api(_) => None,
     }
 }
@@ -371,6 +427,12 @@ async fn observe_object(
         digest: digest.clone(),
         exists: false,
         pending_crd: false,
+        notes: Vec::new(),
+        takeover: None,
+        handover: None,
+        recreate: false,
+        wait_gone: None,
+        forbidden: None,
     };
     if o.blocked.is_some() {
         return Ok(p);
@@ -406,21 +468,69 @@ async fn observe_object(
             if let Some(err) = transport(cluster, &e) {
                 return Err(err);
             }
+            if e.refusal() == Some(Refusal::Forbidden) {
+                p.forbidden = Some(("get".into(), resource_name(&ar)));
+            }
             p.error = Some(format!("cannot read it: {}", e.describe()));
             return Ok(p);
         }
     };
     p.exists = live.is_some();
+    let kind = o.reference.kind.as_str();
+    let recreate_allowed = kind == "Job"
+        || o.body
+            .0
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(RECREATE_ANNOTATION))
+            .and_then(Json::as_str)
+            == Some("true");
     let body = body_for(stack, index, namespace.as_deref());
     let applied_same = p.known.as_ref().and_then(|k| k.digest.as_deref()) == Some(digest.as_str());
+    // Being deleted (a finalizer holds it, or the namespace controller is
+    // emptying its namespace): never "in sync"; apply waits for it to go,
+    // then creates it again.
+    if let Some(l) = &live {
+        if l.pointer("/metadata/deletionTimestamp").is_some() {
+            let finalizers: Vec<&str> = l
+                .pointer("/metadata/finalizers")
+                .and_then(Json::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Json::as_str)
+                .collect();
+            p.notes.push(format!(
+                "it is being deleted{}: apply waits for it to go (up to the stack's timeout), then creates it again",
+                if finalizers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (held by finalizers {})", finalizers.join(", "))
+                }
+            ));
+            p.wait_gone = Some(None);
+            p.class = if applied_same {
+                Classification::Drift
+            } else {
+                Classification::Create
+            };
+            p.action = if applied_same && o.on_drift == DriftPolicy::Report {
+                Action::Report
+            } else {
+                Action::Create
+            };
+            return Ok(p);
+        }
+    }
     let dry = match client::apply(&api, name, &body, false, true).await {
         Ok(d) => Some(d),
         Err(e) if !e.conflicts().is_empty() => {
             p.conflicts = e.conflicts();
+            for c in &mut p.conflicts {
+                c.controller = ownership::is_controller(&c.manager, live.as_ref());
+            }
             match client::apply(&api, name, &body, true, true).await {
                 Ok(d) => Some(d),
                 Err(e) => {
-                    p.error = Some(format!("dry-run apply rejected: {}", e.describe()));
+                    p.error = Some(rejected(&e));
                     return Ok(p);
                 }
             }
@@ -431,11 +541,66 @@ async fn observe_object(
             if let Some(err) = transport(cluster, &e) {
                 return Err(err);
             }
-            p.error = Some(format!("dry-run apply rejected: {}", e.describe()));
+            match e.refusal() {
+                Some(Refusal::NamespaceTerminating) => {
+                    let ns = namespace.clone().unwrap_or_default();
+                    p.notes.push(format!(
+                        "its namespace {ns} is being deleted: apply waits for it to go (up to the stack's timeout) first"
+                    ));
+                    p.wait_gone = Some(Some(ns));
+                    p.class = Classification::Create;
+                    p.action = Action::Create;
+                    return Ok(p);
+                }
+                Some(Refusal::Immutable(fields)) if live.is_some() => {
+                    let fields = fields.join(", ");
+                    if recreate_allowed {
+                        p.recreate = true;
+                        p.notes.push(if kind == "Job" {
+                            format!("a changed Job runs again: {fields} cannot change in place, so the Job is deleted and created anew")
+                        } else {
+                            format!("{fields} cannot change in place: it is deleted and created again ({RECREATE_ANNOTATION}: \"true\")")
+                        });
+                        p.class = if applied_same {
+                            Classification::Drift
+                        } else {
+                            Classification::Change
+                        };
+                        p.action = if applied_same && o.on_drift == DriftPolicy::Report {
+                            Action::Report
+                        } else {
+                            Action::Update
+                        };
+                    } else {
+                        p.error = Some(format!(
+                            "cannot change in place: {fields} (immutable); revert the change, or add the annotation `{RECREATE_ANNOTATION}: \"true\"` to delete and re-create the object"
+                        ));
+                    }
+                    return Ok(p);
+                }
+                Some(Refusal::Forbidden) => {
+                    p.forbidden = Some((
+                        if live.is_some() { "patch" } else { "create" }.into(),
+                        resource_name(&ar),
+                    ));
+                }
+                _ => {}
+            }
+            p.error = Some(rejected(&e));
             return Ok(p);
         }
     };
     let Some(live) = live else {
+        // A finished Job the TTL controller removed is done, not drift:
+        // the same Job is not run again. A changed Job (another digest) is.
+        if applied_same
+            && kind == "Job"
+            && o.body.0.pointer("/spec/ttlSecondsAfterFinished").is_some()
+        {
+            p.class = Classification::InSync;
+            p.action = Action::None;
+            return Ok(p);
+        }
         p.class = if applied_same {
             Classification::Drift
         } else {
@@ -450,11 +615,25 @@ async fn observe_object(
     };
     let dry = dry.expect("a live object's dry run either succeeded or returned");
     p.changes = diff::diff(&diff::normalize(&live, key), &diff::normalize(&dry, key));
+    if let Some(n) = ownership::replicas_handover(&live, &body) {
+        // The dry run shows replicas reset to the default; apply first
+        // hands the field over at its value, so it stays.
+        p.changes.retain(|c| c.path != "spec.replicas");
+        p.handover = Some(n);
+        p.notes.push(format!(
+            "spec.replicas left the manifest: handed over at its current value {n} (an autoscaler owns it from now on)"
+        ));
+    }
+    if let Some(t) = ownership::takeover(&live) {
+        p.notes.push(t.describe());
+        p.takeover = Some(t);
+    }
     if p.changes.is_empty() {
         // Equal values are no conflict: nothing to take over.
         p.conflicts.clear();
     }
-    p.class = if p.changes.is_empty() {
+    let rewrite = p.handover.is_some() || p.takeover.is_some();
+    p.class = if p.changes.is_empty() && !rewrite {
         Classification::InSync
     } else if applied_same {
         Classification::Drift
@@ -467,6 +646,28 @@ async fn observe_object(
         _ => Action::Update,
     };
     Ok(p)
+}
+
+/// `deployments.apps`, `configmaps`: a resource as RBAC names it.
+fn resource_name(ar: &ApiResource) -> String {
+    if ar.group.is_empty() {
+        ar.plural.clone()
+    } else {
+        format!("{}.{}", ar.plural, ar.group)
+    }
+}
+
+/// A dry-run refusal as a sentence: unknown fields named as such.
+fn rejected(e: &client::CallError) -> String {
+    match e.refusal() {
+        Some(Refusal::UnknownFields(fields)) if !fields.is_empty() => format!(
+            "unknown field{} {} (the server validates strictly): fix the manifest; {}",
+            if fields.len() == 1 { "" } else { "s" },
+            fields.join(", "),
+            e.describe()
+        ),
+        _ => format!("dry-run apply rejected: {}", e.describe()),
+    }
 }
 
 async fn plan_prune(
@@ -534,9 +735,41 @@ async fn plan_prune(
     } else {
         prune.action = Action::Delete;
         prune.resource = Some(ar);
-        None
+        if r.kind == "Namespace" && r.group.is_empty() {
+            Some(namespace_contents(cluster, &r.name).await)
+        } else {
+            None
+        }
     };
     Ok(prune)
+}
+
+/// What goes with a namespace: its PersistentVolumeClaims above all.
+async fn namespace_contents(cluster: &Cluster, ns: &str) -> String {
+    let pvcs: kube::Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        kube::Api::namespaced(cluster.client.clone(), ns);
+    let lp = kube::api::ListParams::default();
+    match client::call(|| pvcs.list(&lp)).await {
+        Ok(list) if list.items.is_empty() => format!(
+            "everything in namespace {ns} goes with it (it holds no PersistentVolumeClaim)"
+        ),
+        Ok(list) => {
+            let names: Vec<String> = list
+                .items
+                .iter()
+                .filter_map(|p| p.metadata.name.clone())
+                .collect();
+            format!(
+                "everything in namespace {ns} goes with it, including {} PersistentVolumeClaim(s) ({}) and their data",
+                names.len(),
+                names.join(", ")
+            )
+        }
+        Err(e) => format!(
+            "everything in namespace {ns} goes with it (its PersistentVolumeClaims could not be listed: {})",
+            e.describe()
+        ),
+    }
 }
 
 /// Stacks the inventory holds objects of that this host no longer lists:

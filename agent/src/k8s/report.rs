@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use super::apply::StackReport;
 use super::client::describe_conflicts;
-use super::plan::{total, StackPlan, StackStatus};
+use super::plan::{forces, total, StackPlan, StackStatus};
 use crate::desired::catalog::Catalog;
 use crate::plan::{Action, Classification};
 use crate::report::{symbol, Style};
@@ -108,14 +108,18 @@ pub fn plan_text(catalog: &Catalog, plans: &[StackPlan], style: Style) -> String
                     c.new.as_deref().unwrap_or("(none)")
                 );
             }
+            for n in &o.notes {
+                let _ = writeln!(out, "    note: {n}");
+            }
             if !o.conflicts.is_empty() {
-                let forced = stack.spec.force_conflicts || o.class == Classification::Drift;
                 let _ = writeln!(
                     out,
                     "    conflict: {}; {}",
                     describe_conflicts(&o.conflicts),
-                    if forced {
+                    if forces(stack, o) {
                         "will be taken over (force)"
+                    } else if o.conflicts.iter().any(|c| c.controller) {
+                        "a controller's fields are never forced: apply will fail; remove them from the manifest to leave them to it"
                     } else {
                         "apply will fail unless the stack says force_conflicts: true"
                     }
@@ -126,7 +130,8 @@ pub fn plan_text(catalog: &Catalog, plans: &[StackPlan], style: Style) -> String
             shown += 1;
             let (sym, color) = symbol(Classification::Prune);
             let what = match (pr.action, &pr.note) {
-                (Action::Delete, _) => "will be deleted: it left the stack".to_string(),
+                (Action::Delete, Some(n)) => format!("will be deleted: it left the stack; {n}"),
+                (Action::Delete, None) => "will be deleted: it left the stack".to_string(),
                 (Action::Forget, Some(n)) => format!("will be forgotten: {n}"),
                 (_, Some(n)) => n.clone(),
                 _ => String::new(),
@@ -205,6 +210,7 @@ pub fn plan_json(catalog: &Catalog, plans: &[StackPlan]) -> serde_json::Value {
                     "on_drift": obj.on_drift,
                     "changes": o.changes,
                     "conflicts": o.conflicts,
+                    "notes": o.notes,
                     "error": o.error,
                 }));
             }

@@ -23,11 +23,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 fn main() {
     let env = KubeEnv::start();
     let dir = env.admin_kubeconfig().parent().unwrap().to_path_buf();
-    let kubeconfig = env.write_kubeconfig(
-        &dir,
-        &["minikube", "default", "admin"],
-        Identity::Admin,
-    );
+    let kubeconfig = env.write_kubeconfig(&dir, &["minikube", "default", "admin"], Identity::Admin);
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
