@@ -170,6 +170,11 @@ impl Lab {
         (out, text)
     }
 
+    /// Apply; a failed object is fine (the test looks at the plan after).
+    fn apply_ok_or_partial(&self) -> String {
+        self.apply().1
+    }
+
     fn run_both(&self, cmd: &str) -> (Output, String) {
         let out = self.run(cmd, &[]);
         let text = format!("{}{}", stdout(&out), stderr(&out));
@@ -1130,4 +1135,605 @@ fn a_field_left_out_is_removed_and_a_rejected_object_fails_alone() {
         "hi"
     );
     assert_eq!(lab.deployment()["spec"]["replicas"], 2);
+}
+
+// ---------------------------------------------------------------------------
+// What a real cluster demands (each of these failed, or could not be shown,
+// against the stand-in).
+// ---------------------------------------------------------------------------
+
+/// A Deployment as someone first made it with `kubectl apply` (client
+/// side): an env var and a sidecar the manifest will not have.
+const HAND_MADE: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: @NS
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+        - name: web
+          image: nginx:1.25
+          env:
+            - {name: DEBUG, value: \"1\"}
+        - name: sidecar
+          image: busybox:1.36
+";
+
+#[test]
+fn objects_made_with_kubectl_are_adopted_and_fields_removed_later_really_go() {
+    let lab = Lab::new();
+    lab.kube.kubectl_ok(&["create", "namespace", &lab.ns]);
+    let out = lab
+        .kube
+        .kubectl_stdin(&["apply", "-f", "-"], &lab.t(HAND_MADE));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "web-config", "namespace": lab.ns},
+        "data": {"greeting": "hello", "color": "blue", "legacy": "x"}});
+    lab.kube.create(&cm);
+    let before = lab.deployment();
+    assert!(managers(&before).contains(&"kubectl-client-side-apply".to_string()));
+
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    lab.has(&text, "~ k8s:web/@NS/Deployment.apps/web\n");
+    assert!(
+        text.contains("note: adopts the fields of \"kubectl-client-side-apply\" (made by hand): fields the manifest does not set are removed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("note: adopts the fields of \"kubectl-create\""),
+        "{text}"
+    );
+    assert!(!text.contains("conflict"), "{text}");
+    let text = lab.apply_ok();
+    assert!(!text.contains("failed k8s:"), "{text}");
+    let d = lab.deployment();
+    let containers = d["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap();
+    assert_eq!(containers.len(), 1, "the sidecar left: {d}");
+    assert!(containers[0].get("env").is_none(), "DEBUG left: {d}");
+    assert!(
+        d["metadata"]["annotations"]
+            .get("kubectl.kubernetes.io/last-applied-configuration")
+            .is_none(),
+        "{d}"
+    );
+    assert_eq!(managers(&d), ["homelab-agent"]);
+    assert!(lab.config_map("web-config").unwrap()["data"]
+        .get("legacy")
+        .is_none());
+    // And it stays that way: nothing to do.
+    lab.has(&lab.plan().1, "No changes: 3 object(s) in sync.");
+}
+
+#[test]
+fn a_key_removed_from_a_secret_leaves_the_cluster_also_after_stringdata() {
+    use base64::Engine;
+    let lab = Lab::new();
+    let secret = "apiVersion: v1
+kind: Secret
+metadata:
+  name: creds
+stringData:
+  A: alpha
+  B: beta
+";
+    // What earlier versions of the agent did: apply stringData.
+    lab.kube.kubectl_ok(&["create", "namespace", &lab.ns]);
+    let old = lab.t(&secret.replace("  name: creds\n", "  name: creds\n  namespace: @NS\n"));
+    let out = lab.kube.kubectl_stdin(
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=homelab-agent",
+            "-f",
+            "-",
+        ],
+        &old,
+    );
+    assert!(out.status.success());
+    lab.write("k8s/web/secret.yaml", secret);
+    lab.apply_ok();
+    lab.write("k8s/web/secret.yaml", &secret.replace("  B: beta\n", ""));
+    let (_, text) = lab.plan();
+    lab.has(&text, "~ k8s:web/@NS/Secret/creds");
+    let text = lab.apply_ok();
+    assert!(!text.contains("failed k8s:"), "{text}");
+    let s = lab.kube.get("secret", Some(&lab.ns), "creds").unwrap();
+    assert_eq!(
+        s["data"]["A"],
+        base64::engine::general_purpose::STANDARD.encode("alpha")
+    );
+    assert!(s["data"].get("B").is_none(), "B stayed: {s}");
+    assert!(lab.plan().1.contains("No changes"));
+    // Again, on a Secret the agent made itself.
+    lab.write(
+        "k8s/web/secret.yaml",
+        &secret.replace("  B: beta\n", "  C: gamma\n"),
+    );
+    lab.apply_ok();
+    lab.write("k8s/web/secret.yaml", secret);
+    lab.apply_ok();
+    let s = lab.kube.get("secret", Some(&lab.ns), "creds").unwrap();
+    let mut keys: Vec<&String> = s["data"].as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["A", "B"]);
+}
+
+const HPA: &str = "apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: web
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}
+  minReplicas: 4
+  maxReplicas: 6
+  metrics:
+    - type: Resource
+      resource: {name: cpu, target: {type: Utilization, averageUtilization: 80}}
+";
+
+#[test]
+fn a_controllers_fields_are_never_forced_and_replicas_are_handed_over_to_an_hpa() {
+    let lab = Lab::new();
+    lab.write(
+        "k8s/web/app.yaml",
+        &APP.replace("replicas: 2", "replicas: 3"),
+    );
+    lab.apply_ok();
+    // The HPA (the real controller) scales to its minimum through the
+    // scale subresource.
+    lab.write("k8s/web/hpa.yaml", HPA);
+    lab.apply_ok();
+    lab.kube.wait_for(
+        "the HPA scaling to 4",
+        std::time::Duration::from_secs(60),
+        || lab.deployment()["spec"]["replicas"] == 4,
+    );
+    let (_, text) = lab.plan();
+    assert!(
+        text.contains("conflict: field manager \"kube-controller-manager\" (a controller) owns .spec.replicas; a controller's fields are never forced"),
+        "{text}"
+    );
+    let (out, text) = lab.apply();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("a controller's fields are never forced"),
+        "{text}"
+    );
+    assert_eq!(lab.deployment()["spec"]["replicas"], 4, "not forced");
+    // The manifest stops setting replicas: the HPA owns them already (its
+    // scale took them over), so they stay at 4.
+    lab.write("k8s/web/app.yaml", &APP.replace("  replicas: 2\n", ""));
+    lab.has(&lab.plan().1, "No changes: 4 object(s) in sync.");
+    lab.apply_ok();
+    assert_eq!(lab.deployment()["spec"]["replicas"], 4);
+
+    // An HPA that has not written replicas yet (within its bounds, no
+    // metrics): the agent still owns them. Leaving the manifest, they are
+    // handed over at their value instead of falling back to 1.
+    let api = APP
+        .replace("name: web-config", "name: api-config")
+        .replace("name: web\n", "name: api\n")
+        .replace("{app: web}", "{app: api}")
+        .replace("replicas: 2", "replicas: 5");
+    let api_hpa = HPA
+        .replace("name: web\n", "name: api\n")
+        .replace("name: web}", "name: api}")
+        .replace("minReplicas: 4", "minReplicas: 2");
+    lab.write("k8s/web/api.yaml", &api);
+    lab.write("k8s/web/api-hpa.yaml", &api_hpa);
+    lab.apply_ok();
+    let replicas = || {
+        lab.kube
+            .get("deployment.apps", Some(&lab.ns), "api")
+            .unwrap()["spec"]["replicas"]
+            .clone()
+    };
+    assert_eq!(replicas(), 5);
+    lab.write("k8s/web/api.yaml", &api.replace("  replicas: 5\n", ""));
+    let (_, text) = lab.plan();
+    assert!(
+        text.contains("note: spec.replicas left the manifest: handed over at its current value 5"),
+        "{text}"
+    );
+    let text = lab.apply_ok();
+    assert!(!text.contains("failed k8s:"), "{text}");
+    assert_eq!(replicas(), 5, "not reset to 1");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(replicas(), 5);
+    lab.has(&lab.plan().1, "No changes: 7 object(s) in sync.");
+}
+
+const JOB: &str = "apiVersion: batch/v1
+kind: Job
+metadata:
+  name: migrate
+spec:
+  ttlSecondsAfterFinished: 1
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+        - name: migrate
+          image: busybox:1.36
+          args: [echo, v1]
+";
+
+#[test]
+fn a_job_removed_by_its_ttl_is_not_run_again_and_a_changed_job_is() {
+    let lab = Lab::new();
+    lab.write("k8s/web/job.yaml", JOB);
+    lab.apply_ok();
+    // Completed (the harness's node), then deleted by the TTL controller.
+    lab.kube.wait_for(
+        "the TTL controller",
+        std::time::Duration::from_secs(60),
+        || {
+            lab.kube
+                .get("job.batch", Some(&lab.ns), "migrate")
+                .is_none()
+        },
+    );
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    lab.has(&text, "No changes: 4 object(s) in sync.");
+    let text = lab.apply_ok();
+    assert!(text.contains("Nothing to do"), "{text}");
+    assert!(lab
+        .kube
+        .get("job.batch", Some(&lab.ns), "migrate")
+        .is_none());
+    // A changed Job runs again.
+    lab.write("k8s/web/job.yaml", &JOB.replace("echo, v1", "echo, v2"));
+    let text = lab.apply_ok();
+    lab.has(&text, "+ k8s:web/@NS/Job.batch/migrate");
+    // And one changed while the old run still exists is deleted and made anew.
+    lab.write(
+        "k8s/web/job.yaml",
+        &JOB.replace("  ttlSecondsAfterFinished: 1\n", "")
+            .replace("echo, v1", "echo, v3"),
+    );
+    lab.apply_ok();
+    lab.write(
+        "k8s/web/job.yaml",
+        &JOB.replace("  ttlSecondsAfterFinished: 1\n", "")
+            .replace("echo, v1", "echo, v4"),
+    );
+    let (_, text) = lab.plan();
+    assert!(text.contains("note: a changed Job runs again"), "{text}");
+    lab.apply_ok();
+    let job = lab.kube.get("job.batch", Some(&lab.ns), "migrate").unwrap();
+    assert_eq!(
+        job["spec"]["template"]["spec"]["containers"][0]["args"][1],
+        "v4"
+    );
+}
+
+const STATEFUL: &str = "apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: db
+spec:
+  serviceName: db
+  replicas: 1
+  selector:
+    matchLabels: {app: db}
+  template:
+    metadata:
+      labels: {app: db}
+    spec:
+      containers:
+        - name: db
+          image: postgres:16
+  volumeClaimTemplates:
+    - metadata: {name: data}
+      spec:
+        accessModes: [ReadWriteOnce]
+        resources: {requests: {storage: 1Gi}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: frozen
+immutable: true
+data:
+  k: v1
+";
+
+#[test]
+fn immutable_fields_fail_the_object_alone_unless_it_may_be_recreated() {
+    let lab = Lab::new();
+    lab.write("k8s/web/db.yaml", STATEFUL);
+    lab.apply_ok();
+    lab.write(
+        "k8s/web/db.yaml",
+        &STATEFUL
+            .replace("storage: 1Gi", "storage: 2Gi")
+            .replace("k: v1", "k: v2"),
+    );
+    lab.write(
+        "k8s/web/app.yaml",
+        &APP.replace("color: blue", "color: green"),
+    );
+    let (out, text) = lab.plan();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    lab.has(
+        &text,
+        "error: k8s:web/@NS/StatefulSet.apps/db  (k8s/web/db.yaml:1): cannot change in place: spec.volumeClaimTemplates (immutable)",
+    );
+    lab.has(&text, "error: k8s:web/@NS/ConfigMap/frozen");
+    assert!(text.contains("homelab-agent/recreate"), "{text}");
+    let (out, text) = lab.apply();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    // The rest of the stack is not held back.
+    lab.has(&text, "~ k8s:web/@NS/ConfigMap/web-config updated");
+    assert_eq!(
+        lab.config_map("web-config").unwrap()["data"]["color"],
+        "green"
+    );
+    // Opted in: deleted and created again.
+    lab.write(
+        "k8s/web/db.yaml",
+        &STATEFUL
+            .replace("storage: 1Gi", "storage: 2Gi")
+            .replace("k: v1", "k: v2")
+            .replace(
+                "  name: db\n",
+                "  name: db\n  annotations: {homelab-agent/recreate: \"true\"}\n",
+            )
+            .replace(
+                "  name: frozen\n",
+                "  name: frozen\n  annotations: {homelab-agent/recreate: \"true\"}\n",
+            ),
+    );
+    let (out, text) = lab.plan();
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("note: spec.volumeClaimTemplates cannot change in place: it is deleted and created again"),
+        "{text}"
+    );
+    let text = lab.apply_ok();
+    assert!(!text.contains("failed k8s:"), "{text}");
+    let sts = lab
+        .kube
+        .get("statefulset.apps", Some(&lab.ns), "db")
+        .unwrap();
+    assert_eq!(
+        sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+        "2Gi"
+    );
+    assert_eq!(lab.config_map("frozen").unwrap()["data"]["k"], "v2");
+}
+
+#[test]
+fn deletion_takes_time_and_the_plan_says_so() {
+    let lab = Lab::new();
+    let pvc = "apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: media
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Gi}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: held
+  finalizers: [example.com/hold]
+data: {k: v}
+";
+    lab.write("k8s/web/pvc.yaml", pvc);
+    lab.apply_ok();
+    // An object held by a finalizer, deleted by someone: never in sync.
+    lab.kube
+        .kubectl_ok(&["delete", "configmap", "held", "-n", &lab.ns, "--wait=false"]);
+    let (_, text) = lab.plan();
+    lab.has(&text, "k8s:web/@NS/ConfigMap/held");
+    assert!(
+        text.contains(
+            "note: it is being deleted (held by finalizers example.com/hold): apply waits"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("object(s) in sync"), "{text}");
+    // The finalizer is released: apply re-creates it.
+    let release = lab.kube.kubectl(&[
+        "patch",
+        "configmap",
+        "held",
+        "-n",
+        &lab.ns,
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    assert!(release.status.success());
+    lab.apply_ok();
+    assert!(lab.config_map("held").is_some());
+    // Drop the finalizer from the manifest so the namespace can go.
+    lab.write(
+        "k8s/web/pvc.yaml",
+        &pvc.replace("  finalizers: [example.com/hold]\n", ""),
+    );
+    lab.apply_ok();
+    lab.kube.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "held",
+        "-n",
+        &lab.ns,
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+
+    // Pruning the namespace names what goes with it.
+    for f in ["00-namespace.yaml", "app.yaml", "pvc.yaml"] {
+        std::fs::remove_file(lab.repo().join("k8s/web").join(f)).unwrap();
+    }
+    let (_, text) = lab.plan();
+    lab.has(
+        &text,
+        "- k8s:web//Namespace/@NS  will be deleted: it left the stack; everything in namespace @NS goes with it, including 1 PersistentVolumeClaim(s) (media) and their data",
+    );
+    lab.apply_ok();
+    // Added back at once: the namespace is still terminating; apply waits.
+    lab.write("k8s/web/00-namespace.yaml", NAMESPACE);
+    lab.write("k8s/web/app.yaml", APP);
+    let terminating = lab
+        .kube
+        .get("namespace", None, &lab.ns)
+        .is_some_and(|n| n["status"]["phase"] == "Terminating");
+    if terminating {
+        let (_, text) = lab.plan();
+        assert!(text.contains("is being deleted"), "{text}");
+    }
+    let text = lab.apply_ok();
+    lab.has(&text, "k8s:web/@NS/ConfigMap/web-config created");
+    assert_eq!(
+        lab.kube.get("namespace", None, &lab.ns).unwrap()["status"]["phase"],
+        "Active"
+    );
+}
+
+#[test]
+fn misspelt_fields_are_errors_naming_the_field() {
+    let lab = Lab::new();
+    lab.write(
+        "k8s/web/app.yaml",
+        &APP.replace("  replicas: 2\n", "  replicas: 2\n  replicass: 3\n"),
+    );
+    lab.write(
+        "k8s/web/crd.yaml",
+        "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gadgets.strict.example.com
+spec:
+  group: strict.example.com
+  scope: Namespaced
+  names: {plural: gadgets, singular: gadget, kind: Gadget}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          properties:
+            spec:
+              type: object
+              properties:
+                size: {type: integer}
+",
+    );
+    lab.apply_ok_or_partial();
+    lab.write(
+        "k8s/web/gadget.yaml",
+        "apiVersion: strict.example.com/v1\nkind: Gadget\nmetadata:\n  name: g\nspec:\n  sise: 3\n",
+    );
+    let (out, text) = lab.plan();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    lab.has(
+        &text,
+        "error: k8s:web/@NS/Deployment.apps/web  (k8s/web/app.yaml:9): unknown field",
+    );
+    assert!(text.contains("spec.replicass"), "{text}");
+    lab.has(&text, "error: k8s:web/@NS/Gadget.strict.example.com/g");
+    assert!(text.contains("unknown field spec.sise"), "{text}");
+}
+
+#[test]
+fn a_read_only_identity_is_told_once_what_permission_is_missing() {
+    let lab = Lab::new();
+    let kubeconfig = lab
+        .kube
+        .write_kubeconfig(lab.tmp.path(), &["lab"], Identity::Viewer);
+    lab.write_config(&format!("kubeconfig: {}\n", kubeconfig.display()));
+    let (out, text) = lab.plan();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    lab.has(
+        &text,
+        "Stack web (namespace @NS, context lab): error: user \"viewer\" may not create",
+    );
+    assert!(text.contains("create namespaces (cluster-wide)"), "{text}");
+    assert_eq!(text.matches("may not").count(), 1, "{text}");
+    assert!(!text.contains("403"), "{text}");
+}
+
+#[test]
+fn client_certificates_authenticate_like_minikube_and_k3s_kubeconfigs() {
+    let lab = Lab::new();
+    let kubeconfig = lab
+        .kube
+        .write_kubeconfig(lab.tmp.path(), &["lab"], Identity::ClientCert);
+    lab.write_config(&format!("kubeconfig: {}\n", kubeconfig.display()));
+    lab.apply_ok();
+    lab.has(&lab.plan().1, "No changes: 3 object(s) in sync.");
+}
+
+#[test]
+fn a_stack_waiting_for_its_rollout_holds_no_other_stack_up() {
+    let lab = Lab::new();
+    let slow_ns = lab.kube.namespace("slow");
+    lab.write(
+        "hosts/lab.yaml",
+        &format!("{HOST}  - name: slow\n    context: lab\n"),
+    );
+    lab.write(
+        "k8s/slow/stack.yaml",
+        &format!("namespace: {slow_ns}\ntimeout: 8s\n"),
+    );
+    lab.write(
+        "k8s/slow/app.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {slow_ns}\n---\n{}",
+            APP.replace(
+                "      labels: {app: web}\n    spec:",
+                "      labels: {app: web, kube-env.test/hold: ContainerCreating}\n    spec:"
+            )
+        ),
+    );
+    let config = lab.config();
+    let mut child = agent()
+        .args(["apply", "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The other stack converges while this one waits for its pods.
+    lab.kube
+        .wait_for("the web stack", std::time::Duration::from_secs(30), || {
+            lab.config_map("web-config").is_some()
+        });
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "apply was still waiting on the slow stack"
+    );
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "failed k8s:slow/{slow_ns}/Deployment.apps/web: not healthy after 8s"
+        )),
+        "{text}"
+    );
+    lab.has(&text, "+ k8s:web/@NS/Deployment.apps/web created");
+    lab.kube.delete_namespace(&slow_ns);
 }

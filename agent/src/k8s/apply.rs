@@ -448,12 +448,12 @@ impl Run<'_> {
         let api = client::api(self.cluster, &ar, namespace.as_deref());
         let name = &o.reference.name;
         match &p.wait_gone {
-            Some(None) => self.wait_gone(&api, name, "it").await?,
+            Some(None) => self.wait_gone(&api, name, "it", false).await?,
             Some(Some(ns)) => {
                 let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
                     kube::Api::all(self.cluster.client.clone());
                 let namespaces = dynamic(namespaces);
-                self.wait_gone(&namespaces, ns, &format!("namespace {ns}"))
+                self.wait_gone(&namespaces, ns, &format!("namespace {ns}"), true)
                     .await?
             }
             None => {}
@@ -462,7 +462,7 @@ impl Run<'_> {
             client::delete(&api, name)
                 .await
                 .map_err(|e| format!("cannot delete it to re-create it: {}", e.describe()))?;
-            self.wait_gone(&api, name, "it").await?;
+            self.wait_gone(&api, name, "it", false).await?;
         }
         if let Some(t) = &p.takeover {
             let patch = serde_json::json!({"metadata": {
@@ -525,17 +525,25 @@ impl Run<'_> {
         }
     }
 
-    /// Waits (up to the stack's timeout) until the object is gone.
+    /// Waits (up to the stack's timeout) until the object is gone (or,
+    /// with `or_recreated`, exists again without being deleted: a
+    /// namespace this run created anew).
     async fn wait_gone(
         &self,
         api: &kube::Api<kube::api::DynamicObject>,
         name: &str,
         what: &str,
+        or_recreated: bool,
     ) -> Result<(), String> {
         let deadline = Instant::now() + self.stack.spec.timeout;
         loop {
             match client::get(api, name).await {
                 Ok(None) => return Ok(()),
+                Ok(Some(live))
+                    if or_recreated && live.pointer("/metadata/deletionTimestamp").is_none() =>
+                {
+                    return Ok(())
+                }
                 Ok(Some(live)) => {
                     if Instant::now() >= deadline {
                         let finalizers = live
@@ -653,6 +661,14 @@ impl Run<'_> {
                             self.errors[i] = Some(format!("unhealthy: {why}"));
                         }
                     },
+                    // A Job with a TTL that finished and was removed.
+                    Ok(None)
+                        if r.kind == "Job"
+                            && self.stack.objects[p.index]
+                                .body
+                                .0
+                                .pointer("/spec/ttlSecondsAfterFinished")
+                                .is_some() => {}
                     Ok(None) => {
                         last.insert(i, "it does not exist".into());
                         still.push(i);

@@ -348,19 +348,25 @@ impl CallError {
                     .collect();
                 (!fields.is_empty()).then_some(Refusal::Immutable(fields))
             }
-            400 if s.message.contains("unknown field") || s.message.contains("duplicate field") => {
-                // `.spec.foo: field not declared in schema` (CRDs) and
-                // `unknown field "spec.foo"` (built-in types), one per line.
-                let fields = s
-                    .message
-                    .split(['\n', ','])
-                    .filter_map(|part| {
-                        let part = part.trim();
-                        part.split_once("unknown field \"")
-                            .and_then(|(_, rest)| rest.split_once('"'))
-                            .map(|(f, _)| f.to_string())
-                    })
-                    .collect();
+            // Strict field validation: `unknown field "spec.foo"` (400,
+            // built-in decoding) or `.spec.foo: field not declared in
+            // schema` (the typed patch of server-side apply, 500 in 1.37).
+            _ if s.message.contains("unknown field")
+                || s.message.contains("field not declared in schema") =>
+            {
+                let mut fields: Vec<String> = Vec::new();
+                for part in s.message.split(['\n', ',']) {
+                    if let Some((_, rest)) = part.split_once("unknown field \"") {
+                        if let Some((f, _)) = rest.split_once('"') {
+                            fields.push(f.trim_start_matches('.').to_string());
+                        }
+                    } else if let Some((before, _)) =
+                        part.split_once(": field not declared in schema")
+                    {
+                        let f = before.rsplit(' ').next().unwrap_or(before);
+                        fields.push(f.trim_start_matches('.').to_string());
+                    }
+                }
                 Some(Refusal::UnknownFields(fields))
             }
             _ => None,
