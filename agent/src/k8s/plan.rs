@@ -536,7 +536,21 @@ async fn observe_object(
             }
         }
         // Its namespace is created by the same stack, in this run.
-        Err(e) if e.code() == Some(404) && live.is_none() => None,
+        Err(e)
+            if e.code() == Some(404)
+                && live.is_none()
+                && creates_namespace(stack, namespace.as_deref()) =>
+        {
+            None
+        }
+        Err(e) if e.code() == Some(404) && live.is_none() && namespace.is_some() => {
+            p.error = Some(format!(
+                "its namespace {} does not exist and this stack does not create it: create it first (or add a Namespace manifest to the stack); {}",
+                namespace.as_deref().unwrap_or(""),
+                e.describe()
+            ));
+            return Ok(p);
+        }
         Err(e) => {
             if let Some(err) = transport(cluster, &e) {
                 return Err(err);
@@ -646,6 +660,17 @@ async fn observe_object(
         _ => Action::Update,
     };
     Ok(p)
+}
+
+/// Whether the stack itself creates namespace `ns` (a Namespace object).
+fn creates_namespace(stack: &Stack, ns: Option<&str>) -> bool {
+    ns.is_some_and(|ns| {
+        stack.objects.iter().any(|o| {
+            o.reference.kind == "Namespace"
+                && o.reference.group.is_empty()
+                && o.reference.name == ns
+        })
+    })
 }
 
 /// `deployments.apps`, `configmaps`: a resource as RBAC names it.
