@@ -232,6 +232,10 @@ struct StatusArgs {
     json: bool,
 }
 
+/// The secret values resolved by this command (set by `load`), scrubbed from
+/// the error line `main` prints.
+static SCRUBBER: std::sync::OnceLock<Arc<engine::Scrubber>> = std::sync::OnceLock::new();
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -252,11 +256,14 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            // The one place errors leave the CLI: URL credentials hidden.
-            eprintln!(
-                "error: {}",
-                crate::redact::url_credentials(&format!("{e:#}"))
-            );
+            // The one place errors leave the CLI: URL credentials and the
+            // secret values this command resolved hidden.
+            let text = format!("{e:#}");
+            let text = match SCRUBBER.get() {
+                Some(s) => s.scrub(&text),
+                None => crate::redact::url_credentials_owned(&text),
+            };
+            eprintln!("error: {text}");
             ExitCode::from(1)
         }
     }
@@ -384,7 +391,9 @@ fn load(target: &Target) -> Result<Loaded> {
     let r = resolve_target(target)?;
     let mut phases = Phases::default();
     let resolved = phases.time(Phase::Fetch, || engine::resolve(&r.spec, &r.state_dir))?;
-    let secrets = engine::secret_source(r.onepassword.as_ref());
+    // Every value this command resolves is scrubbed from the error line (main).
+    let secrets = engine::Scrubber::new(engine::secret_source(r.onepassword.as_ref()));
+    let _ = SCRUBBER.set(secrets.clone());
     let catalog = phases.time(Phase::Render, || {
         engine::load(resolved.source, &r.host, r.policy, secrets)
     })?;

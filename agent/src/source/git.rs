@@ -334,7 +334,9 @@ impl GitCache {
                 .create(cache_dir)
                 .map_err(|e| init_err(e.to_string()))?;
             gix::init_bare(cache_dir).map_err(|e| init_err(why(&e)))?;
-            fs::write(cache_dir.join(URL_FILE), format!("{url}\n"))
+            // Masked: the file is for people (and the mismatch check), and a
+            // token in the URL must not rest in the state directory.
+            fs::write(cache_dir.join(URL_FILE), format!("{}\n", redact(url)))
                 .map_err(|e| init_err(e.to_string()))?;
         } else {
             let found = fs::read_to_string(cache_dir.join(URL_FILE)).map_err(|e| {
@@ -344,7 +346,8 @@ impl GitCache {
                 }
             })?;
             let found = found.trim_end();
-            if found != url {
+            // Caches written before URLs were masked hold the URL as given.
+            if found != redact(url) && found != url {
                 return Err(GitError::CacheMismatch {
                     path: cache_dir.to_path_buf(),
                     url: redact(url),
