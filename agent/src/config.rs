@@ -171,12 +171,38 @@ pub fn default_path() -> PathBuf {
 /// The default listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
 
+/// Largest agent config read (a config is a screenful; this bounds a
+/// mistaken path, such as a log file, before it is parsed).
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Refuses what is not a regular file of at most `max` bytes: a FIFO or a
+/// device named in the config would block the reader (the daemon's reload
+/// runs on its event loop), and a huge file would be read whole.
+fn check_regular(path: &Path, max: u64) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "it is not a regular file (a FIFO, device or directory)",
+        ));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {} bytes, over the limit of {max}", meta.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let read = |source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    check_regular(path, MAX_CONFIG_BYTES).map_err(read)?;
+    let text = std::fs::read_to_string(path).map_err(read)?;
     parse(path, &text)
 }
 
@@ -588,9 +614,18 @@ pub fn check_credentials(config: &AgentConfig) -> Result<Credentials, ConfigErro
     }
     if let Some(v) = &config.verify {
         note(
-            crate::source::verify::AllowedSigners::load(&v.allowed_signers)
-                .map(|_| ())
-                .map_err(|e| format!("`verify.allowed_signers`: {e}")),
+            check_regular(&v.allowed_signers, MAX_CONFIG_BYTES)
+                .map_err(|e| {
+                    format!(
+                        "`verify.allowed_signers` {}: {e}",
+                        v.allowed_signers.display()
+                    )
+                })
+                .and_then(|()| {
+                    crate::source::verify::AllowedSigners::load(&v.allowed_signers)
+                        .map(|_| ())
+                        .map_err(|e| format!("`verify.allowed_signers`: {e}"))
+                }),
         );
     }
     if problems.is_empty() {

@@ -1069,3 +1069,95 @@ fn weak_webhook_secrets_are_refused_by_run_and_validate_alike() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
 }
+
+/// Regression test for issue 12 (item 8): a reloaded config naming a FIFO
+/// as its webhook secret or allowed signers (the read never returns) is
+/// refused; before, the reload blocked the event loop: no probe, no webhook
+/// answered again.
+#[test]
+fn a_reloaded_config_that_would_hang_the_agent_is_refused() {
+    let lab = Lab::new();
+    let daemon = lab.start();
+    let pid = nix::unistd::Pid::from_raw(daemon.child.id() as i32);
+    let fifo = lab.tmp.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let good = std::fs::read_to_string(lab.config_path()).unwrap();
+    for bad in [
+        good.replace(
+            &format!(
+                "webhook_secret_file: {}",
+                lab.tmp.path().join("webhook-secret").display()
+            ),
+            &format!("webhook_secret_file: {}", fifo.display()),
+        ),
+        format!("{good}verify:\n  allowed_signers: {}\n", fifo.display()),
+    ] {
+        assert_ne!(bad, good);
+        std::fs::write(lab.config_path(), &bad).unwrap();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let start = Instant::now();
+        let (code, _) = http_request("GET", &lab.listen, "/healthz", &[], &[]).unwrap();
+        assert_eq!(code, 200);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        let head = lab.clone.head();
+        assert_eq!(
+            lab.webhook("refs/heads/main", ZERO, &head, &new_uuid(), SECRET)
+                .0,
+            202,
+            "the old config is kept"
+        );
+    }
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert_eq!(log.matches("new configuration refused").count(), 2, "{log}");
+    assert!(log.contains("not a regular file"), "{log}");
+}
+
+/// Regression test for issue 12 (item 8): a run that goes past its time
+/// budget (a `validate:` tool that takes 8 s, `run_timeout: 2s`) is
+/// reported stuck on `/readyz` and in the log while it lasts; SIGTERM then
+/// ends the daemon at once instead of waiting for it.
+#[test]
+fn a_run_past_its_budget_is_reported_stuck() {
+    let lab = Lab::new();
+    lab.write_config_with("1h", None, "run_timeout: 2s\n");
+    let daemon = lab.start();
+    let before = lab.clone.head();
+    lab.clone.write(
+        "modules/extra/module.yaml",
+        "resources:\n  - file: /srv/extra.txt\n    content: \"slow\\n\"\n    validate: \"/bin/sh -c 'sleep 8' %s\"\n",
+    );
+    lab.clone.commit("a validator that takes 8 s");
+    assert_eq!(lab.push_and_notify(&before).0, 202);
+    let start = Instant::now();
+    let why = loop {
+        let (code, why) = http_get(&lab.listen, "/readyz");
+        if code == 503 && why.contains("stuck") {
+            break why;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "never reported stuck: {code} {why}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("reported stuck after {:?}: {why}", start.elapsed());
+    assert!(why.contains("run_timeout"), "{why}");
+    let status = daemon.status();
+    assert_eq!(status["stuck"]["budget_secs"], 2, "{status:#}");
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(log.contains("exceeded its time budget"), "{log}");
+    let mut daemon = daemon;
+    let stop = Instant::now();
+    let exit = homelab_agent_tests::terminate(&mut daemon.child);
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        stop.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stop.elapsed()
+    );
+}
