@@ -573,32 +573,37 @@ fn read_shared_secret(path: &Path, what: &str, key: &str) -> Result<Vec<u8>, Str
 pub fn check_credentials(config: &AgentConfig) -> Result<Credentials, ConfigError> {
     let mut problems = Vec::new();
     let mut creds = Credentials::default();
-    let mut note = |r: Result<(), String>| {
+    // Each problem is `key: what is wrong` (the key as written in the config).
+    let mut note = |key: &str, r: Result<(), String>| {
         if let Err(e) = r {
-            problems.push(crate::redact::url_credentials_owned(&e));
+            problems.push(crate::redact::url_credentials_owned(&format!("{key}: {e}")));
         }
     };
     if let Some(path) = &config.webhook_secret_file {
         note(
+            "webhook_secret_file",
             read_shared_secret(path, "webhook secret file", "webhook_secret_file")
                 .map(|v| creds.webhook_secret = Some(v)),
         );
     }
     if let Some(path) = &config.api_token_file {
         note(
+            "api_token_file",
             read_shared_secret(path, "API token file", "api_token_file")
                 .map(|v| creds.api_token = Some(v)),
         );
     }
     if let Some(path) = &config.token_file {
         note(
+            "token_file",
             crate::source::git::read_token(path)
                 .map(|_| ())
-                .map_err(|e| format!("`token_file`: {e}")),
+                .map_err(|e| e.to_string()),
         );
     }
     if let Some(op) = &config.onepassword {
         note(
+            "onepassword",
             crate::secrets::connect::ConnectClient::check(
                 &crate::secrets::connect::ConnectConfig::new(
                     op.connect_url.clone(),
@@ -606,25 +611,25 @@ pub fn check_credentials(config: &AgentConfig) -> Result<Credentials, ConfigErro
                 ),
             )
             .map(|_| ())
-            .map_err(|e| format!("`onepassword`: {e}")),
+            .map_err(|e| e.to_string()),
         );
     }
     if let Some(path) = config.loki.as_ref().and_then(|l| l.password_file.as_ref()) {
-        note(read_private_file(path, "Loki password file").map(|_| ()));
+        note(
+            "loki.password_file",
+            read_private_file(path, "Loki password file").map(|_| ()),
+        );
     }
     if let Some(v) = &config.verify {
+        let path = &v.allowed_signers;
         note(
-            check_regular(&v.allowed_signers, MAX_CONFIG_BYTES)
-                .map_err(|e| {
-                    format!(
-                        "`verify.allowed_signers` {}: {e}",
-                        v.allowed_signers.display()
-                    )
-                })
+            "verify.allowed_signers",
+            check_regular(path, MAX_CONFIG_BYTES)
+                .map_err(|e| format!("{}: {e}", path.display()))
                 .and_then(|()| {
-                    crate::source::verify::AllowedSigners::load(&v.allowed_signers)
+                    crate::source::verify::AllowedSigners::load(path)
                         .map(|_| ())
-                        .map_err(|e| format!("`verify.allowed_signers`: {e}"))
+                        .map_err(|e| e.to_string())
                 }),
         );
     }
@@ -840,11 +845,12 @@ mod tests {
             "holds 21 bytes; `webhook_secret_file` needs at least 32",
             "API token file",
             "is empty",
-            "`token_file`: the token file",
-            "`onepassword`: cannot read the Connect token file",
+            "token_file: the token file",
+            "onepassword: cannot read the Connect token file",
+            "loki.password_file: Loki password file",
             "Loki password file",
             "readable by group or others (mode 0644)",
-            "`verify.allowed_signers`",
+            "verify.allowed_signers: ",
         ] {
             assert!(err.contains(want), "missing {want:?} in:\n{err}");
         }
