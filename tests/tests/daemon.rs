@@ -1161,3 +1161,71 @@ fn a_run_past_its_budget_is_reported_stuck() {
         stop.elapsed()
     );
 }
+
+/// Issue 12 (item 9): with `api_token_file`, `/api/status` and `/metrics`
+/// need the bearer token, the probes do not, `/readyz` keeps its reason to
+/// itself, and `agent status --config` sends the token.
+#[test]
+fn the_api_token_guards_status_and_metrics() {
+    let lab = Lab::new();
+    let token = "api-token-0123456789abcdef-0123456789";
+    let path = lab.tmp.path().join("api-token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    lab.write_config_with("1h", None, &format!("api_token_file: {}\n", path.display()));
+    // `start` waits on /api/status: it cannot without the token, so poll /readyz.
+    let child = agent()
+        .args(["run", "--config", lab.config_path().to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon {
+        child,
+        listen: lab.listen.clone(),
+        log: lab.tmp.path().join("daemon.log"),
+    };
+    let start = Instant::now();
+    while http_request("GET", &lab.listen, "/readyz", &[], &[])
+        .map(|r| r.0)
+        .ok()
+        != Some(200)
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bearer = format!("Bearer {token}");
+    for path in ["/api/status", "/metrics"] {
+        let (code, _) = http_request("GET", &lab.listen, path, &[], &[]).unwrap();
+        assert_eq!(code, 401, "{path}");
+        let (code, _) = http_request(
+            "GET",
+            &lab.listen,
+            path,
+            &[("Authorization".to_string(), "Bearer nope".to_string())],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(code, 401, "{path}");
+        let (code, _) = http_request(
+            "GET",
+            &lab.listen,
+            path,
+            &[("Authorization".to_string(), bearer.clone())],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{path}");
+    }
+    assert_eq!(http_get(&lab.listen, "/healthz").0, 200);
+    let out = agent()
+        .args(["status", "--config", lab.config_path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&out).contains(&format!("Daemon: running on {}", lab.listen)),
+        "{}",
+        stdout(&out)
+    );
+    drop(daemon);
+}

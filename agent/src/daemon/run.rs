@@ -836,12 +836,19 @@ fn report_refusal(
         .refused
         .as_ref()
         .is_some_and(|k| k.stage == r.stage && k.revision == r.revision && k.error == r.error);
-    telemetry.metrics.source_error(&r.stage);
-    telemetry.metrics.phase_failed(match r.stage.as_str() {
-        "fetch" | "signature" => Phase::Fetch,
-        "validate" => Phase::Render,
-        _ => Phase::Apply,
-    });
+    // `source_errors_total` counts what the source stages refused; a
+    // revision that panicked plan or apply is an apply failure.
+    match r.stage.as_str() {
+        "fetch" | "signature" => {
+            telemetry.metrics.source_error(&r.stage);
+            telemetry.metrics.phase_failed(Phase::Fetch);
+        }
+        "validate" => {
+            telemetry.metrics.source_error(&r.stage);
+            telemetry.metrics.phase_failed(Phase::Render);
+        }
+        _ => telemetry.metrics.phase_failed(Phase::Apply),
+    }
     if !known {
         telemetry.emit([crate::telemetry::events::refused(
             &r.stage,
