@@ -1257,6 +1257,33 @@ mod tests {
         }
     }
 
+    /// A body that never comes (a slow client holding its connection
+    /// busy): cut at [`BODY_READ_TIMEOUT`] with `408` (time is paused: the
+    /// test does not wait ten seconds).
+    #[tokio::test(start_paused = true)]
+    async fn a_webhook_body_that_never_ends_is_cut_at_the_read_timeout() {
+        struct Never;
+        impl HttpBody for Never {
+            type Data = Bytes;
+            type Error = std::io::Error;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>>
+            {
+                std::task::Poll::Pending
+            }
+        }
+        let req = HttpRequest::post("/hooks/forgejo")
+            .header("content-type", "application/json")
+            .body(Body::new(Never))
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let resp = router(enabled()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(started.elapsed(), BODY_READ_TIMEOUT);
+    }
+
     #[tokio::test]
     async fn replayed_delivery_is_ignored() {
         let state = enabled();
