@@ -772,7 +772,11 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
                         at: now_secs(),
                         cause: RefusalCause::Panicked,
                     });
-                    shared.queue.push(Trigger::Drift);
+                    // A commit can be skipped by id: converge the last good
+                    // one now. (A local directory would only panic again.)
+                    if matches!(git::parse_location(&s.config.repo), RepoLocation::Remote(_)) {
+                        shared.queue.push(Trigger::Drift);
+                    }
                 }
             }
         }
