@@ -247,6 +247,17 @@ impl Drop for Daemon {
     }
 }
 
+/// The peak resident memory of a process (`VmHWM`), for the log of
+/// hostile-input measurements.
+fn peak_rss(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .map(|l| l.trim_start_matches("VmHWM:").trim().to_string())
+        .unwrap_or_default()
+}
+
 fn wait_for_file(path: &Path, want: &str, limit: Duration) -> Duration {
     let start = Instant::now();
     loop {
@@ -901,7 +912,11 @@ fn a_template_that_hangs_is_abandoned_and_refused() {
     let status = daemon.wait_until("the refusal", Duration::from_secs(15), |s| {
         s["refused"]["revision"] == bad.as_str()
     });
-    eprintln!("hanging template refused after {:?}", start.elapsed());
+    eprintln!(
+        "hanging template refused after {:?}; daemon peak RSS {}",
+        start.elapsed(),
+        peak_rss(daemon.child.id())
+    );
     assert!(
         start.elapsed() < Duration::from_secs(8),
         "{:?}",
@@ -997,8 +1012,9 @@ fn slowloris_clients_neither_starve_healthz_nor_exhaust_descriptors() {
     let (code, body) = http_get(&lab.listen, "/healthz");
     let took = start.elapsed();
     eprintln!(
-        "/healthz under 300 slowloris clients: {took:?}; fds idle {idle}, now {}",
-        fds()
+        "/healthz under 300 slowloris clients: {took:?}; fds idle {idle}, now {}; peak RSS {}",
+        fds(),
+        peak_rss(pid)
     );
     assert_eq!((code, body.as_str()), (200, "ok"));
     assert!(took < Duration::from_secs(2), "{took:?}");
