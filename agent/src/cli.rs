@@ -707,8 +707,9 @@ fn run_install_service(args: InstallArgs) -> Result<ExitCode> {
             .context("cannot find this binary's path; pass --binary")?,
     };
     if !args.dry_run {
-        // The service would only crash-loop on a config that does not load.
-        config::load(&config)?;
+        // The service would only crash-loop on a config that does not load
+        // or names unusable files: the same check as `agent run` at start.
+        config::check_credentials(&config::load(&config)?)?;
     }
     let done = crate::install::install(&binary, &config, args.root.as_deref(), args.dry_run)?;
     for (path, content) in &done.files {
