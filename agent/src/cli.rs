@@ -22,6 +22,38 @@ use crate::resources::Host;
 use crate::source::{LocalDir, Source};
 use crate::telemetry::{Phase, Phases};
 
+/// Writes to standard output; a reader that went away (`agent status |
+/// head`, `agent plan | head -1`) is not an error: what is left is dropped
+/// and the command finishes its work (an apply still records its run,
+/// writes its metrics file and flushes its events). `println!` would panic.
+fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static CLOSED: AtomicBool = AtomicBool::new(false);
+    if CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        // Closed pipe, full disk, revoked terminal: nobody reads what follows.
+        CLOSED.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("warning: cannot write to standard output: {e}");
+        }
+    }
+}
+
+/// `print!` that survives a closed standard output (see [`write_stdout`]).
+macro_rules! out {
+    ($($arg:tt)*) => { write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` that survives a closed standard output (see [`write_stdout`]).
+macro_rules! outln {
+    () => { write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 /// Plans and converges this host from a repository of desired state.
 ///
 /// The repository holds hosts/<name>.yaml (what each host runs), modules/
@@ -200,6 +232,10 @@ struct StatusArgs {
     json: bool,
 }
 
+/// The secret values resolved by this command (set by `load`), scrubbed from
+/// the error line `main` prints.
+static SCRUBBER: std::sync::OnceLock<Arc<engine::Scrubber>> = std::sync::OnceLock::new();
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -211,7 +247,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run_daemon(args),
         Command::Secrets(SecretsCommand::Check(args)) => run_secrets_check(args),
         Command::Kinds => {
-            print!("{}", kinds_text());
+            out!("{}", kinds_text());
             Ok(ExitCode::SUCCESS)
         }
         Command::InstallService(args) => run_install_service(args),
@@ -220,7 +256,14 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The one place errors leave the CLI: URL credentials and the
+            // secret values this command resolved hidden.
+            let text = format!("{e:#}");
+            let text = match SCRUBBER.get() {
+                Some(s) => s.scrub(&text),
+                None => crate::redact::url_credentials_owned(&text),
+            };
+            eprintln!("error: {text}");
             ExitCode::from(1)
         }
     }
@@ -278,6 +321,10 @@ struct Resolved {
 
 fn resolve_target(target: &Target) -> Result<Resolved> {
     let config = target.config.as_deref().map(config::load).transpose()?;
+    if let Some(c) = &config {
+        // The same check as `agent run` and `agent validate --config`.
+        config::check_credentials(c)?;
+    }
     let c = config.as_ref();
     let host = match target
         .host
@@ -344,7 +391,9 @@ fn load(target: &Target) -> Result<Loaded> {
     let r = resolve_target(target)?;
     let mut phases = Phases::default();
     let resolved = phases.time(Phase::Fetch, || engine::resolve(&r.spec, &r.state_dir))?;
-    let secrets = engine::secret_source(r.onepassword.as_ref());
+    // Every value this command resolves is scrubbed from the error line (main).
+    let secrets = engine::Scrubber::new(engine::secret_source(r.onepassword.as_ref()));
+    let _ = SCRUBBER.set(secrets.clone());
     let catalog = phases.time(Phase::Render, || {
         engine::load(resolved.source, &r.host, r.policy, secrets)
     })?;
@@ -420,17 +469,17 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
         if !orphans.is_empty() {
             value["orphaned_stacks"] = serde_json::json!(orphans);
         }
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        print!(
+        out!(
             "{}",
             report::plan_text(&plan, loaded.sandbox.as_deref(), style())
         );
-        print!(
+        out!(
             "{}",
             crate::k8s::report::plan_text(&plan.catalog, &stacks, style())
         );
-        print!("{}", crate::k8s::report::orphans_text(&orphans));
+        out!("{}", crate::k8s::report::orphans_text(&orphans));
     }
     if let Some(path) = &args.metrics_file {
         write_metrics_file(path, &loaded.state_dir, &plan, None, &loaded.phases)?;
@@ -465,7 +514,7 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
         crate::plan::plan(loaded.catalog, &loaded.host, &inventory, &key)
     });
     if !plan.failures.is_empty() {
-        print!(
+        out!(
             "{}",
             report::plan_text(&plan, loaded.sandbox.as_deref(), style())
         );
@@ -514,10 +563,10 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
     if args.json {
         let mut value = serde_json::to_value(&report)?;
         value["stacks"] = serde_json::to_value(&stacks)?;
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        print!("{}", report::apply_text(&report, style()));
-        print!("{}", crate::k8s::report::apply_text(&stacks, style()));
+        out!("{}", report::apply_text(&report, style()));
+        out!("{}", crate::k8s::report::apply_text(&stacks, style()));
     }
     if let Some(t) = &telemetry {
         t.observe_apply(&plan, &report, "cli");
@@ -549,15 +598,28 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
 fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
     if let Some(path) = &args.config {
         let c = config::load(path)?;
-        println!(
+        // Everything `agent run` refuses at start, refused here too.
+        let creds = config::check_credentials(&c)?;
+        outln!(
             "ok: agent config {} (repo {}, ref {})",
             path.display(),
-            c.repo,
+            crate::redact::url_credentials(&c.repo),
             c.reference
         );
         if let Some(v) = &c.verify {
-            crate::source::verify::AllowedSigners::load(&v.allowed_signers)?;
-            println!("ok: allowed signers {}", v.allowed_signers.display());
+            outln!("ok: allowed signers {}", v.allowed_signers.display());
+        }
+        if creds.webhook_secret.is_some() {
+            outln!(
+                "ok: webhook secret file (private, at least {} bytes)",
+                config::MIN_SHARED_SECRET_BYTES
+            );
+        }
+        if creds.api_token.is_some() {
+            outln!(
+                "ok: API token file (private, at least {} bytes)",
+                config::MIN_SHARED_SECRET_BYTES
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -573,9 +635,9 @@ fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
     for host in hosts {
         match desired::load(source.clone(), &host) {
             Ok(catalog) if catalog.stacks.is_empty() => {
-                println!("ok: host {host}: {} resources", catalog.entries.len())
+                outln!("ok: host {host}: {} resources", catalog.entries.len())
             }
-            Ok(catalog) => println!(
+            Ok(catalog) => outln!(
                 "ok: host {host}: {} resources, {} stack(s) with {} object(s)",
                 catalog.entries.len(),
                 catalog.stacks.len(),
@@ -612,13 +674,13 @@ fn run_secrets_check(args: CheckArgs) -> Result<ExitCode> {
             None => {}
         }
     }
-    println!(
+    outln!(
         "Secrets for host {}: {ok} resource(s) resolved all their references, {} could not.",
         loaded.catalog.host.name,
         failed.len()
     );
     for f in &failed {
-        println!("  failed: {f}");
+        outln!("  failed: {f}");
     }
     Ok(if failed.is_empty() {
         ExitCode::SUCCESS
@@ -645,8 +707,9 @@ fn run_install_service(args: InstallArgs) -> Result<ExitCode> {
             .context("cannot find this binary's path; pass --binary")?,
     };
     if !args.dry_run {
-        // The service would only crash-loop on a config that does not load.
-        config::load(&config)?;
+        // The service would only crash-loop on a config that does not load
+        // or names unusable files: the same check as `agent run` at start.
+        config::check_credentials(&config::load(&config)?)?;
     }
     let done = crate::install::install(&binary, &config, args.root.as_deref(), args.dry_run)?;
     for (path, content) in &done.files {
@@ -655,11 +718,11 @@ fn run_install_service(args: InstallArgs) -> Result<ExitCode> {
             None => path.clone(),
         };
         if args.dry_run {
-            println!("# {} (would be written)\n{content}", shown.display());
+            outln!("# {} (would be written)\n{content}", shown.display());
         } else if done.changed.is_empty() {
-            println!("up to date: {}", shown.display());
+            outln!("up to date: {}", shown.display());
         } else {
-            println!(
+            outln!(
                 "installed: {} ({})",
                 shown.display(),
                 done.changed.join(", ")
@@ -668,7 +731,7 @@ fn run_install_service(args: InstallArgs) -> Result<ExitCode> {
     }
     if !args.dry_run && args.root.is_none() {
         let name = crate::install::service_name(crate::install::this_platform());
-        println!("running: {name} (agent run --config {})", config.display());
+        outln!("running: {name} (agent run --config {})", config.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -676,8 +739,8 @@ fn run_install_service(args: InstallArgs) -> Result<ExitCode> {
 fn run_uninstall_service(args: UninstallArgs) -> Result<ExitCode> {
     let name = crate::install::service_name(crate::install::this_platform());
     match crate::install::uninstall(args.root.as_deref())? {
-        crate::resources::PruneOutcome::AlreadyGone => println!("not installed: {name}"),
-        _ => println!("removed: {name} (stopped, disabled, unit file deleted)"),
+        crate::resources::PruneOutcome::AlreadyGone => outln!("not installed: {name}"),
+        _ => outln!("removed: {name} (stopped, disabled, unit file deleted)"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -694,9 +757,10 @@ fn run_daemon(args: RunArgs) -> Result<ExitCode> {
 fn init_logging(format: config::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Every line through the redacting writer: no URL credential in a log.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::redact::RedactingWriter(std::io::stderr()))
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         config::LogFormat::Json => builder.json().try_init(),
@@ -704,17 +768,26 @@ fn init_logging(format: config::LogFormat) {
     };
 }
 
-/// Asks a running daemon for its status (`GET /api/status` on loopback).
-fn daemon_status(addr: std::net::SocketAddr) -> Option<crate::daemon::status::StatusSnapshot> {
+/// Asks a running daemon for its status (`GET /api/status` on loopback),
+/// with the API token when the config names one (and it can be read).
+fn daemon_status(
+    addr: std::net::SocketAddr,
+    token_file: Option<&Path>,
+) -> Option<crate::daemon::status::StatusSnapshot> {
     use std::io::{Read, Write};
     let mut stream =
         std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(300)).ok()?;
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(2)))
         .ok()?;
+    let auth = token_file
+        .and_then(|p| config::read_private_file(p, "API token file").ok())
+        .and_then(|t| String::from_utf8(t).ok())
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         stream,
-        "GET /api/status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET /api/status HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut response = String::new();
@@ -757,7 +830,7 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
         || config::DEFAULT_LISTEN.parse().expect("valid"),
         |c| c.listen,
     );
-    let daemon = daemon_status(listen);
+    let daemon = daemon_status(listen, c.and_then(|c| c.api_token_file.as_deref()));
     let store = Store::open_read_only(&state_dir)?;
     let record = store.host(&host)?;
     let inventory = store.inventory(&host)?;
@@ -771,12 +844,15 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
             "inventory": inventory,
             "runs": runs,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!(
+            "{}",
+            crate::redact::url_credentials(&serde_json::to_string_pretty(&value)?)
+        );
         return Ok(ExitCode::SUCCESS);
     }
-    println!("Host {host} (state in {})", state_dir.display());
+    outln!("Host {host} (state in {})", state_dir.display());
     match &daemon {
-        Some(d) => println!(
+        Some(d) => outln!(
             "Daemon: running on {listen}{}",
             if d.running {
                 ", a run is in progress"
@@ -784,21 +860,21 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
                 ""
             }
         ),
-        None => println!("Daemon: not reachable on {listen}"),
+        None => outln!("Daemon: not reachable on {listen}"),
     }
     if let Some(f) = &record.fetched_revision {
-        println!("Fetched revision: {f}");
+        outln!("Fetched revision: {f}");
     }
     if let Some(g) = &record.last_good_revision {
-        println!("Last good revision: {g}");
+        outln!("Last good revision: {g}");
     }
     if record.manual_override.is_some() {
-        println!(
+        outln!(
             "Manual override: the applied revision was picked with --rev; kept until the next push"
         );
     }
     if let Some(r) = &record.refused {
-        println!(
+        outln!(
             "Refused revision{} at {} ({}):\n  {}",
             r.revision
                 .as_deref()
@@ -808,17 +884,17 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
             humantime::format_rfc3339_seconds(
                 std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.at)
             ),
-            r.error.replace('\n', "\n  ")
+            crate::redact::url_credentials(&r.error).replace('\n', "\n  ")
         );
     }
     match (&record.applied_revision, record.applied_at) {
-        (Some(rev), Some(at)) => println!(
+        (Some(rev), Some(at)) => outln!(
             "Applied revision: {rev} at {}",
             humantime::format_rfc3339_seconds(
                 std::time::UNIX_EPOCH + std::time::Duration::from_secs(at)
             )
         ),
-        _ => println!("Applied revision: none yet"),
+        _ => outln!("Applied revision: none yet"),
     }
     let mut by_module: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
     for e in inventory.values() {
@@ -826,23 +902,21 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
             .entry((e.module.as_str(), e.kind.as_str()))
             .or_default() += 1;
     }
-    println!("Inventory: {} resource(s)", inventory.len());
+    outln!("Inventory: {} resource(s)", inventory.len());
     for ((module, kind), n) in by_module {
-        println!("  {module:<16} {kind:<10} {n}");
+        outln!("  {module:<16} {kind:<10} {n}");
     }
     let pending = inventory.values().filter(|e| e.digest.is_none()).count();
     if pending > 0 {
-        println!(
-            "  {pending} resource(s) with an unconfirmed apply (the next apply finishes them)"
-        );
+        outln!("  {pending} resource(s) with an unconfirmed apply (the next apply finishes them)");
     }
-    println!("Recent runs (newest first):");
+    outln!("Recent runs (newest first):");
     if runs.is_empty() {
-        println!("  none");
+        outln!("  none");
     }
     for r in runs {
         let c = &r.counts;
-        println!(
+        outln!(
             "  {}  {:<7} {:<8} {}  +{} ~{} -{} !{} failed {}{}",
             humantime::format_rfc3339_seconds(
                 std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.started_ms)
@@ -855,7 +929,9 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
             c.pruned,
             c.drift_healed + c.drift_reported,
             c.failed,
-            r.error.map(|e| format!("  ({e})")).unwrap_or_default()
+            r.error
+                .map(|e| format!("  ({})", crate::redact::url_credentials(&e)))
+                .unwrap_or_default()
         );
     }
     Ok(ExitCode::SUCCESS)

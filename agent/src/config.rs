@@ -24,6 +24,13 @@ pub enum ConfigError {
     },
     #[error("agent config {path} is invalid:\n{diags}")]
     Invalid { path: PathBuf, diags: Diagnostics },
+    /// The config parses, but a file it names cannot be used (see
+    /// [`check_credentials`]). Every problem is listed.
+    #[error("agent config {}: {} file(s) it names cannot be used:\n{}", path.display(), problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Credentials {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 /// How the daemon logs.
@@ -106,7 +113,18 @@ pub struct AgentConfig {
     pub loki: Option<LokiConfig>,
     /// The kubeconfig stacks use (default: `$KUBECONFIG`, else `~/.kube/config`).
     pub kubeconfig: Option<PathBuf>,
+    /// A run (fetch, render, plan, apply) taking longer than this is
+    /// abandoned and reported; a revision whose rendering does is refused.
+    pub run_timeout: Duration,
+    /// A bearer token (0600 file) that `/api/status` and `/metrics` require;
+    /// `None`: they answer anyone who can reach the listener.
+    pub api_token_file: Option<PathBuf>,
 }
+
+/// The default [`AgentConfig::run_timeout`]: far above a real run (a
+/// thousand files apply in well under a second; package installs and
+/// Kubernetes health waits take minutes), far below "stuck forever".
+pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 const KEYS: &[&str] = &[
     "repo",
@@ -124,6 +142,8 @@ const KEYS: &[&str] = &[
     "log_format",
     "kubeconfig",
     "loki",
+    "run_timeout",
+    "api_token_file",
 ];
 
 const LOKI_KEYS: &[&str] = &[
@@ -151,12 +171,38 @@ pub fn default_path() -> PathBuf {
 /// The default listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
 
+/// Largest agent config read (a config is a screenful; this bounds a
+/// mistaken path, such as a log file, before it is parsed).
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// Refuses what is not a regular file of at most `max` bytes: a FIFO or a
+/// device named in the config would block the reader (the daemon's reload
+/// runs on its event loop), and a huge file would be read whole.
+fn check_regular(path: &Path, max: u64) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "it is not a regular file (a FIFO, device or directory)",
+        ));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {} bytes, over the limit of {max}", meta.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let read = |source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    check_regular(path, MAX_CONFIG_BYTES).map_err(read)?;
+    let text = std::fs::read_to_string(path).map_err(read)?;
     parse(path, &text)
 }
 
@@ -182,7 +228,19 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         }
     };
     let repo = match r.string("repo", &mut diags) {
-        Some((repo, _)) => Some(repo),
+        Some((repo, line)) => {
+            if let Some(why) = url_credentials_problem(&repo) {
+                diags.push(
+                    Diagnostic::new(
+                        &file,
+                        format!("`repo: {}` {why}", crate::redact::url_credentials(&repo)),
+                    )
+                    .line(line)
+                    .hint("put the token in a file named by `token_file` (chmod 600), and rotate it: it was written in the config"),
+                );
+            }
+            Some(repo)
+        }
         None if !r.has("repo") => {
             diags.push(
                 Diagnostic::new(&file, "the agent config has no `repo`")
@@ -271,6 +329,8 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         .take("loki")
         .and_then(|node| loki(&file, node, &rel, &mut diags));
     let kubeconfig = r.string("kubeconfig", &mut diags).map(|s| rel(s.0));
+    let run_timeout = duration(&mut r, "run_timeout", &mut diags).unwrap_or(DEFAULT_RUN_TIMEOUT);
+    let api_token_file = r.string("api_token_file", &mut diags).map(|s| rel(s.0));
     r.finish(KEYS, &mut diags);
     if !diags.is_empty() {
         return Err(invalid(diags));
@@ -292,6 +352,8 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         log_format,
         loki,
         kubeconfig,
+        run_timeout,
+        api_token_file,
     })
 }
 
@@ -316,6 +378,16 @@ fn loki(
             None
         }
         Some((url, line)) => {
+            if let Some(why) = url_credentials_problem(&url) {
+                diags.push(
+                    Diagnostic::new(
+                        file,
+                        format!("`loki.url: {}` {why}", crate::redact::url_credentials(&url)),
+                    )
+                    .line(line)
+                    .hint("use `username` and `password_file` (chmod 600), and rotate the password: it was written in the config"),
+                );
+            }
             let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
             let host_ok = url
                 .split_once("://")
@@ -388,6 +460,187 @@ fn loki(
         max_backoff,
         timeout,
     })
+}
+
+/// Why a URL may not be used as written: it holds a password
+/// (`scheme://user:password@host`). `None`: fine. A user name alone stays
+/// allowed (the token file's token goes with it), though messages hide it
+/// too, since forges also take a token there.
+fn url_credentials_problem(url: &str) -> Option<&'static str> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    userinfo.contains(':').then_some(
+        "holds a password; the agent never takes one from a URL (it would show in logs and status)",
+    )
+}
+
+/// Shortest webhook secret and API token accepted, in bytes: 32 bytes
+/// (256 bits) is HMAC-SHA256's output size, the key length RFC 2104 (§3)
+/// recommends as a minimum (shorter keys weaken the MAC); GitHub and
+/// Forgejo ask for a random, high-entropy secret. `openssl rand -hex 32`
+/// makes one of 64.
+pub const MIN_SHARED_SECRET_BYTES: usize = 32;
+
+/// What [`check_credentials`] read: the values the daemon needs at start.
+#[derive(Default)]
+pub struct Credentials {
+    /// The webhook HMAC key, when `webhook_secret_file` is set.
+    pub webhook_secret: Option<Vec<u8>>,
+    /// The bearer token of `/api/status` and `/metrics`, when `api_token_file` is set.
+    pub api_token: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field(
+                "webhook_secret",
+                &self.webhook_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Reads a file holding a credential: a regular file, mode 0600 or
+/// stricter (no group or other bits), UTF-8-clean or not, not empty once
+/// trimmed. The content is never part of an error.
+pub fn read_private_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{what} {} is not a regular file", path.display()));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "{what} {} is readable by group or others (mode {:04o}); run: chmod 600 {}",
+            path.display(),
+            meta.permissions().mode() & 0o777,
+            path.display()
+        ));
+    }
+    // Bounded: a credential is a line, not a disk image someone pointed us at.
+    const MAX: u64 = 64 * 1024;
+    if meta.len() > MAX {
+        return Err(format!(
+            "{what} {} is {} bytes; a credential file holds one value (at most {MAX} bytes)",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    let value = bytes.trim_ascii().to_vec();
+    if value.is_empty() {
+        return Err(format!(
+            "{what} {} is empty; put the value in it",
+            path.display()
+        ));
+    }
+    Ok(value)
+}
+
+/// [`read_private_file`] for a shared secret that must also be long enough
+/// ([`MIN_SHARED_SECRET_BYTES`]).
+fn read_shared_secret(path: &Path, what: &str, key: &str) -> Result<Vec<u8>, String> {
+    let value = read_private_file(path, what)?;
+    if value.len() < MIN_SHARED_SECRET_BYTES {
+        return Err(format!(
+            "{what} {} holds {} bytes; `{key}` needs at least {MIN_SHARED_SECRET_BYTES} \
+             (256 bits, HMAC-SHA256's key size: a short secret can be guessed)\n    \
+             make one: openssl rand -hex 32 > {} && chmod 600 {}",
+            path.display(),
+            value.len(),
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(value)
+}
+
+/// Checks every file the config names, the way `agent run` uses them: the
+/// one check behind `agent run` (at start and on SIGHUP), `agent validate
+/// --config` and the CLI commands that take `--config`, so a config that
+/// validates starts. Every problem is reported at once.
+///
+/// Checked: `webhook_secret_file` and `api_token_file` (private, not empty,
+/// at least [`MIN_SHARED_SECRET_BYTES`]), `token_file`,
+/// `onepassword.token_file` and `loki.password_file` (private, not empty;
+/// through the readers that use them), `onepassword.connect_url`, and
+/// `verify.allowed_signers` (parses, with at least one key).
+pub fn check_credentials(config: &AgentConfig) -> Result<Credentials, ConfigError> {
+    let mut problems = Vec::new();
+    let mut creds = Credentials::default();
+    // Each problem is `key: what is wrong` (the key as written in the config).
+    let mut note = |key: &str, r: Result<(), String>| {
+        if let Err(e) = r {
+            problems.push(crate::redact::url_credentials_owned(&format!("{key}: {e}")));
+        }
+    };
+    if let Some(path) = &config.webhook_secret_file {
+        note(
+            "webhook_secret_file",
+            read_shared_secret(path, "webhook secret file", "webhook_secret_file")
+                .map(|v| creds.webhook_secret = Some(v)),
+        );
+    }
+    if let Some(path) = &config.api_token_file {
+        note(
+            "api_token_file",
+            read_shared_secret(path, "API token file", "api_token_file")
+                .map(|v| creds.api_token = Some(v)),
+        );
+    }
+    if let Some(path) = &config.token_file {
+        note(
+            "token_file",
+            crate::source::git::read_token(path)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        );
+    }
+    if let Some(op) = &config.onepassword {
+        note(
+            "onepassword",
+            crate::secrets::connect::ConnectClient::check(
+                &crate::secrets::connect::ConnectConfig::new(
+                    op.connect_url.clone(),
+                    op.token_file.clone(),
+                ),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        );
+    }
+    if let Some(path) = config.loki.as_ref().and_then(|l| l.password_file.as_ref()) {
+        note(
+            "loki.password_file",
+            read_private_file(path, "Loki password file").map(|_| ()),
+        );
+    }
+    if let Some(v) = &config.verify {
+        let path = &v.allowed_signers;
+        note(
+            "verify.allowed_signers",
+            check_regular(path, MAX_CONFIG_BYTES)
+                .map_err(|e| format!("{}: {e}", path.display()))
+                .and_then(|()| {
+                    crate::source::verify::AllowedSigners::load(path)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }),
+        );
+    }
+    if problems.is_empty() {
+        Ok(creds)
+    } else {
+        Err(ConfigError::Credentials {
+            path: config.file.clone(),
+            problems,
+        })
+    }
 }
 
 /// An integer in `min..=max`.
@@ -556,6 +809,105 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("agent.yaml:2: `loki` needs `url`"), "{err}");
+    }
+
+    fn private(dir: &Path, name: &str, content: &str, mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    /// Every credential problem is reported at once, none with its value;
+    /// the one check that `agent run` and `agent validate --config` share.
+    #[test]
+    fn credential_files_are_checked_all_at_once_without_their_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let short = private(d, "short", "only-twenty-one-bytes", 0o600);
+        let empty = private(d, "empty", "  \n", 0o600);
+        let open = private(d, "open", &"o".repeat(40), 0o644);
+        let signers = private(d, "signers", "# no keys\n", 0o644);
+        let text = format!(
+            "repo: .\nwebhook_secret_file: {}\napi_token_file: {}\ntoken_file: {}\nonepassword: {{connect_url: \"http://127.0.0.1:1\", token_file: {}}}\nloki: {{url: \"http://127.0.0.1:2\", username: a, password_file: {}}}\nverify: {{allowed_signers: {}}}\n",
+            short.display(),
+            empty.display(),
+            open.display(),
+            d.join("missing").display(),
+            open.display(),
+            signers.display(),
+        );
+        let c = parse(&d.join("agent.yaml"), &text).unwrap();
+        let err = check_credentials(&c).unwrap_err().to_string();
+        for want in [
+            "6 file(s) it names cannot be used",
+            "holds 21 bytes; `webhook_secret_file` needs at least 32",
+            "API token file",
+            "is empty",
+            "token_file: the token file",
+            "onepassword: cannot read the Connect token file",
+            "loki.password_file: Loki password file",
+            "Loki password file",
+            "readable by group or others (mode 0644)",
+            "verify.allowed_signers: ",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in:\n{err}");
+        }
+        assert!(
+            !err.contains("only-twenty-one-bytes") && !err.contains(&"o".repeat(40)),
+            "{err}"
+        );
+
+        let good = private(d, "good", &"g".repeat(32), 0o600);
+        let c = parse(
+            &d.join("agent.yaml"),
+            &format!(
+                "repo: .\nwebhook_secret_file: {}\napi_token_file: {}\n",
+                good.display(),
+                good.display()
+            ),
+        )
+        .unwrap();
+        let creds = check_credentials(&c).unwrap();
+        assert_eq!(
+            creds.webhook_secret.as_deref(),
+            Some("g".repeat(32).as_bytes())
+        );
+        assert!(!format!("{creds:?}").contains("ggg"));
+    }
+
+    #[test]
+    fn credentials_in_urls_are_refused_without_being_repeated() {
+        let err = parse(
+            Path::new("agent.yaml"),
+            "repo: https://ann:s3cr3t-tok@git.lan/o/r.git\nloki: {url: \"http://agent:pw-Zq9@loki:3100\"}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("agent.yaml:1: `repo: https://ann:***@git.lan/o/r.git` holds a password"),
+            "{err}"
+        );
+        assert!(
+            err.contains("agent.yaml:2: `loki.url: http://agent:***@loki:3100` holds a password"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("s3cr3t-tok") && !err.contains("pw-Zq9"),
+            "{err}"
+        );
+        let c = parse(
+            Path::new("a.yaml"),
+            "repo: ssh://git@git.lan/o/r.git\nrun_timeout: 5s\n",
+        )
+        .unwrap();
+        assert!(parse(Path::new("a.yaml"), "repo: https://ann@git.lan/o/r.git\n").is_ok());
+        assert_eq!(c.run_timeout, Duration::from_secs(5));
+        assert_eq!(
+            parse(Path::new("a.yaml"), "repo: .\n").unwrap().run_timeout,
+            DEFAULT_RUN_TIMEOUT
+        );
     }
 
     #[test]

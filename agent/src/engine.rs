@@ -39,6 +39,10 @@ pub struct SourceSpec {
 }
 
 /// A stage failure: what the daemon records as a refused revision.
+///
+/// Fetch and signature messages are built with [`StageError::fetch`] and
+/// [`StageError::signature`], which hide URL credentials: they quote the
+/// repository URL (and gix's own errors may quote it again).
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     #[error("{0}")]
@@ -56,6 +60,16 @@ impl StageError {
             StageError::Signature(_) => "signature",
             StageError::Validate(_) => "validate",
         }
+    }
+
+    /// A fetch failure, URL credentials hidden.
+    pub fn fetch(e: impl std::fmt::Display) -> StageError {
+        StageError::Fetch(crate::redact::url_credentials_owned(&e.to_string()))
+    }
+
+    /// A signature failure, URL credentials hidden.
+    pub fn signature(e: impl std::fmt::Display) -> StageError {
+        StageError::Signature(crate::redact::url_credentials_owned(&e.to_string()))
     }
 }
 
@@ -77,12 +91,9 @@ pub fn resolve(spec: &SourceSpec, state_dir: &Path) -> Result<Resolved, StageErr
     match git::parse_location(&spec.repo) {
         RepoLocation::Local(dir) => {
             let source: Arc<dyn Source> = match &spec.rev {
-                None => {
-                    Arc::new(LocalDir::open(&dir).map_err(|e| StageError::Fetch(e.to_string()))?)
-                }
+                None => Arc::new(LocalDir::open(&dir).map_err(StageError::fetch)?),
                 Some(rev) => {
-                    let commit = CommitSource::open(&dir, rev)
-                        .map_err(|e| StageError::Fetch(e.to_string()))?;
+                    let commit = CommitSource::open(&dir, rev).map_err(StageError::fetch)?;
                     verify(spec, &commit)?;
                     Arc::new(commit)
                 }
@@ -96,8 +107,7 @@ pub fn resolve(spec: &SourceSpec, state_dir: &Path) -> Result<Resolved, StageErr
         RepoLocation::Remote(url) => {
             git::install_tls_provider();
             let dir = cache_dir(state_dir, &url);
-            let cache =
-                GitCache::open_or_init(&dir, &url).map_err(|e| StageError::Fetch(e.to_string()))?;
+            let cache = GitCache::open_or_init(&dir, &url).map_err(StageError::fetch)?;
             let opts = GitOptions {
                 token_file: spec.token_file.clone(),
                 timeout: spec.fetch_timeout,
@@ -106,7 +116,7 @@ pub fn resolve(spec: &SourceSpec, state_dir: &Path) -> Result<Resolved, StageErr
                 Some(
                     cache
                         .fetch(&spec.reference, &opts)
-                        .map_err(|e| StageError::Fetch(e.to_string()))?,
+                        .map_err(StageError::fetch)?,
                 )
             } else {
                 None
@@ -115,17 +125,14 @@ pub fn resolve(spec: &SourceSpec, state_dir: &Path) -> Result<Resolved, StageErr
                 (Some(rev), _) => {
                     // An older commit is not in a shallow cache: fetch it by id.
                     if cache.resolve(rev).is_err() && spec.fetch {
-                        cache
-                            .fetch(rev, &opts)
-                            .map_err(|e| StageError::Fetch(e.to_string()))?;
+                        cache.fetch(rev, &opts).map_err(StageError::fetch)?;
                     }
                     rev.clone()
                 }
                 (None, Some(id)) => id.to_string(),
                 (None, None) => spec.reference.clone(),
             };
-            let commit =
-                CommitSource::open(&dir, &rev).map_err(|e| StageError::Fetch(e.to_string()))?;
+            let commit = CommitSource::open(&dir, &rev).map_err(StageError::fetch)?;
             verify(spec, &commit)?;
             Ok(Resolved {
                 source: Arc::new(commit),
@@ -139,7 +146,7 @@ pub fn resolve(spec: &SourceSpec, state_dir: &Path) -> Result<Resolved, StageErr
 /// Opens one commit of a cache (the daemon's fallback to the last good revision).
 pub fn open_commit(cache: &Path, rev: &str) -> Result<Arc<dyn Source>, StageError> {
     Ok(Arc::new(
-        CommitSource::open(cache, rev).map_err(|e| StageError::Fetch(e.to_string()))?,
+        CommitSource::open(cache, rev).map_err(StageError::fetch)?,
     ))
 }
 
@@ -147,10 +154,10 @@ fn verify(spec: &SourceSpec, commit: &CommitSource) -> Result<(), StageError> {
     let Some(path) = &spec.allowed_signers else {
         return Ok(());
     };
-    let signers = AllowedSigners::load(path).map_err(|e| StageError::Signature(e.to_string()))?;
+    let signers = AllowedSigners::load(path).map_err(StageError::signature)?;
     crate::source::verify::verify_source(commit, &signers)
         .map(|_| ())
-        .map_err(|e| StageError::Signature(e.to_string()))
+        .map_err(StageError::signature)
 }
 
 /// Where this run's secrets come from: Connect (with a fresh per-run cache)
@@ -194,4 +201,128 @@ pub fn load(
         secrets,
     };
     Ok(desired::load_with(source, host, &opts)?)
+}
+
+/// A secret source that remembers every value it hands out during one run,
+/// so that an error of that run can be scrubbed of them before it is
+/// printed, logged, recorded in state or served (`/api/status`, `/readyz`).
+///
+/// The template layer keeps values out of its messages; this is the second
+/// line at the boundary: whatever path a value takes into an error text
+/// (a filter's message, an include name, a tool's output), the text that
+/// leaves the agent does not carry it, nor its JSON-, Debug- or
+/// URL-encoded form.
+pub struct Scrubber {
+    inner: Arc<dyn SecretSource>,
+    seen: std::sync::Mutex<Vec<crate::secrets::SecretValue>>,
+}
+
+/// Values shorter than this are not scrubbed: replacing two letters
+/// everywhere in a message would garble it, and such a value is no secret.
+const MIN_SCRUBBED_LEN: usize = 4;
+
+impl Scrubber {
+    pub fn new(inner: Arc<dyn SecretSource>) -> Arc<Scrubber> {
+        Arc::new(Scrubber {
+            inner,
+            seen: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// `text` with every value resolved so far, in its common encodings,
+    /// replaced by `[redacted]`; URL credentials hidden too.
+    pub fn scrub(&self, text: &str) -> String {
+        let mut out = crate::redact::url_credentials_owned(text);
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        for value in seen.iter() {
+            let v = value.expose();
+            if v.len() < MIN_SCRUBBED_LEN {
+                continue;
+            }
+            let json = serde_json::to_string(v).unwrap_or_default();
+            let debug = format!("{v:?}");
+            let unquote = |q: &str| {
+                q.strip_prefix('"')
+                    .and_then(|q| q.strip_suffix('"'))
+                    .unwrap_or(q)
+                    .to_string()
+            };
+            for form in [
+                v.to_string(),
+                unquote(&json),
+                unquote(&debug),
+                percent_encode(v),
+            ] {
+                if !form.is_empty() && out.contains(&form) {
+                    out = out.replace(&form, crate::secrets::REDACTED);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl SecretSource for Scrubber {
+    fn resolve(
+        &self,
+        reference: &crate::secrets::Reference,
+    ) -> Result<crate::secrets::SecretValue, SecretError> {
+        let value = self.inner.resolve(reference)?;
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if !seen.contains(&value) {
+            seen.push(value.clone());
+        }
+        Ok(value)
+    }
+}
+
+/// RFC 3986 percent-encoding of everything but the unreserved characters.
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::{Reference, SecretValue};
+
+    struct Fixed;
+
+    impl SecretSource for Fixed {
+        fn resolve(&self, _reference: &Reference) -> Result<SecretValue, SecretError> {
+            Ok(SecretValue::new("p@ss/w0rd \"x\""))
+        }
+    }
+
+    #[test]
+    fn a_scrubber_hides_the_values_it_handed_out_in_any_encoding() {
+        let s = Scrubber::new(Arc::new(Fixed));
+        let text = r#"raw p@ss/w0rd "x", json p@ss/w0rd \"x\", url p%40ss%2Fw0rd%20%22x%22 at https://u:tok@h/r"#;
+        assert_eq!(
+            s.scrub(text),
+            text.replace("u:tok@", "u:***@"),
+            "nothing resolved yet"
+        );
+        s.resolve(&Reference::parse("op://v/i/f").unwrap()).unwrap();
+        assert_eq!(
+            s.scrub(text),
+            "raw [redacted], json [redacted], url [redacted] at https://u:***@h/r"
+        );
+    }
+
+    #[test]
+    fn stage_errors_hide_url_credentials() {
+        let e = StageError::fetch("cannot fetch from https://ann:tok@git.lan/r.git: 401");
+        assert_eq!(
+            e.to_string(),
+            "cannot fetch from https://ann:***@git.lan/r.git: 401"
+        );
+    }
 }

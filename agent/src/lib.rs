@@ -18,6 +18,7 @@ pub mod fsops;
 pub mod install;
 pub mod k8s;
 pub mod plan;
+pub mod redact;
 pub mod report;
 pub mod resources;
 pub mod secrets;

@@ -136,12 +136,44 @@ pub struct HostRecord {
 /// A revision the agent would not apply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refused {
-    /// `fetch`, `signature` or `validate`.
+    /// `fetch`, `signature` or `validate` (or `plan` / `apply` for a
+    /// revision that panicked there).
     pub stage: String,
     pub revision: Option<String>,
+    /// What went wrong. Never holds a secret value or a URL credential:
+    /// the daemon scrubs it before it is recorded.
     pub error: String,
     /// Unix seconds.
     pub at: u64,
+    /// Why, as a type (records written before it read as `Invalid`).
+    #[serde(default)]
+    pub cause: RefusalCause,
+}
+
+/// Why a revision was refused: decides whether the daemon tries it again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalCause {
+    /// Its content is wrong (fetch, signature, validation): checked again on
+    /// every run, which is cheap and notices a fix on the server side.
+    #[default]
+    Invalid,
+    /// A stage panicked on it.
+    Panicked,
+    /// Rendering it took longer than the run's time budget.
+    TimedOut,
+    /// The agent died while rendering it (a crash or a kill): the next
+    /// process found the marker left behind.
+    Crashed,
+}
+
+impl RefusalCause {
+    /// Trying the revision again would crash, hang or panic again: the
+    /// daemon does not, until a newer revision is fetched (or the config is
+    /// reloaded), not even after a restart.
+    pub fn is_sticky(self) -> bool {
+        !matches!(self, RefusalCause::Invalid)
+    }
 }
 
 /// Counts of one run, by classification.

@@ -2,7 +2,9 @@
 //! git-http-backend, basic auth) on loopback: push + Forgejo webhook →
 //! converged; bad, foreign-branch, replayed and bursty webhooks; the server
 //! going away; invalid commits; signed commits; hand edits healed by the file
-//! watcher; SIGTERM; `plan --rev`.
+//! watcher; SIGTERM; `plan --rev`; and hostile revisions and clients (issue
+//! 12): a commit that crashed the agent, a template that hung it, SIGTERM
+//! mid-render, slowloris clients, weak webhook secrets.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -14,7 +16,8 @@ use homelab_agent_tests::git_server::{
 };
 use homelab_agent_tests::{agent, stderr, stdout};
 
-const SECRET: &str = "webhook-secret-for-tests";
+/// At least 32 bytes: shorter webhook secrets are refused (see config::MIN_SHARED_SECRET_BYTES).
+const SECRET: &str = "webhook-secret-for-tests-0123456789";
 const ZERO: &str = "0000000000000000000000000000000000000000";
 
 fn host_yaml(port: u16, extra_module: bool) -> String {
@@ -91,6 +94,11 @@ impl Lab {
     }
 
     fn write_config(&self, poll: &str, allowed_signers: Option<&Path>) {
+        self.write_config_with(poll, allowed_signers, "");
+    }
+
+    /// [`Lab::write_config`] with `extra` lines appended.
+    fn write_config_with(&self, poll: &str, allowed_signers: Option<&Path>, extra: &str) {
         let token = self.server.write_token_file(self.tmp.path());
         let secret = self.tmp.path().join("webhook-secret");
         std::fs::write(&secret, SECRET).unwrap();
@@ -102,7 +110,7 @@ impl Lab {
         std::fs::write(
             self.config_path(),
             format!(
-                "repo: {}\nref: main\ntoken_file: {}\nhost: lab\npoll_interval: {poll}\nwebhook_secret_file: {}\nlisten: {}\nroot: {}\n{verify}",
+                "repo: {}\nref: main\ntoken_file: {}\nhost: lab\npoll_interval: {poll}\nwebhook_secret_file: {}\nlisten: {}\nroot: {}\n{verify}{extra}",
                 self.server.url("lab", "homelab"),
                 token.display(),
                 secret.display(),
@@ -114,11 +122,21 @@ impl Lab {
     }
 
     fn start(&self) -> Daemon {
-        let child = agent()
+        self.start_with(agent())
+    }
+
+    /// Starts `command` (the agent, or a wrapper that execs it) as `agent run`.
+    fn start_with(&self, mut command: std::process::Command) -> Daemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.path().join("daemon.log"))
+            .unwrap();
+        let child = command
             .args(["run", "--config", self.config_path().to_str().unwrap()])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(self.tmp.path().join("daemon.log")).unwrap())
+            .stderr(log)
             .spawn()
             .unwrap();
         let d = Daemon {
@@ -227,6 +245,17 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The peak resident memory of a process (`VmHWM`), for the log of
+/// hostile-input measurements.
+fn peak_rss(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .map(|l| l.trim_start_matches("VmHWM:").trim().to_string())
+        .unwrap_or_default()
 }
 
 fn wait_for_file(path: &Path, want: &str, limit: Duration) -> Duration {
@@ -630,7 +659,11 @@ fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
     assert!(log.contains("unknown key `bogus_key`"), "{log}");
     // A good config with a new secret: the old secret stops working.
     std::fs::write(lab.config_path(), &good).unwrap();
-    std::fs::write(lab.tmp.path().join("webhook-secret"), "rotated-secret").unwrap();
+    std::fs::write(
+        lab.tmp.path().join("webhook-secret"),
+        "rotated-secret-0123456789-abcdefghij",
+    )
+    .unwrap();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -644,7 +677,7 @@ fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
             ZERO,
             &head,
             &new_uuid(),
-            "rotated-secret"
+            "rotated-secret-0123456789-abcdefghij"
         )
         .0,
         202
@@ -748,4 +781,467 @@ fn a_local_directory_source_is_watched_and_logs_can_be_json() {
             serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
     }
+}
+
+// --- issue 12: hostile revisions and clients ---
+
+/// A "billion laughs" module: nine levels of ten aliases, a 10^9-element
+/// expansion. Before YAML aliases were bounded, the agent expanded it until
+/// memory ran out and it died.
+fn billion_laughs() -> String {
+    let mut s = String::from("a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for i in 1..10 {
+        let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+        s.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+    }
+    s.push_str("resources: []\n");
+    s
+}
+
+/// The agent under a 2.5 GB address-space limit (as a cgroup or systemd's
+/// `MemoryMax` would impose), so an expansion without bound ends in an
+/// allocation failure (abort) instead of the machine's OOM killer.
+fn agent_with_memory_limit() -> std::process::Command {
+    let mut c = std::process::Command::new("sh");
+    c.args([
+        "-c",
+        "ulimit -v 2500000 && exec \"$0\" \"$@\"",
+        homelab_agent_tests::agent_bin().to_str().unwrap(),
+    ]);
+    c
+}
+
+/// Regression test for issue 12 (item 8): a commit that crashed the daemon.
+/// Either the agent refuses it outright (bounded YAML), or it dies on it
+/// once; then, restarted with that commit still at the branch head (as
+/// systemd would), it refuses the commit without rendering it again, stays
+/// on the last good revision and heals drift, across further restarts.
+#[test]
+fn a_commit_that_crashed_the_agent_is_refused_across_restarts() {
+    let lab = Lab::new();
+    let mut daemon = lab.start_with(agent_with_memory_limit());
+    let good = lab.clone.head();
+    let before = good.clone();
+    lab.clone
+        .write("modules/extra/module.yaml", &billion_laughs());
+    lab.clone.commit("billion laughs");
+    let bad = lab.clone.head();
+    assert_eq!(lab.push_and_notify(&before).0, 202);
+    // Refused while alive, or dead.
+    let start = Instant::now();
+    let crashed = loop {
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            eprintln!(
+                "the agent died on the commit ({status}) after {:?}",
+                start.elapsed()
+            );
+            break true;
+        }
+        if let Ok((200, body)) = http_request("GET", &lab.listen, "/api/status", &[], &[]) {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v["refused"]["revision"] == bad.as_str() && v["running"] == false {
+                break false;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "neither refused nor dead"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for restart in 0..2 {
+        if crashed || restart > 0 {
+            drop(daemon);
+            daemon = lab.start_with(agent_with_memory_limit());
+        }
+        let status = daemon.wait_until("the refusal", Duration::from_secs(30), |s| {
+            s["refused"]["revision"] == bad.as_str()
+        });
+        assert_eq!(status["applied_revision"], good, "{status:#}");
+        assert_eq!(status["fetched_revision"], bad, "{status:#}");
+        if crashed {
+            assert_eq!(status["refused"]["cause"], "crashed", "{status:#}");
+        }
+        assert!(
+            daemon.child.try_wait().unwrap().is_none(),
+            "the agent died again"
+        );
+        // Still healing drift on the last good revision.
+        let conf = lab.host_path("/srv/app/app.conf");
+        std::fs::write(&conf, "edited\n").unwrap();
+        wait_for_file(&conf, "port = 8080\n", Duration::from_secs(5));
+        let (code, why) = http_get(&lab.listen, "/readyz");
+        assert_eq!(code, 503);
+        assert!(why.contains(&bad), "{why}");
+    }
+    // A fixed commit applies.
+    let before = lab.clone.head();
+    lab.clone.write("modules/extra/module.yaml", EXTRA);
+    lab.clone.write("hosts/lab.yaml", &host_yaml(7171, true));
+    lab.clone.commit("fixed");
+    assert_eq!(lab.push_and_notify(&before).0, 202);
+    daemon.wait_until("the fix", Duration::from_secs(20), |s| {
+        s["refused"].is_null() && s["applied_revision"] == lab.clone.head()
+    });
+    assert_eq!(
+        std::fs::read_to_string(lab.host_path("/srv/app/app.conf")).unwrap(),
+        "port = 7171\n"
+    );
+}
+
+/// Three nested loops over 10,000 each (10^12 iterations, no output): a
+/// template that never ends on its own.
+const HANGING_MODULE: &str = "resources:\n  - file: /srv/extra.txt\n    content: \"{% for i in range(10000) %}{% for j in range(10000) %}{% for k in range(10000) %}{% endfor %}{% endfor %}{% endfor %}\"\n";
+
+/// Regression test for issue 12 (item 8): a template that hung the daemon.
+/// The render is abandoned at half the run's budget, the revision refused;
+/// the daemon stays on the last good revision, heals drift, and after a
+/// restart does not render the commit again.
+#[test]
+fn a_template_that_hangs_is_abandoned_and_refused() {
+    let lab = Lab::new();
+    lab.write_config_with("1h", None, "run_timeout: 4s\n");
+    let daemon = lab.start();
+    let good = lab.clone.head();
+    let before = good.clone();
+    lab.clone.write("modules/extra/module.yaml", HANGING_MODULE);
+    lab.clone.commit("a template that never ends");
+    let bad = lab.clone.head();
+    let start = Instant::now();
+    assert_eq!(lab.push_and_notify(&before).0, 202);
+    let status = daemon.wait_until("the refusal", Duration::from_secs(15), |s| {
+        s["refused"]["revision"] == bad.as_str()
+    });
+    eprintln!(
+        "hanging template refused after {:?}; daemon peak RSS {}",
+        start.elapsed(),
+        peak_rss(daemon.child.id())
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(status["refused"]["stage"], "validate", "{status:#}");
+    assert_eq!(status["applied_revision"], good, "{status:#}");
+    assert_eq!(
+        std::fs::read_to_string(lab.host_path("/srv/extra.txt")).unwrap(),
+        "extra\n"
+    );
+    // Drift is still healed, quickly: the refused commit is not rendered again.
+    let conf = lab.host_path("/srv/app/app.conf");
+    std::fs::write(&conf, "edited\n").unwrap();
+    let healed = wait_for_file(&conf, "port = 8080\n", Duration::from_secs(3));
+    eprintln!("drift healed in {healed:?} with the hanging commit at the head");
+    let (code, why) = http_get(&lab.listen, "/readyz");
+    assert_eq!(code, 503);
+    assert!(why.contains(&bad), "{why}");
+    drop(daemon);
+    // Restarted with the commit still at the head: refused at once.
+    let start = Instant::now();
+    let daemon = lab.start();
+    let status = daemon.wait_until("the refusal", Duration::from_secs(10), |s| {
+        s["refused"]["revision"] == bad.as_str() && s["last_run"].is_object()
+    });
+    assert_eq!(status["applied_revision"], good, "{status:#}");
+    if status["refused"]["cause"] == "timed_out" {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the hanging commit was rendered again after the restart: {:?}",
+            start.elapsed()
+        );
+    }
+}
+
+/// SIGTERM while a render runs (that would take hours): the daemon exits
+/// 0 within two seconds instead of waiting for it.
+#[test]
+fn sigterm_ends_the_daemon_within_two_seconds_mid_render() {
+    let lab = Lab::new();
+    lab.write_config_with("1h", None, "run_timeout: 1h\n");
+    let daemon = lab.start();
+    let before = lab.clone.head();
+    lab.clone.write("modules/extra/module.yaml", HANGING_MODULE);
+    lab.clone.commit("a template that never ends");
+    assert_eq!(lab.push_and_notify(&before).0, 202);
+    // The run has started (fetched, rendering).
+    let start = Instant::now();
+    loop {
+        let (_, body) = http_get(&lab.listen, "/api/status");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["running"] == true {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "no run started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut daemon = daemon;
+    let stop = Instant::now();
+    let status = homelab_agent_tests::terminate(&mut daemon.child);
+    let took = stop.elapsed();
+    eprintln!("SIGTERM mid-render: exited in {took:?}");
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+/// Regression test for issue 12 (item 9): hundreds of slowloris clients
+/// (half a request head each, never finished) against the daemon:
+/// `/healthz` still answers within two seconds, and the daemon holds a
+/// bounded number of file descriptors.
+#[test]
+fn slowloris_clients_neither_starve_healthz_nor_exhaust_descriptors() {
+    use std::io::Write;
+    let lab = Lab::new();
+    let daemon = lab.start();
+    let pid = daemon.child.id();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let idle = fds();
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut c = std::net::TcpStream::connect(&lab.listen).unwrap();
+        c.write_all(b"GET /api/status HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .unwrap();
+        slow.push(c);
+    }
+    let start = Instant::now();
+    let (code, body) = http_get(&lab.listen, "/healthz");
+    let took = start.elapsed();
+    eprintln!(
+        "/healthz under 300 slowloris clients: {took:?}; fds idle {idle}, now {}; peak RSS {}",
+        fds(),
+        peak_rss(pid)
+    );
+    assert_eq!((code, body.as_str()), (200, "ok"));
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(fds() < idle + 64 + 16, "{} fds open (idle: {idle})", fds());
+    drop(slow);
+}
+
+/// `agent run` that must exit by itself (killed, and the test failing, if it
+/// is still running after `limit`).
+fn run_until_exit(lab: &Lab, limit: Duration) -> std::process::Output {
+    let mut child = agent()
+        .args(["run", "--config", lab.config_path().to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("`agent run` started with this config:\n{}", stderr(&out));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Regression test for issue 12 (item 5): an empty or short webhook secret
+/// (anyone can sign with an empty HMAC key) is refused by `agent run` and
+/// by `agent validate --config` alike, with the minimum, never the value.
+#[test]
+fn weak_webhook_secrets_are_refused_by_run_and_validate_alike() {
+    let lab = Lab::new();
+    let secret = lab.tmp.path().join("webhook-secret");
+    for (content, want) in [
+        ("", "is empty"),
+        (
+            "short-secret-Qw9",
+            "holds 16 bytes; `webhook_secret_file` needs at least 32",
+        ),
+    ] {
+        std::fs::write(&secret, content).unwrap();
+        let validate = agent()
+            .args(["validate", "--config", lab.config_path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        let run = run_until_exit(&lab, Duration::from_secs(10));
+        for (what, out) in [("validate", &validate), ("run", &run)] {
+            assert_eq!(out.status.code(), Some(1), "{what}: {}", stderr(out));
+            let err = stderr(out);
+            assert!(err.contains(want), "{what}: {err}");
+            if !content.is_empty() {
+                assert!(
+                    !err.contains(content) && !stdout(out).contains(content),
+                    "{what}: {err}"
+                );
+            }
+        }
+    }
+    // Group-readable: refused by both, too.
+    std::fs::write(&secret, SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    let out = agent()
+        .args(["validate", "--config", lab.config_path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+}
+
+/// Regression test for issue 12 (item 8): a reloaded config naming a FIFO
+/// as its webhook secret or allowed signers (the read never returns) is
+/// refused; before, the reload blocked the event loop: no probe, no webhook
+/// answered again.
+#[test]
+fn a_reloaded_config_that_would_hang_the_agent_is_refused() {
+    let lab = Lab::new();
+    let daemon = lab.start();
+    let pid = nix::unistd::Pid::from_raw(daemon.child.id() as i32);
+    let fifo = lab.tmp.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let good = std::fs::read_to_string(lab.config_path()).unwrap();
+    for bad in [
+        good.replace(
+            &format!(
+                "webhook_secret_file: {}",
+                lab.tmp.path().join("webhook-secret").display()
+            ),
+            &format!("webhook_secret_file: {}", fifo.display()),
+        ),
+        format!("{good}verify:\n  allowed_signers: {}\n", fifo.display()),
+    ] {
+        assert_ne!(bad, good);
+        std::fs::write(lab.config_path(), &bad).unwrap();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let start = Instant::now();
+        let (code, _) = http_request("GET", &lab.listen, "/healthz", &[], &[]).unwrap();
+        assert_eq!(code, 200);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        let head = lab.clone.head();
+        assert_eq!(
+            lab.webhook("refs/heads/main", ZERO, &head, &new_uuid(), SECRET)
+                .0,
+            202,
+            "the old config is kept"
+        );
+    }
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert_eq!(log.matches("new configuration refused").count(), 2, "{log}");
+    assert!(log.contains("not a regular file"), "{log}");
+}
+
+/// Regression test for issue 12 (item 8): a run that goes past its time
+/// budget (a `validate:` tool that takes 8 s, `run_timeout: 2s`) is
+/// reported stuck on `/readyz` and in the log while it lasts; SIGTERM then
+/// ends the daemon at once instead of waiting for it.
+#[test]
+fn a_run_past_its_budget_is_reported_stuck() {
+    let lab = Lab::new();
+    lab.write_config_with("1h", None, "run_timeout: 2s\n");
+    let daemon = lab.start();
+    let before = lab.clone.head();
+    lab.clone.write(
+        "modules/extra/module.yaml",
+        "resources:\n  - file: /srv/extra.txt\n    content: \"slow\\n\"\n    validate: \"/bin/sh -c 'sleep 8' %s\"\n",
+    );
+    lab.clone.commit("a validator that takes 8 s");
+    assert_eq!(lab.push_and_notify(&before).0, 202);
+    let start = Instant::now();
+    let why = loop {
+        let (code, why) = http_get(&lab.listen, "/readyz");
+        if code == 503 && why.contains("stuck") {
+            break why;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "never reported stuck: {code} {why}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("reported stuck after {:?}: {why}", start.elapsed());
+    assert!(why.contains("run_timeout"), "{why}");
+    let status = daemon.status();
+    assert_eq!(status["stuck"]["budget_secs"], 2, "{status:#}");
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(log.contains("exceeded its time budget"), "{log}");
+    let mut daemon = daemon;
+    let stop = Instant::now();
+    let exit = homelab_agent_tests::terminate(&mut daemon.child);
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        stop.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        stop.elapsed()
+    );
+}
+
+/// Issue 12 (item 9): with `api_token_file`, `/api/status` and `/metrics`
+/// need the bearer token, the probes do not, `/readyz` keeps its reason to
+/// itself, and `agent status --config` sends the token.
+#[test]
+fn the_api_token_guards_status_and_metrics() {
+    let lab = Lab::new();
+    let token = "api-token-0123456789abcdef-0123456789";
+    let path = lab.tmp.path().join("api-token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    lab.write_config_with("1h", None, &format!("api_token_file: {}\n", path.display()));
+    // `start` waits on /api/status: it cannot without the token, so poll /readyz.
+    let child = agent()
+        .args(["run", "--config", lab.config_path().to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let daemon = Daemon {
+        child,
+        listen: lab.listen.clone(),
+        log: lab.tmp.path().join("daemon.log"),
+    };
+    let start = Instant::now();
+    while http_request("GET", &lab.listen, "/readyz", &[], &[])
+        .map(|r| r.0)
+        .ok()
+        != Some(200)
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bearer = format!("Bearer {token}");
+    for path in ["/api/status", "/metrics"] {
+        let (code, _) = http_request("GET", &lab.listen, path, &[], &[]).unwrap();
+        assert_eq!(code, 401, "{path}");
+        let (code, _) = http_request(
+            "GET",
+            &lab.listen,
+            path,
+            &[("Authorization".to_string(), "Bearer nope".to_string())],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(code, 401, "{path}");
+        let (code, _) = http_request(
+            "GET",
+            &lab.listen,
+            path,
+            &[("Authorization".to_string(), bearer.clone())],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(code, 200, "{path}");
+    }
+    assert_eq!(http_get(&lab.listen, "/healthz").0, 200);
+    let out = agent()
+        .args(["status", "--config", lab.config_path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&out).contains(&format!("Daemon: running on {}", lab.listen)),
+        "{}",
+        stdout(&out)
+    );
+    drop(daemon);
 }

@@ -806,6 +806,35 @@ impl Evidence {
         self.add(format!("{what}: stderr"), out.stderr.clone());
     }
 
+    /// Fails listing every place any form ([`forms`]) of any value shows.
+    fn assert_no_leaks(&self, values: &[&str]) {
+        let mut leaks = Vec::new();
+        for value in values {
+            for (form, needle) in forms(value) {
+                for (what, bytes) in &self.items {
+                    if contains(bytes, &needle) {
+                        let at = bytes
+                            .windows(needle.len())
+                            .position(|w| w == needle)
+                            .unwrap();
+                        let context = String::from_utf8_lossy(
+                            &bytes
+                                [at.saturating_sub(80)..(at + needle.len() + 80).min(bytes.len())],
+                        )
+                        .into_owned();
+                        leaks.push(format!("{value:?} ({form}) in {what}: …{context}…"));
+                    }
+                }
+            }
+        }
+        assert!(
+            leaks.is_empty(),
+            "{} leak(s):\n{}",
+            leaks.len(),
+            leaks.join("\n")
+        );
+    }
+
     /// Every file under `dir` except `exclude`.
     fn files(&mut self, dir: &Path, exclude: &[PathBuf]) -> usize {
         let mut n = 0;
@@ -1082,30 +1111,7 @@ fn no_secret_value_leaks_anywhere() {
     );
     assert!(scanned > 10, "{scanned} files scanned");
 
-    let mut leaks = Vec::new();
-    for value in [DB_PASSWORD, DB_USER, API_KEY, ROTATED, ROTATED_AGAIN, TOKEN] {
-        for (form, needle) in forms(value) {
-            for (what, bytes) in &ev.items {
-                if contains(bytes, &needle) {
-                    let at = bytes
-                        .windows(needle.len())
-                        .position(|w| w == needle)
-                        .unwrap();
-                    let context = String::from_utf8_lossy(
-                        &bytes[at.saturating_sub(80)..(at + needle.len() + 80).min(bytes.len())],
-                    )
-                    .into_owned();
-                    leaks.push(format!("{value:?} ({form}) in {what}: …{context}…"));
-                }
-            }
-        }
-    }
-    assert!(
-        leaks.is_empty(),
-        "{} leak(s):\n{}",
-        leaks.len(),
-        leaks.join("\n")
-    );
+    ev.assert_no_leaks(&[DB_PASSWORD, DB_USER, API_KEY, ROTATED, ROTATED_AGAIN, TOKEN]);
 }
 
 /// The same with a group-readable secret file (an explicit `mode: "0640"`):
@@ -1121,4 +1127,348 @@ fn a_shared_file_that_stops_holding_a_secret_does_not_show_the_old_value() {
     assert_ne!(shared, APP, "the fixture has the line this test edits");
     check_dropped_secret_is_hidden(&lab, &shared);
     assert_eq!(lab.mode("/srv/app/db.conf"), 0o640);
+}
+
+// --- 9. the leak test on error paths (issue 12, item 4) ---
+
+/// A Connect token that is wrong (a secret all the same).
+const WRONG_TOKEN: &str = "wrong-connect-token-Hh27-CANARY";
+/// A webhook secret too short to be accepted.
+const SHORT_WEBHOOK: &str = "whk-CANARY-Pq5";
+/// Credentials written into repository URLs: a password, and a token as the user.
+const URL_PASSWORD: &str = "urlpass-CANARY-Tt81";
+const URL_TOKEN_USER: &str = "ghpCANARYurltoken4Kq";
+
+/// Renders that fail after `secret()` resolved: the value becomes the name of
+/// an included template, or the input of a filter and an operator that fail.
+const INCLUDE_SECRET: &str = "resources:\n  - directory: /srv/app\n  - file: /srv/app/bad.conf\n    content: \"{% include secret('op://homelab/db/password') %}\"\n";
+const FILTER_SECRET: &str = "resources:\n  - directory: /srv/app\n  - file: /srv/app/bad.conf\n    content: \"{{ secret('op://homelab/api/prod/key') | int }}{{ secret('op://homelab/db/username') + 1 }}\"\n";
+/// A secret file whose `validate:` tool prints the file and fails.
+const FAILING_VALIDATOR: &str = "resources:\n  - directory: /srv/app\n  - file: /srv/app/checked.conf\n    content: \"password={{ secret('op://homelab/db/password') }}\\n\"\n    validate: \"/usr/bin/awk '{print} END {exit 1}' %s\"\n";
+
+/// `agent run` (trace logs to `log`) that may refuse its first revision.
+fn start_daemon(lab: &Lab, log: &Path) -> Child {
+    agent()
+        .args(["run", "--config", lab.config().to_str().unwrap()])
+        .env("RUST_LOG", "trace")
+        .stdout(std::fs::File::create(log.with_extension("stdout")).unwrap())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Polls `/api/status` until `ok` holds and no run is in progress.
+fn wait_status(
+    listen: &str,
+    log: &Path,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        if let Ok((200, body)) = http_request("GET", listen, "/api/status", &[], &[]) {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v["running"] == false && ok(&v) {
+                return v;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out; daemon log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `agent run` that must refuse its config and exit (stopped after 10 s,
+/// and its output returned, if it starts instead).
+fn run_must_exit(lab: &Lab) -> Output {
+    let mut child = agent()
+        .args(["run", "--config", lab.config().to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait_with_output().unwrap()
+}
+
+fn stop(mut child: Child) {
+    let status = homelab_agent_tests::terminate(&mut child);
+    assert!(status.success(), "{status}");
+}
+
+/// Every flow where a run fails or is refused, each grepped like the
+/// success paths above (raw, URL, form, JSON, hex, base64): renders that
+/// fail after `secret()` resolved (plan text and JSON, apply, secrets check,
+/// validate), the same revisions refused by the daemon (`/api/status`,
+/// `/readyz`, logs, state, `agent status`), a failing `validate:` of a
+/// secret file (CLI and daemon), Connect failing and rejecting the token,
+/// a run stopped by SIGTERM mid-apply, an unusable Connect token file, weak
+/// webhook secrets and credentials in repository URLs (`agent validate
+/// --config`, `agent run`, plan).
+#[test]
+fn no_secret_value_leaks_on_error_paths() {
+    let lab = Lab::with_module(INCLUDE_SECRET);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let daemon_config = format!("listen: {listen}\npoll_interval: 1h\n");
+    lab.write_config(true, &daemon_config);
+    let mut ev = Evidence::default();
+    let mut flows = 0;
+    let mut run = |lab: &Lab, ev: &mut Evidence, what: &str, args: &[&str], code: i32| {
+        let out = lab.expect(args, code);
+        ev.output(what, &out);
+        flows += 1;
+        out
+    };
+
+    // 1-2. Renders failing after secret() resolved, through every command.
+    for (name, module) in [("include", INCLUDE_SECRET), ("filter", FILTER_SECRET)] {
+        lab.write("modules/app/module.yaml", module);
+        let out = run(&lab, &mut ev, &format!("plan ({name})"), &["plan"], 1);
+        assert!(stderr(&out).contains("module.yaml:4"), "{}", stderr(&out));
+        run(
+            &lab,
+            &mut ev,
+            &format!("plan --json ({name})"),
+            &["plan", "--json"],
+            1,
+        );
+        run(&lab, &mut ev, &format!("apply ({name})"), &["apply"], 1);
+        run(
+            &lab,
+            &mut ev,
+            &format!("apply --json ({name})"),
+            &["apply", "--json"],
+            1,
+        );
+        run(
+            &lab,
+            &mut ev,
+            &format!("secrets check ({name})"),
+            &["secrets", "check"],
+            1,
+        );
+        let out = agent()
+            .args(["validate", "--repo", lab.repo().to_str().unwrap()])
+            .output()
+            .unwrap();
+        ev.output(&format!("validate ({name})"), &out);
+    }
+
+    // 3. The daemon refuses those revisions: /api/status, /readyz, logs, state.
+    lab.write("modules/app/module.yaml", INCLUDE_SECRET);
+    let log = lab.tmp.path().join("daemon-refusals.log");
+    let daemon = start_daemon(&lab, &log);
+    wait_status(&listen, &log, |s| s["refused"]["stage"] == "validate");
+    for path in ["/api/status", "/readyz"] {
+        let (code, body) = http_request("GET", &listen, path, &[], &[]).unwrap();
+        ev.add(format!("GET {path} (include refused) {code}"), body);
+    }
+    lab.write("modules/app/module.yaml", FILTER_SECRET);
+    std::thread::sleep(Duration::from_millis(500));
+    wait_status(&listen, &log, |s| {
+        s["refused"]["error"]
+            .as_str()
+            .is_some_and(|e| !e.contains("include"))
+    });
+    for path in ["/api/status", "/readyz"] {
+        let (code, body) = http_request("GET", &listen, path, &[], &[]).unwrap();
+        ev.add(format!("GET {path} (filter refused) {code}"), body);
+    }
+    stop(daemon);
+    run(&lab, &mut ev, "status (refused)", &["status"], 0);
+    run(
+        &lab,
+        &mut ev,
+        "status --json (refused)",
+        &["status", "--json"],
+        0,
+    );
+
+    // 4. A secret file's validator prints the file and fails: CLI, then daemon.
+    lab.write("modules/app/module.yaml", FAILING_VALIDATOR);
+    let out = run(&lab, &mut ev, "apply (validator fails)", &["apply"], 1);
+    assert!(stdout(&out).contains("checked.conf"), "{}", stdout(&out));
+    assert!(!lab.host_path("/srv/app/checked.conf").exists());
+    let log = lab.tmp.path().join("daemon-validator.log");
+    let daemon = start_daemon(&lab, &log);
+    let finished = |s: &serde_json::Value| s["last_run"]["finished_ms"].as_u64().unwrap_or(0);
+    let last = finished(&wait_status(&listen, &log, |s| {
+        s["last_run"]["result"].is_string()
+    }));
+
+    // 5. Connect failing (500) and then rejecting the token (401), in the daemon.
+    lab.connect.fail_next(500, 1000);
+    lab.write("modules/app/module.yaml", APP);
+    let skipped_after = |last: u64| {
+        move |s: &serde_json::Value| {
+            finished(s) > last && s["last_run"]["counts"]["skipped"].as_u64() == Some(4)
+        }
+    };
+    let last = finished(&wait_status(&listen, &log, skipped_after(last)));
+    lab.connect.fail_next(500, 0);
+    std::fs::write(lab.token_file(), format!("{WRONG_TOKEN}\n")).unwrap();
+    lab.write("modules/app/module.yaml", &format!("{APP}\n"));
+    wait_status(&listen, &log, skipped_after(last));
+    for path in ["/api/status", "/readyz"] {
+        let (code, body) = http_request("GET", &listen, path, &[], &[]).unwrap();
+        ev.add(format!("GET {path} (connect failing) {code}"), body);
+    }
+    stop(daemon);
+    run(&lab, &mut ev, "plan (wrong token)", &["plan"], 0);
+    std::fs::write(lab.token_file(), format!("{TOKEN}\n")).unwrap();
+
+    // 6. SIGTERM while the daemon applies 300 secret files.
+    let mut bulk = String::from("resources:\n  - directory: /srv/bulk\n");
+    for i in 0..300 {
+        bulk.push_str(&format!(
+            "  - file: /srv/bulk/k{i:03}\n    content: \"{{{{ secret('op://homelab/db/password') }}}} {i}\\n\"\n"
+        ));
+    }
+    lab.write("modules/app/module.yaml", &bulk);
+    let log = lab.tmp.path().join("daemon-cancelled.log");
+    let mut daemon = start_daemon(&lab, &log);
+    let start = Instant::now();
+    while !lab.host_path("/srv/bulk").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the apply never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let status = homelab_agent_tests::terminate(&mut daemon);
+    assert!(status.success(), "{status}");
+    run(
+        &lab,
+        &mut ev,
+        "status --json (cancelled)",
+        &["status", "--json"],
+        0,
+    );
+    lab.write("modules/app/module.yaml", APP);
+
+    // 7. An unusable Connect token file: group-readable.
+    std::fs::set_permissions(lab.token_file(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = run(&lab, &mut ev, "plan (token file 0644)", &["plan"], 1);
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+    run(
+        &lab,
+        &mut ev,
+        "validate --config (token file 0644)",
+        &["validate"],
+        1,
+    );
+    std::fs::set_permissions(lab.token_file(), std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // 8. A short webhook secret: validate --config and run refuse it alike.
+    let webhook = lab.tmp.path().join("webhook-secret");
+    std::fs::write(&webhook, SHORT_WEBHOOK).unwrap();
+    std::fs::set_permissions(&webhook, std::fs::Permissions::from_mode(0o600)).unwrap();
+    lab.write_config(
+        true,
+        &format!(
+            "{daemon_config}webhook_secret_file: {}\n",
+            webhook.display()
+        ),
+    );
+    let out = run(
+        &lab,
+        &mut ev,
+        "validate --config (short webhook secret)",
+        &["validate"],
+        1,
+    );
+    assert!(
+        stderr(&out).contains("needs at least 32"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run_must_exit(&lab);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    ev.output("run (short webhook secret)", &out);
+
+    // 9. Credentials in repository URLs: refused or masked, never repeated.
+    for repo in [
+        format!("https://ann:{URL_PASSWORD}@127.0.0.1:9/lab/homelab.git"),
+        format!("http://{URL_TOKEN_USER}@127.0.0.1:9/lab/homelab.git"),
+    ] {
+        std::fs::write(
+            lab.config(),
+            format!(
+                "repo: {repo}\nhost: lab\nroot: {}\n{daemon_config}",
+                lab.root().display()
+            ),
+        )
+        .unwrap();
+        let code = if repo.contains(URL_PASSWORD) { 1 } else { 0 };
+        run(
+            &lab,
+            &mut ev,
+            &format!("validate --config ({repo})"),
+            &["validate"],
+            code,
+        );
+        run(&lab, &mut ev, &format!("plan ({repo})"), &["plan"], 1);
+        if code == 0 {
+            // Starts, fails to fetch, says so in /api/status and its log.
+            let log = lab.tmp.path().join("daemon-url.log");
+            let daemon = start_daemon(&lab, &log);
+            wait_status(&listen, &log, |s| s["refused"]["stage"] == "fetch");
+            for path in ["/api/status", "/readyz"] {
+                let (code, body) = http_request("GET", &listen, path, &[], &[]).unwrap();
+                ev.add(format!("GET {path} (url) {code}"), body);
+            }
+            stop(daemon);
+            run(&lab, &mut ev, "status (url)", &["status"], 0);
+        } else {
+            let out = run_must_exit(&lab);
+            assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+            ev.output("run (url with a password)", &out);
+        }
+        let out = agent()
+            .args([
+                "plan",
+                "--repo",
+                &repo,
+                "--host",
+                "lab",
+                "--root",
+                lab.root().to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        ev.output(&format!("plan --repo {repo}"), &out);
+    }
+    assert!(flows >= 8, "{flows} flows");
+
+    // Everything on disk but the files meant to hold values and the token file.
+    let mut exclude: Vec<PathBuf> = SECRET_FILES.iter().map(|p| lab.host_path(p)).collect();
+    exclude.push(lab.token_file());
+    exclude.push(lab.tmp.path().join("webhook-secret"));
+    exclude.push(lab.config());
+    for i in 0..300 {
+        exclude.push(lab.host_path(&format!("/srv/bulk/k{i:03}")));
+    }
+    ev.files(lab.tmp.path(), &exclude);
+    assert!(
+        ev.items
+            .iter()
+            .any(|(what, _)| what.ends_with("state.redb")),
+        "the state database was not scanned"
+    );
+    ev.assert_no_leaks(&[
+        DB_PASSWORD,
+        DB_USER,
+        API_KEY,
+        TOKEN,
+        WRONG_TOKEN,
+        SHORT_WEBHOOK,
+        URL_PASSWORD,
+        URL_TOKEN_USER,
+    ]);
 }

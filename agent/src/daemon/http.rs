@@ -11,6 +11,24 @@
 //! | `GET /metrics` | Prometheus metrics: OpenMetrics when `Accept` prefers it, else text 0.0.4 |
 //! | anything else | `404` (`405` for a known path with another method) |
 //!
+//! # Authentication
+//! `/healthz` and `/readyz` answer anyone (probes carry no credentials);
+//! the hooks authenticate each delivery by its HMAC signature. `/api/status`
+//! and `/metrics` answer anyone unless `api_token_file` is set in the agent
+//! config: then they need `Authorization: Bearer <token>` (compared in
+//! constant time; `401` otherwise), and `/readyz` gives its reason only as
+//! "not ready" (the reason names revisions and files).
+//!
+//! # Slow and many clients
+//! [`serve`] runs its own accept loop over hyper (axum's `serve` has no
+//! knobs): a client has [`Limits::header_read_timeout`] to send a request's
+//! headers (hyper's `header_read_timeout`, from the connection's start and
+//! between keep-alive requests) and [`BODY_READ_TIMEOUT`] for a webhook's
+//! body; at most [`Limits::max_connections`] connections are open at once.
+//! At that bound the oldest connection not in the middle of a request is
+//! closed to make room, so a crowd of slow or idle clients can neither
+//! exhaust file descriptors nor keep `/healthz` from answering.
+//!
 //! # Webhooks
 //! A verified push is only a *trigger*: it puts [`Trigger::Webhook`] on the
 //! queue and the worker re-reads the desired state from git. Nothing from the
@@ -21,11 +39,14 @@
 //!
 //! The secret and signature values are never logged.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{ConnectInfo, Request, State};
@@ -45,6 +66,31 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
 
 /// How many delivery ids are remembered for replay protection.
 pub const RECENT_DELIVERIES: usize = 1024;
+
+/// How long a client may take to send a webhook's body (after its headers).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds of the listener against slow and many clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once. 64: a homelab has a forge, a Prometheus and
+    /// a few people; each connection costs a file descriptor (the default
+    /// soft limit is 1,024) and a task.
+    pub max_connections: usize,
+    /// Time to send a request's headers, from the connection's start and
+    /// again between keep-alive requests. 10 s: far above any real client
+    /// on a LAN, short enough that a slowloris client loses its slot soon.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// Signature headers, in order of preference. `true`: value is `sha256=<hex>`.
 const SIGNATURE_HEADERS: [(&str, bool); 3] = [
@@ -86,6 +132,8 @@ pub struct HttpState {
     recent: Mutex<RecentDeliveries>,
     /// `None`: `/metrics` answers `404`.
     metrics: RwLock<Option<Arc<Metrics>>>,
+    /// `Some`: `/api/status` and `/metrics` need it as a bearer token.
+    api_token: RwLock<Option<Vec<u8>>>,
 }
 
 impl HttpState {
@@ -100,6 +148,40 @@ impl HttpState {
             status,
             recent: Mutex::new(RecentDeliveries::new(RECENT_DELIVERIES)),
             metrics: RwLock::new(None),
+            api_token: RwLock::new(None),
+        })
+    }
+
+    /// Requires this bearer token on `/api/status` and `/metrics` (`None`: no token).
+    pub fn set_api_token(&self, token: Option<Vec<u8>>) {
+        *self.api_token.write().unwrap_or_else(|e| e.into_inner()) = token;
+    }
+
+    fn token_required(&self) -> bool {
+        self.api_token
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// `None` when no token is configured or the request carries it; else
+    /// the `401` to answer.
+    fn denied(&self, headers: &HeaderMap) -> Option<Response> {
+        let guard = self.api_token.read().unwrap_or_else(|e| e.into_inner());
+        let token = guard.as_ref()?;
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        (!constant_time_eq(given.as_bytes(), token)).then(|| {
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "this endpoint needs the API token: Authorization: Bearer <api_token_file>",
+            )
+                .into_response()
         })
     }
 
@@ -183,17 +265,158 @@ pub fn router(state: Arc<HttpState>) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` resolves, then stops accepting and lets the
-/// requests in flight finish.
+/// Serves until `shutdown` resolves, then stops accepting, lets the
+/// requests in flight finish (for a second at most) and closes the rest.
+/// See the module docs for the bounds ([`Limits`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<HttpState>,
+    limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let app = router(state);
+    let conns = Arc::new(Mutex::new(Connections::default()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors (EMFILE) or a connection reset
+                    // before accept: wait a little instead of spinning.
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Some((id, busy, close)) = conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(limits.max_connections)
+        else {
+            tracing::warn!(%peer, "http: every connection is busy; closing the new one");
+            continue;
+        };
+        // Reap finished connection tasks so the set stays small.
+        while tasks.try_join_next().is_some() {}
+        let service = ConnService {
+            app: app.clone(),
+            peer,
+            busy,
+        };
+        let conns = conns.clone();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                // Evicted to make room: dropping the connection closes it.
+                _ = close => {}
+                () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                }
+            }
+            conns.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_millis(1500), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+    Ok(())
+}
+
+/// The open connections, oldest first, and whether each is handling a request.
+#[derive(Default)]
+struct Connections {
+    next: u64,
+    open: BTreeMap<u64, (Arc<AtomicUsize>, Option<tokio::sync::oneshot::Sender<()>>)>,
+}
+
+impl Connections {
+    /// Makes room for a new connection (closing the oldest idle ones while
+    /// at `max`) and registers it: its id, its in-request counter and the
+    /// signal that closes it. `None`: every open connection is in a request.
+    fn admit(
+        &mut self,
+        max: usize,
+    ) -> Option<(u64, Arc<AtomicUsize>, tokio::sync::oneshot::Receiver<()>)> {
+        while self.open.len() >= max.max(1) {
+            let oldest_idle = self
+                .open
+                .iter()
+                .find(|(_, (busy, _))| busy.load(Ordering::Relaxed) == 0)
+                .map(|(id, _)| *id)?;
+            if let Some((_, Some(close))) = self.open.remove(&oldest_idle) {
+                let _ = close.send(());
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let busy = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.open.insert(id, (busy.clone(), Some(tx)));
+        Some((id, busy, rx))
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.open.remove(&id);
+    }
+}
+
+/// One connection's service: the router, with the peer address (for logs)
+/// and the connection marked busy while a request is handled.
+#[derive(Clone)]
+struct ConnService {
+    app: Router,
+    peer: SocketAddr,
+    busy: Arc<AtomicUsize>,
+}
+
+struct BusyGuard(Arc<AtomicUsize>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for ConnService {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn call(&self, mut request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        let guard = BusyGuard(self.busy.clone());
+        request.extensions_mut().insert(ConnectInfo(self.peer));
+        let app = self.app.clone();
+        Box::pin(async move {
+            let _guard = guard;
+            tower::ServiceExt::oneshot(app, request.map(Body::new)).await
+        })
+    }
+}
+
+/// Equal, in time that depends only on the lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn healthz() -> &'static str {
@@ -203,16 +426,29 @@ async fn healthz() -> &'static str {
 async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
     match state.status_snapshot().ready() {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
+        // Unauthenticated: with a token configured the reason is for
+        // `/api/status` only.
+        Err(_) if state.token_required() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready (GET /api/status with the API token says why)",
+        )
+            .into_response(),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
     }
 }
 
-async fn api_status(State(state): State<Arc<HttpState>>) -> Json<StatusSnapshot> {
-    Json(state.status_snapshot())
+async fn api_status(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    if let Some(denied) = state.denied(&headers) {
+        return denied;
+    }
+    Json(state.status_snapshot()).into_response()
 }
 
 /// `/metrics`, in the format the scraper prefers (content negotiation).
 async fn metrics(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    if let Some(denied) = state.denied(&headers) {
+        return denied;
+    }
     let metrics = state
         .metrics
         .read()
@@ -287,8 +523,17 @@ async fn hook(State(state): State<Arc<HttpState>>, request: Request) -> Response
         );
     }
 
-    let body = match read_limited(&headers, body, BODY_LIMIT).await {
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, read_limited(&headers, body, BODY_LIMIT));
+    let body = match read.await.unwrap_or(Err(ReadError::TimedOut)) {
         Ok(body) => body,
+        Err(ReadError::TimedOut) => {
+            tracing::warn!(%path, %peer, outcome = "rejected", "webhook: body not sent within {BODY_READ_TIMEOUT:?}");
+            return reply(
+                StatusCode::REQUEST_TIMEOUT,
+                "rejected",
+                "body not sent in time",
+            );
+        }
         Err(ReadError::TooLarge) => {
             tracing::warn!(%path, %peer, outcome = "rejected", "webhook: body over {BODY_LIMIT} bytes");
             return reply(
@@ -421,6 +666,7 @@ fn verify_signature(headers: &HeaderMap, secret: &[u8], body: &[u8]) -> Result<(
 
 enum ReadError {
     TooLarge,
+    TimedOut,
     Body(axum::Error),
 }
 
@@ -1011,6 +1257,33 @@ mod tests {
         }
     }
 
+    /// A body that never comes (a slow client holding its connection
+    /// busy): cut at [`BODY_READ_TIMEOUT`] with `408` (time is paused: the
+    /// test does not wait ten seconds).
+    #[tokio::test(start_paused = true)]
+    async fn a_webhook_body_that_never_ends_is_cut_at_the_read_timeout() {
+        struct Never;
+        impl HttpBody for Never {
+            type Data = Bytes;
+            type Error = std::io::Error;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>>
+            {
+                std::task::Poll::Pending
+            }
+        }
+        let req = HttpRequest::post("/hooks/forgejo")
+            .header("content-type", "application/json")
+            .body(Body::new(Never))
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        let resp = router(enabled()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(started.elapsed(), BODY_READ_TIMEOUT);
+    }
+
     #[tokio::test]
     async fn replayed_delivery_is_ignored() {
         let state = enabled();
@@ -1182,6 +1455,7 @@ mod tests {
             stage: "signature".into(),
             revision: Some("deadbeef".into()),
             error: "commit is not signed by a trusted key".into(),
+            cause: Default::default(),
         });
         let (code, text) = get("/readyz").await;
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
@@ -1196,6 +1470,151 @@ mod tests {
         assert_eq!(code, StatusCode::OK);
         let back: StatusSnapshot = serde_json::from_str(&text).unwrap();
         assert_eq!(back, *state.status.read().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_stuck_run_makes_readyz_fail() {
+        let state = enabled();
+        *state.status.write().unwrap() = ready_snapshot();
+        state.status.write().unwrap().stuck = Some(super::super::status::StuckRun {
+            trigger: "webhook".into(),
+            budget_secs: 900,
+        });
+        let (code, body) = send(&state, Method::GET, "/readyz", &[], Vec::new()).await;
+        let body = String::from_utf8(body).unwrap();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            body.contains("a run (webhook) is stuck") && body.contains("900 s"),
+            "{body}"
+        );
+    }
+
+    /// With `api_token_file`: `/api/status` and `/metrics` need the token,
+    /// the probes do not, and `/readyz` keeps its reason for them.
+    #[tokio::test]
+    async fn the_api_token_guards_status_and_metrics_only() {
+        let token = "t0ken-of-at-least-thirty-two-bytes-x";
+        let state = enabled();
+        state.set_metrics(Arc::new(Metrics::new("lab")));
+        state.set_api_token(Some(token.as_bytes().to_vec()));
+        state.status.write().unwrap().refused = Some(Refusal {
+            stage: "validate".into(),
+            revision: Some("deadbeef".into()),
+            error: "modules/app/module.yaml:3: secret layout".into(),
+            cause: Default::default(),
+        });
+        let bearer = format!("Bearer {token}");
+        for path in ["/api/status", "/metrics"] {
+            for (auth, want) in [
+                (None, StatusCode::UNAUTHORIZED),
+                (Some("Bearer wrong"), StatusCode::UNAUTHORIZED),
+                (Some(token), StatusCode::UNAUTHORIZED),
+                (Some(bearer.as_str()), StatusCode::OK),
+            ] {
+                let headers: Vec<(String, String)> = auth
+                    .map(|a| ("authorization".to_string(), a.to_string()))
+                    .into_iter()
+                    .collect();
+                let (code, body) = send(&state, Method::GET, path, &headers, Vec::new()).await;
+                assert_eq!(code, want, "{path} {headers:?}");
+                if code == StatusCode::UNAUTHORIZED {
+                    let body = String::from_utf8(body).unwrap();
+                    assert!(!body.contains("deadbeef"), "{body}");
+                }
+            }
+        }
+        let (code, _) = send(&state, Method::GET, "/healthz", &[], Vec::new()).await;
+        assert_eq!(code, StatusCode::OK);
+        let (code, body) = send(&state, Method::GET, "/readyz", &[], Vec::new()).await;
+        let body = String::from_utf8(body).unwrap();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            !body.contains("secret layout") && body.contains("not ready"),
+            "{body}"
+        );
+        state.set_api_token(None);
+        let (code, _) = send(&state, Method::GET, "/api/status", &[], Vec::new()).await;
+        assert_eq!(code, StatusCode::OK);
+    }
+
+    /// Slowloris: far more slow clients than the listener takes, each
+    /// sending half a request head. `/healthz` still answers at once (the
+    /// oldest idle connections make room), the open connections stay at the
+    /// bound, and a client that sends nothing is dropped after the header
+    /// timeout.
+    #[tokio::test]
+    async fn slow_and_many_clients_do_not_starve_healthz() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = Limits {
+            max_connections: 8,
+            header_read_timeout: Duration::from_millis(400),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, enabled(), limits, async {
+            let _ = stopped.await;
+        }));
+        let mut slow = Vec::new();
+        for _ in 0..100 {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .await
+                .unwrap();
+            slow.push(c);
+        }
+        let started = std::time::Instant::now();
+        let healthz = async {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            c.read_to_end(&mut out).await.unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(2), healthz)
+            .await
+            .expect("/healthz answered under a slowloris crowd");
+        assert!(
+            answer.starts_with("HTTP/1.1 200 ") && answer.ends_with("ok"),
+            "{answer}"
+        );
+        eprintln!("/healthz under 100 slow clients: {:?}", started.elapsed());
+        // The crowd was closed down to the bound: count the server-closed ones.
+        let mut closed = 0;
+        for c in &mut slow {
+            let mut buf = [0u8; 256];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_millis(5), c.read(&mut buf)).await
+            {
+                closed += 1;
+            }
+        }
+        assert!(
+            closed >= 100 - limits.max_connections,
+            "only {closed} of 100 slow clients closed"
+        );
+
+        // A silent client is dropped once the header timeout passes.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(3), silent.read(&mut buf))
+            .await
+            .expect("closed by the header timeout")
+            .unwrap_or(0);
+        let _ = n;
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            started.elapsed()
+        );
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("server stops")
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]
@@ -1274,7 +1693,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let state = enabled();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, state.clone(), async {
+        let server = tokio::spawn(serve(listener, state.clone(), Limits::default(), async {
             let _ = stopped.await;
         }));
 

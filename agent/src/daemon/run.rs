@@ -11,8 +11,18 @@
 //!
 //! # Guarantees
 //! - SIGTERM/SIGINT: the resource in progress finishes, state is recorded,
-//!   the process exits 0. SIGHUP reloads the config; a bad one is refused
-//!   and the old one kept.
+//!   the process exits 0, within [`SHUTDOWN_GRACE`] even when the run is
+//!   stuck (a render is never waited for). SIGHUP reloads the config; a bad
+//!   one is refused and the old one kept.
+//! - A bad revision never kills or hangs the daemon: a panic in any stage
+//!   is caught (`catch_unwind`) and refuses the revision; rendering runs on
+//!   its own thread with half the run's time budget (`run_timeout`) and is
+//!   abandoned past it; a revision that panicked, timed out or was being
+//!   rendered when the process died ([`RENDER_MARKER`]) is not tried again,
+//!   not even after a restart, until a newer one is fetched or the config is
+//!   reloaded. The daemon meanwhile stays on the last good revision and
+//!   keeps healing drift. A run past its whole budget is reported stuck
+//!   (`/readyz`) and no new run starts until it ends.
 //! - A hand edit of a managed file is checked against the catalog when the
 //!   watcher sees it; only a real difference queues a run (the agent's own
 //!   writes do not).
@@ -23,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use homelab_agent_state::{Lock, Refused, Store};
+use homelab_agent_state::{Lock, RefusalCause, Refused, Store};
 use notify::{RecursiveMode, Watcher};
 use tracing::{error, info, warn};
 
@@ -32,7 +42,7 @@ use super::queue::{Trigger, TriggerQueue};
 use super::status::{ClassCounts, Refusal, StatusSnapshot};
 use crate::config::{self, AgentConfig};
 use crate::desired::catalog::Catalog;
-use crate::engine::{self, SourceSpec, StageError};
+use crate::engine::{self, Scrubber, SourceSpec, StageError};
 use crate::fsops::Fs;
 use crate::plan::{self, Classification};
 use crate::resources::Host;
@@ -64,9 +74,29 @@ struct Settings {
     host: String,
     root: Option<PathBuf>,
     state_dir: PathBuf,
+    /// The webhook secret and API token, read and checked at (re)load.
+    credentials: Arc<config::Credentials>,
 }
 
+/// How long SIGTERM waits for the run in progress (its current resource
+/// and the state record) before the process exits anyway: a render that
+/// never ends, or a tool that hangs, must not keep the daemon alive.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
+
+/// The file (under `state-dir/daemon/`) naming the revision being rendered.
+/// Present at start-up, it means the last process died during that render
+/// (a crash the daemon could not catch, or a kill), and the revision is
+/// refused instead of being tried again.
+pub const RENDER_MARKER: &str = "rendering";
+
+/// Stack of the render thread: deep enough that the YAML and template
+/// limits, not the stack, end a deeply nested document.
+const RENDER_STACK_BYTES: usize = 16 * 1024 * 1024;
+
 fn settings(config: &AgentConfig) -> Result<Settings, DaemonError> {
+    // The one credential check `agent validate --config` runs too.
+    let credentials =
+        Arc::new(config::check_credentials(config).map_err(|e| DaemonError::Setup(e.to_string()))?);
     let host = match &config.host {
         Some(h) => h.clone(),
         None => crate::cli::short_hostname().map_err(|e| DaemonError::Setup(e.to_string()))?,
@@ -92,6 +122,7 @@ fn settings(config: &AgentConfig) -> Result<Settings, DaemonError> {
         host,
         root,
         state_dir,
+        credentials,
     })
 }
 
@@ -109,7 +140,15 @@ struct Shared {
     queue: Arc<TriggerQueue>,
     status: Arc<RwLock<StatusSnapshot>>,
     http: Arc<HttpState>,
+    /// Read by apply between resources: set by SIGTERM, and for a run past
+    /// its time budget. Cleared when a run starts (unless shutting down).
     cancel: Arc<AtomicBool>,
+    /// Set by SIGTERM/SIGINT.
+    shutting_down: AtomicBool,
+    /// SIGHUP: the next run tries a revision refused as sticky again.
+    retry_refused: AtomicBool,
+    /// The revision the previous process died rendering (see [`RENDER_MARKER`]).
+    crashed_revision: Mutex<Option<String>>,
     drift: RwLock<Option<DriftIndex>>,
     /// Consecutive fetch failures, for the poll backoff.
     fetch_failures: AtomicU32,
@@ -124,56 +163,89 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Reads a secret file, refusing one that others can read.
-pub(crate) fn read_private_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(format!(
-            "{what} {} is readable by group or others (mode {:04o}); run: chmod 600 {}",
-            path.display(),
-            meta.permissions().mode() & 0o777,
-            path.display()
-        ));
-    }
-    let bytes =
-        std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
-    Ok(bytes.trim_ascii().to_vec())
-}
-
-fn webhook_config(config: &AgentConfig) -> Result<Option<WebhookConfig>, String> {
-    let Some(path) = &config.webhook_secret_file else {
-        return Ok(None);
-    };
-    let secret = read_private_file(path, "webhook secret file")?;
-    let git_ref = if config.reference.starts_with("refs/") {
-        config.reference.clone()
+fn webhook_config(s: &Settings) -> Option<WebhookConfig> {
+    let secret = s.credentials.webhook_secret.clone()?;
+    let reference = &s.config.reference;
+    let git_ref = if reference.starts_with("refs/") {
+        reference.clone()
     } else {
-        format!("refs/heads/{}", config.reference)
+        format!("refs/heads/{reference}")
     };
-    Ok(Some(WebhookConfig { secret, git_ref }))
+    Some(WebhookConfig { secret, git_ref })
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. `config_path` is re-read on SIGHUP.
 pub fn run(config: AgentConfig) -> Result<(), DaemonError> {
+    install_panic_hook();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(2)
         .build()
         .map_err(|e| DaemonError::Setup(format!("cannot start the async runtime: {e}")))?;
-    runtime.block_on(main_loop(config))
+    let result = runtime.block_on(main_loop(config));
+    // A run abandoned at shutdown still holds a blocking thread: dropping
+    // the runtime would wait for it forever.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    result
+}
+
+thread_local! {
+    /// Where the last panic on this thread happened (set by the hook, read
+    /// by the `catch_unwind` that turns it into a refusal).
+    static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Panics are logged as one line with their location only: a payload could
+/// quote a value (the refusal that records it is scrubbed first).
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let at = info.location().map_or_else(
+            || "an unknown place".to_string(),
+            |l| format!("{}:{}", l.file(), l.line()),
+        );
+        PANIC_AT.with(|p| *p.borrow_mut() = Some(at.clone()));
+        let thread = std::thread::current();
+        error!(thread = thread.name().unwrap_or("unnamed"), at = %at, "panic (caught: the revision is refused, the daemon goes on)");
+    }));
+}
+
+/// The message of a caught panic, with where it happened.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string());
+    let at = PANIC_AT.with(|p| p.borrow_mut().take());
+    match at {
+        Some(at) => format!("the agent panicked at {at}: {msg}"),
+        None => format!("the agent panicked: {msg}"),
+    }
+}
+
+/// What the main loop knows about the run in progress.
+struct RunInFlight {
+    handle: tokio::task::JoinHandle<()>,
+    trigger: String,
+    started: Instant,
+    /// Past the run's time budget: reported, cancelled, no longer waited for
+    /// by shutdown.
+    stuck: bool,
 }
 
 async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
     let settings = settings(&config)?;
     // One daemon per state directory, for the daemon's whole life.
     let _daemon_lock = Lock::acquire(&settings.state_dir.join("daemon"), "agent run")?;
-    let webhook = webhook_config(&config).map_err(DaemonError::Setup)?;
+    let crashed_revision = read_render_marker(&settings.state_dir);
+    if let Some(rev) = &crashed_revision {
+        error!(revision = %rev, "the last agent process died while rendering this revision; it is refused, not tried again");
+    }
+    let webhook = webhook_config(&settings);
     let queue = Arc::new(TriggerQueue::new());
     let status = Arc::new(RwLock::new(StatusSnapshot {
         host: settings.host.clone(),
-        source: config.repo.clone(),
+        source: crate::redact::url_credentials_owned(&config.repo),
         reference: config.reference.clone(),
         ..StatusSnapshot::default()
     }));
@@ -183,6 +255,7 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
     );
     let http = HttpState::new(queue.clone(), status.clone(), webhook);
     http.set_metrics(telemetry.metrics.clone());
+    http.set_api_token(settings.credentials.api_token.clone());
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| DaemonError::Listen {
@@ -195,13 +268,16 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
             addr: config.listen,
             source,
         })?;
-    info!(%addr, host = %settings.host, repo = %config.repo, "agent run: listening");
+    info!(%addr, host = %settings.host, repo = %crate::redact::url_credentials(&config.repo), "agent run: listening");
     let shared = Arc::new(Shared {
         settings: RwLock::new(settings),
         queue: queue.clone(),
         status,
         http: http.clone(),
         cancel: Arc::new(AtomicBool::new(false)),
+        shutting_down: AtomicBool::new(false),
+        retry_refused: AtomicBool::new(false),
+        crashed_revision: Mutex::new(crashed_revision),
         drift: RwLock::new(None),
         fetch_failures: AtomicU32::new(0),
         runs: AtomicU32::new(0),
@@ -211,9 +287,14 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut http_stop = stop_rx.clone();
-    let server = tokio::spawn(super::http::serve(listener, http, async move {
-        let _ = http_stop.wait_for(|s| *s).await;
-    }));
+    let server = tokio::spawn(super::http::serve(
+        listener,
+        http,
+        super::http::Limits::default(),
+        async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        },
+    ));
     tokio::spawn(poll_timer(shared.clone(), stop_rx.clone()));
     let watchers = Arc::new(Mutex::new(Watchers::new(shared.clone())));
     watchers.lock().unwrap().watch_source();
@@ -224,46 +305,112 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
         .map_err(|e| DaemonError::Setup(e.to_string()))?;
 
     queue.push(Trigger::Startup);
+    let mut current: Option<RunInFlight> = None;
+    // Set by SIGTERM/SIGINT while a run is in progress: exit at this instant
+    // at the latest.
+    let mut exit_by: Option<tokio::time::Instant> = None;
     loop {
+        let budget = shared.settings.read().unwrap().config.run_timeout;
+        let stuck_at = current
+            .as_ref()
+            .filter(|r| !r.stuck)
+            .map(|r| tokio::time::Instant::from_std(r.started + budget));
         tokio::select! {
-            batch = queue.next() => {
+            batch = queue.next(), if current.is_none() && exit_by.is_none() => {
                 let batch = settle_source_edits(&queue, batch).await;
+                let trigger = batch.iter().map(|t| t.name()).collect::<Vec<_>>().join("+");
+                shared.cancel.store(false, Ordering::Relaxed);
                 let s = shared.clone();
                 let w = watchers.clone();
-                // The reconcile runs on the blocking pool; signals are still
-                // handled meanwhile (SIGTERM sets `cancel`, which apply reads
-                // between resources).
-                let mut run = tokio::task::spawn_blocking(move || {
-                    reconcile(&s, &batch);
-                    w.lock().unwrap().sync_managed();
+                // The reconcile runs on the blocking pool; signals, HTTP and
+                // the time budget are handled meanwhile.
+                let handle = tokio::task::spawn_blocking(move || {
+                    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        reconcile(&s, &batch);
+                        w.lock().unwrap_or_else(|e| e.into_inner()).sync_managed();
+                    }));
+                    if let Err(payload) = run {
+                        // Stages catch their own panics; this is the last net
+                        // (state reading, the watchers).
+                        error!(error = %panic_message(&*payload), "run failed");
+                    }
                     // Only now is the run over for `/api/status`: a hand edit
                     // made after it reads `running: false` is watched.
-                    s.status.write().unwrap().running = false;
+                    let mut st = s.status.write().unwrap_or_else(|e| e.into_inner());
+                    st.running = false;
+                    st.stuck = None;
+                    st.run_started_at = None;
                 });
-                loop {
-                    tokio::select! {
-                        _ = &mut run => break,
-                        _ = term.recv() => { info!("SIGTERM: finishing the current resource"); shared.cancel.store(true, Ordering::Relaxed); }
-                        _ = tokio::signal::ctrl_c() => { info!("SIGINT: finishing the current resource"); shared.cancel.store(true, Ordering::Relaxed); }
-                        _ = hup.recv() => reload(&shared),
-                    }
+                current = Some(RunInFlight { handle, trigger, started: Instant::now(), stuck: false });
+            }
+            _ = async { (&mut current.as_mut().expect("guarded").handle).await }, if current.is_some() => {
+                let run = current.take().expect("guarded");
+                if run.stuck {
+                    warn!(trigger = %run.trigger, took = ?run.started.elapsed(), "the abandoned run ended");
                 }
-                if shared.cancel.load(Ordering::Relaxed) {
+                if exit_by.is_some() {
                     break;
                 }
             }
-            _ = term.recv() => { info!("SIGTERM: stopping"); break; }
-            _ = tokio::signal::ctrl_c() => { info!("SIGINT: stopping"); break; }
+            _ = tokio::time::sleep_until(stuck_at.unwrap_or_else(tokio::time::Instant::now)), if stuck_at.is_some() => {
+                let run = current.as_mut().expect("guarded");
+                run.stuck = true;
+                // Apply stops between resources; a stage that never returns
+                // keeps its thread, but no new run starts until it ends.
+                shared.cancel.store(true, Ordering::Relaxed);
+                shared.telemetry.run_error(None, "run", None, &format!("run ({}) exceeded its time budget of {} (run_timeout)", run.trigger, humantime::format_duration(budget)), &run.trigger);
+                error!(trigger = %run.trigger, budget = %humantime::format_duration(budget), "run exceeded its time budget (run_timeout); abandoned: no new run starts until it ends");
+                shared.status.write().unwrap().stuck = Some(super::status::StuckRun {
+                    trigger: run.trigger.clone(),
+                    budget_secs: budget.as_secs(),
+                });
+            }
+            _ = tokio::time::sleep_until(exit_by.unwrap_or_else(tokio::time::Instant::now)), if exit_by.is_some() => {
+                warn!("the run did not stop within {SHUTDOWN_GRACE:?}; exiting without it");
+                break;
+            }
+            _ = term.recv() => if stop_requested(&shared, &current, &mut exit_by, "SIGTERM") { break },
+            _ = tokio::signal::ctrl_c() => if stop_requested(&shared, &current, &mut exit_by, "SIGINT") { break },
             _ = hup.recv() => reload(&shared),
         }
     }
     let _ = stop_tx.send(true);
-    let _ = server.await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
     // Give queued events a moment to reach Loki.
     let telemetry = shared.telemetry.clone();
     let _ = tokio::task::spawn_blocking(move || telemetry.flush(Duration::from_secs(5))).await;
+    // A render abandoned here did not crash the agent: do not refuse its
+    // revision at the next start.
+    remove_render_marker(&shared.settings.read().unwrap().state_dir);
     info!("agent run: stopped");
     Ok(())
+}
+
+/// SIGTERM/SIGINT: without a run, stop now (`true`); with one, ask it to
+/// finish its current resource and give it [`SHUTDOWN_GRACE`].
+fn stop_requested(
+    shared: &Shared,
+    current: &Option<RunInFlight>,
+    exit_by: &mut Option<tokio::time::Instant>,
+    signal: &str,
+) -> bool {
+    shared.shutting_down.store(true, Ordering::Relaxed);
+    shared.cancel.store(true, Ordering::Relaxed);
+    match current {
+        None => {
+            info!("{signal}: stopping");
+            true
+        }
+        Some(run) if run.stuck => {
+            info!("{signal}: stopping (the abandoned run is left behind)");
+            true
+        }
+        Some(_) => {
+            info!("{signal}: finishing the current resource");
+            exit_by.get_or_insert_with(|| tokio::time::Instant::now() + SHUTDOWN_GRACE);
+            false
+        }
+    }
 }
 
 /// SIGHUP: re-read the config; keep the old one if the new one is bad.
@@ -271,19 +418,22 @@ fn reload(shared: &Arc<Shared>) {
     let path = shared.settings.read().unwrap().config.file.clone();
     let result = config::load(&path)
         .map_err(|e| e.to_string())
-        .and_then(|c| settings(&c).map_err(|e| e.to_string()).map(|s| (c, s)))
-        .and_then(|(c, s)| webhook_config(&c).map(|w| (s, w)))
-        .and_then(|(s, w)| {
+        .and_then(|c| settings(&c).map_err(|e| e.to_string()))
+        .and_then(|s| {
             shared
                 .telemetry
                 .configure(&s.host, s.config.loki.as_ref())
                 .map_err(|e| e.to_string())
-                .map(|()| (s, w))
+                .map(|()| s)
         });
     match result {
-        Ok((new, webhook)) => {
-            shared.http.set_webhook(webhook);
+        Ok(new) => {
+            shared.http.set_webhook(webhook_config(&new));
+            shared.http.set_api_token(new.credentials.api_token.clone());
             *shared.settings.write().unwrap() = new;
+            // An operator's reload is the way to try a revision refused as
+            // sticky again (e.g. after raising `run_timeout`).
+            shared.retry_refused.store(true, Ordering::Relaxed);
             info!(config = %path.display(), "SIGHUP: configuration reloaded");
             shared.queue.push(Trigger::Signal);
         }
@@ -291,6 +441,20 @@ fn reload(shared: &Arc<Shared>) {
             error!(config = %path.display(), error = %e, "SIGHUP: new configuration refused; keeping the old one")
         }
     }
+}
+
+fn render_marker(state_dir: &Path) -> PathBuf {
+    state_dir.join("daemon").join(RENDER_MARKER)
+}
+
+fn read_render_marker(state_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(render_marker(state_dir)).ok()?;
+    let rev = text.trim();
+    (!rev.is_empty()).then(|| rev.to_string())
+}
+
+fn remove_render_marker(state_dir: &Path) {
+    let _ = std::fs::remove_file(render_marker(state_dir));
 }
 
 /// Queues `poll` every interval ±10 %, or sooner with backoff after fetch errors.
@@ -313,15 +477,65 @@ async fn poll_timer(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<
     }
 }
 
+/// How one render ended.
+enum Rendered {
+    Done(Result<Catalog, StageError>),
+    Panicked(String),
+    TimedOut(Duration),
+}
+
+/// Loads a catalog on a thread of its own, waiting until `deadline` at most:
+/// a template that never ends is abandoned (its thread runs on, holding no
+/// lock and writing nothing, until the template's own limits end it), and a
+/// panic is caught and returned.
+fn render_bounded(
+    source: Arc<dyn crate::source::Source>,
+    s: &Settings,
+    secrets: Arc<dyn crate::secrets::resolve::SecretSource>,
+    deadline: Instant,
+) -> Rendered {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let host = s.host.clone();
+    let policy = s.config.on_drift;
+    let started = Instant::now();
+    let spawned = std::thread::Builder::new()
+        .name("render".into())
+        .stack_size(RENDER_STACK_BYTES)
+        .spawn(move || {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                engine::load(source, &host, policy, secrets)
+            }))
+            .map_err(|payload| panic_message(&*payload));
+            let _ = tx.send(result);
+        });
+    if let Err(e) = spawned {
+        return Rendered::Done(Err(StageError::Fetch(format!(
+            "cannot start the render thread: {e}"
+        ))));
+    }
+    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(Ok(result)) => Rendered::Done(result),
+        Ok(Err(panic)) => Rendered::Panicked(panic),
+        Err(_) => Rendered::TimedOut(started.elapsed()),
+    }
+}
+
 /// Loads the newest acceptable catalog: the fetched (or pinned) revision, or
 /// on refusal the last good one. Returns the catalog, the fetched id and the
 /// refusal, if any.
+///
+/// The candidate gets half the run's budget to render; the last good
+/// revision what is left. A candidate refused as sticky (it panicked, timed
+/// out, or the last process died rendering it) is not rendered again.
+#[allow(clippy::too_many_arguments)]
 fn choose_catalog(
+    shared: &Shared,
     s: &Settings,
     record: &homelab_agent_state::HostRecord,
     fetch: bool,
-    telemetry: &Telemetry,
     phases: &mut Phases,
+    secrets: &Arc<Scrubber>,
+    started: Instant,
 ) -> (Option<Catalog>, Option<String>, Option<Refused>) {
     let spec = SourceSpec {
         repo: s.config.repo.clone(),
@@ -338,12 +552,21 @@ fn choose_catalog(
         fetch,
         fetch_timeout: Duration::from_secs(60),
     };
-    let secrets = telemetry.count_secrets(engine::secret_source(s.config.onepassword.as_ref()));
+    let dyn_secrets: Arc<dyn crate::secrets::resolve::SecretSource> = secrets.clone();
+    let budget = s.config.run_timeout;
     let refuse = |e: &StageError, revision: Option<String>| Refused {
         stage: e.stage().to_string(),
         revision,
-        error: e.to_string(),
+        error: secrets.scrub(&e.to_string()),
         at: now_secs(),
+        cause: RefusalCause::Invalid,
+    };
+    let sticky = |revision: &str, cause: RefusalCause, error: String| Refused {
+        stage: "validate".to_string(),
+        revision: Some(revision.to_string()),
+        error: secrets.scrub(&error),
+        at: now_secs(),
+        cause,
     };
     let mut fetched = None;
     let refused;
@@ -362,19 +585,70 @@ fn choose_catalog(
                 }
                 _ => None,
             };
-            let source = match pinned {
-                Some((cache, applied)) => {
-                    phases.time(Phase::Fetch, || engine::open_commit(&cache, &applied))
-                }
-                None => Ok(resolved.source),
+            // The revision about to be rendered, when known before rendering
+            // (a commit; a local directory's id comes from what it reads).
+            let candidate = match &pinned {
+                Some((_, applied)) => Some(applied.clone()),
+                None => fetched.clone().or_else(|| spec.rev.clone()),
             };
-            match source.and_then(|src| {
-                phases.time(Phase::Render, || {
-                    engine::load(src, &s.host, s.config.on_drift, secrets.clone())
-                })
-            }) {
-                Ok(c) => return (Some(c), fetched, None),
-                Err(e) => refused = Some(refuse(&e, fetched.clone())),
+            let crashed = shared
+                .crashed_revision
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            let retry = shared.retry_refused.swap(false, Ordering::Relaxed);
+            let known_sticky = record.refused.as_ref().filter(|r| {
+                !retry && r.cause.is_sticky() && r.revision.is_some() && r.revision == candidate
+            });
+            if let (Some(known), Some(rev)) = (known_sticky, &candidate) {
+                info!(revision = %rev, cause = ?known.cause, "revision refused earlier (it panicked, hung or crashed the agent); not tried again until a newer one is fetched or the config is reloaded");
+                refused = Some(known.clone());
+            } else if let Some(rev) = candidate
+                .as_ref()
+                .filter(|c| crashed.as_deref() == Some(c.as_str()))
+            {
+                refused = Some(sticky(
+                    rev,
+                    RefusalCause::Crashed,
+                    format!("the agent died while rendering revision {rev} (a crash it could not catch, such as a stack overflow or running out of memory, or a kill); it is not tried again\n  push a fixed revision; to try this one again, reload the config (SIGHUP)"),
+                ));
+            } else {
+                let source = match pinned {
+                    Some((cache, applied)) => {
+                        phases.time(Phase::Fetch, || engine::open_commit(&cache, &applied))
+                    }
+                    None => Ok(resolved.source),
+                };
+                refused = match source {
+                    Err(e) => Some(refuse(&e, fetched.clone())),
+                    Ok(src) => {
+                        if let Some(rev) = &candidate {
+                            write_render_marker(&s.state_dir, rev);
+                        }
+                        let half = started + budget / 2;
+                        let rendered = phases.time(Phase::Render, || {
+                            render_bounded(src, s, dyn_secrets.clone(), half)
+                        });
+                        remove_render_marker(&s.state_dir);
+                        let label = candidate
+                            .clone()
+                            .unwrap_or_else(|| "the local directory".into());
+                        match rendered {
+                            Rendered::Done(Ok(c)) => return (Some(c), fetched, None),
+                            Rendered::Done(Err(e)) => Some(refuse(&e, fetched.clone())),
+                            Rendered::Panicked(why) => Some(sticky(
+                                &label,
+                                RefusalCause::Panicked,
+                                format!("rendering revision {label} crashed the agent: {why}\n  this is a bug in the agent, triggered by this revision: please report it; push a revision without the change meanwhile"),
+                            )),
+                            Rendered::TimedOut(took) => Some(sticky(
+                                &label,
+                                RefusalCause::TimedOut,
+                                format!("rendering revision {label} took longer than {} (half of run_timeout: {}); abandoned\n  look for a template that loops over a huge range or recurses; raise `run_timeout` in the agent config if the render is legitimately slow", humantime::format_duration(Duration::from_secs(took.as_secs().max(1))), humantime::format_duration(budget)),
+                            )),
+                        }
+                    }
+                };
             }
         }
         Err(e) => refused = Some(refuse(&e, None)),
@@ -384,20 +658,41 @@ fn choose_catalog(
         git::parse_location(&s.config.repo),
         &record.last_good_revision,
     ) {
-        (RepoLocation::Remote(url), Some(good)) => {
+        (RepoLocation::Remote(url), Some(good))
+            if refused.as_ref().and_then(|r| r.revision.as_ref()) != Some(good) =>
+        {
             let cache = engine::cache_dir(&s.state_dir, &url);
-            phases
-                .time(Phase::Fetch, || engine::open_commit(&cache, good))
-                .and_then(|src| {
-                    phases.time(Phase::Render, || {
-                        engine::load(src, &s.host, s.config.on_drift, secrets.clone())
-                    })
-                })
-                .ok()
+            match phases.time(Phase::Fetch, || engine::open_commit(&cache, good)) {
+                Ok(src) => match phases.time(Phase::Render, || {
+                    render_bounded(src, s, dyn_secrets.clone(), started + budget)
+                }) {
+                    Rendered::Done(Ok(c)) => Some(c),
+                    Rendered::Done(Err(e)) => {
+                        warn!(revision = %good, error = %secrets.scrub(&e.to_string()), "the last good revision does not load either");
+                        None
+                    }
+                    Rendered::Panicked(why) => {
+                        warn!(revision = %good, error = %secrets.scrub(&why), "the last good revision does not load either");
+                        None
+                    }
+                    Rendered::TimedOut(_) => {
+                        warn!(revision = %good, "the last good revision did not render within the run's budget");
+                        None
+                    }
+                },
+                Err(_) => None,
+            }
         }
         _ => None,
     };
     (fallback, fetched, refused)
+}
+
+fn write_render_marker(state_dir: &Path, revision: &str) {
+    let path = render_marker(state_dir);
+    if let Err(e) = std::fs::write(&path, format!("{revision}\n")) {
+        warn!(path = %path.display(), error = %e, "cannot write the render marker; a crash during this render would be retried after a restart");
+    }
 }
 
 /// One run: choose the revision, plan, apply, record.
@@ -413,7 +708,11 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     // The metric label: the batch's first trigger (a bounded set of values).
     let primary = triggers.iter().next().map_or("poll", |t| t.name());
     let telemetry = &shared.telemetry;
-    shared.status.write().unwrap().running = true;
+    {
+        let mut st = shared.status.write().unwrap();
+        st.running = true;
+        st.run_started_at = Some(now_secs());
+    }
     let _lock = match Lock::acquire(&s.state_dir, &format!("agent run ({trigger})")) {
         Ok(l) => l,
         Err(e) => {
@@ -439,46 +738,49 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
             return;
         }
     };
+    // Every value this run resolves is scrubbed from what it reports.
+    let secrets = Scrubber::new(
+        telemetry.count_secrets(engine::secret_source(s.config.onepassword.as_ref())),
+    );
     // A run for drift alone converges to the revision already fetched: no
     // network round trip between a hand edit and its heal.
     let fetch = !triggers.iter().all(|t| *t == Trigger::Drift) || record.fetched_revision.is_none();
-    let (catalog, fetched, refused) = choose_catalog(&s, &record, fetch, telemetry, &mut phases);
-    match &refused {
-        Some(r) => {
-            warn!(stage = %r.stage, revision = ?r.revision, error = %r.error, "revision refused; staying on the last good revision");
-            // Counted every run; sent to Loki once per refused revision.
-            let known = record.refused.as_ref().is_some_and(|k| {
-                k.stage == r.stage && k.revision == r.revision && k.error == r.error
-            });
-            telemetry.metrics.source_error(&r.stage);
-            telemetry.metrics.phase_failed(if r.stage == "validate" {
-                Phase::Render
-            } else {
-                Phase::Fetch
-            });
-            if !known {
-                telemetry.emit([crate::telemetry::events::refused(
-                    &r.stage,
-                    r.revision.as_deref(),
-                    &r.error,
-                    &trigger,
-                )]);
-            }
-            if r.stage == "fetch" {
-                shared.fetch_failures.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        None => shared.fetch_failures.store(0, Ordering::Relaxed),
-    }
-    let candidate_ok = refused.is_none();
+    let (catalog, fetched, mut refused) =
+        choose_catalog(shared, &s, &record, fetch, &mut phases, &secrets, started);
     let mut counts = ClassCounts::default();
     let mut outcome = RunOutcome::Error;
     if let Some(catalog) = catalog {
         let revision = catalog.revision.clone();
-        match run_plan_apply(shared, &s, catalog, &trigger, &mut phases) {
-            Ok((c, o)) => (counts, outcome) = (c, o),
-            Err(e) => error!(error = %e, "run failed"),
+        let candidate = refused.is_none();
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_plan_apply(shared, &s, catalog, &trigger, &mut phases, &secrets)
+        }));
+        match run {
+            Ok(Ok((c, o))) => (counts, outcome) = (c, o),
+            Ok(Err(e)) => error!(error = %e, "run failed"),
+            Err(payload) => {
+                let why = secrets.scrub(&panic_message(&*payload));
+                error!(revision = %revision, error = %why, "run failed: a stage panicked");
+                telemetry.run_error(Some(Phase::Apply), "apply", Some(&revision), &why, &trigger);
+                if candidate && record.last_good_revision.as_deref() != Some(revision.as_str()) {
+                    // The newest revision panics plan or apply: refuse it and
+                    // converge the last good one (the next run skips it).
+                    refused = Some(Refused {
+                        stage: "apply".to_string(),
+                        revision: Some(revision.clone()),
+                        error: format!("{why}\n  this is a bug in the agent, triggered by this revision: please report it; the last good revision is applied meanwhile"),
+                        at: now_secs(),
+                        cause: RefusalCause::Panicked,
+                    });
+                    // A commit can be skipped by id: converge the last good
+                    // one now. (A local directory would only panic again.)
+                    if matches!(git::parse_location(&s.config.repo), RepoLocation::Remote(_)) {
+                        shared.queue.push(Trigger::Drift);
+                    }
+                }
+            }
         }
+        let candidate_ok = refused.is_none();
         let _ = Store::open(&s.state_dir).and_then(|st| {
             st.write(&s.host, |w| {
                 w.update_host(|h| {
@@ -510,6 +812,7 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
             })
         });
     }
+    report_refusal(shared, &record, refused.as_ref(), &trigger);
     shared.runs.fetch_add(1, Ordering::Relaxed);
     telemetry
         .metrics
@@ -519,16 +822,62 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     shared.status.write().unwrap().counts = counts;
 }
 
+/// Logs, counts and (once per refusal) sends a refused revision.
+fn report_refusal(
+    shared: &Shared,
+    record: &homelab_agent_state::HostRecord,
+    refused: Option<&Refused>,
+    trigger: &str,
+) {
+    let telemetry = &shared.telemetry;
+    let Some(r) = refused else {
+        shared.fetch_failures.store(0, Ordering::Relaxed);
+        return;
+    };
+    warn!(stage = %r.stage, revision = ?r.revision, cause = ?r.cause, error = %r.error, "revision refused; staying on the last good revision");
+    // Counted every run; sent to Loki once per refused revision.
+    let known = record
+        .refused
+        .as_ref()
+        .is_some_and(|k| k.stage == r.stage && k.revision == r.revision && k.error == r.error);
+    // `source_errors_total` counts what the source stages refused; a
+    // revision that panicked plan or apply is an apply failure.
+    match r.stage.as_str() {
+        "fetch" | "signature" => {
+            telemetry.metrics.source_error(&r.stage);
+            telemetry.metrics.phase_failed(Phase::Fetch);
+        }
+        "validate" => {
+            telemetry.metrics.source_error(&r.stage);
+            telemetry.metrics.phase_failed(Phase::Render);
+        }
+        _ => telemetry.metrics.phase_failed(Phase::Apply),
+    }
+    if !known {
+        telemetry.emit([crate::telemetry::events::refused(
+            &r.stage,
+            r.revision.as_deref(),
+            &r.error,
+            trigger,
+        )]);
+    }
+    if r.stage == "fetch" {
+        shared.fetch_failures.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 fn run_plan_apply(
     shared: &Arc<Shared>,
     s: &Settings,
     catalog: Catalog,
     trigger: &str,
     phases: &mut Phases,
+    secrets: &Scrubber,
 ) -> Result<(ClassCounts, RunOutcome), String> {
     let telemetry = &shared.telemetry;
     let revision = catalog.revision.clone();
     let failed = |phase: Option<Phase>, stage: &str, e: String| {
+        let e = secrets.scrub(&e);
         telemetry.run_error(phase, stage, Some(&revision), &e, trigger);
         e
     };
@@ -635,7 +984,7 @@ fn run_plan_apply(
             None => {
                 info!(resource = %o.id, action = ?o.action, classification = ?o.class, fields = ?o.fields, "applied")
             }
-            Some(err) => warn!(resource = %o.id, error = %err, "apply failed"),
+            Some(err) => warn!(resource = %o.id, error = %secrets.scrub(err), "apply failed"),
         }
     }
     info!(revision = %report.revision, trigger, created = report.counts.created, changed = report.counts.changed,
@@ -713,7 +1062,7 @@ fn refresh_status_from_state(shared: &Arc<Shared>) {
     let last_run = store.runs(&s.host, 1).ok().and_then(|mut r| r.pop());
     let mut st = shared.status.write().unwrap();
     st.host = s.host.clone();
-    st.source = s.config.repo.clone();
+    st.source = crate::redact::url_credentials_owned(&s.config.repo);
     st.reference = s.config.reference.clone();
     st.fetched_revision = record.fetched_revision;
     st.applied_revision = record.applied_revision;
@@ -722,8 +1071,11 @@ fn refresh_status_from_state(shared: &Arc<Shared>) {
     st.refused = record.refused.map(|r| Refusal {
         stage: r.stage,
         revision: r.revision,
-        error: r.error,
+        // Recorded scrubbed; hidden again for records of older versions.
+        error: crate::redact::url_credentials_owned(&r.error),
+        cause: r.cause,
     });
+    st.run_timeout_secs = s.config.run_timeout.as_secs();
     st.last_run = last_run;
 }
 
@@ -891,6 +1243,91 @@ mod tests {
         );
         assert!(batch.contains(&Trigger::Webhook), "{batch:?}");
         assert!(queue.take().is_empty(), "nothing left for another run");
+    }
+
+    /// A source that panics or blocks on its first read: what a bad
+    /// revision does to a stage, without depending on which input does it.
+    struct Hostile(&'static str);
+
+    impl crate::source::Source for Hostile {
+        fn read(&self, _path: &str) -> Result<Option<Vec<u8>>, crate::source::SourceError> {
+            match self.0 {
+                "panic" => panic!("a stage cannot cope with this revision"),
+                _ => {
+                    std::thread::sleep(Duration::from_secs(30));
+                    Ok(None)
+                }
+            }
+        }
+        fn list(&self, _dir: &str) -> Result<Vec<String>, crate::source::SourceError> {
+            Ok(Vec::new())
+        }
+        fn revision(&self) -> String {
+            "hostile".into()
+        }
+        fn describe(&self) -> String {
+            "a hostile source".into()
+        }
+    }
+
+    fn test_settings() -> Settings {
+        let config =
+            config::parse(Path::new("/nonexistent/agent.yaml"), "repo: .\nhost: lab\n").unwrap();
+        Settings {
+            host: "lab".into(),
+            root: None,
+            state_dir: PathBuf::from("/nonexistent"),
+            credentials: Arc::new(config::Credentials::default()),
+            config,
+        }
+    }
+
+    #[test]
+    fn a_render_that_panics_is_caught_with_its_message_and_place() {
+        let started = Instant::now();
+        let rendered = render_bounded(
+            Arc::new(Hostile("panic")),
+            &test_settings(),
+            Arc::new(crate::secrets::resolve::Offline),
+            started + Duration::from_secs(10),
+        );
+        match rendered {
+            Rendered::Panicked(why) => {
+                assert!(
+                    why.contains("a stage cannot cope with this revision"),
+                    "{why}"
+                );
+            }
+            _ => panic!("not reported as a panic"),
+        }
+    }
+
+    #[test]
+    fn a_render_past_its_deadline_is_abandoned() {
+        let started = Instant::now();
+        let rendered = render_bounded(
+            Arc::new(Hostile("hang")),
+            &test_settings(),
+            Arc::new(crate::secrets::resolve::Offline),
+            started + Duration::from_millis(300),
+        );
+        assert!(matches!(rendered, Rendered::TimedOut(_)));
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn the_render_marker_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("daemon")).unwrap();
+        assert_eq!(read_render_marker(dir.path()), None);
+        write_render_marker(dir.path(), "abc123");
+        assert_eq!(read_render_marker(dir.path()).as_deref(), Some("abc123"));
+        remove_render_marker(dir.path());
+        assert_eq!(read_render_marker(dir.path()), None);
     }
 
     #[tokio::test(flavor = "current_thread")]

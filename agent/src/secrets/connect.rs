@@ -396,10 +396,36 @@ impl ConnectClient {
     /// trimmed); refuses a file readable by group or others. The token never
     /// appears in an error, log or `Debug` output.
     pub fn new(cfg: &ConnectConfig) -> Result<ConnectClient, ConnectError> {
+        let (url, auth) = Self::check(cfg)?;
+        let bad_url = |reason: &str| ConnectError::Url {
+            url: crate::redact::url_credentials_owned(&cfg.url),
+            reason: reason.to_string(),
+        };
+        crate::source::git::install_tls_provider();
+        let http = reqwest::blocking::Client::builder()
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .map_err(|e| bad_url(&format!("cannot set up the HTTP client: {e}")))?;
+        Ok(ConnectClient {
+            url,
+            auth,
+            http,
+            timeout: cfg.timeout,
+            requests: AtomicUsize::new(0),
+        })
+    }
+
+    /// The checks of [`ConnectClient::new`] without building the HTTP
+    /// client (the agent config check runs them too): the URL's form and
+    /// the token file. Returns the base URL and the `Authorization` value.
+    pub fn check(cfg: &ConnectConfig) -> Result<(String, HeaderValue), ConnectError> {
         let url = cfg.url.trim().trim_end_matches('/').to_string();
         let bad_url = |reason: &str| ConnectError::Url {
-            url: cfg.url.clone(),
-            reason: reason.to_string(),
+            url: crate::redact::url_credentials_owned(&cfg.url),
+            reason: crate::redact::url_credentials_owned(reason),
         };
         let parsed = reqwest::Url::parse(&url).map_err(|e| bad_url(&e.to_string()))?;
         if !matches!(parsed.scheme(), "http" | "https") {
@@ -426,22 +452,7 @@ impl ConnectClient {
                 }
             })?;
         auth.set_sensitive(true);
-
-        crate::source::git::install_tls_provider();
-        let http = reqwest::blocking::Client::builder()
-            .timeout(cfg.timeout)
-            .connect_timeout(cfg.timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .map_err(|e| bad_url(&format!("cannot set up the HTTP client: {e}")))?;
-        Ok(ConnectClient {
-            url,
-            auth,
-            http,
-            timeout: cfg.timeout,
-            requests: AtomicUsize::new(0),
-        })
+        Ok((url, auth))
     }
 
     /// The base URL requests go to.

@@ -306,8 +306,8 @@ impl GitCache {
     /// [`GitOptions::token_file`]).
     pub fn open_or_init(cache_dir: &Path, url: &str) -> Result<GitCache, GitError> {
         let parsed = gix::url::parse(url.as_bytes().as_bstr()).map_err(|e| GitError::BadUrl {
-            url: url.to_string(),
-            reason: e.to_string(),
+            url: redact(url),
+            reason: redact(&e.to_string()),
         })?;
         if parsed.password().is_some() {
             return Err(GitError::BadUrl {
@@ -318,7 +318,7 @@ impl GitCache {
             });
         }
         let init_err = |reason: String| GitError::CacheInit {
-            url: url.to_string(),
+            url: redact(url),
             path: cache_dir.to_path_buf(),
             reason,
         };
@@ -334,7 +334,9 @@ impl GitCache {
                 .create(cache_dir)
                 .map_err(|e| init_err(e.to_string()))?;
             gix::init_bare(cache_dir).map_err(|e| init_err(why(&e)))?;
-            fs::write(cache_dir.join(URL_FILE), format!("{url}\n"))
+            // Masked: the file is for people (and the mismatch check), and a
+            // token in the URL must not rest in the state directory.
+            fs::write(cache_dir.join(URL_FILE), format!("{}\n", redact(url)))
                 .map_err(|e| init_err(e.to_string()))?;
         } else {
             let found = fs::read_to_string(cache_dir.join(URL_FILE)).map_err(|e| {
@@ -344,11 +346,12 @@ impl GitCache {
                 }
             })?;
             let found = found.trim_end();
-            if found != url {
+            // Caches written before URLs were masked hold the URL as given.
+            if found != redact(url) && found != url {
                 return Err(GitError::CacheMismatch {
                     path: cache_dir.to_path_buf(),
-                    url: url.to_string(),
-                    found: found.to_string(),
+                    url: redact(url),
+                    found: redact(found),
                 });
             }
         }
@@ -474,7 +477,7 @@ impl GitCache {
     /// Resolves a revision spec (`main`, `HEAD~3`, a short or full id, a tag) in the cache,
     /// without fetching, to a commit.
     pub fn resolve(&self, rev: &str) -> Result<ObjectId, GitError> {
-        resolve_commit(&self.repo.to_thread_local(), rev, &self.url)
+        resolve_commit(&self.repo.to_thread_local(), rev, &redact(&self.url))
     }
 
     /// A source reading `commit` from this cache, described as `<url>@<short id>`.
@@ -512,24 +515,9 @@ fn validate_reference(url: &str, reference: &str) -> Result<(), GitError> {
     Ok(())
 }
 
-/// Hides a password in `scheme://user:password@host` (we refuse such URLs, but messages about
-/// them must not repeat it).
+/// Hides the credentials of `url` (the one rule for every message: [`crate::redact`]).
 fn redact(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            if let Some(colon) = rest[..at].find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &rest[..colon],
-                    &rest[at..]
-                );
-            }
-        }
-    }
-    url.to_string()
+    crate::redact::url_credentials_owned(url)
 }
 
 /// One fetch, run on its own thread so that `fetch` can bound it.
@@ -1303,12 +1291,14 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn redact_hides_passwords_only() {
+    fn redact_hides_passwords_and_token_users() {
         assert_eq!(
             redact("https://u:secret@h/o/r.git"),
             "https://u:***@h/o/r.git"
         );
-        assert_eq!(redact("https://u@h/o/r.git"), "https://u@h/o/r.git");
+        // A user name alone over https is how forges take a token.
+        assert_eq!(redact("https://u@h/o/r.git"), "https://***@h/o/r.git");
+        assert_eq!(redact("ssh://git@h/o/r.git"), "ssh://git@h/o/r.git");
         assert_eq!(redact("git@h:o/r.git"), "git@h:o/r.git");
     }
 

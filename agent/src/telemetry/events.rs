@@ -140,7 +140,9 @@ fn action_name(a: Action) -> &'static str {
 }
 
 /// `s` cut to at most [`MAX_ERROR_BYTES`].
+/// URL credentials are hidden too: every error of an event passes here.
 pub fn truncate(s: &str) -> String {
+    let s = &*crate::redact::url_credentials(s);
     if s.len() <= MAX_ERROR_BYTES {
         return s.to_string();
     }

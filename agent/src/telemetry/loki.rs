@@ -104,7 +104,7 @@ impl Shipper {
         let password = match &config.password_file {
             None => None,
             Some(path) => {
-                let bytes = crate::daemon::run::read_private_file(path, "Loki password file")
+                let bytes = crate::config::read_private_file(path, "Loki password file")
                     .map_err(LokiError::Password)?;
                 Some(String::from_utf8(bytes).map_err(|_| {
                     LokiError::Password(format!("{} is not UTF-8 text", path.display()))

@@ -21,7 +21,7 @@ use homelab_agent_tests::git_server::{
     forgejo_push, http_get, http_post, new_uuid, GitServer, WorkClone,
 };
 
-const SECRET: &str = "bench-secret";
+const SECRET: &str = "bench-webhook-secret-of-32-bytes-or-more";
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
