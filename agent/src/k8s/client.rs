@@ -562,3 +562,87 @@ pub async fn delete(api: &Api<DynamicObject>, name: &str) -> Result<bool, CallEr
         Err(e) => Err(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn status(v: Json) -> kube::core::Status {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn throttled(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(status(serde_json::json!({
+            "status": "Failure", "code": code, "reason": "TooManyRequests", "message": "slow down",
+            "details": {"retryAfterSeconds": 0}
+        }))))
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn throttling_is_retried_a_bounded_number_of_times() {
+        let tries = AtomicU32::new(0);
+        let r: Result<(), CallError> = rt().block_on(call(|| {
+            tries.fetch_add(1, Ordering::Relaxed);
+            async { Err(throttled(429)) }
+        }));
+        assert_eq!(r.unwrap_err().code(), Some(429));
+        assert_eq!(tries.load(Ordering::Relaxed), ATTEMPTS);
+    }
+
+    #[test]
+    fn answers_that_waiting_will_not_change_are_not_retried() {
+        for code in [400, 403, 404, 409, 422, 500] {
+            let tries = AtomicU32::new(0);
+            let r: Result<(), CallError> = rt().block_on(call(|| {
+                tries.fetch_add(1, Ordering::Relaxed);
+                async move { Err(throttled(code)) }
+            }));
+            assert_eq!(r.unwrap_err().code(), Some(code));
+            assert_eq!(tries.load(Ordering::Relaxed), 1, "{code}");
+        }
+    }
+
+    #[test]
+    fn a_call_that_never_answers_ends_at_the_budget() {
+        let r: Result<(), CallError> = rt().block_on(async {
+            tokio::time::pause();
+            call(std::future::pending::<Result<(), kube::Error>>).await
+        });
+        assert!(matches!(r, Err(CallError::Timeout)));
+        assert!(CallError::Timeout.describe().contains("within 20s"));
+    }
+
+    #[test]
+    fn refusals_are_classified_from_the_status() {
+        let immutable = CallError::Api(Box::new(status(serde_json::json!({
+            "code": 422, "reason": "Invalid", "message": "StatefulSet.apps \"db\" is invalid",
+            "details": {"causes": [{"reason": "FieldValueInvalid",
+                "message": "Invalid value: ...: field is immutable", "field": "spec.volumeClaimTemplates"}]}
+        }))));
+        assert_eq!(
+            immutable.refusal(),
+            Some(Refusal::Immutable(vec!["spec.volumeClaimTemplates".into()]))
+        );
+        let terminating = CallError::Api(Box::new(status(serde_json::json!({
+            "code": 403, "reason": "Forbidden", "message": "unable to create new content",
+            "details": {"causes": [{"reason": "NamespaceTerminating", "message": "namespace vod is being terminated",
+                "field": "metadata.namespace"}]}
+        }))));
+        assert_eq!(terminating.refusal(), Some(Refusal::NamespaceTerminating));
+        let unknown = CallError::Api(Box::new(status(serde_json::json!({
+            "code": 500, "message": "failed to create typed patch object (ns/web; apps/v1, Kind=Deployment): .spec.replicass: field not declared in schema"
+        }))));
+        assert_eq!(
+            unknown.refusal(),
+            Some(Refusal::UnknownFields(vec!["spec.replicass".into()]))
+        );
+    }
+}
