@@ -656,6 +656,30 @@ impl KubeEnv {
         }
     }
 
+    /// Installs upstream CRDs from `tests/fixtures/crds/` (as `helm`, the
+    /// way a project's installation would) and waits until they are
+    /// Established.
+    pub fn install_crds(&self, files: &[&str]) {
+        let dir = crate::workspace().join("tests/fixtures/crds");
+        let mut names = Vec::new();
+        for f in files {
+            let path = dir.join(f);
+            let out = self.kubectl_ok(&[
+                "apply",
+                "--server-side",
+                "--field-manager=helm",
+                "-f",
+                path.to_str().unwrap(),
+                "-o",
+                "name",
+            ]);
+            names.extend(out.lines().map(str::to_string));
+        }
+        let mut args = vec!["wait", "--for=condition=Established", "--timeout=60s"];
+        args.extend(names.iter().map(String::as_str));
+        self.kubectl_ok(&args);
+    }
+
     /// Waits (bounded) until `check` holds, polling every 200 ms.
     pub fn wait_for(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
         let deadline = Instant::now() + timeout;

@@ -27,32 +27,14 @@ const SECRETS: &[(&str, &str, &str)] = &[
 /// The CRDs and namespace MetalLB's and the Prometheus operator's own
 /// installations leave (applied by `helm`, as k3s's HelmChart would).
 fn install_upstream(kube: &KubeEnv) {
-    let crds = workspace().join("tests/fixtures/crds");
-    for f in [
+    kube.install_crds(&[
         "monitoring.coreos.com_prometheusrules.yaml",
         "metallb.io_ipaddresspools.yaml",
         "metallb.io_l2advertisements.yaml",
-    ] {
-        let path = crds.join(f);
-        kube.kubectl_ok(&[
-            "apply",
-            "--server-side",
-            "--field-manager=helm",
-            "-f",
-            path.to_str().unwrap(),
-        ]);
-    }
-    // The namespaces those installations own (the stacks put objects into
-    // them but do not create them). Without `monitoring`, the plan says so.
-    kube.kubectl_ok(&["create", "namespace", "metallb-system"]);
-    kube.kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/prometheusrules.monitoring.coreos.com",
-        "crd/ipaddresspools.metallb.io",
-        "crd/l2advertisements.metallb.io",
     ]);
+    // The namespaces those installations own (the stacks put objects into
+    // them but do not create them). `monitoring` comes later (see the test).
+    kube.kubectl_ok(&["create", "namespace", "metallb-system"]);
 }
 
 struct Host {

@@ -546,16 +546,7 @@ impl Run<'_> {
                 }
                 Ok(Some(live)) => {
                     if Instant::now() >= deadline {
-                        let finalizers = live
-                            .pointer("/metadata/finalizers")
-                            .and_then(Json::as_array)
-                            .map(|f| {
-                                f.iter()
-                                    .filter_map(Json::as_str)
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            })
-                            .unwrap_or_default();
+                        let finalizers = super::ownership::finalizers(&live).join(", ");
                         return Err(format!(
                             "{what} was still being deleted after {}{}",
                             humantime::format_duration(self.stack.spec.timeout),
@@ -703,13 +694,7 @@ impl Run<'_> {
 /// held by finalizers), so it is never reported as simply gone.
 async fn still_deleting(api: &kube::Api<kube::api::DynamicObject>, name: &str) -> Option<String> {
     let live = client::get(api, name).await.ok()??;
-    let finalizers: Vec<&str> = live
-        .pointer("/metadata/finalizers")
-        .and_then(Json::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Json::as_str)
-        .collect();
+    let finalizers = super::ownership::finalizers(&live);
     Some(if finalizers.is_empty() {
         "deletion in progress (terminating)".to_string()
     } else {

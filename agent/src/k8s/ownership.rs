@@ -224,6 +224,16 @@ pub fn takeover(live: &Json) -> Option<Takeover> {
     })
 }
 
+/// The finalizers holding a live object (`metadata.finalizers`).
+pub fn finalizers(live: &Json) -> Vec<&str> {
+    live.pointer("/metadata/finalizers")
+        .and_then(Json::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Json::as_str)
+        .collect()
+}
+
 /// Kinds whose `spec.replicas` an autoscaler may own.
 const SCALABLE: &[&str] = &["Deployment", "StatefulSet", "ReplicaSet"];
 

@@ -491,13 +491,7 @@ async fn observe_object(
     // then creates it again.
     if let Some(l) = &live {
         if l.pointer("/metadata/deletionTimestamp").is_some() {
-            let finalizers: Vec<&str> = l
-                .pointer("/metadata/finalizers")
-                .and_then(Json::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(Json::as_str)
-                .collect();
+            let finalizers = ownership::finalizers(l);
             p.notes.push(format!(
                 "it is being deleted{}: apply waits for it to go (up to the stack's timeout), then creates it again",
                 if finalizers.is_empty() {
@@ -507,16 +501,7 @@ async fn observe_object(
                 }
             ));
             p.wait_gone = Some(None);
-            p.class = if applied_same {
-                Classification::Drift
-            } else {
-                Classification::Create
-            };
-            p.action = if applied_same && o.on_drift == DriftPolicy::Report {
-                Action::Report
-            } else {
-                Action::Create
-            };
+            missing(&mut p, applied_same, o.on_drift);
             return Ok(p);
         }
     }
@@ -615,16 +600,7 @@ async fn observe_object(
             p.action = Action::None;
             return Ok(p);
         }
-        p.class = if applied_same {
-            Classification::Drift
-        } else {
-            Classification::Create
-        };
-        p.action = if applied_same && o.on_drift == DriftPolicy::Report {
-            Action::Report
-        } else {
-            Action::Create
-        };
+        missing(&mut p, applied_same, o.on_drift);
         return Ok(p);
     };
     let dry = dry.expect("a live object's dry run either succeeded or returned");
@@ -660,6 +636,21 @@ async fn observe_object(
         _ => Action::Update,
     };
     Ok(p)
+}
+
+/// An object that is not (or soon not) there: drift when the agent had
+/// applied this very manifest, else a create.
+fn missing(p: &mut ObjectPlan, applied_same: bool, on_drift: DriftPolicy) {
+    p.class = if applied_same {
+        Classification::Drift
+    } else {
+        Classification::Create
+    };
+    p.action = if applied_same && on_drift == DriftPolicy::Report {
+        Action::Report
+    } else {
+        Action::Create
+    };
 }
 
 /// Whether the stack itself creates namespace `ns` (a Namespace object).

@@ -36,22 +36,8 @@ fn main() {
     let standin = std::env::args().any(|a| a == "--standin");
     let real = (!standin).then(|| {
         let env = KubeEnv::start();
-        let crds =
-            workspace().join("tests/fixtures/crds/monitoring.coreos.com_prometheusrules.yaml");
-        env.kubectl_ok(&[
-            "apply",
-            "--server-side",
-            "--field-manager=helm",
-            "-f",
-            crds.to_str().unwrap(),
-        ]);
+        env.install_crds(&["monitoring.coreos.com_prometheusrules.yaml"]);
         env.kubectl_ok(&["create", "namespace", "monitoring"]);
-        env.kubectl_ok(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/prometheusrules.monitoring.coreos.com",
-        ]);
         env
     });
     let tmp = tempfile::tempdir().unwrap();
