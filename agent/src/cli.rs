@@ -473,6 +473,8 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
         return Err(crate::apply::refuse(&plan).into());
     }
     let applied_key = homelab_agent_state::DigestKey::load(&loaded.state_dir, true)?;
+    // Temp files are signed with it, so a later run knows its leftovers.
+    loaded.host.fs.set_temp_key(applied_key.bytes());
     if applied_key != key {
         plan.rekey(&applied_key);
     }

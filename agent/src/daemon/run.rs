@@ -540,6 +540,7 @@ fn run_plan_apply(
         .map_err(|e| failed(None, "state", e.to_string()))?;
     let key = homelab_agent_state::DigestKey::load(&s.state_dir, true)
         .map_err(|e| failed(None, "state", e.to_string()))?;
+    host.fs.set_temp_key(key.bytes());
     let plan = phases.time(Phase::Observe, || {
         plan::plan(catalog, &host, &inventory, &key)
     });
