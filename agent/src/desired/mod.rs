@@ -57,13 +57,37 @@ pub fn host_names(source: &dyn Source) -> Result<Vec<String>, SourceError> {
         .collect())
 }
 
+/// A refused repository path ([`SourceError::Refused`]: a symlink, a FIFO,
+/// a file over the size limit) as a diagnostic at `at` (the file and line
+/// that name the path), or at the path itself. Other errors stay errors.
+pub(crate) fn refusal_diag(
+    err: SourceError,
+    at: Option<(&str, usize)>,
+) -> Result<Diagnostic, SourceError> {
+    let Some((path, why)) = err.refusal() else {
+        return Err(err);
+    };
+    let d = match at {
+        Some((file, line)) => Diagnostic::new(file, why.message(path)).line(line),
+        None => Diagnostic::new(path, why.message(path)),
+    };
+    Ok(d.hint(why.hint()))
+}
+
+/// Reads and parses a YAML file; `at` is where it is named (a module use).
 fn read_yaml(
     source: &dyn Source,
     file: &str,
+    at: Option<(&str, usize)>,
     diags: &mut Diagnostics,
 ) -> Result<Option<Node>, SourceError> {
-    let Some(bytes) = source.read(file)? else {
-        return Ok(None);
+    let bytes = match source.read(file) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            diags.push(refusal_diag(e, at)?);
+            return Ok(None);
+        }
     };
     let Ok(text) = String::from_utf8(bytes) else {
         diags.push(Diagnostic::new(file, "file is not UTF-8 text"));
@@ -126,6 +150,21 @@ pub fn load_with(
     host: &str,
     opts: &LoadOptions,
 ) -> Result<Catalog, DesiredError> {
+    match load_inner(source, host, opts) {
+        // A refusal no caller placed at a line (a listing through a
+        // symlink): still a problem of the desired state, never a half-read.
+        Err(DesiredError::Source(e)) if e.refusal().is_some() => Err(DesiredError::Invalid {
+            diags: Diagnostics::one(refusal_diag(e, None)?),
+        }),
+        other => other,
+    }
+}
+
+fn load_inner(
+    source: Arc<dyn Source>,
+    host: &str,
+    opts: &LoadOptions,
+) -> Result<Catalog, DesiredError> {
     let default_policy = opts.default_policy;
     let secret_usage: Arc<std::sync::Mutex<render::SecretUsage>> = Arc::default();
     let host_file = format!("hosts/{host}.yaml");
@@ -136,7 +175,7 @@ pub fn load_with(
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         && !host.starts_with('.');
     let doc = if valid_name {
-        read_yaml(&*source, &host_file, &mut diags)?
+        read_yaml(&*source, &host_file, None, &mut diags)?
     } else {
         None
     };
@@ -176,11 +215,19 @@ pub fn load_with(
 
     let mut modules: HashMap<String, Option<(ModuleSpec, Arc<ModuleEnv>)>> = HashMap::new();
     let mut pending = Vec::new();
+    let mut refused = std::collections::HashSet::new();
     for usage in &spec.modules {
         if !modules.contains_key(&usage.name) {
-            let loaded = load_module(&source, &usage.name, opts, &secret_usage, &mut diags)?;
+            let before = diags.len();
+            let at = (host_file.as_str(), usage.line);
+            let loaded = load_module(&source, &usage.name, at, opts, &secret_usage, &mut diags)?;
+            if loaded.is_none() && diags.len() > before {
+                // Already explained (a refused or broken module file).
+                refused.insert(usage.name.clone());
+            }
             modules.insert(usage.name.clone(), loaded);
         }
+        let refused = refused.contains(&usage.name);
         let Some((module, env)) = modules.get(&usage.name).and_then(Option::as_ref) else {
             let mut known: Vec<String> = source
                 .list("modules")?
@@ -188,9 +235,10 @@ pub fn load_with(
                 .filter(|m| !m.starts_with('.'))
                 .collect();
             known.sort();
-            if !diags
-                .iter()
-                .any(|d| d.file.starts_with(&format!("modules/{}/", usage.name)))
+            if !refused
+                && !diags
+                    .iter()
+                    .any(|d| d.file.starts_with(&format!("modules/{}/", usage.name)))
             {
                 diags.push(
                     Diagnostic::new(
@@ -299,6 +347,7 @@ fn map_value(pairs: impl IntoIterator<Item = (String, minijinja::Value)>) -> min
 fn load_module(
     source: &Arc<dyn Source>,
     name: &str,
+    at: (&str, usize),
     opts: &LoadOptions,
     usage: &Arc<std::sync::Mutex<render::SecretUsage>>,
     diags: &mut Diagnostics,
@@ -307,7 +356,7 @@ fn load_module(
         return Ok(None);
     }
     let file = format!("modules/{name}/module.yaml");
-    let Some(doc) = read_yaml(&**source, &file, diags)? else {
+    let Some(doc) = read_yaml(&**source, &file, Some(at), diags)? else {
         return Ok(None);
     };
     let Some(spec) = model::parse_module(name, &file, &doc, diags) else {
@@ -715,6 +764,13 @@ impl Assets for ModuleAssets<'_> {
         let e = self.expander;
         e.allowing_secrets(|| e.env.render_template(name, e.ctx)).map_err(|err| {
             let module = &e.module.name;
+            // The template itself refused (a symlink, a FIFO, too large):
+            // said at the `template:` line, in the source's own words.
+            if let Err(refused) = e.source.read(&format!("modules/{module}/templates/{name}")) {
+                if let Ok(d) = refusal_diag(refused, Some((e.file(), line))) {
+                    return d.resource(self.id);
+                }
+            }
             if err.kind() == minijinja::ErrorKind::TemplateNotFound {
                 return Diagnostic::new(e.file(), format!("template `{name}` not found in modules/{module}/templates/"))
                     .line(line)
@@ -759,7 +815,11 @@ impl Assets for ModuleAssets<'_> {
         match e.source.read(&path) {
             Ok(Some(bytes)) => Ok(bytes),
             Ok(None) => Err(missing()),
-            Err(err) => Err(Diagnostic::new(path, err.to_string()).resource(self.id)),
+            Err(err) => Err(match refusal_diag(err, Some((e.file(), line))) {
+                Ok(d) => d,
+                Err(err) => Diagnostic::new(e.file(), err.to_string()).line(line),
+            }
+            .resource(self.id)),
         }
     }
 }

@@ -1,0 +1,146 @@
+//! Issue 12 (item 3), end to end: a local repository is read under the
+//! rules of a git commit, whatever is on disk. The invalid-repo corpus
+//! (cases 60-70) covers one problem per module file; these are the cases
+//! it cannot hold: the host file itself, the listing of `hosts/`, and the
+//! revision's total read budget.
+
+use std::os::unix::fs::symlink;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use homelab_agent_tests::{run, stderr, stdout, tree, Lab};
+
+const CANARY: &str = "OUTSIDE-THE-REPO-CANARY";
+
+const HOST: &str = "platform: linux\nroots: [/srv/app]\nmodules:\n  - name: app\n";
+const MODULE: &str = "resources:\n  - file: /srv/app/x.conf\n    content: \"x = 1\\n\"\n";
+
+fn all(o: &Output) -> String {
+    format!("{}{}", stdout(o), stderr(o))
+}
+
+/// Runs plan, validate and apply; each must refuse (exit 1) within 2 s,
+/// show `expect`, never show the canary, and change nothing in the lab.
+fn refused(lab: &Lab, expect: &str) -> String {
+    let before = tree(&lab.root());
+    let repo = lab.repo();
+    let repo = repo.to_str().unwrap();
+    let mut texts = Vec::new();
+    for what in ["plan", "validate", "apply"] {
+        let started = Instant::now();
+        let out = match what {
+            "validate" => run(&["validate", "--repo", repo, "--host", "lab"]),
+            cmd => lab.agent(cmd, "lab", &[]),
+        };
+        let took = started.elapsed();
+        let text = all(&out);
+        assert_eq!(out.status.code(), Some(1), "agent {what}:\n{text}");
+        assert!(took < Duration::from_secs(2), "agent {what} took {took:?}");
+        assert!(
+            text.contains(expect),
+            "agent {what} lacks {expect:?}:\n{text}"
+        );
+        assert!(
+            !text.contains(CANARY),
+            "agent {what} shows the canary:\n{text}"
+        );
+        assert!(tree(&lab.root()) == before, "agent {what} changed the lab");
+        texts.push(lab.redact(&text));
+    }
+    texts.join("")
+}
+
+/// A lab whose baseline (one file) is applied, so refusals can be seen
+/// to leave it alone.
+fn lab() -> Lab {
+    let lab = Lab::empty();
+    lab.write("hosts/lab.yaml", HOST);
+    lab.write("modules/app/module.yaml", MODULE);
+    let out = lab.agent("apply", "lab", &[]);
+    assert!(out.status.success(), "{}", all(&out));
+    lab
+}
+
+/// A directory outside the repository whose files are a valid host file
+/// and module holding the canary: read through a link, they would apply it.
+fn outside() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("lab.yaml"),
+        format!(
+            "platform: linux\ndescription: {CANARY}\nroots: [/srv/app]\nmodules:\n  - name: app\n"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn a_host_file_linked_outside_the_repository_is_refused() {
+    let lab = lab();
+    let out = outside();
+    std::fs::remove_file(lab.repo().join("hosts/lab.yaml")).unwrap();
+    symlink(
+        out.path().join("lab.yaml"),
+        lab.repo().join("hosts/lab.yaml"),
+    )
+    .unwrap();
+    let text = refused(
+        &lab,
+        "hosts/lab.yaml: hosts/lab.yaml is a symlink in the repository",
+    );
+    assert!(text.contains("replace the symlink with the file"), "{text}");
+}
+
+#[test]
+fn a_hosts_folder_linked_outside_the_repository_is_refused_when_listed() {
+    let lab = lab();
+    let out = outside();
+    std::fs::remove_dir_all(lab.repo().join("hosts")).unwrap();
+    symlink(out.path(), lab.repo().join("hosts")).unwrap();
+    refused(
+        &lab,
+        "hosts/lab.yaml is reached through hosts, a symlink in the repository",
+    );
+    // `agent validate` of every host lists hosts/ first.
+    let o = run(&["validate", "--repo", lab.repo().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", all(&o));
+    assert!(
+        all(&o).contains("hosts is a symlink in the repository"),
+        "{}",
+        all(&o)
+    );
+    assert!(!all(&o).contains(CANARY));
+}
+
+#[test]
+fn a_fifo_host_file_is_refused_without_waiting_for_a_writer() {
+    let lab = lab();
+    let host = lab.repo().join("hosts/lab.yaml");
+    std::fs::remove_file(&host).unwrap();
+    nix::unistd::mkfifo(&host, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    refused(
+        &lab,
+        "hosts/lab.yaml is a FIFO (named pipe), not a regular file",
+    );
+}
+
+/// Nine templates of 4 MiB each (under the per-file limit) add up past the
+/// 32 MiB a revision may read: refused at the template that crosses it.
+#[test]
+fn a_revision_reads_at_most_32_mib() {
+    let lab = lab();
+    let mut module = String::from("resources:\n");
+    for i in 0..9 {
+        module.push_str(&format!("  - file: /srv/app/f{i}\n    template: t{i}.j2\n"));
+        lab.write(
+            &format!("modules/app/templates/t{i}.j2"),
+            &"a".repeat(4 << 20),
+        );
+    }
+    lab.write("modules/app/module.yaml", &module);
+    refused(
+        &lab,
+        "takes this host's desired state over 32 MiB, the limit for one revision",
+    );
+}
