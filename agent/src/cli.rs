@@ -346,7 +346,13 @@ fn load(target: &Target) -> Result<Loaded> {
     let resolved = phases.time(Phase::Fetch, || engine::resolve(&r.spec, &r.state_dir))?;
     let secrets = engine::secret_source(r.onepassword.as_ref());
     let catalog = phases.time(Phase::Render, || {
-        engine::load(resolved.source, &r.host, r.policy, secrets)
+        engine::load(
+            resolved.source,
+            &r.host,
+            r.policy,
+            secrets,
+            engine::managed_state_dir(r.root.as_deref(), &r.state_dir),
+        )
     })?;
     let fs = Fs::new(r.root.as_deref().unwrap_or(Path::new("/")))?;
     let host = Host::new(fs, r.root.is_some(), catalog.host.platform);
@@ -740,6 +746,7 @@ fn kinds_text() -> String {
         }
     }
     out.push_str("\nEvery resource may also have: after (ids to come after), notify (ids to tell on change),\non_drift (heal | report), when (a Jinja expression; false leaves the resource out).\n");
+    out.push_str("\nPaths are absolute, normalised, inside the host's roots, free of control characters, and\nclaimed by one resource each; nothing goes under a file, symlink or absent resource, and\nnothing touches the agent's state directory. A root of / needs `whole_filesystem: true`\nin the host file.\n");
     out
 }
 

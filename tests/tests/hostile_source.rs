@@ -1,8 +1,9 @@
-//! Issue 12 (item 3), end to end: a local repository is read under the
-//! rules of a git commit, whatever is on disk. The invalid-repo corpus
-//! (cases 60-70) covers one problem per module file; these are the cases
-//! it cannot hold: the host file itself, the listing of `hosts/`, and the
-//! revision's total read budget.
+//! Issue 12 (items 3 and 6), end to end: a local repository is read under
+//! the rules of a git commit, whatever is on disk, and desired state that
+//! would touch the agent's own state is refused. The invalid-repo corpus
+//! (cases 60-79) covers one problem per module file; these are the cases
+//! it cannot hold: the host file itself, the listing of `hosts/`, the
+//! revision's total read budget, and the `whole_filesystem` opt-in.
 
 use std::os::unix::fs::symlink;
 use std::process::Output;
@@ -143,4 +144,33 @@ fn a_revision_reads_at_most_32_mib() {
         &lab,
         "takes this host's desired state over 32 MiB, the limit for one revision",
     );
+}
+
+/// `/` as a root needs `whole_filesystem: true`; with it, the state
+/// directory (here the sandbox's) and its parents stay out of reach.
+#[test]
+fn whole_filesystem_opts_in_to_root_slash_but_never_to_the_state_directory() {
+    let lab = lab();
+    lab.write(
+        "hosts/lab.yaml",
+        "platform: linux\nroots: [/]\nwhole_filesystem: true\nmodules:\n  - name: app\n",
+    );
+    let out = lab.agent("plan", "lab", &[]);
+    assert!(out.status.success(), "{}", all(&out));
+    lab.write(
+        "modules/app/module.yaml",
+        &format!(
+            "{MODULE}  - file: /var/lib/homelab-agent/state.redb\n    content: \"\"\n  - absent: /var/lib\n  - directory: /var\n"
+        ),
+    );
+    let text = refused(
+        &lab,
+        "modules/app/module.yaml:4: file:/var/lib/homelab-agent/state.redb: path /var/lib/homelab-agent/state.redb would change the agent's state directory /var/lib/homelab-agent",
+    );
+    assert!(
+        text.contains("modules/app/module.yaml:6: absent:/var/lib: path /var/lib would change the agent's state directory"),
+        "{text}"
+    );
+    // A directory resource on a parent only sets its mode: allowed.
+    assert!(!text.contains("directory:/var:"), "{text}");
 }

@@ -151,8 +151,9 @@ corpus! {
     empty_module_file: "33-empty-module-file" => [
         "modules/app/module.yaml:1: file is empty",
     ];
-    // Issue 12, item 3: a local repository read under a commit's rules
-    // (the on-disk part is made by `hostile_setup`).
+    // Issue 12, items 3 and 6: a local repository read under a commit's
+    // rules (the on-disk part is made by `hostile_setup`), and desired state
+    // that conflicts with itself or with the agent.
     template_symlink_outside: "60-template-symlink-outside" => [
         "modules/app/module.yaml:15: file:/srv/app/x.conf: modules/app/templates/x.conf.j2 is a symlink in the repository",
         "replace the symlink with the file",
@@ -187,6 +188,35 @@ corpus! {
     ];
     configmap_file_symlink_outside: "70-configmap-file-symlink-outside" => [
         "k8s/app/stack.yaml:6: dashboards/app.json is a symlink in the repository",
+    ];
+    file_and_absent_same_path: "71-file-and-absent-same-path" => [
+        "modules/app/module.yaml:17: absent:/srv/app/x.conf: /srv/app/x.conf is also written by file:/srv/app/x.conf (declared at modules/app/module.yaml:14)",
+    ];
+    file_and_directory_same_path: "72-file-and-directory-same-path" => [
+        "modules/app/module.yaml:17: directory:/srv/app/x.conf: /srv/app/x.conf is also written by file:/srv/app/x.conf",
+    ];
+    file_under_symlink_resource: "73-file-under-symlink-resource" => [
+        "modules/app/module.yaml:16: file:/srv/app/current/x.conf: /srv/app/current/x.conf is under symlink:/srv/app/current (declared at modules/app/module.yaml:14), a symlink",
+    ];
+    path_under_absent: "74-path-under-absent" => [
+        "modules/app/module.yaml:15: file:/srv/app/old/x.conf: /srv/app/old/x.conf is under absent:/srv/app/old (declared at modules/app/module.yaml:14), which removes it",
+    ];
+    file_on_service_unit: "75-file-on-service-unit" => [
+        "service:app: /etc/systemd/system/app.service is also written by file:/etc/systemd/system/app.service",
+    ];
+    root_holds_state_dir: "76-root-holds-state-dir" => [
+        "hosts/lab.yaml:6: root `/var/lib` holds the agent's state directory /var/lib/homelab-agent",
+    ];
+    root_slash_without_opt_in: "77-root-slash-without-opt-in" => [
+        "hosts/lab.yaml:5: root `/` lets the agent manage every path of the machine",
+        "whole_filesystem: true",
+    ];
+    path_with_newline: "78-path-with-newline" => [
+        r"modules/app/module.yaml:14: file:/srv/app/x.conf\n+ file:/etc/shadow: path `/srv/app/x.conf\n+ file:/etc/shadow` holds a control or invisible character",
+    ];
+    path_with_nul: "79-path-with-nul" => [
+        r"modules/app/module.yaml:14: file:/srv/app/x\0.conf: path `/srv/app/x\0.conf` holds a control",
+        r"modules/app/module.yaml:17: file:/srv/app/\u{202e}fnoc.x: path",
     ];
 }
 

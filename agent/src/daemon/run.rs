@@ -339,6 +339,7 @@ fn choose_catalog(
         fetch_timeout: Duration::from_secs(60),
     };
     let secrets = telemetry.count_secrets(engine::secret_source(s.config.onepassword.as_ref()));
+    let state_dir = engine::managed_state_dir(s.root.as_deref(), &s.state_dir);
     let refuse = |e: &StageError, revision: Option<String>| Refused {
         stage: e.stage().to_string(),
         revision,
@@ -370,7 +371,13 @@ fn choose_catalog(
             };
             match source.and_then(|src| {
                 phases.time(Phase::Render, || {
-                    engine::load(src, &s.host, s.config.on_drift, secrets.clone())
+                    engine::load(
+                        src,
+                        &s.host,
+                        s.config.on_drift,
+                        secrets.clone(),
+                        state_dir.clone(),
+                    )
                 })
             }) {
                 Ok(c) => return (Some(c), fetched, None),
@@ -390,7 +397,13 @@ fn choose_catalog(
                 .time(Phase::Fetch, || engine::open_commit(&cache, good))
                 .and_then(|src| {
                     phases.time(Phase::Render, || {
-                        engine::load(src, &s.host, s.config.on_drift, secrets.clone())
+                        engine::load(
+                            src,
+                            &s.host,
+                            s.config.on_drift,
+                            secrets.clone(),
+                            state_dir.clone(),
+                        )
                     })
                 })
                 .ok()

@@ -48,6 +48,24 @@ const WHEN_HINT: &str =
 /// Keys every resource may have, besides its kind's own.
 const COMMON_KEYS: &[&str] = &["after", "notify", "on_drift", "when"];
 
+/// Characters no managed path or root may hold: control characters (a
+/// newline would forge a line of the plan or the log, a NUL cuts the path
+/// short in the kernel) and the invisible or bidirectional formatting ones
+/// that make a path read as another (U+200B..U+200F, U+202A..U+202E,
+/// U+2060..U+2064, U+2066..U+2069, U+FEFF).
+pub fn unsafe_path_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}')
+}
+
+pub(crate) const UNSAFE_CHAR_HINT: &str =
+    "paths may not hold control characters (newline, tab, NUL, ...) or invisible formatting characters; rename the path";
+
 /// Host names defined in the source (`hosts/*.yaml`).
 pub fn host_names(source: &dyn Source) -> Result<Vec<String>, SourceError> {
     Ok(source
@@ -133,6 +151,19 @@ pub struct LoadOptions {
     pub default_policy: DriftPolicy,
     /// Where `secret("op://...")` resolves.
     pub secrets: Arc<dyn crate::secrets::resolve::SecretSource>,
+    /// The agent's state directory as a managed path (inside the sandbox
+    /// with `--root`), which no root may contain and no resource may touch.
+    /// `None`: the default of the host's platform.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The state directory the agent uses on a host of `platform` unless its
+/// config says otherwise (what `agent validate` protects without a config).
+pub fn default_state_dir(platform: resources::Platform) -> PathBuf {
+    match platform {
+        resources::Platform::Macos => PathBuf::from("/usr/local/var/homelab-agent"),
+        resources::Platform::Linux => PathBuf::from("/var/lib/homelab-agent"),
+    }
 }
 
 impl Default for LoadOptions {
@@ -140,6 +171,7 @@ impl Default for LoadOptions {
         LoadOptions {
             default_policy: DriftPolicy::Heal,
             secrets: Arc::new(crate::secrets::resolve::Offline),
+            state_dir: None,
         }
     }
 }
@@ -192,6 +224,11 @@ fn load_inner(
             diags: diags.sorted(),
         });
     };
+    let state_dir = opts
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| default_state_dir(spec.platform));
+    check_roots(&spec, &state_dir, &mut diags);
     // With broken roots every path would also be reported "outside the roots".
     let roots_ok = !diags
         .iter()
@@ -280,6 +317,7 @@ fn load_inner(
             ctx: &ctx,
             roots: &spec.roots,
             roots_ok,
+            state_dir: &state_dir,
             host_file: &host_file,
             use_line: usage.line,
             policy,
@@ -315,6 +353,35 @@ fn load_inner(
         _ => Err(DesiredError::Invalid {
             diags: diags.sorted(),
         }),
+    }
+}
+
+/// No root may hold the agent's state directory (its database, lock, key
+/// and git cache) or lie inside it: a resource there would corrupt the
+/// state. `/` with `whole_filesystem: true` is allowed; then each path is
+/// still kept out of it ([`Expander::check_path`]).
+fn check_roots(spec: &model::HostSpec, state_dir: &Path, diags: &mut Diagnostics) {
+    for (root, &line) in spec.roots.iter().zip(&spec.root_lines) {
+        let whole = spec.whole_filesystem && root.as_path() == Path::new("/");
+        let what = if state_dir.starts_with(root) && !whole {
+            "holds"
+        } else if root.starts_with(state_dir) {
+            "is inside"
+        } else {
+            continue;
+        };
+        diags.push(
+            Diagnostic::new(
+                &spec.file,
+                format!(
+                    "root `{}` {what} the agent's state directory {}",
+                    root.display(),
+                    state_dir.display()
+                ),
+            )
+            .line(line)
+            .hint("the agent never manages its own state: list narrower roots, or move the state directory (`state_dir:` in the agent config)"),
+        );
     }
 }
 
@@ -375,6 +442,8 @@ struct Expander<'a> {
     roots: &'a [PathBuf],
     /// False when the host's `roots` were invalid: skip the roots check.
     roots_ok: bool,
+    /// The agent's state directory (managed-path view).
+    state_dir: &'a Path,
     host_file: &'a str,
     /// Line of this module use in the host file.
     use_line: usize,
@@ -692,6 +761,20 @@ impl Expander<'_> {
         line: usize,
         diags: &mut Diagnostics,
     ) -> Option<String> {
+        if raw.chars().any(unsafe_path_char) {
+            // Escaped: the raw text would forge lines of this very message.
+            let shown = raw.escape_debug().to_string();
+            diags.push(
+                Diagnostic::new(
+                    self.file(),
+                    format!("path `{shown}` holds a control or invisible character"),
+                )
+                .line(line)
+                .resource(format!("{kind}:{shown}"))
+                .hint(UNSAFE_CHAR_HINT),
+            );
+            return None;
+        }
         let id = format!("{kind}:{raw}");
         let path = Path::new(raw);
         let Some(norm) = crate::fsops::normalize(path) else {
@@ -723,6 +806,24 @@ impl Expander<'_> {
                 ))
             };
             diags.push(d);
+            return None;
+        }
+        // Inside the state directory, or replacing one of its parents.
+        if norm.starts_with(self.state_dir)
+            || kind != "directory" && self.state_dir.starts_with(&norm)
+        {
+            diags.push(
+                Diagnostic::new(
+                    self.file(),
+                    format!(
+                        "path {raw} would change the agent's state directory {}",
+                        self.state_dir.display()
+                    ),
+                )
+                .line(line)
+                .resource(&id)
+                .hint("the agent never manages its own state; choose another path"),
+            );
             return None;
         }
         if !inside {
