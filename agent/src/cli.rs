@@ -579,7 +579,10 @@ fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
     }
     let mut failed = false;
     for host in hosts {
-        match desired::load(source.clone(), &host) {
+        // A fresh source per host: each has its own read budget, as when
+        // that host's agent reads the repository.
+        let source: Arc<dyn Source> = Arc::new(LocalDir::open(&args.repo)?);
+        match desired::load(source, &host) {
             Ok(catalog) if catalog.stacks.is_empty() => {
                 println!("ok: host {host}: {} resources", catalog.entries.len())
             }

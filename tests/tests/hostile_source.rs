@@ -126,23 +126,40 @@ fn a_fifo_host_file_is_refused_without_waiting_for_a_writer() {
     );
 }
 
-/// Nine templates of 4 MiB each (under the per-file limit) add up past the
-/// 32 MiB a revision may read: refused at the template that crosses it.
+/// Nine `source:` files of 4 MiB each (under the per-file limit) add up
+/// past the 32 MiB a revision may read: refused at the one that crosses it.
 #[test]
 fn a_revision_reads_at_most_32_mib() {
     let lab = lab();
     let mut module = String::from("resources:\n");
     for i in 0..9 {
-        module.push_str(&format!("  - file: /srv/app/f{i}\n    template: t{i}.j2\n"));
-        lab.write(
-            &format!("modules/app/templates/t{i}.j2"),
-            &"a".repeat(4 << 20),
-        );
+        module.push_str(&format!("  - file: /srv/app/f{i}\n    source: f{i}\n"));
+        lab.write(&format!("modules/app/files/f{i}"), &"a".repeat(4 << 20));
     }
     lab.write("modules/app/module.yaml", &module);
     refused(
         &lab,
         "takes this host's desired state over 32 MiB, the limit for one revision",
+    );
+}
+
+/// The budget is per host: `agent validate` of every host does not add up
+/// what all hosts read (two hosts of 20 MiB each pass).
+#[test]
+fn validate_gives_each_host_its_own_read_budget() {
+    let lab = lab();
+    let mut module = String::from("resources:\n");
+    for i in 0..5 {
+        module.push_str(&format!("  - file: /srv/app/f{i}\n    source: f{i}\n"));
+        lab.write(&format!("modules/app/files/f{i}"), &"a".repeat(4 << 20));
+    }
+    lab.write("modules/app/module.yaml", &module);
+    lab.write("hosts/other.yaml", HOST);
+    let o = run(&["validate", "--repo", lab.repo().to_str().unwrap()]);
+    assert!(o.status.success(), "{}", all(&o));
+    assert_eq!(
+        stdout(&o),
+        "ok: host lab: 5 resources\nok: host other: 5 resources\n"
     );
 }
 
