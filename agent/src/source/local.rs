@@ -4,8 +4,9 @@
 //! A commit cannot name a file outside itself: its symlinks are links, its
 //! files are blobs of bounded size. A directory can hold anything, so every
 //! read here walks the path one component at a time from the repository's
-//! directory with `openat(O_NOFOLLOW)` (the walk of [`crate::fsops::Fs`],
-//! the one the agent uses for managed paths), and refuses
+//! directory with `openat(O_NOFOLLOW)` (the walk [`crate::fsops::Fs`] does
+//! on managed paths, without its cache of open directories: a repository
+//! can have thousands, and descriptors are a bounded resource), and refuses
 //! ([`SourceError::Refused`]) instead of reading:
 //! - a symlink anywhere in the path, wherever it points (inside or outside
 //!   the repository): the git source refuses the same link, so a repository
@@ -32,7 +33,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -41,7 +42,6 @@ use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, Mode, SFlag};
 
 use super::{check_size, components, ReadBudget, Refusal, Source, SourceError, MAX_FILE_BYTES};
-use crate::fsops::{Fs, FsError};
 
 /// A directory on disk (a checkout, possibly with uncommitted edits).
 ///
@@ -49,9 +49,8 @@ use crate::fsops::{Fs, FsError};
 /// of the same content name the same revision.
 pub struct LocalDir {
     root: PathBuf,
-    /// The repository as a filesystem rooted at its directory: a
-    /// repo-relative path `a/b` is walked as `/a/b`, never leaving it.
-    fs: Fs,
+    /// The repository's directory, where every walk starts.
+    root_fd: OwnedFd,
     read: Mutex<BTreeMap<String, blake3::Hash>>,
     budget: ReadBudget,
 }
@@ -68,42 +67,44 @@ impl LocalDir {
         if !root.is_dir() {
             return Err(SourceError::NotFound(root.to_path_buf()));
         }
-        let fs = Fs::new(root).map_err(|e| SourceError::Read {
-            path: String::from("."),
-            source: std::io::Error::other(e.to_string()),
-        })?;
+        let root_fd = nix::fcntl::open(root, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| read_error(".", e))?;
         Ok(LocalDir {
             root: root.to_path_buf(),
-            fs,
+            root_fd,
             read: Mutex::new(BTreeMap::new()),
             budget: ReadBudget::default(),
         })
     }
 
-    /// `a/b` as the absolute path the walk takes (`/a/b`).
-    fn walk_path(parts: &[&str]) -> PathBuf {
-        let mut p = PathBuf::from("/");
-        p.extend(parts);
-        p
-    }
-
-    /// Maps an error of the walk to the repository's terms.
-    fn walk_error(path: &str, e: FsError) -> Result<Option<Found>, SourceError> {
-        match e {
-            FsError::SymlinkInPath { path: at } => Err(SourceError::Refused {
-                path: path.to_string(),
-                why: Refusal::Symlink {
-                    at: at
-                        .strip_prefix("/")
-                        .unwrap_or(&at)
-                        .to_string_lossy()
-                        .into_owned(),
-                },
-            }),
-            // `hosts/lab.yaml/x`: there is nothing there, as in a commit.
-            FsError::NotADirectory { .. } => Ok(Some(Found::Missing)),
-            FsError::Io { errno, .. } => Err(read_error(path, errno)),
+    /// Opens the directory `dirs` (components) from the repository's
+    /// directory, one component at a time, never following a symlink.
+    /// `None` when it is missing or not a directory (as in a commit).
+    fn open_dir(&self, path: &str, dirs: &[&str]) -> Result<Option<OwnedFd>, SourceError> {
+        let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+        let mut fd = openat(self.root_fd.as_fd(), ".", flags, Mode::empty())
+            .map_err(|e| read_error(path, e))?;
+        for (i, name) in dirs.iter().enumerate() {
+            fd = match openat(fd.as_fd(), *name, flags, Mode::empty()) {
+                Ok(next) => next,
+                Err(Errno::ENOENT) => return Ok(None),
+                Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                    let st = fstatat(fd.as_fd(), *name, AtFlags::AT_SYMLINK_NOFOLLOW)
+                        .map_err(|e| read_error(path, e))?;
+                    if let Err(Refusal::Symlink { .. }) = file_type(st.st_mode as u32) {
+                        return Err(SourceError::Refused {
+                            path: path.to_string(),
+                            why: Refusal::Symlink {
+                                at: dirs[..=i].join("/"),
+                            },
+                        });
+                    }
+                    return Ok(None);
+                }
+                Err(e) => return Err(read_error(path, e)),
+            };
         }
+        Ok(Some(fd))
     }
 
     /// What is at `parts` (a symlink or special file is refused).
@@ -111,10 +112,8 @@ impl LocalDir {
         let Some((name, parents)) = parts.split_last() else {
             return Ok(Found::Directory);
         };
-        let dir = match self.fs.open_dir(&Self::walk_path(parents)) {
-            Ok(Some(dir)) => dir,
-            Ok(None) => return Ok(Found::Missing),
-            Err(e) => return Self::walk_error(path, e).map(|f| f.unwrap_or(Found::Missing)),
+        let Some(dir) = self.open_dir(path, parents)? else {
+            return Ok(Found::Missing);
         };
         let st = match fstatat(dir.as_fd(), *name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
@@ -139,12 +138,7 @@ impl LocalDir {
     fn read_regular(&self, path: &str, parts: &[&str]) -> Result<Vec<u8>, SourceError> {
         let (name, parents) = parts.split_last().expect("a file has a name");
         let dir = self
-            .fs
-            .open_dir(&Self::walk_path(parents))
-            .map_err(|e| match Self::walk_error(path, e) {
-                Err(e) => e,
-                Ok(_) => read_error(path, Errno::ENOTDIR),
-            })?
+            .open_dir(path, parents)?
             .ok_or_else(|| read_error(path, Errno::ENOENT))?;
         // O_NONBLOCK: should a FIFO be swapped in after the check above,
         // opening it does not wait for a writer (and fstat refuses it).
@@ -240,21 +234,10 @@ impl Source for LocalDir {
         if !matches!(self.classify(dir, &parts)?, Found::Directory) {
             return Ok(Vec::new());
         }
-        let fd = match self.fs.open_dir(&Self::walk_path(&parts)) {
-            Ok(Some(fd)) => fd,
-            Ok(None) => return Ok(Vec::new()),
-            Err(e) => {
-                return Self::walk_error(dir, e).map(|_| Vec::new());
-            }
+        let Some(fd) = self.open_dir(dir, &parts)? else {
+            return Ok(Vec::new());
         };
-        // A fresh descriptor of the same directory: `Dir` consumes it.
-        let mut entries = nix::dir::Dir::openat(
-            fd.as_fd(),
-            ".",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| read_error(dir, e))?;
+        let mut entries = nix::dir::Dir::from_fd(fd).map_err(|e| read_error(dir, e))?;
         let mut names = Vec::new();
         for entry in entries.iter() {
             let entry = entry.map_err(|e| read_error(dir, e))?;
@@ -373,6 +356,30 @@ mod tests {
             !msg.contains("canary") && !msg.contains(&*outside.path().to_string_lossy()),
             "{msg}"
         );
+    }
+
+    /// Walks keep no directory open: a repository of many folders cannot
+    /// exhaust the agent's descriptors.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn reading_many_folders_keeps_no_descriptor_open() {
+        let (dir, src) = repo();
+        for i in 0..300 {
+            let d = dir.path().join(format!("modules/m{i}/templates"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("a.j2"), "a").unwrap();
+        }
+        let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = open_fds();
+        for i in 0..300 {
+            assert!(src
+                .read(&format!("modules/m{i}/templates/a.j2"))
+                .unwrap()
+                .is_some());
+            assert_eq!(src.list(&format!("modules/m{i}")).unwrap(), ["templates"]);
+        }
+        // Other tests run in parallel threads: allow for their few.
+        assert!(open_fds() < before + 50, "{before} -> {}", open_fds());
     }
 
     #[test]

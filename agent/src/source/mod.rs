@@ -3,7 +3,10 @@
 //! A source answers "what bytes are at this repo-relative path" and names the
 //! revision it read. Everything after `source` reads through this trait, so
 //! the git source (read straight from a commit's tree) and a local directory
-//! are interchangeable.
+//! are interchangeable, and both refuse the same things ([`Refusal`]): a
+//! symlink anywhere in a path, anything but regular files and directories,
+//! a file over [`MAX_FILE_BYTES`], reads over [`MAX_TOTAL_BYTES`]. Nothing
+//! outside the repository can be read through a source.
 
 pub mod git;
 mod local;
