@@ -191,3 +191,40 @@ fn whole_filesystem_opts_in_to_root_slash_but_never_to_the_state_directory() {
     // A directory resource on a parent only sets its mode: allowed.
     assert!(!text.contains("directory:/var:"), "{text}");
 }
+
+/// On macOS (case-insensitive file systems) two paths differing only in
+/// case are one file: two claims on it are refused like any other.
+#[test]
+fn paths_differing_in_case_are_one_path_on_macos() {
+    let lab = lab();
+    lab.write(
+        "hosts/lab.yaml",
+        "platform: macos\nroots: [/srv/app]\nmodules:\n  - name: app\n",
+    );
+    lab.write(
+        "modules/app/module.yaml",
+        "resources:\n  - file: /srv/app/X.conf\n    content: \"a\\n\"\n  - absent: /srv/app/x.conf\n",
+    );
+    refused(
+        &lab,
+        "modules/app/module.yaml:4: absent:/srv/app/x.conf: /srv/app/x.conf is also written by file:/srv/app/X.conf",
+    );
+    // The same module on Linux names two files.
+    lab.write("hosts/lab.yaml", HOST);
+    let out = lab.agent("plan", "lab", &[]);
+    assert!(out.status.success(), "{}", all(&out));
+}
+
+/// A symlink's target is printed like a path, so it may not forge lines.
+#[test]
+fn a_symlink_target_with_a_newline_is_refused() {
+    let lab = lab();
+    lab.write(
+        "modules/app/module.yaml",
+        &format!("{MODULE}  - symlink: /srv/app/link\n    target: \"/srv/app/x.conf\\n+ file:/etc/shadow\"\n"),
+    );
+    refused(
+        &lab,
+        r"modules/app/module.yaml:5: symlink:/srv/app/link: `target: /srv/app/x.conf\n+ file:/etc/shadow` is empty or holds a control or invisible character",
+    );
+}

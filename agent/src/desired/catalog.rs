@@ -95,7 +95,7 @@ pub fn build(
         kept.push(p);
     }
 
-    check_path_claims(&kept, diags);
+    check_path_claims(&kept, host.platform, diags);
 
     // Parent directories: a path resource comes after the nearest ancestor
     // directory declared in the catalog.
@@ -242,16 +242,26 @@ pub fn build(
 /// One path, one resource; and below a path only what a directory can
 /// hold. Refused (each at the later declaration, with where the other is):
 /// - two resources writing one path (`file:` and `absent:` on /x, `file:`
-///   and `directory:`, a file on a service's unit file): every apply would
-///   undo the other, flipping the host forever;
+///   and `directory:`, a file on a service's unit file; on macOS, paths
+///   differing only in case): every apply would undo the other, flipping
+///   the host forever;
 /// - a path under a `file`, `symlink` or `absent` resource: under a file
 ///   nothing can exist, under a symlink the agent never writes, and what an
 ///   `absent` removes the other would create again.
-fn check_path_claims(kept: &[Pending], diags: &mut Diagnostics) {
-    let mut claims: HashMap<&Path, usize> = HashMap::new();
+fn check_path_claims(kept: &[Pending], platform: Platform, diags: &mut Diagnostics) {
+    // macOS file systems ignore case by default: `/a/X` and `/a/x` are one
+    // file there. (Unicode normalisation, which APFS ignores too, is not
+    // folded: that needs tables this crate does not carry.)
+    let key = |path: &Path| -> PathBuf {
+        match platform {
+            Platform::Macos => PathBuf::from(path.to_string_lossy().to_lowercase()),
+            Platform::Linux => path.to_path_buf(),
+        }
+    };
+    let mut claims: HashMap<PathBuf, usize> = HashMap::new();
     for (i, p) in kept.iter().enumerate() {
         for path in p.entry.resource.claimed_paths() {
-            match claims.get(path) {
+            match claims.get(&key(path)) {
                 Some(&j) if j != i => {
                     let first = &kept[j].entry;
                     diags.push(
@@ -272,7 +282,7 @@ fn check_path_claims(kept: &[Pending], diags: &mut Diagnostics) {
                 }
                 Some(_) => {}
                 None => {
-                    claims.insert(path, i);
+                    claims.insert(key(path), i);
                 }
             }
         }
@@ -282,7 +292,7 @@ fn check_path_claims(kept: &[Pending], diags: &mut Diagnostics) {
             let Some((ancestor, j)) = path
                 .ancestors()
                 .skip(1)
-                .find_map(|a| claims.get(a).map(|&j| (a, j)))
+                .find_map(|a| claims.get(&key(a)).map(|&j| (a, j)))
             else {
                 continue;
             };

@@ -63,7 +63,7 @@ pub fn unsafe_path_char(c: char) -> bool {
             | '\u{FEFF}')
 }
 
-pub(crate) const UNSAFE_CHAR_HINT: &str =
+pub const UNSAFE_CHAR_HINT: &str =
     "paths may not hold control characters (newline, tab, NUL, ...) or invisible formatting characters; rename the path";
 
 /// Host names defined in the source (`hosts/*.yaml`).
