@@ -395,7 +395,13 @@ fn load(target: &Target) -> Result<Loaded> {
     let secrets = engine::Scrubber::new(engine::secret_source(r.onepassword.as_ref()));
     let _ = SCRUBBER.set(secrets.clone());
     let catalog = phases.time(Phase::Render, || {
-        engine::load(resolved.source, &r.host, r.policy, secrets)
+        engine::load(
+            resolved.source,
+            &r.host,
+            r.policy,
+            secrets,
+            engine::managed_state_dir(r.root.as_deref(), &r.state_dir),
+        )
     })?;
     let fs = Fs::new(r.root.as_deref().unwrap_or(Path::new("/")))?;
     let host = Host::new(fs, r.root.is_some(), catalog.host.platform);
@@ -522,6 +528,8 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
         return Err(crate::apply::refuse(&plan).into());
     }
     let applied_key = homelab_agent_state::DigestKey::load(&loaded.state_dir, true)?;
+    // Temp files are signed with it, so a later run knows its leftovers.
+    loaded.host.fs.set_temp_key(applied_key.bytes());
     if applied_key != key {
         plan.rekey(&applied_key);
     }
@@ -633,7 +641,10 @@ fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
     }
     let mut failed = false;
     for host in hosts {
-        match desired::load(source.clone(), &host) {
+        // A fresh source per host: each has its own read budget, as when
+        // that host's agent reads the repository.
+        let source: Arc<dyn Source> = Arc::new(LocalDir::open(&args.repo)?);
+        match desired::load(source, &host) {
             Ok(catalog) if catalog.stacks.is_empty() => {
                 outln!("ok: host {host}: {} resources", catalog.entries.len())
             }
@@ -811,6 +822,7 @@ fn kinds_text() -> String {
         }
     }
     out.push_str("\nEvery resource may also have: after (ids to come after), notify (ids to tell on change),\non_drift (heal | report), when (a Jinja expression; false leaves the resource out).\n");
+    out.push_str("\nPaths are absolute, normalised, inside the host's roots, free of control characters, and\nclaimed by one resource each; nothing goes under a file, symlink or absent resource, and\nnothing touches the agent's state directory. A root of / needs `whole_filesystem: true`\nin the host file.\n");
     out
 }
 

@@ -189,16 +189,19 @@ impl SecretSource for Failing {
     }
 }
 
-/// Loads the catalog of `host` from a resolved source.
+/// Loads the catalog of `host` from a resolved source. `state_dir` is the
+/// agent's state directory as a managed path ([`managed_state_dir`]).
 pub fn load(
     source: Arc<dyn Source>,
     host: &str,
     policy: DriftPolicy,
     secrets: Arc<dyn SecretSource>,
+    state_dir: Option<PathBuf>,
 ) -> Result<Catalog, StageError> {
     let opts = desired::LoadOptions {
         default_policy: policy,
         secrets,
+        state_dir,
     };
     Ok(desired::load_with(source, host, &opts)?)
 }
@@ -288,6 +291,20 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
+/// The state directory as the desired state names paths: with a sandbox
+/// `root`, relative to it (`None` when it lies outside the sandbox, where no
+/// managed path reaches); lexical, since a root is compared lexically too.
+pub fn managed_state_dir(root: Option<&Path>, state_dir: &Path) -> Option<PathBuf> {
+    let abs = crate::fsops::normalize(&std::path::absolute(state_dir).ok()?)?;
+    match root {
+        None => Some(abs),
+        Some(root) => abs
+            .strip_prefix(root)
+            .ok()
+            .map(|rest| Path::new("/").join(rest)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,6 +340,24 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "cannot fetch from https://ann:***@git.lan/r.git: 401"
+        );
+    }
+
+    #[test]
+    fn the_state_directory_in_managed_path_terms() {
+        let sandbox = Path::new("/tmp/lab");
+        assert_eq!(
+            managed_state_dir(Some(sandbox), Path::new("/tmp/lab/var/lib/homelab-agent")),
+            Some(PathBuf::from("/var/lib/homelab-agent"))
+        );
+        assert_eq!(
+            managed_state_dir(Some(sandbox), Path::new("/srv/state")),
+            None,
+            "outside the sandbox no managed path reaches it"
+        );
+        assert_eq!(
+            managed_state_dir(None, Path::new("/var/lib/./hla/../homelab-agent")),
+            Some(PathBuf::from("/var/lib/homelab-agent"))
         );
     }
 }

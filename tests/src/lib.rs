@@ -226,12 +226,19 @@ pub fn tree(dir: &Path) -> BTreeMap<PathBuf, Node> {
                 out.insert(rel, Node::Dir { mode });
                 walk(base, &path, out);
             } else {
+                // A FIFO, socket or device has no content to compare (and
+                // reading a FIFO would block): its type and mode are kept.
+                let content = if meta.is_file() {
+                    std::fs::read(&path).unwrap()
+                } else {
+                    format!("<special {:o}>", meta.mode() & 0o170000).into_bytes()
+                };
                 out.insert(
                     rel,
                     Node::File {
                         mode,
                         uid: meta.uid(),
-                        content: std::fs::read(&path).unwrap(),
+                        content,
                     },
                 );
             }

@@ -151,6 +151,73 @@ corpus! {
     empty_module_file: "33-empty-module-file" => [
         "modules/app/module.yaml:1: file is empty",
     ];
+    // Issue 12, items 3 and 6: a local repository read under a commit's
+    // rules (the on-disk part is made by `hostile_setup`), and desired state
+    // that conflicts with itself or with the agent.
+    template_symlink_outside: "60-template-symlink-outside" => [
+        "modules/app/module.yaml:15: file:/srv/app/x.conf: modules/app/templates/x.conf.j2 is a symlink in the repository",
+        "replace the symlink with the file",
+    ];
+    template_symlink_inside: "61-template-symlink-inside" => [
+        "modules/app/module.yaml:15: file:/srv/app/x.conf: modules/app/templates/x.conf.j2 is a symlink in the repository",
+    ];
+    include_symlink_outside: "62-include-symlink-outside" => [
+        "modules/app/templates/x.conf.j2:2: file:/srv/app/x.conf:",
+        "modules/app/templates/part.j2 is a symlink in the repository",
+    ];
+    source_file_symlink_outside: "63-source-file-symlink-outside" => [
+        "modules/app/module.yaml:15: file:/srv/app/x.conf: modules/app/files/data.txt is a symlink in the repository",
+    ];
+    templates_dir_symlink_outside: "64-templates-dir-symlink-outside" => [
+        "modules/app/module.yaml:15: file:/srv/app/x.conf: modules/app/templates/x.conf.j2 is reached through modules/app/templates, a symlink in the repository",
+    ];
+    module_dir_symlink_outside: "65-module-dir-symlink-outside" => [
+        "hosts/lab.yaml:7: modules/app/module.yaml is reached through modules/app, a symlink in the repository",
+    ];
+    module_file_symlink_outside: "66-module-file-symlink-outside" => [
+        "hosts/lab.yaml:7: modules/app/module.yaml is a symlink in the repository",
+    ];
+    template_fifo: "67-template-fifo" => [
+        "modules/app/module.yaml:15: file:/srv/app/x.conf: modules/app/templates/x.conf.j2 is a FIFO (named pipe), not a regular file",
+    ];
+    template_too_large: "68-template-too-large" => [
+        "modules/app/module.yaml:15: file:/srv/app/x.conf: modules/app/templates/x.conf.j2 is larger than 4 MiB, the limit for one repository file",
+    ];
+    manifest_symlink_outside: "69-manifest-symlink-outside" => [
+        "k8s/app/stack.yaml:3: k8s/app/app.yaml is a symlink in the repository",
+    ];
+    configmap_file_symlink_outside: "70-configmap-file-symlink-outside" => [
+        "k8s/app/stack.yaml:6: dashboards/app.json is a symlink in the repository",
+    ];
+    file_and_absent_same_path: "71-file-and-absent-same-path" => [
+        "modules/app/module.yaml:17: absent:/srv/app/x.conf: /srv/app/x.conf is also written by file:/srv/app/x.conf (declared at modules/app/module.yaml:14)",
+    ];
+    file_and_directory_same_path: "72-file-and-directory-same-path" => [
+        "modules/app/module.yaml:17: directory:/srv/app/x.conf: /srv/app/x.conf is also written by file:/srv/app/x.conf",
+    ];
+    file_under_symlink_resource: "73-file-under-symlink-resource" => [
+        "modules/app/module.yaml:16: file:/srv/app/current/x.conf: /srv/app/current/x.conf is under symlink:/srv/app/current (declared at modules/app/module.yaml:14), a symlink",
+    ];
+    path_under_absent: "74-path-under-absent" => [
+        "modules/app/module.yaml:15: file:/srv/app/old/x.conf: /srv/app/old/x.conf is under absent:/srv/app/old (declared at modules/app/module.yaml:14), which removes it",
+    ];
+    file_on_service_unit: "75-file-on-service-unit" => [
+        "service:app: /etc/systemd/system/app.service is also written by file:/etc/systemd/system/app.service",
+    ];
+    root_holds_state_dir: "76-root-holds-state-dir" => [
+        "hosts/lab.yaml:6: root `/var/lib` holds the agent's state directory /var/lib/homelab-agent",
+    ];
+    root_slash_without_opt_in: "77-root-slash-without-opt-in" => [
+        "hosts/lab.yaml:5: root `/` lets the agent manage every path of the machine",
+        "whole_filesystem: true",
+    ];
+    path_with_newline: "78-path-with-newline" => [
+        r"modules/app/module.yaml:14: file:/srv/app/x.conf\n+ file:/etc/shadow: path `/srv/app/x.conf\n+ file:/etc/shadow` holds a control or invisible character",
+    ];
+    path_with_nul: "79-path-with-nul" => [
+        r"modules/app/module.yaml:14: file:/srv/app/x\0.conf: path `/srv/app/x\0.conf` holds a control",
+        r"modules/app/module.yaml:17: file:/srv/app/\u{202e}fnoc.x: path",
+    ];
 }
 
 fn fixtures() -> PathBuf {
@@ -184,7 +251,7 @@ fn code(o: &Output) -> Option<i32> {
 
 /// Baseline applied, repo swapped for `case`, on-disk setup done.
 /// Returns the lab and (for the symlink case) the symlink's target directory.
-fn prepare(case: &str) -> (Lab, Option<tempfile::TempDir>) {
+fn prepare(case: &str) -> (Lab, Option<tempfile::TempDir>, Option<tempfile::TempDir>) {
     let lab = Lab::empty();
     lab.write("hosts/lab.yaml", BASELINE_HOST);
     lab.write("modules/base/module.yaml", BASELINE_MODULE);
@@ -204,18 +271,19 @@ fn prepare(case: &str) -> (Lab, Option<tempfile::TempDir>) {
 
     std::fs::remove_dir_all(lab.repo()).unwrap();
     copy_dir(&fixtures().join(case), &lab.repo());
+    let hostile = hostile_setup(case, &lab.repo());
 
     let outside = (case == SYMLINK_CASE).then(|| {
         let outside = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(outside.path(), lab.host_path("/srv/app")).unwrap();
         outside
     });
-    (lab, outside)
+    (lab, outside, hostile)
 }
 
 /// Runs one case; see the module docs.
 fn check(case: &str, expect: &[&str]) {
-    let (lab, outside) = prepare(case);
+    let (lab, outside, _hostile) = prepare(case);
     let before = tree(&lab.root());
     let repo_before = tree(&lab.repo());
     let repo = lab.repo();
@@ -242,15 +310,36 @@ fn check(case: &str, expect: &[&str]) {
         }
     };
 
-    // Every command leaves the root byte-for-byte alone, state included.
-    let plan = lab.agent("plan", "lab", &[]);
+    // Every command leaves the root byte-for-byte alone, state included,
+    // and refuses within 2 s (issue 12: a FIFO or a huge file never hangs).
+    let timed = |what: &str, f: &dyn Fn() -> Output| {
+        let started = std::time::Instant::now();
+        let out = f();
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(2),
+            "{case}: `{what}` took {took:?}"
+        );
+        out
+    };
+    let plan = timed("agent plan", &|| lab.agent("plan", "lab", &[]));
     unchanged("agent plan");
-    let validate = run(&["validate", "--repo", repo, "--host", "lab"]);
+    let validate = timed("agent validate", &|| {
+        run(&["validate", "--repo", repo, "--host", "lab"])
+    });
     unchanged("agent validate");
-    let apply = lab.agent("apply", "lab", &[]);
+    let apply = timed("agent apply", &|| lab.agent("apply", "lab", &[]));
     unchanged("agent apply");
 
     let all = |o: &Output| format!("{}{}", stdout(o), stderr(o));
+    // Nothing read from outside the repository shows anywhere.
+    for o in [&plan, &validate, &apply] {
+        assert!(
+            !all(o).contains(CANARY),
+            "{case}: output shows {CANARY}:\n{}",
+            all(o)
+        );
+    }
     assert_eq!(
         code(&apply),
         Some(1),
@@ -415,4 +504,68 @@ fn every_fixture_is_in_the_table() {
             "{dir}: no modules/app/templates/"
         );
     }
+}
+
+/// In every file outside the repository that a hostile case links to: it
+/// must never show in an output or reach the lab.
+const CANARY: &str = "OUTSIDE-THE-REPO-CANARY";
+
+/// Issue 12: the on-disk part of cases 60-70, which git cannot hold (a
+/// FIFO, a link to a path outside this checkout, 4 MiB of nothing). Each
+/// fixture is valid as committed; one of its paths is replaced here. Links
+/// point into the returned directory, whose files are valid templates,
+/// YAML and modules holding [`CANARY`]: followed, they would render it.
+fn hostile_setup(case: &str, repo: &Path) -> Option<tempfile::TempDir> {
+    use std::os::unix::fs::symlink;
+    let outside = tempfile::tempdir().unwrap();
+    let o = outside.path();
+    let module = format!(
+        "resources:\n  - file: /srv/app/x.conf\n    content: \"{CANARY}\\n\"\n    mode: \"0644\"\n"
+    );
+    std::fs::write(o.join("secret"), format!("canary: {CANARY}\n")).unwrap();
+    std::fs::create_dir_all(o.join("app/templates")).unwrap();
+    std::fs::write(o.join("app/module.yaml"), &module).unwrap();
+    std::fs::write(o.join("app/templates/x.conf.j2"), format!("{CANARY}\n")).unwrap();
+    // The committed path, removed to make room for the hostile one.
+    let at = |rel: &str| {
+        let path = repo.join(rel);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path).unwrap(),
+            Ok(_) => std::fs::remove_file(&path).unwrap(),
+            Err(e) => panic!("{case}: the fixture has no {rel}: {e}"),
+        }
+        path
+    };
+    let secret = o.join("secret");
+    let link = |target: &Path, rel: &str| symlink(target, at(rel)).unwrap();
+    match case {
+        "60-template-symlink-outside" => link(&secret, "modules/app/templates/x.conf.j2"),
+        "61-template-symlink-inside" => {
+            link(Path::new("real.j2"), "modules/app/templates/x.conf.j2")
+        }
+        "62-include-symlink-outside" => link(&secret, "modules/app/templates/part.j2"),
+        "63-source-file-symlink-outside" => link(&secret, "modules/app/files/data.txt"),
+        "64-templates-dir-symlink-outside" => {
+            link(&o.join("app/templates"), "modules/app/templates")
+        }
+        "65-module-dir-symlink-outside" => link(&o.join("app"), "modules/app"),
+        "66-module-file-symlink-outside" => {
+            link(&o.join("app/module.yaml"), "modules/app/module.yaml")
+        }
+        "67-template-fifo" => {
+            nix::unistd::mkfifo(
+                &at("modules/app/templates/x.conf.j2"),
+                nix::sys::stat::Mode::from_bits_truncate(0o644),
+            )
+            .unwrap();
+        }
+        "68-template-too-large" => {
+            let f = std::fs::File::create(at("modules/app/templates/x.conf.j2")).unwrap();
+            f.set_len(4 * 1024 * 1024 + 1).unwrap();
+        }
+        "69-manifest-symlink-outside" => link(&secret, "k8s/app/app.yaml"),
+        "70-configmap-file-symlink-outside" => link(&secret, "dashboards/app.json"),
+        _ => return None,
+    }
+    Some(outside)
 }

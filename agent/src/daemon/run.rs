@@ -497,13 +497,14 @@ fn render_bounded(
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let host = s.host.clone();
     let policy = s.config.on_drift;
+    let state_dir = engine::managed_state_dir(s.root.as_deref(), &s.state_dir);
     let started = Instant::now();
     let spawned = std::thread::Builder::new()
         .name("render".into())
         .stack_size(RENDER_STACK_BYTES)
         .spawn(move || {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                engine::load(source, &host, policy, secrets)
+                engine::load(source, &host, policy, secrets, state_dir)
             }))
             .map_err(|payload| panic_message(&*payload));
             let _ = tx.send(result);
@@ -889,6 +890,7 @@ fn run_plan_apply(
         .map_err(|e| failed(None, "state", e.to_string()))?;
     let key = homelab_agent_state::DigestKey::load(&s.state_dir, true)
         .map_err(|e| failed(None, "state", e.to_string()))?;
+    host.fs.set_temp_key(key.bytes());
     let plan = phases.time(Phase::Observe, || {
         plan::plan(catalog, &host, &inventory, &key)
     });

@@ -95,6 +95,8 @@ pub fn build(
         kept.push(p);
     }
 
+    check_path_claims(&kept, host.platform, diags);
+
     // Parent directories: a path resource comes after the nearest ancestor
     // directory declared in the catalog.
     let dirs: HashMap<&Path, usize> = kept
@@ -235,6 +237,92 @@ pub fn build(
         entries,
         stacks: Vec::new(),
     })
+}
+
+/// One path, one resource; and below a path only what a directory can
+/// hold. Refused (each at the later declaration, with where the other is):
+/// - two resources writing one path (`file:` and `absent:` on /x, `file:`
+///   and `directory:`, a file on a service's unit file; on macOS, paths
+///   differing only in case): every apply would undo the other, flipping
+///   the host forever;
+/// - a path under a `file`, `symlink` or `absent` resource: under a file
+///   nothing can exist, under a symlink the agent never writes, and what an
+///   `absent` removes the other would create again.
+fn check_path_claims(kept: &[Pending], platform: Platform, diags: &mut Diagnostics) {
+    // macOS file systems ignore case by default: `/a/X` and `/a/x` are one
+    // file there. (Unicode normalisation, which APFS ignores too, is not
+    // folded: that needs tables this crate does not carry.)
+    let key = |path: &Path| -> PathBuf {
+        match platform {
+            Platform::Macos => PathBuf::from(path.to_string_lossy().to_lowercase()),
+            Platform::Linux => path.to_path_buf(),
+        }
+    };
+    let mut claims: HashMap<PathBuf, usize> = HashMap::new();
+    for (i, p) in kept.iter().enumerate() {
+        for path in p.entry.resource.claimed_paths() {
+            match claims.get(&key(path)) {
+                Some(&j) if j != i => {
+                    let first = &kept[j].entry;
+                    diags.push(
+                        Diagnostic::new(
+                            &p.entry.file,
+                            format!(
+                                "{} is also written by {} (declared at {}:{}); two resources cannot claim one path",
+                                path.display(),
+                                first.id,
+                                first.file,
+                                first.line
+                            ),
+                        )
+                        .line(p.entry.line)
+                        .resource(&p.entry.id)
+                        .hint("keep one of the two: each apply would undo what the other did"),
+                    );
+                }
+                Some(_) => {}
+                None => {
+                    claims.insert(key(path), i);
+                }
+            }
+        }
+    }
+    for p in kept {
+        for path in p.entry.resource.claimed_paths() {
+            let Some((ancestor, j)) = path
+                .ancestors()
+                .skip(1)
+                .find_map(|a| claims.get(&key(a)).map(|&j| (a, j)))
+            else {
+                continue;
+            };
+            let parent = &kept[j].entry;
+            let why = match parent.resource.kind() {
+                "directory" => continue,
+                "absent" => "which removes it; this resource would create it again",
+                "symlink" => "a symlink; the agent never writes through one",
+                _ => "which is not a directory",
+            };
+            diags.push(
+                Diagnostic::new(
+                    &p.entry.file,
+                    format!(
+                        "{} is under {} (declared at {}:{}), {why}",
+                        path.display(),
+                        parent.id,
+                        parent.file,
+                        parent.line,
+                    ),
+                )
+                .line(p.entry.line)
+                .resource(&p.entry.id)
+                .hint(format!(
+                    "declare {} as a directory, or move this path out from under it",
+                    ancestor.display()
+                )),
+            );
+        }
+    }
 }
 
 /// `file:/a/../b` and `file:/b` name the same resource.

@@ -48,6 +48,24 @@ const WHEN_HINT: &str =
 /// Keys every resource may have, besides its kind's own.
 const COMMON_KEYS: &[&str] = &["after", "notify", "on_drift", "when"];
 
+/// Characters no managed path or root may hold: control characters (a
+/// newline would forge a line of the plan or the log, a NUL cuts the path
+/// short in the kernel) and the invisible or bidirectional formatting ones
+/// that make a path read as another (U+200B..U+200F, U+202A..U+202E,
+/// U+2060..U+2064, U+2066..U+2069, U+FEFF).
+pub fn unsafe_path_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}')
+}
+
+pub const UNSAFE_CHAR_HINT: &str =
+    "paths may not hold control characters (newline, tab, NUL, ...) or invisible formatting characters; rename the path";
+
 /// Host names defined in the source (`hosts/*.yaml`).
 pub fn host_names(source: &dyn Source) -> Result<Vec<String>, SourceError> {
     Ok(source
@@ -57,13 +75,37 @@ pub fn host_names(source: &dyn Source) -> Result<Vec<String>, SourceError> {
         .collect())
 }
 
+/// A refused repository path ([`SourceError::Refused`]: a symlink, a FIFO,
+/// a file over the size limit) as a diagnostic at `at` (the file and line
+/// that name the path), or at the path itself. Other errors stay errors.
+pub(crate) fn refusal_diag(
+    err: SourceError,
+    at: Option<(&str, usize)>,
+) -> Result<Diagnostic, SourceError> {
+    let Some((path, why)) = err.refusal() else {
+        return Err(err);
+    };
+    let d = match at {
+        Some((file, line)) => Diagnostic::new(file, why.message(path)).line(line),
+        None => Diagnostic::new(path, why.message(path)),
+    };
+    Ok(d.hint(why.hint()))
+}
+
+/// Reads and parses a YAML file; `at` is where it is named (a module use).
 fn read_yaml(
     source: &dyn Source,
     file: &str,
+    at: Option<(&str, usize)>,
     diags: &mut Diagnostics,
 ) -> Result<Option<Node>, SourceError> {
-    let Some(bytes) = source.read(file)? else {
-        return Ok(None);
+    let bytes = match source.read(file) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            diags.push(refusal_diag(e, at)?);
+            return Ok(None);
+        }
     };
     let Ok(text) = String::from_utf8(bytes) else {
         diags.push(Diagnostic::new(file, "file is not UTF-8 text"));
@@ -109,6 +151,19 @@ pub struct LoadOptions {
     pub default_policy: DriftPolicy,
     /// Where `secret("op://...")` resolves.
     pub secrets: Arc<dyn crate::secrets::resolve::SecretSource>,
+    /// The agent's state directory as a managed path (inside the sandbox
+    /// with `--root`), which no root may contain and no resource may touch.
+    /// `None`: the default of the host's platform.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The state directory the agent uses on a host of `platform` unless its
+/// config says otherwise (what `agent validate` protects without a config).
+pub fn default_state_dir(platform: resources::Platform) -> PathBuf {
+    match platform {
+        resources::Platform::Macos => PathBuf::from("/usr/local/var/homelab-agent"),
+        resources::Platform::Linux => PathBuf::from("/var/lib/homelab-agent"),
+    }
 }
 
 impl Default for LoadOptions {
@@ -116,12 +171,28 @@ impl Default for LoadOptions {
         LoadOptions {
             default_policy: DriftPolicy::Heal,
             secrets: Arc::new(crate::secrets::resolve::Offline),
+            state_dir: None,
         }
     }
 }
 
 /// [`load`] with explicit options.
 pub fn load_with(
+    source: Arc<dyn Source>,
+    host: &str,
+    opts: &LoadOptions,
+) -> Result<Catalog, DesiredError> {
+    match load_inner(source, host, opts) {
+        // A refusal no caller placed at a line (a listing through a
+        // symlink): still a problem of the desired state, never a half-read.
+        Err(DesiredError::Source(e)) if e.refusal().is_some() => Err(DesiredError::Invalid {
+            diags: Diagnostics::one(refusal_diag(e, None)?),
+        }),
+        other => other,
+    }
+}
+
+fn load_inner(
     source: Arc<dyn Source>,
     host: &str,
     opts: &LoadOptions,
@@ -136,7 +207,7 @@ pub fn load_with(
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         && !host.starts_with('.');
     let doc = if valid_name {
-        read_yaml(&*source, &host_file, &mut diags)?
+        read_yaml(&*source, &host_file, None, &mut diags)?
     } else {
         None
     };
@@ -153,6 +224,11 @@ pub fn load_with(
             diags: diags.sorted(),
         });
     };
+    let state_dir = opts
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| default_state_dir(spec.platform));
+    check_roots(&spec, &state_dir, &mut diags);
     // With broken roots every path would also be reported "outside the roots".
     let roots_ok = !diags
         .iter()
@@ -176,11 +252,19 @@ pub fn load_with(
 
     let mut modules: HashMap<String, Option<(ModuleSpec, Arc<ModuleEnv>)>> = HashMap::new();
     let mut pending = Vec::new();
+    let mut refused = std::collections::HashSet::new();
     for usage in &spec.modules {
         if !modules.contains_key(&usage.name) {
-            let loaded = load_module(&source, &usage.name, opts, &secret_usage, &mut diags)?;
+            let before = diags.len();
+            let at = (host_file.as_str(), usage.line);
+            let loaded = load_module(&source, &usage.name, at, opts, &secret_usage, &mut diags)?;
+            if loaded.is_none() && diags.len() > before {
+                // Already explained (a refused or broken module file).
+                refused.insert(usage.name.clone());
+            }
             modules.insert(usage.name.clone(), loaded);
         }
+        let refused = refused.contains(&usage.name);
         let Some((module, env)) = modules.get(&usage.name).and_then(Option::as_ref) else {
             let mut known: Vec<String> = source
                 .list("modules")?
@@ -188,9 +272,10 @@ pub fn load_with(
                 .filter(|m| !m.starts_with('.'))
                 .collect();
             known.sort();
-            if !diags
-                .iter()
-                .any(|d| d.file.starts_with(&format!("modules/{}/", usage.name)))
+            if !refused
+                && !diags
+                    .iter()
+                    .any(|d| d.file.starts_with(&format!("modules/{}/", usage.name)))
             {
                 diags.push(
                     Diagnostic::new(
@@ -232,6 +317,7 @@ pub fn load_with(
             ctx: &ctx,
             roots: &spec.roots,
             roots_ok,
+            state_dir: &state_dir,
             host_file: &host_file,
             use_line: usage.line,
             policy,
@@ -270,6 +356,35 @@ pub fn load_with(
     }
 }
 
+/// No root may hold the agent's state directory (its database, lock, key
+/// and git cache) or lie inside it: a resource there would corrupt the
+/// state. `/` with `whole_filesystem: true` is allowed; then each path is
+/// still kept out of it ([`Expander::check_path`]).
+fn check_roots(spec: &model::HostSpec, state_dir: &Path, diags: &mut Diagnostics) {
+    for (root, &line) in spec.roots.iter().zip(&spec.root_lines) {
+        let whole = spec.whole_filesystem && root.as_path() == Path::new("/");
+        let what = if state_dir.starts_with(root) && !whole {
+            "holds"
+        } else if root.starts_with(state_dir) {
+            "is inside"
+        } else {
+            continue;
+        };
+        diags.push(
+            Diagnostic::new(
+                &spec.file,
+                format!(
+                    "root `{}` {what} the agent's state directory {}",
+                    root.display(),
+                    state_dir.display()
+                ),
+            )
+            .line(line)
+            .hint("the agent never manages its own state: list narrower roots, or move the state directory (`state_dir:` in the agent config)"),
+        );
+    }
+}
+
 /// `kind:identity` of a resource before rendering, for messages about it.
 fn raw_id(node: &Node) -> String {
     match &node.value {
@@ -299,6 +414,7 @@ fn map_value(pairs: impl IntoIterator<Item = (String, minijinja::Value)>) -> min
 fn load_module(
     source: &Arc<dyn Source>,
     name: &str,
+    at: (&str, usize),
     opts: &LoadOptions,
     usage: &Arc<std::sync::Mutex<render::SecretUsage>>,
     diags: &mut Diagnostics,
@@ -307,7 +423,7 @@ fn load_module(
         return Ok(None);
     }
     let file = format!("modules/{name}/module.yaml");
-    let Some(doc) = read_yaml(&**source, &file, diags)? else {
+    let Some(doc) = read_yaml(&**source, &file, Some(at), diags)? else {
         return Ok(None);
     };
     let Some(spec) = model::parse_module(name, &file, &doc, diags) else {
@@ -326,6 +442,8 @@ struct Expander<'a> {
     roots: &'a [PathBuf],
     /// False when the host's `roots` were invalid: skip the roots check.
     roots_ok: bool,
+    /// The agent's state directory (managed-path view).
+    state_dir: &'a Path,
     host_file: &'a str,
     /// Line of this module use in the host file.
     use_line: usize,
@@ -643,6 +761,20 @@ impl Expander<'_> {
         line: usize,
         diags: &mut Diagnostics,
     ) -> Option<String> {
+        if raw.chars().any(unsafe_path_char) {
+            // Escaped: the raw text would forge lines of this very message.
+            let shown = raw.escape_debug().to_string();
+            diags.push(
+                Diagnostic::new(
+                    self.file(),
+                    format!("path `{shown}` holds a control or invisible character"),
+                )
+                .line(line)
+                .resource(format!("{kind}:{shown}"))
+                .hint(UNSAFE_CHAR_HINT),
+            );
+            return None;
+        }
         let id = format!("{kind}:{raw}");
         let path = Path::new(raw);
         let Some(norm) = crate::fsops::normalize(path) else {
@@ -674,6 +806,24 @@ impl Expander<'_> {
                 ))
             };
             diags.push(d);
+            return None;
+        }
+        // Inside the state directory, or replacing one of its parents.
+        if norm.starts_with(self.state_dir)
+            || kind != "directory" && self.state_dir.starts_with(&norm)
+        {
+            diags.push(
+                Diagnostic::new(
+                    self.file(),
+                    format!(
+                        "path {raw} would change the agent's state directory {}",
+                        self.state_dir.display()
+                    ),
+                )
+                .line(line)
+                .resource(&id)
+                .hint("the agent never manages its own state; choose another path"),
+            );
             return None;
         }
         if !inside {
@@ -715,6 +865,13 @@ impl Assets for ModuleAssets<'_> {
         let e = self.expander;
         e.allowing_secrets(|| e.env.render_template(name, e.ctx)).map_err(|err| {
             let module = &e.module.name;
+            // The template itself refused (a symlink, a FIFO, too large):
+            // said at the `template:` line, in the source's own words.
+            if let Err(refused) = e.source.read(&format!("modules/{module}/templates/{name}")) {
+                if let Ok(d) = refusal_diag(refused, Some((e.file(), line))) {
+                    return d.resource(self.id);
+                }
+            }
             if err.kind() == minijinja::ErrorKind::TemplateNotFound {
                 return Diagnostic::new(e.file(), format!("template `{name}` not found in modules/{module}/templates/"))
                     .line(line)
@@ -759,7 +916,11 @@ impl Assets for ModuleAssets<'_> {
         match e.source.read(&path) {
             Ok(Some(bytes)) => Ok(bytes),
             Ok(None) => Err(missing()),
-            Err(err) => Err(Diagnostic::new(path, err.to_string()).resource(self.id)),
+            Err(err) => Err(match refusal_diag(err, Some((e.file(), line))) {
+                Ok(d) => d,
+                Err(err) => Diagnostic::new(e.file(), err.to_string()).line(line),
+            }
+            .resource(self.id)),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! `modules/<name>/module.yaml`. Decoding collects every problem; nothing
 //! here renders templates or touches the host.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::diag::{Diagnostic, Diagnostics};
 use super::yaml::{MapReader, Node, Value};
@@ -54,6 +54,10 @@ pub struct HostSpec {
     pub file: String,
     pub platform: Platform,
     pub roots: Vec<PathBuf>,
+    /// The line of each root, for messages about it.
+    pub root_lines: Vec<usize>,
+    /// `whole_filesystem: true`: the root `/` is meant.
+    pub whole_filesystem: bool,
     pub vars: Node,
     pub on_drift: Option<DriftPolicy>,
     pub modules: Vec<ModuleUse>,
@@ -74,6 +78,7 @@ const HOST_KEYS: &[&str] = &[
     "platform",
     "description",
     "roots",
+    "whole_filesystem",
     "vars",
     "on_drift",
     "modules",
@@ -112,6 +117,7 @@ pub fn parse_host(name: &str, file: &str, doc: &Node, diags: &mut Diagnostics) -
     };
     r.string("description", diags);
     let mut roots = Vec::new();
+    let mut root_lines = Vec::new();
     match r.string_list("roots", diags) {
         None if !r.has("roots") => diags.push(
             Diagnostic::new(file, "the host has no `roots`")
@@ -122,7 +128,19 @@ pub fn parse_host(name: &str, file: &str, doc: &Node, diags: &mut Diagnostics) -
         Some(list) => {
             for (root, line) in list {
                 let path = PathBuf::from(&root);
-                if crate::fsops::normalize(&path).as_deref() != Some(path.as_path())
+                if root.chars().any(super::unsafe_path_char) {
+                    diags.push(
+                        Diagnostic::new(
+                            file,
+                            format!(
+                                "root `{}` holds a control or invisible character",
+                                root.escape_debug()
+                            ),
+                        )
+                        .line(line)
+                        .hint(super::UNSAFE_CHAR_HINT),
+                    );
+                } else if crate::fsops::normalize(&path).as_deref() != Some(path.as_path())
                     || root.ends_with('/') && root != "/"
                 {
                     diags.push(
@@ -135,8 +153,22 @@ pub fn parse_host(name: &str, file: &str, doc: &Node, diags: &mut Diagnostics) -
                     );
                 } else {
                     roots.push(path);
+                    root_lines.push(line);
                 }
             }
+        }
+    }
+    // `/` makes every path of the machine manageable: only on purpose.
+    let whole_filesystem = r.bool("whole_filesystem", diags).unwrap_or(false);
+    if !whole_filesystem {
+        if let Some(i) = roots.iter().position(|r| r.as_path() == Path::new("/")) {
+            diags.push(
+                Diagnostic::new(file, "root `/` lets the agent manage every path of the machine")
+                    .line(root_lines[i])
+                    .hint("list the directories the agent manages instead, or add `whole_filesystem: true` to the host file to mean it"),
+            );
+            roots.remove(i);
+            root_lines.remove(i);
         }
     }
     let vars = match r.take("vars") {
@@ -215,6 +247,8 @@ pub fn parse_host(name: &str, file: &str, doc: &Node, diags: &mut Diagnostics) -
         file: file.to_string(),
         platform: platform?,
         roots,
+        root_lines,
+        whole_filesystem,
         vars,
         on_drift: host_policy,
         modules,

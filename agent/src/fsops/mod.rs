@@ -18,15 +18,22 @@
 //!   (Linux; `fsync` per file elsewhere) before renaming, and [`Fs::sync`]
 //!   makes the renames durable. This keeps a 1,000-file apply to a few syncs
 //!   instead of 2,000.
-//! - Temp files left by a crash are named `.<name>.hla-tmp.<pid>.<n>` and are
-//!   removed the next time the agent writes into that directory (the
-//!   single-instance lock means no other agent can own them).
+//! - Temp files are named `.<name>.hla-tmp.<pid>.<id>.<tag>` (`id`: a
+//!   random number of the [`Fs`] instance, then a counter), where `tag`
+//!   is a MAC (keyed BLAKE3, 64 bits) of the rest of the name under a key
+//!   derived from the state directory's key ([`Fs::set_temp_key`]). One left
+//!   by a crash is removed the next time the agent writes into that
+//!   directory, but only when it is proven the agent's own leftover: the tag
+//!   verifies (no other process, other state directory or look-alike name
+//!   has it), the pid in the name is not this process and is no longer
+//!   running (a live run's file is never touched), and it is a regular file
+//!   or a symlink (what the agent stages). Anything else is left alone.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -142,6 +149,11 @@ pub struct Fs {
     /// Filesystems written to since the last [`Fs::sync`] (by device).
     dirty: Mutex<HashMap<u64, Arc<OwnedFd>>>,
     counter: AtomicU64,
+    /// Signs temp-file names (see the module docs); random until
+    /// [`Fs::set_temp_key`] gives the state directory's.
+    temp_key: Mutex<[u8; 32]>,
+    /// Random, names this instance's temp files apart from older ones.
+    instance: u32,
 }
 
 const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY
@@ -161,7 +173,63 @@ impl Fs {
             cleaned: Mutex::new(HashSet::new()),
             dirty: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
+            temp_key: Mutex::new(random_key()),
+            instance: u32::from_le_bytes(random_key()[..4].try_into().expect("4 bytes")),
         })
+    }
+
+    /// Signs temp-file names with a key derived from `state_key` (the state
+    /// directory's secret key), so the agent recognises the leftovers of its
+    /// own earlier runs and nothing else. Without it, names are signed with
+    /// a key of this process only: nothing of another process is removed.
+    pub fn set_temp_key(&self, state_key: &[u8; 32]) {
+        *self.temp_key.lock().unwrap_or_else(|e| e.into_inner()) =
+            blake3::derive_key("homelab-agent 2026 temp-file names", state_key);
+    }
+
+    /// A new temp name beside `name`: `.<name>.hla-tmp.<pid>.<id>.<tag>`.
+    fn temp_name(&self, name: &OsStr) -> OsString {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        // Cut long names so the temp name stays within NAME_MAX (255).
+        let name = &name.as_bytes()[..name.len().min(160)];
+        let mut stem = Vec::with_capacity(name.len() + 40);
+        stem.push(b'.');
+        stem.extend_from_slice(name);
+        // The counter starts with this instance's random id: a leftover of
+        // an earlier process with the same pid (pids are reused, after a
+        // reboot often) or of an earlier run of this one never has the
+        // name of a file made now.
+        let id = format!(".hla-tmp.{}.{:08x}{n:x}", std::process::id(), self.instance);
+        stem.extend_from_slice(id.as_bytes());
+        let tag = self.temp_tag(&stem);
+        stem.push(b'.');
+        stem.extend_from_slice(tag.as_bytes());
+        OsString::from_vec(stem)
+    }
+
+    fn temp_tag(&self, stem: &[u8]) -> String {
+        let key = *self.temp_key.lock().unwrap_or_else(|e| e.into_inner());
+        blake3::keyed_hash(&key, stem).to_hex()[..16].to_string()
+    }
+
+    /// Whether `name` in `dir` is a leftover this agent may remove.
+    fn is_own_leftover(&self, dir: &OwnedFd, name: &OsStr) -> bool {
+        let Some(temp) = parse_temp_name(name.as_bytes()) else {
+            return false;
+        };
+        if !constant_time_eq(self.temp_tag(temp.stem).as_bytes(), temp.tag) {
+            return false;
+        }
+        if temp.pid == std::process::id() || pid_alive(temp.pid) {
+            return false;
+        }
+        matches!(
+            fstatat(dir.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW).map(Meta::from),
+            Ok(Meta {
+                kind: FileKind::File | FileKind::Symlink,
+                ..
+            })
+        )
     }
 
     /// Where a managed path really is (root-prefixed), for messages.
@@ -346,15 +414,23 @@ impl Fs {
         if !self.cleaned.lock().unwrap().insert(dir.to_path_buf()) {
             return;
         }
-        let Ok(entries) = std::fs::read_dir(self.host_path(dir)) else {
-            return;
-        };
         let Ok(Some(fd)) = self.open_dir(dir) else {
             return;
         };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if is_temp_name(&name) {
+        // Listed through the walked descriptor: the directory the names
+        // come from is the one they are removed from.
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        let Ok(mut entries) = nix::dir::Dir::openat(fd.as_fd(), ".", flags, Mode::empty()) else {
+            return;
+        };
+        let names: Vec<OsString> = entries
+            .iter()
+            .flatten()
+            .map(|e| OsStr::from_bytes(e.file_name().to_bytes()).to_os_string())
+            .filter(|name| name.as_bytes().windows(9).any(|w| w == b".hla-tmp."))
+            .collect();
+        for name in names {
+            if self.is_own_leftover(&fd, &name) {
                 let _ = unlinkat(fd.as_fd(), name.as_os_str(), UnlinkatFlags::NoRemoveDir);
             }
         }
@@ -384,10 +460,7 @@ impl Fs {
     pub fn stage_file(&self, path: &Path, content: &[u8], attrs: Attrs) -> Result<Staged, FsError> {
         let (parent, name) = self.split(path);
         let dir = self.prepare_dir(parent)?;
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut tmp = OsString::from(".");
-        tmp.push(name);
-        tmp.push(format!(".hla-tmp.{}.{n}", std::process::id()));
+        let tmp = self.temp_name(name);
         // Created with at most the owner bits of the final mode; group/other
         // bits are only granted by the fchmod below, after fchown.
         let create_mode = Mode::from_bits_truncate((attrs.mode & 0o600) as _);
@@ -504,13 +577,7 @@ impl Fs {
     pub fn symlink(&self, path: &Path, target: &Path) -> Result<(), FsError> {
         let (parent, name) = self.split(path);
         let dir = self.prepare_dir(parent)?;
-        let mut tmp = OsString::from(".");
-        tmp.push(name);
-        tmp.push(format!(
-            ".hla-tmp.{}.{}",
-            std::process::id(),
-            self.counter.fetch_add(1, Ordering::Relaxed)
-        ));
+        let tmp = self.temp_name(name);
         symlinkat(target, dir.as_fd(), tmp.as_os_str()).map_err(io("symlink", path))?;
         if let Err(e) = renameat(dir.as_fd(), tmp.as_os_str(), dir.as_fd(), name) {
             let _ = unlinkat(dir.as_fd(), tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
@@ -573,9 +640,65 @@ fn clone_err(e: &FsError) -> FsError {
     }
 }
 
-fn is_temp_name(name: &OsStr) -> bool {
-    let bytes = name.as_bytes();
-    bytes.starts_with(b".") && bytes.windows(9).any(|w| w == b".hla-tmp.")
+/// The parts of a temp name `<stem>.<tag>`, where the stem is
+/// `.<name>.hla-tmp.<pid>.<instance><n>` (hex).
+struct TempName<'a> {
+    stem: &'a [u8],
+    pid: u32,
+    tag: &'a [u8],
+}
+
+fn parse_temp_name(bytes: &[u8]) -> Option<TempName<'_>> {
+    let dot = bytes.iter().rposition(|&b| b == b'.')?;
+    let (stem, tag) = (&bytes[..dot], &bytes[dot + 1..]);
+    if tag.len() != 16 || !tag.iter().all(|b| b.is_ascii_hexdigit()) || !stem.starts_with(b".") {
+        return None;
+    }
+    let mut rest = stem.rsplitn(3, |&b| b == b'.');
+    let n = rest.next()?;
+    let pid = rest.next()?;
+    let head = rest.next()?;
+    let digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
+    let hex = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_hexdigit);
+    if !hex(n) || !digits(pid) || !head.ends_with(b".hla-tmp") {
+        return None;
+    }
+    let pid = std::str::from_utf8(pid).ok()?.parse().ok()?;
+    Some(TempName { stem, pid, tag })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether a process with `pid` exists (signal 0). Not permitted to signal
+/// it (another user's) still means it runs.
+fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return true;
+    }
+    !matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(Errno::ESRCH)
+    )
+}
+
+/// A key no other process knows (names of a run without a state key).
+fn random_key() -> [u8; 32] {
+    let mut key = [0u8; 32];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+        .is_err()
+    {
+        // Without /dev/urandom: unique to this process and moment, which is
+        // all this key has to be (it only ever makes this process's names).
+        let seed = format!("{}-{:?}", std::process::id(), std::time::SystemTime::now());
+        key = *blake3::hash(seed.as_bytes()).as_bytes();
+    }
+    key
 }
 
 /// Lexically normalises an absolute path (`.` and `..` resolved, no
@@ -727,20 +850,102 @@ mod tests {
         assert_eq!(std::fs::read(tmp.path().join("link")).unwrap(), b"new");
     }
 
+    /// A pid no process has: a child that has been waited for.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    /// The name `fs` would give a temp file of `name` made by `pid`.
+    fn signed(fs: &Fs, name: &str, pid: u32) -> String {
+        let stem = format!(".{name}.hla-tmp.{pid}.0");
+        format!("{stem}.{}", fs.temp_tag(stem.as_bytes()))
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
-    fn stale_temp_files_are_cleaned_on_next_write() {
+    fn the_agents_own_leftovers_are_cleaned_on_next_write() {
         let tmp = tempfile::tempdir().unwrap();
-        std::fs::write(tmp.path().join(".a.hla-tmp.1.0"), b"half").unwrap();
         let fs = Fs::new(tmp.path()).unwrap();
+        fs.set_temp_key(&[7; 32]);
+        let dead = dead_pid();
+        std::fs::write(tmp.path().join(signed(&fs, "a", dead)), b"half").unwrap();
+        std::os::unix::fs::symlink("/x", tmp.path().join(signed(&fs, "l", dead))).unwrap();
         let staged = fs
             .stage_file(Path::new("/a"), b"whole", attrs(0o644))
             .unwrap();
         fs.commit(vec![staged]).into_iter().for_each(|r| r.unwrap());
-        let names: Vec<_> = std::fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, [OsString::from("a")]);
+        assert_eq!(names(tmp.path()), ["a"]);
+    }
+
+    /// Issue 12: a file that merely looks like a temp file is never removed.
+    #[test]
+    fn look_alike_and_live_temp_files_are_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fs = Fs::new(tmp.path()).unwrap();
+        fs.set_temp_key(&[7; 32]);
+        let other_state = Fs::new(tmp.path()).unwrap();
+        other_state.set_temp_key(&[8; 32]);
+        let dead = dead_pid();
+        let keep = [
+            // The old unsigned format, or another program's file.
+            format!(".a.hla-tmp.{dead}.0"),
+            format!(".a.hla-tmp.{dead}.0.0123456789abcdef"),
+            // Signed by an agent with another state directory.
+            signed(&other_state, "a", dead),
+            // Signed, but its process runs: a live run's file.
+            signed(&fs, "a", std::os::unix::process::parent_id()),
+            signed(&fs, "a", 1),
+            // This very process's own (a batch not committed yet).
+            signed(&fs, "a", std::process::id()),
+            // Not a name the agent makes, whatever the tag.
+            format!("a.hla-tmp.{dead}.0.0123456789abcdef"),
+        ];
+        for name in &keep {
+            std::fs::write(tmp.path().join(name), b"someone's").unwrap();
+        }
+        // Right name and tag, but a directory: not something the agent stages.
+        let dir = signed(&fs, "d", dead);
+        std::fs::create_dir(tmp.path().join(&dir)).unwrap();
+        let staged = fs
+            .stage_file(Path::new("/a"), b"whole", attrs(0o644))
+            .unwrap();
+        fs.commit(vec![staged]).into_iter().for_each(|r| r.unwrap());
+        let mut expected: Vec<String> = keep.to_vec();
+        expected.push(dir);
+        expected.push("a".into());
+        expected.sort();
+        assert_eq!(names(tmp.path()), expected);
+        for name in &keep {
+            assert_eq!(std::fs::read(tmp.path().join(name)).unwrap(), b"someone's");
+        }
+    }
+
+    #[test]
+    fn temp_names_are_signed_and_stay_within_name_max() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fs = Fs::new(tmp.path()).unwrap();
+        let long = "n".repeat(255);
+        let staged = fs
+            .stage_file(&Path::new("/").join(&long), b"x", attrs(0o644))
+            .unwrap();
+        let tmp_name = staged.tmp.clone();
+        assert!(tmp_name.len() <= 255, "{}", tmp_name.len());
+        let parsed = parse_temp_name(tmp_name.as_bytes()).expect("parses back");
+        assert_eq!(parsed.pid, std::process::id());
+        assert_eq!(fs.temp_tag(parsed.stem).as_bytes(), parsed.tag);
+        fs.commit(vec![staged]).into_iter().for_each(|r| r.unwrap());
+        assert_eq!(names(tmp.path()), [long]);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use super::model::{self, ClusterAccess, StackSpec, StackUse};
 use super::{DesiredObject, Manifest, ObjectRef, Stack};
 use crate::desired::diag::{Diagnostic, Diagnostics};
 use crate::desired::model::DriftPolicy;
+use crate::desired::refusal_diag;
 use crate::desired::render::{self, ModuleEnv, SecretUsage};
 use crate::desired::yaml::{self, Node, Value};
 use crate::secrets::resolve::SecretSource;
@@ -43,7 +44,14 @@ pub fn load_stacks(
     let mut stacks = Vec::new();
     for u in uses {
         let file = format!("k8s/{}/stack.yaml", u.name);
-        let Some(bytes) = source.read(&file)? else {
+        let read = match source.read(&file) {
+            Err(e) => {
+                diags.push(refusal_diag(e, Some((cx.host_file, u.line)))?);
+                continue;
+            }
+            Ok(read) => read,
+        };
+        let Some(bytes) = read else {
             let mut known: Vec<String> = source
                 .list("k8s")?
                 .into_iter()
@@ -139,8 +147,14 @@ fn load_one(
     let files: Vec<(String, usize)> = match &spec.manifests {
         Some(list) => list.clone(),
         None => {
-            let mut names: Vec<String> = source
-                .list(&dir)?
+            let listed = match source.list(&dir) {
+                Ok(names) => names,
+                Err(e) => {
+                    diags.push(refusal_diag(e, Some((cx.host_file, u.line)))?);
+                    Vec::new()
+                }
+            };
+            let mut names: Vec<String> = listed
                 .into_iter()
                 .filter(|n| {
                     (n.ends_with(".yaml") || n.ends_with(".yml"))
@@ -160,7 +174,16 @@ fn load_one(
     let mut objects = Vec::new();
     for (name, line) in &files {
         let path = format!("{dir}/{name}");
-        let Some(bytes) = source.read(&path)? else {
+        let read = match source.read(&path) {
+            Err(e) => {
+                // Listed from the folder (line 0): said at the manifest itself.
+                let at = (*line > 0).then_some((spec.file.as_str(), *line));
+                diags.push(refusal_diag(e, at)?);
+                continue;
+            }
+            Ok(read) => read,
+        };
+        let Some(bytes) = read else {
             diags.push(
                 Diagnostic::new(
                     &spec.file,
@@ -625,7 +648,11 @@ fn generated_config_map(
                 ok = false;
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                diags.push(refusal_diag(e, Some((spec.file.as_str(), *line)))?);
+                ok = false;
+                continue;
+            }
         };
         let Ok(text) = String::from_utf8(bytes) else {
             diags.push(

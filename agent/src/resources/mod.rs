@@ -137,6 +137,11 @@ pub trait Resource: Send + Sync + Debug {
     fn identity(&self) -> &str;
     /// The host path this resource manages, if any (for roots and ordering).
     fn path(&self) -> Option<&Path>;
+    /// Every host path it writes (its own path, or the unit files a service
+    /// generates): two resources may not claim one path.
+    fn claimed_paths(&self) -> Vec<&Path> {
+        self.path().into_iter().collect()
+    }
     /// Feeds every desired field into the digest recorded in the inventory.
     fn digest(&self, hasher: &mut blake3::Hasher);
     /// Reads the live state. Never writes.

@@ -43,6 +43,21 @@ impl Kind for SymlinkKind {
             ));
             return None;
         };
+        // A target is shown in plans and logs like a path: same characters.
+        if target.is_empty() || target.chars().any(crate::desired::unsafe_path_char) {
+            diags.push(
+                fields
+                    .diag(
+                        node.line,
+                        format!(
+                            "`target: {}` is empty or holds a control or invisible character",
+                            target.escape_debug()
+                        ),
+                    )
+                    .hint(crate::desired::UNSAFE_CHAR_HINT),
+            );
+            return None;
+        }
         Some(Box::new(Symlink {
             path: PathBuf::from(identity),
             target: PathBuf::from(target),

@@ -17,7 +17,7 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +25,7 @@ use std::time::Duration;
 use gix::bstr::ByteSlice;
 use gix::ObjectId;
 
-use super::{Source, SourceError};
+use super::{ReadBudget, Refusal, Source, SourceError};
 
 /// Length of commit ids in messages.
 const SHORT: usize = 7;
@@ -1006,6 +1006,8 @@ pub struct CommitSource {
     commit: ObjectId,
     tree: ObjectId,
     label: String,
+    /// Bytes read from this commit, against `MAX_TOTAL_BYTES`.
+    budget: ReadBudget,
 }
 
 impl fmt::Debug for CommitSource {
@@ -1051,6 +1053,7 @@ impl CommitSource {
             commit,
             tree,
             label,
+            budget: ReadBudget::default(),
         })
     }
 
@@ -1078,11 +1081,36 @@ impl CommitSource {
 
     /// Checks a repo-relative path like `LocalDir` does and returns its components.
     fn components(path: &str) -> Result<Vec<&str>, SourceError> {
-        let rel = Path::new(path);
-        if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-            return Err(SourceError::BadPath(path.to_string()));
+        super::components(path)
+    }
+
+    /// When `parts` is missing from the tree: refuses it if one of its
+    /// parent directories is a symlink (as `LocalDir` does), so a link is
+    /// never silently read as "no such file".
+    fn check_parents(
+        &self,
+        repo: &gix::Repository,
+        path: &str,
+        parts: &[&str],
+    ) -> Result<(), SourceError> {
+        for n in 1..parts.len() {
+            let entry = self
+                .entry(repo, &parts[..n])
+                .map_err(|e| self.read_error(path, &e))?;
+            match entry {
+                Some((mode, _)) if mode.is_link() => {
+                    return Err(SourceError::Refused {
+                        path: path.to_string(),
+                        why: Refusal::Symlink {
+                            at: parts[..n].join("/"),
+                        },
+                    })
+                }
+                Some((mode, _)) if mode.is_tree() => {}
+                _ => return Ok(()),
+            }
         }
-        Ok(path.split('/').filter(|c| !c.is_empty()).collect())
+        Ok(())
     }
 
     fn read_error(&self, path: &str, e: &gix::Error) -> SourceError {
@@ -1122,12 +1150,29 @@ impl Source for CommitSource {
                 .map_err(|e| self.read_error(path, &e))?;
             match entry {
                 Some((mode, id)) if mode.is_blob() => {
+                    // The size from the object's header, before inflating it.
+                    let header = repo
+                        .find_header(id)
+                        .map_err(|e| self.read_error(path, &e))?;
+                    super::check_size(path, header.size())?;
                     let object = repo
                         .find_object(id)
                         .map_err(|e| self.read_error(path, &e))?;
+                    super::check_size(path, object.data.len() as u64)?;
+                    self.budget.charge(path, object.data.len() as u64)?;
                     Ok(Some(object.detach().data))
                 }
-                _ => Ok(None),
+                Some((mode, _)) if mode.is_link() => Err(SourceError::Refused {
+                    path: path.to_string(),
+                    why: Refusal::Symlink {
+                        at: path.to_string(),
+                    },
+                }),
+                Some(_) => Ok(None),
+                None => {
+                    self.check_parents(repo, path, &parts)?;
+                    Ok(None)
+                }
             }
         })
     }
@@ -1143,7 +1188,19 @@ impl Source for CommitSource {
                     .map_err(|e| self.read_error(dir, &e))?
                 {
                     Some((mode, id)) if mode.is_tree() => id,
-                    _ => return Ok(Vec::new()),
+                    Some((mode, _)) if mode.is_link() => {
+                        return Err(SourceError::Refused {
+                            path: dir.to_string(),
+                            why: Refusal::Symlink {
+                                at: dir.to_string(),
+                            },
+                        })
+                    }
+                    Some(_) => return Ok(Vec::new()),
+                    None => {
+                        self.check_parents(repo, dir, &parts)?;
+                        return Ok(Vec::new());
+                    }
                 }
             };
             let tree = repo
@@ -1258,6 +1315,64 @@ pub(crate) mod tests {
         src.read(path)
             .unwrap()
             .map(|b| String::from_utf8(b).unwrap())
+    }
+
+    /// Issue 12: a checkout and its commit refuse the same paths the same
+    /// way: a symlink (to outside or inside, or as a parent directory) and
+    /// a file over the size limit.
+    #[test]
+    fn a_commit_refuses_what_a_checkout_refuses() {
+        use crate::source::{LocalDir, Refusal, MAX_FILE_BYTES};
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().join("work");
+        init_repo(&work);
+        write(&work, "modules/m/templates/a.j2", "a\n");
+        let t = work.join("modules/m/templates");
+        std::os::unix::fs::symlink("/etc/passwd", t.join("out.j2")).unwrap();
+        std::os::unix::fs::symlink("a.j2", t.join("in.j2")).unwrap();
+        std::os::unix::fs::symlink("m", work.join("modules/n")).unwrap();
+        let big = fs::File::create(t.join("big.j2")).unwrap();
+        big.set_len(MAX_FILE_BYTES + 1).unwrap();
+        commit_all(&work, "hostile");
+        let commit = CommitSource::open(&work, "HEAD").unwrap();
+        let local = LocalDir::open(&work).unwrap();
+        let symlink = |at: &str| Refusal::Symlink { at: at.into() };
+        for (path, why) in [
+            (
+                "modules/m/templates/out.j2",
+                symlink("modules/m/templates/out.j2"),
+            ),
+            (
+                "modules/m/templates/in.j2",
+                symlink("modules/m/templates/in.j2"),
+            ),
+            ("modules/n/templates/a.j2", symlink("modules/n")),
+            (
+                "modules/m/templates/big.j2",
+                Refusal::TooLarge {
+                    limit: MAX_FILE_BYTES,
+                },
+            ),
+        ] {
+            for src in [&commit as &dyn Source, &local] {
+                match src.read(path) {
+                    Err(SourceError::Refused { path: p, why: w }) => {
+                        assert_eq!((p.as_str(), &w), (path, &why), "{}", src.describe())
+                    }
+                    other => panic!("{path} in {}: {other:?}", src.describe()),
+                }
+            }
+        }
+        for src in [&commit as &dyn Source, &local] {
+            assert!(matches!(
+                src.list("modules/n"),
+                Err(SourceError::Refused { .. })
+            ));
+            assert_eq!(
+                read_str(src, "modules/m/templates/a.j2").as_deref(),
+                Some("a\n")
+            );
+        }
     }
 
     #[test]

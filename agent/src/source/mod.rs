@@ -3,17 +3,85 @@
 //! A source answers "what bytes are at this repo-relative path" and names the
 //! revision it read. Everything after `source` reads through this trait, so
 //! the git source (read straight from a commit's tree) and a local directory
-//! are interchangeable.
+//! are interchangeable, and both refuse the same things ([`Refusal`]): a
+//! symlink anywhere in a path, anything but regular files and directories,
+//! a file over [`MAX_FILE_BYTES`], reads over [`MAX_TOTAL_BYTES`]. Nothing
+//! outside the repository can be read through a source.
 
 pub mod git;
+mod local;
 pub mod verify;
 
 pub use git::{parse_location, CommitSource, GitCache, GitError, GitOptions, RepoLocation};
+pub use local::LocalDir;
 pub use verify::{verify_commit, AllowedSigners, Verified, VerifyError};
 
-use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The most one repository file may hold. Desired state is text (YAML,
+/// templates, small verbatim files); a larger file is refused, not read, so
+/// a hostile repository cannot make the agent hold gigabytes.
+pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The most one revision may read in total (every file of every module,
+/// template and manifest one host uses), for the same reason.
+pub const MAX_TOTAL_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Why a path of the repository is refused rather than read. The same rules
+/// hold for every source, so a repository behaves the same as a checkout
+/// (`LocalDir`) and as a commit (`CommitSource`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `at` (the path itself or one of its parent directories) is a
+    /// symlink. A commit stores a symlink as a link, not as the file it
+    /// points to, and the agent never follows one: no repository file can
+    /// name a file outside the repository.
+    Symlink { at: String },
+    /// Not a regular file or directory: a FIFO (reading would block), a
+    /// socket or a device.
+    Special { kind: &'static str },
+    /// Bigger than [`MAX_FILE_BYTES`].
+    TooLarge { limit: u64 },
+    /// Reading it would take the revision over [`MAX_TOTAL_BYTES`].
+    OverBudget { limit: u64 },
+}
+
+impl Refusal {
+    /// What is wrong with `path`, in a sentence.
+    pub fn message(&self, path: &str) -> String {
+        match self {
+            Refusal::Symlink { at } if at == path => format!(
+                "{path} is a symlink in the repository; the agent reads no symlinks from a repository"
+            ),
+            Refusal::Symlink { at } => format!(
+                "{path} is reached through {at}, a symlink in the repository; the agent reads no symlinks from a repository"
+            ),
+            Refusal::Special { kind } => format!(
+                "{path} is a {kind}, not a regular file; the agent reads only regular files and directories from a repository"
+            ),
+            Refusal::TooLarge { limit } => format!(
+                "{path} is larger than {} MiB, the limit for one repository file",
+                limit / (1024 * 1024)
+            ),
+            Refusal::OverBudget { limit } => format!(
+                "reading {path} takes this host's desired state over {} MiB, the limit for one revision",
+                limit / (1024 * 1024)
+            ),
+        }
+    }
+
+    /// What to do about it.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            Refusal::Symlink { .. } => "replace the symlink with the file or directory itself (a git commit would store only the link)",
+            Refusal::Special { .. } => "replace it with a regular file",
+            Refusal::TooLarge { .. } | Refusal::OverBudget { .. } => {
+                "keep large files out of the desired-state repository; install them with a package or fetch them from a service"
+            }
+        }
+    }
+}
 
 /// Errors reading the source.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +96,68 @@ pub enum SourceError {
     NotFound(PathBuf),
     #[error("`{0}` is not a plain repo-relative path")]
     BadPath(String),
+    /// The repository holds something at `path` the agent does not read.
+    #[error("{}\n  {}", why.message(path), why.hint())]
+    Refused { path: String, why: Refusal },
+}
+
+impl SourceError {
+    /// The refusal, when the repository itself is at fault (not the disk).
+    pub fn refusal(&self) -> Option<(&str, &Refusal)> {
+        match self {
+            SourceError::Refused { path, why } => Some((path, why)),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes read by one revision, against [`MAX_TOTAL_BYTES`].
+#[derive(Debug, Default)]
+pub struct ReadBudget {
+    used: AtomicU64,
+}
+
+impl ReadBudget {
+    /// Counts `len` more bytes read for `path`; refuses past the limit.
+    pub fn charge(&self, path: &str, len: u64) -> Result<(), SourceError> {
+        let before = self.used.fetch_add(len, Ordering::Relaxed);
+        if before.saturating_add(len) > MAX_TOTAL_BYTES {
+            return Err(SourceError::Refused {
+                path: path.to_string(),
+                why: Refusal::OverBudget {
+                    limit: MAX_TOTAL_BYTES,
+                },
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A file's size against [`MAX_FILE_BYTES`].
+pub fn check_size(path: &str, len: u64) -> Result<(), SourceError> {
+    if len > MAX_FILE_BYTES {
+        return Err(SourceError::Refused {
+            path: path.to_string(),
+            why: Refusal::TooLarge {
+                limit: MAX_FILE_BYTES,
+            },
+        });
+    }
+    Ok(())
+}
+
+/// The components of a repo-relative path; `..`, `.`, absolute paths and
+/// empty components are refused ([`SourceError::BadPath`]).
+pub fn components(path: &str) -> Result<Vec<&str>, SourceError> {
+    let rel = Path::new(path);
+    if path.starts_with('/')
+        || path.contains('\0')
+        || rel.components().any(|c| !matches!(c, Component::Normal(_)))
+        || path.split('/').any(|c| c == "." || c == "..")
+    {
+        return Err(SourceError::BadPath(path.to_string()));
+    }
+    Ok(path.split('/').filter(|c| !c.is_empty()).collect())
 }
 
 /// A revision of the desired state.
@@ -40,88 +170,4 @@ pub trait Source: Send + Sync {
     fn revision(&self) -> String;
     /// For messages: where this source is.
     fn describe(&self) -> String;
-}
-
-/// A directory on disk (a checkout, possibly with uncommitted edits).
-///
-/// Its revision is `local-<hash>`: a digest of every file read, so two plans
-/// of the same content name the same revision.
-pub struct LocalDir {
-    root: PathBuf,
-    read: Mutex<BTreeMap<String, blake3::Hash>>,
-}
-
-impl LocalDir {
-    pub fn open(root: &Path) -> Result<LocalDir, SourceError> {
-        if !root.is_dir() {
-            return Err(SourceError::NotFound(root.to_path_buf()));
-        }
-        Ok(LocalDir {
-            root: root.to_path_buf(),
-            read: Mutex::new(BTreeMap::new()),
-        })
-    }
-
-    fn resolve(&self, path: &str) -> Result<PathBuf, SourceError> {
-        let rel = Path::new(path);
-        if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-            return Err(SourceError::BadPath(path.to_string()));
-        }
-        Ok(self.root.join(rel))
-    }
-}
-
-impl Source for LocalDir {
-    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, SourceError> {
-        let full = self.resolve(path)?;
-        match std::fs::read(&full) {
-            Ok(bytes) => {
-                self.read
-                    .lock()
-                    .unwrap()
-                    .insert(path.to_string(), blake3::hash(&bytes));
-                Ok(Some(bytes))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => Ok(None),
-            Err(source) => Err(SourceError::Read {
-                path: path.to_string(),
-                source,
-            }),
-        }
-    }
-
-    fn list(&self, dir: &str) -> Result<Vec<String>, SourceError> {
-        let full = self.resolve(dir)?;
-        let entries = match std::fs::read_dir(&full) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(SourceError::Read {
-                    path: dir.to_string(),
-                    source,
-                })
-            }
-        };
-        let mut names: Vec<String> = entries
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect();
-        names.sort();
-        Ok(names)
-    }
-
-    fn revision(&self) -> String {
-        let mut h = blake3::Hasher::new();
-        for (path, hash) in self.read.lock().unwrap().iter() {
-            h.update(path.as_bytes());
-            h.update(b"\0");
-            h.update(hash.as_bytes());
-        }
-        format!("local-{}", &h.finalize().to_hex()[..12])
-    }
-
-    fn describe(&self) -> String {
-        self.root.display().to_string()
-    }
 }

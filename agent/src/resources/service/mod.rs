@@ -725,6 +725,10 @@ impl Resource for Unit {
         None
     }
 
+    fn claimed_paths(&self) -> Vec<&Path> {
+        self.files.iter().map(|f| f.path.as_path()).collect()
+    }
+
     fn digest(&self, h: &mut blake3::Hasher) {
         for f in &self.files {
             h.update(f.path.as_os_str().as_encoded_bytes());
