@@ -1691,9 +1691,11 @@ fn client_certificates_authenticate_like_minikube_and_k3s_kubeconfigs() {
 fn a_stack_waiting_for_its_rollout_holds_no_other_stack_up() {
     let lab = Lab::new();
     let slow_ns = lab.kube.namespace("slow");
+    // The slow stack comes first: applied one after the other, web would
+    // wait for its whole timeout.
     lab.write(
         "hosts/lab.yaml",
-        &format!("{HOST}  - name: slow\n    context: lab\n"),
+        &HOST.replace("stacks:\n", "stacks:\n  - name: slow\n    context: lab\n"),
     );
     lab.write(
         "k8s/slow/stack.yaml",
