@@ -552,9 +552,10 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
         &store,
         &loaded.kube,
         None,
+        None,
     );
     loaded.phases.add(Phase::Apply, stacks_started.elapsed());
-    crate::k8s::apply::record_run(&store, &hostname, &stacks)?;
+    crate::k8s::apply::record_run(&store, &hostname, report.started_ms, &stacks)?;
     if args.target.rev.is_some() && !report.failed() {
         // A revision picked by hand: the daemon keeps it until a newer fetch.
         let fetched = loaded.fetched.clone();

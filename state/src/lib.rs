@@ -676,6 +676,39 @@ impl Writer<'_> {
         Ok(true)
     }
 
+    /// Changes the run record that started at `started_ms` (the newest of
+    /// them), if it is still kept: the stacks of a run add what they did to
+    /// that run, even when runs recorded while they waited (the daemon
+    /// heals native drift during a stack's rollout) came after it.
+    pub fn update_run(
+        &mut self,
+        started_ms: u64,
+        f: impl FnOnce(&mut RunRecord),
+    ) -> Result<bool, StateError> {
+        let mut found = None;
+        for item in self
+            .runs
+            .range((self.host.as_str(), 0)..=(self.host.as_str(), u64::MAX))
+            .map_err(|e| self.store.db_err(e))?
+            .rev()
+        {
+            let (k, v) = item.map_err(|e| self.store.db_err(e))?;
+            let record: RunRecord = self.store.parse(v.value(), "run record")?;
+            if record.started_ms == started_ms {
+                found = Some((k.value().1, record));
+                break;
+            }
+        }
+        let Some((seq, mut record)) = found else {
+            return Ok(false);
+        };
+        f(&mut record);
+        self.runs
+            .insert((self.host.as_str(), seq), to_json(&record).as_slice())
+            .map_err(|e| self.store.db_err(e))?;
+        Ok(true)
+    }
+
     fn trim_runs(&mut self) -> Result<(), StateError> {
         let host = self.host.as_str();
         let keys: Vec<u64> = self

@@ -1739,3 +1739,73 @@ fn a_stack_waiting_for_its_rollout_holds_no_other_stack_up() {
     lab.has(&text, "+ k8s:web/@NS/Deployment.apps/web created");
     lab.kube.delete_namespace(&slow_ns);
 }
+
+#[test]
+fn the_daemon_heals_native_drift_while_a_stack_waits_for_its_rollout() {
+    let lab = Lab::new();
+    lab.write("k8s/web/stack.yaml", "namespace: @NS\ntimeout: 40s\n");
+    lab.write(
+        "k8s/web/app.yaml",
+        &APP.replace(
+            "      labels: {app: web}\n    spec:",
+            "      labels: {app: web, kube-env.test/hold: ContainerCreating}\n    spec:",
+        ),
+    );
+    let kubeconfig = lab.tmp.path().join("kubeconfig");
+    let listen = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    lab.write_config(&format!(
+        "kubeconfig: {}\nlisten: {listen}\npoll_interval: 1h\n",
+        kubeconfig.display()
+    ));
+    let log = lab.tmp.path().join("daemon.log");
+    let mut child = agent()
+        .args(["run", "--config", lab.config().to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let file = lab.root().join("srv/app.conf");
+    let started = std::time::Instant::now();
+    lab.kube.wait_for(
+        "the first run's native apply",
+        std::time::Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(&file).is_ok_and(|c| c == "hello\n")
+                && lab
+                    .kube
+                    .get("deployment.apps", Some(&lab.ns), "web")
+                    .is_some()
+        },
+    );
+    // The stack now waits for pods that will not start; a hand edit of a
+    // native file is healed meanwhile, not after the stack's 40 s.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::fs::write(&file, "edited by hand\n").unwrap();
+    let edited = std::time::Instant::now();
+    lab.kube.wait_for(
+        "the drift healed",
+        std::time::Duration::from_secs(15),
+        || std::fs::read_to_string(&file).is_ok_and(|c| c == "hello\n"),
+    );
+    let healed_in = edited.elapsed();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(35),
+        "healed only after the stack's wait: {:?}",
+        started.elapsed()
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = child.wait();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logs.contains("native drift healed while a stack waits for its rollout"),
+        "{logs}"
+    );
+    eprintln!("native drift healed {healed_in:?} after the edit, during the rollout wait");
+}

@@ -61,6 +61,9 @@ pub struct ApplyReport {
     /// phase metrics.
     #[serde(skip)]
     pub prune_duration: Duration,
+    /// When the run started (its record's key for the stacks' counts).
+    #[serde(skip)]
+    pub started_ms: u64,
 }
 
 impl ApplyReport {
@@ -472,6 +475,7 @@ pub fn apply_cancellable(
         counts,
         revision: plan.catalog.revision.clone(),
         prune_duration,
+        started_ms,
     })
 }
 

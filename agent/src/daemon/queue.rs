@@ -73,6 +73,12 @@ impl TriggerQueue {
         }
     }
 
+    /// Takes a pending [`Trigger::Drift`] alone (leaving the others): the
+    /// run in progress heals native drift while its stacks wait.
+    pub fn take_drift(&self) -> bool {
+        self.pending.lock().unwrap().remove(&Trigger::Drift)
+    }
+
     /// Takes what is pending without waiting (tests, shutdown, and folding
     /// more source edits into a batch while they settle).
     pub fn take(&self) -> BTreeSet<Trigger> {

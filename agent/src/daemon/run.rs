@@ -155,6 +155,9 @@ struct Shared {
     runs: AtomicU32,
     /// Metrics (served at `/metrics`) and Loki events.
     telemetry: Arc<Telemetry>,
+    /// Points the drift watchers at the current catalog: called after each
+    /// run, and after a run's native apply, before its stacks wait.
+    sync_watchers: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 fn now_secs() -> u64 {
@@ -282,6 +285,7 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
         fetch_failures: AtomicU32::new(0),
         runs: AtomicU32::new(0),
         telemetry,
+        sync_watchers: std::sync::OnceLock::new(),
     });
     refresh_status_from_state(&shared);
 
@@ -298,6 +302,14 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
     tokio::spawn(poll_timer(shared.clone(), stop_rx.clone()));
     let watchers = Arc::new(Mutex::new(Watchers::new(shared.clone())));
     watchers.lock().unwrap().watch_source();
+    {
+        let w = Arc::downgrade(&watchers);
+        let _ = shared.sync_watchers.set(Box::new(move || {
+            if let Some(w) = w.upgrade() {
+                w.lock().unwrap_or_else(|e| e.into_inner()).sync_managed();
+            }
+        }));
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| DaemonError::Setup(e.to_string()))?;
@@ -867,6 +879,54 @@ fn report_refusal(
     }
 }
 
+/// Heals the host's native resources with the catalog of the run in
+/// progress (called while its stacks wait): plan, apply, telemetry. Its own
+/// run record, trigger `watch`.
+fn heal_native(
+    shared: &Arc<Shared>,
+    s: &Settings,
+    catalog: &Arc<Catalog>,
+    host: &Host,
+    store: &Store,
+    key: &homelab_agent_state::DigestKey,
+    secrets: &Scrubber,
+) {
+    let trigger = Trigger::Drift.name();
+    let inventory = match store.inventory(&s.host) {
+        Ok(i) => i,
+        Err(e) => {
+            warn!(error = %e, "cannot read the inventory to heal drift during a rollout");
+            return;
+        }
+    };
+    let plan = plan::plan(catalog.clone(), host, &inventory, key);
+    if !plan.failures.is_empty() {
+        shared.telemetry.observe_plan(&plan);
+        return;
+    }
+    match crate::apply::apply_cancellable(&plan, host, store, trigger, Some(&shared.cancel)) {
+        Ok(report) => {
+            shared.telemetry.observe_apply(&plan, &report, trigger);
+            info!(
+                trigger,
+                healed = report.counts.drift_healed,
+                failed = report.counts.failed,
+                "native drift healed while a stack waits for its rollout"
+            );
+        }
+        Err(e) => {
+            let e = secrets.scrub(&e.to_string());
+            shared.telemetry.run_error(
+                Some(Phase::Apply),
+                "apply",
+                Some(&catalog.revision),
+                &e,
+                trigger,
+            );
+        }
+    }
+}
+
 fn run_plan_apply(
     shared: &Arc<Shared>,
     s: &Settings,
@@ -945,6 +1005,18 @@ fn run_plan_apply(
             .map_err(|e| failed(Some(Phase::Apply), "apply", e.to_string()))?;
     // Kubernetes stacks after the native resources, on a runtime of their
     // own inside this blocking task (the event loop is never blocked).
+    // The watchers follow this catalog before the stacks start: a hand edit
+    // made while a stack waits is seen at once.
+    if let Some(sync) = shared.sync_watchers.get() {
+        sync();
+    }
+    // While a stack waits for its rollout, native drift is healed at once
+    // (a run of its own, trigger `watch`), never after the stack's timeout.
+    let heal = || {
+        if shared.queue.take_drift() {
+            heal_native(shared, s, &plan.catalog, &host, &store, &key, secrets);
+        }
+    };
     let stacks = crate::k8s::apply::apply_stacks(
         &plan.catalog,
         &inventory,
@@ -955,8 +1027,9 @@ fn run_plan_apply(
             sandbox: s.root.is_some(),
         },
         Some(&shared.cancel),
+        Some(&heal),
     );
-    if let Err(e) = crate::k8s::apply::record_run(&store, &s.host, &stacks) {
+    if let Err(e) = crate::k8s::apply::record_run(&store, &s.host, report.started_ms, &stacks) {
         warn!(error = %e, "cannot record the stacks' results in the run record");
     }
     log_stacks(&stacks);

@@ -37,6 +37,19 @@ use crate::plan::{Action, Classification};
 /// How often health and CRD establishment are polled.
 pub const POLL: Duration = Duration::from_millis(500);
 
+/// Called on every poll while a stack waits (rollouts, deletions, CRDs):
+/// the daemon heals native drift there, so a slow rollout never holds the
+/// host's own resources hostage.
+pub type Idle<'a> = dyn Fn() + 'a;
+
+/// One poll interval of a wait, with the idle work done first.
+async fn pause(idle: Option<&Idle<'_>>) {
+    if let Some(f) = idle {
+        f();
+    }
+    tokio::time::sleep(POLL).await;
+}
+
 /// What happened to one object.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StackOutcome {
@@ -75,6 +88,7 @@ pub fn apply_stacks(
     store: &Store,
     settings: &KubeSettings,
     cancel: Option<&AtomicBool>,
+    idle: Option<&Idle<'_>>,
 ) -> Vec<StackReport> {
     if catalog.stacks.is_empty() {
         return Vec::new();
@@ -84,7 +98,9 @@ pub fn apply_stacks(
     // timeout) holds no other stack up.
     plan::runtime().block_on(futures::future::join_all(
         catalog.stacks.iter().enumerate().map(|(index, stack)| {
-            apply_one(index, stack, host, inventory, key, store, settings, cancel)
+            apply_one(
+                index, stack, host, inventory, key, store, settings, cancel, idle,
+            )
         }),
     ))
 }
@@ -99,6 +115,7 @@ async fn apply_one(
     store: &Store,
     settings: &KubeSettings,
     cancel: Option<&AtomicBool>,
+    idle: Option<&Idle<'_>>,
 ) -> StackReport {
     let mut report = StackReport {
         name: stack.name().to_string(),
@@ -124,6 +141,7 @@ async fn apply_one(
         stack,
         plan: &plan,
         cluster: &cluster,
+        idle,
         errors: vec![None; plan.objects.len()],
         applied: vec![false; plan.objects.len()],
     };
@@ -235,7 +253,7 @@ async fn apply_one(
                             ));
                             break;
                         }
-                        Some(_) => tokio::time::sleep(POLL).await,
+                        Some(_) => pause(idle).await,
                     }
                 }
                 Err(e) => {
@@ -414,6 +432,7 @@ async fn apply_one(
 }
 
 struct Run<'a> {
+    idle: Option<&'a Idle<'a>>,
     stack: &'a Stack,
     plan: &'a StackPlan,
     cluster: &'a Cluster,
@@ -560,7 +579,7 @@ impl Run<'_> {
                 }
                 Err(e) => return Err(format!("cannot read {what}: {}", e.describe())),
             }
-            tokio::time::sleep(POLL).await;
+            pause(self.idle).await;
         }
     }
 
@@ -593,7 +612,7 @@ impl Run<'_> {
                     humantime::format_duration(self.stack.spec.timeout)
                 ));
             }
-            tokio::time::sleep(POLL).await;
+            pause(self.idle).await;
         }
     }
 
@@ -685,7 +704,7 @@ impl Run<'_> {
                 }
                 break;
             }
-            tokio::time::sleep(POLL).await;
+            pause(self.idle).await;
         }
     }
 }
@@ -716,13 +735,18 @@ where
 
 /// Adds what the stacks did to the run the native apply just recorded:
 /// counts, and a failed stack makes the run partial (or failed).
-pub fn record_run(store: &Store, host: &str, reports: &[StackReport]) -> Result<(), StateError> {
+pub fn record_run(
+    store: &Store,
+    host: &str,
+    started_ms: u64,
+    reports: &[StackReport],
+) -> Result<(), StateError> {
     if reports.is_empty() {
         return Ok(());
     }
     store
         .write(host, |w| {
-            w.update_last_run(|r| {
+            w.update_run(started_ms, |r| {
                 for s in reports {
                     let c = &s.counts;
                     r.counts.created += c.created;
