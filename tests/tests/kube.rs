@@ -1699,7 +1699,7 @@ fn a_stack_waiting_for_its_rollout_holds_no_other_stack_up() {
     );
     lab.write(
         "k8s/slow/stack.yaml",
-        &format!("namespace: {slow_ns}\ntimeout: 8s\n"),
+        &format!("namespace: {slow_ns}\ntimeout: 25s\n"),
     );
     lab.write(
         "k8s/slow/app.yaml",
@@ -1718,9 +1718,10 @@ fn a_stack_waiting_for_its_rollout_holds_no_other_stack_up() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // The other stack converges while this one waits for its pods.
+    // The other stack converges while this one waits for its pods (well
+    // before the slow stack's 25 s timeout).
     lab.kube
-        .wait_for("the web stack", std::time::Duration::from_secs(30), || {
+        .wait_for("the web stack", std::time::Duration::from_secs(12), || {
             lab.config_map("web-config").is_some()
         });
     assert!(
@@ -1732,7 +1733,7 @@ fn a_stack_waiting_for_its_rollout_holds_no_other_stack_up() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
         text.contains(&format!(
-            "failed k8s:slow/{slow_ns}/Deployment.apps/web: not healthy after 8s"
+            "failed k8s:slow/{slow_ns}/Deployment.apps/web: not healthy after 25s"
         )),
         "{text}"
     );
