@@ -199,7 +199,8 @@ fn the_stacks_say_what_the_seed_documents_ask_for() {
         .unwrap()
         .ends_with(":9002"));
     let secret = object(&stacks, "vlog-workers", "Secret", "vlog-worker-credentials");
-    assert!(secret["stringData"]["VLOG_WORKER_API_KEY"].is_string());
+    // Loaded Secrets are sent as `data` (see k8s/load.rs).
+    assert!(secret["data"]["VLOG_WORKER_API_KEY"].is_string());
     for (stack, name) in [
         ("vlog-workers", "vlog-worker"),
         ("vlog-workers-nvidia", "vlog-worker-nvidia"),
@@ -315,7 +316,7 @@ fn the_stacks_say_what_the_seed_documents_ask_for() {
         "Secret",
         "postgres-backup-credentials",
     );
-    assert!(creds["stringData"]["PGPASSWORD"].is_string());
+    assert!(creds["data"]["PGPASSWORD"].is_string());
 
     // GinFlix.
     let pg = object(&stacks, "vod", "StatefulSet", "postgres");
