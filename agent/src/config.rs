@@ -183,7 +183,10 @@ pub fn read_limited(path: &Path, limit: u64) -> std::io::Result<String> {
     if bytes.len() as u64 > limit {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("the file is over the limit of {limit} bytes"),
+            format!(
+                "the file is over the limit of {} bytes",
+                yaml::thousands(usize::try_from(limit).unwrap_or(usize::MAX))
+            ),
         ));
     }
     String::from_utf8(bytes)
@@ -512,7 +515,7 @@ mod tests {
         std::fs::write(&big, &text).unwrap();
         let err = load(&big).unwrap_err().to_string();
         assert!(
-            err.contains("agent.yaml: the file is over the limit of 4194304 bytes"),
+            err.contains("agent.yaml: the file is over the limit of 4,194,304 bytes"),
             "{err}"
         );
         // A FIFO is refused at once instead of blocking the agent forever.

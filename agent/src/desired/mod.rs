@@ -128,6 +128,7 @@ pub fn load_with(
 ) -> Result<Catalog, DesiredError> {
     let default_policy = opts.default_policy;
     let secret_usage: Arc<std::sync::Mutex<render::SecretUsage>> = Arc::default();
+    let budget: Arc<render::RenderBudget> = Arc::default();
     let host_file = format!("hosts/{host}.yaml");
     let mut diags = Diagnostics::default();
     let valid_name = !host.is_empty()
@@ -178,7 +179,13 @@ pub fn load_with(
     let mut pending = Vec::new();
     for usage in &spec.modules {
         if !modules.contains_key(&usage.name) {
-            let loaded = load_module(&source, &usage.name, opts, &secret_usage, &mut diags)?;
+            let loaded = load_module(
+                &source,
+                &usage.name,
+                opts,
+                (&secret_usage, &budget),
+                &mut diags,
+            )?;
             modules.insert(usage.name.clone(), loaded);
         }
         let Some((module, env)) = modules.get(&usage.name).and_then(Option::as_ref) else {
@@ -251,6 +258,7 @@ pub fn load_with(
         host_value: host_value.clone(),
         policy: spec.on_drift.unwrap_or(default_policy),
         secrets: opts.secrets.clone(),
+        budget: budget.clone(),
     };
     let stacks = crate::k8s::load::load_stacks(&source, &spec.stacks, &stack_cx, &mut diags)?;
     if !diags.is_empty() {
@@ -300,7 +308,10 @@ fn load_module(
     source: &Arc<dyn Source>,
     name: &str,
     opts: &LoadOptions,
-    usage: &Arc<std::sync::Mutex<render::SecretUsage>>,
+    (usage, budget): (
+        &Arc<std::sync::Mutex<render::SecretUsage>>,
+        &Arc<render::RenderBudget>,
+    ),
     diags: &mut Diagnostics,
 ) -> Result<Option<(ModuleSpec, Arc<ModuleEnv>)>, SourceError> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
@@ -313,7 +324,13 @@ fn load_module(
     let Some(spec) = model::parse_module(name, &file, &doc, diags) else {
         return Ok(None);
     };
-    let env = ModuleEnv::with_secrets(source.clone(), name, opts.secrets.clone(), usage.clone());
+    let env = ModuleEnv::with_secrets(
+        source.clone(),
+        name,
+        opts.secrets.clone(),
+        usage.clone(),
+        budget.clone(),
+    );
     Ok(Some((spec, Arc::new(env))))
 }
 
@@ -369,7 +386,11 @@ impl Expander<'_> {
                             ),
                         )
                         .line(node.line)
-                        .hint("templates see params.*, vars.* and host.name / host.platform"),
+                        .hint(if render::is_limit(&e) {
+                            render::LIMIT_HINT
+                        } else {
+                            "templates see params.*, vars.* and host.name / host.platform"
+                        }),
                     );
                     Value::Str(String::new())
                 }
@@ -478,7 +499,11 @@ impl Expander<'_> {
                             Diagnostic::new(file, what)
                                 .line(cond.line)
                                 .resource(raw_id(raw))
-                                .hint(WHEN_HINT),
+                                .hint(if render::is_limit(&e) {
+                                    render::LIMIT_HINT
+                                } else {
+                                    WHEN_HINT
+                                }),
                         );
                         return None;
                     }
@@ -715,27 +740,43 @@ impl Assets for ModuleAssets<'_> {
         let e = self.expander;
         e.allowing_secrets(|| e.env.render_template(name, e.ctx)).map_err(|err| {
             let module = &e.module.name;
-            if err.kind() == minijinja::ErrorKind::TemplateNotFound {
+            // Not found without a line: the resource's own template is
+            // missing. With a line, an include or extends in it failed, and
+            // the error names the missing one.
+            if err.kind() == minijinja::ErrorKind::TemplateNotFound && err.line().is_none() {
                 return Diagnostic::new(e.file(), format!("template `{name}` not found in modules/{module}/templates/"))
                     .line(line)
                     .resource(self.id);
             }
+            let hint = if render::is_limit(&err) {
+                render::LIMIT_HINT
+            } else {
+                "templates see params.*, vars.* and host.name / host.platform; guard optional values with `is defined`"
+            };
+            let err = render::innermost(&err);
+            // No line (the output limit, the budget): the resource's
+            // `template:` line is where to look.
+            let Some(at) = err.line() else {
+                return Diagnostic::new(e.file(), format!("template `{name}`: {}", render::describe(err)))
+                    .line(line)
+                    .resource(self.id)
+                    .hint(hint);
+            };
             let file = format!("modules/{module}/templates/{}", err.name().unwrap_or(name));
-            let quoted = err
-                .line()
-                .and_then(|l| {
-                    let text = e.source.read(&file).ok()??;
-                    let line = String::from_utf8_lossy(&text).lines().nth(l - 1)?.trim().to_string();
+            let quoted = e
+                .source
+                .read(&file)
+                .ok()
+                .flatten()
+                .and_then(|text| {
+                    let line = String::from_utf8_lossy(&text).lines().nth(at - 1)?.trim().to_string();
                     Some(format!(" in `{}`", line.chars().take(100).collect::<String>()))
                 })
                 .unwrap_or_default();
-            let mut d = Diagnostic::new(file, format!("template error{quoted}: {}", render::describe(&err)))
+            Diagnostic::new(file, format!("template error{quoted}: {}", render::describe(err)))
+                .line(at)
                 .resource(self.id)
-                .hint("templates see params.*, vars.* and host.name / host.platform; guard optional values with `is defined`");
-            if let Some(l) = err.line() {
-                d = d.line(l);
-            }
-            d
+                .hint(hint)
         })
     }
 

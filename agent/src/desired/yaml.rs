@@ -201,7 +201,7 @@ impl Builder {
             return Err(LimitExceeded {
                 line,
                 message: format!(
-                    "lists and maps are nested more than {MAX_DEPTH} levels deep, the limit"
+                    "lists and maps nest deeper than {MAX_DEPTH} levels, the limit for one file"
                 ),
                 hint: "flatten the structure; no configuration needs this depth",
             });
@@ -278,7 +278,7 @@ impl Builder {
 }
 
 /// `500000` as `500,000`, for messages.
-fn thousands(n: usize) -> String {
+pub(crate) fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -679,9 +679,9 @@ mod tests {
         // Block style nests without any bracket: `- - - ...` is one list in
         // another, 2 bytes a level (yaml-rust2's own loader recurses on it).
         let block = format!("{}x\n", "- ".repeat(1_000_000));
-        refused(&block, "f.yaml:1: ", "nested more than 128 levels deep");
+        refused(&block, "f.yaml:1: ", "nest deeper than 128 levels");
         let flow = format!("a:\n  b: {}{}\n", "[".repeat(200), "]".repeat(200));
-        refused(&flow, "f.yaml:2: ", "nested more than 128 levels deep");
+        refused(&flow, "f.yaml:2: ", "nest deeper than 128 levels");
         let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
         assert!(parse("f.yaml", &ok).is_ok());
     }

@@ -648,7 +648,7 @@ mod tests {
         .unwrap();
         let err = AllowedSigners::load(&path).unwrap_err().to_string();
         assert!(
-            err.contains("allowed_signers: the file is over the limit of 1048576 bytes"),
+            err.contains("allowed_signers: the file is over the limit of 1,048,576 bytes"),
             "{err}"
         );
     }
