@@ -363,7 +363,8 @@ impl Expander<'_> {
             Value::Str(s) => match self.env.render_str(s, self.ctx) {
                 Ok(out) => Value::Str(out),
                 Err(e) => {
-                    let at = match e.line() {
+                    let (_, line) = render::location(&e);
+                    let at = match line {
                         Some(l) if s.lines().count() > 1 => {
                             format!(" (line {l} of the template string)")
                         }
@@ -371,7 +372,7 @@ impl Expander<'_> {
                     };
                     let snippet: String = s
                         .lines()
-                        .nth(e.line().unwrap_or(1).saturating_sub(1))
+                        .nth(line.unwrap_or(1).saturating_sub(1))
                         .unwrap_or(s)
                         .trim()
                         .chars()
@@ -753,16 +754,16 @@ impl Assets for ModuleAssets<'_> {
             } else {
                 "templates see params.*, vars.* and host.name / host.platform; guard optional values with `is defined`"
             };
-            let err = render::innermost(&err);
+            let (in_template, at) = render::location(&err);
             // No line (the output limit, the budget): the resource's
             // `template:` line is where to look.
-            let Some(at) = err.line() else {
-                return Diagnostic::new(e.file(), format!("template `{name}`: {}", render::describe(err)))
+            let Some(at) = at else {
+                return Diagnostic::new(e.file(), format!("template `{name}`: {}", render::describe(&err)))
                     .line(line)
                     .resource(self.id)
                     .hint(hint);
             };
-            let file = format!("modules/{module}/templates/{}", err.name().unwrap_or(name));
+            let file = format!("modules/{module}/templates/{}", in_template.unwrap_or(name));
             let quoted = e
                 .source
                 .read(&file)
@@ -773,7 +774,7 @@ impl Assets for ModuleAssets<'_> {
                     Some(format!(" in `{}`", line.chars().take(100).collect::<String>()))
                 })
                 .unwrap_or_default();
-            Diagnostic::new(file, format!("template error{quoted}: {}", render::describe(err)))
+            Diagnostic::new(file, format!("template error{quoted}: {}", render::describe(&err)))
                 .line(at)
                 .resource(self.id)
                 .hint(hint)

@@ -101,6 +101,26 @@ impl RenderLimit {
     }
 }
 
+/// The source of an error whose detail was withheld (see
+/// [`ModuleEnv::render_str`]): where it happened, which the replacement
+/// error cannot carry itself.
+#[derive(Debug, thiserror::Error)]
+#[error("the details are withheld because this rendering used values of secret()")]
+pub struct Withheld {
+    name: Option<String>,
+    line: Option<usize>,
+}
+
+/// The template and line an error happened in: that of the innermost
+/// error (an included template), or of one whose detail was withheld.
+pub fn location(e: &minijinja::Error) -> (Option<&str>, Option<usize>) {
+    let inner = innermost(e);
+    match std::error::Error::source(inner).and_then(|s| s.downcast_ref::<Withheld>()) {
+        Some(w) => (w.name.as_deref(), w.line),
+        None => (inner.name(), inner.line()),
+    }
+}
+
 /// What to do about an error that [`is_limit`].
 pub const LIMIT_HINT: &str = "templates are bounded: 1,000,000 instructions and 4 MiB of output per rendering, 5,000,000 instructions per revision; look for a loop over a huge range, a template that includes itself or a macro that calls itself without end";
 
@@ -319,14 +339,12 @@ impl ModuleEnv {
         Err(match masked {
             Err(masked) => masked,
             Ok(_) => {
-                let at = match (err.name(), err.line()) {
-                    (Some(name), Some(line)) => format!("at {name} line {line}: "),
-                    _ => String::new(),
+                let inner = innermost(&err);
+                let withheld = Withheld {
+                    name: inner.name().map(str::to_string),
+                    line: inner.line(),
                 };
-                minijinja::Error::new(
-                    err.kind(),
-                    format!("{at}the details are withheld because this rendering used values of secret()"),
-                )
+                minijinja::Error::new(inner.kind(), withheld.to_string()).with_source(withheld)
             }
         })
     }
@@ -367,7 +385,7 @@ pub fn describe(e: &minijinja::Error) -> String {
         msg.push_str(detail);
     }
     if !std::ptr::eq(inner, e) {
-        if let (Some(name), Some(line)) = (inner.name(), inner.line()) {
+        if let (Some(name), Some(line)) = location(e) {
             msg.push_str(&format!(" (in {name} line {line})"));
         }
     }
