@@ -774,7 +774,8 @@ impl Assets for ModuleAssets<'_> {
                     Some(format!(" in `{}`", line.chars().take(100).collect::<String>()))
                 })
                 .unwrap_or_default();
-            Diagnostic::new(file, format!("template error{quoted}: {}", render::describe(&err)))
+            // The location is the file:line already: describe the innermost error alone.
+            Diagnostic::new(file, format!("template error{quoted}: {}", render::describe(render::innermost(&err))))
                 .line(at)
                 .resource(self.id)
                 .hint(hint)
