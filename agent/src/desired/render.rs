@@ -10,6 +10,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use minijinja::value::{Kwargs, Rest, StringInput, ValueOrKwargs};
 use minijinja::{AutoEscape, Environment, ErrorKind, Template, UndefinedBehavior, Value};
 
 use super::yaml::thousands;
@@ -93,6 +94,10 @@ pub enum RenderLimit {
     Output,
     #[error("not rendered: the templates of this revision used up their budget of {} instructions", thousands(FUEL_PER_LOAD as usize))]
     Budget,
+    /// A filter argument that sizes an allocation (`indent` width, `tojson`
+    /// indent, a `format` width or precision) over its bound.
+    #[error("{0}")]
+    Argument(String),
 }
 
 impl RenderLimit {
@@ -130,6 +135,166 @@ pub fn is_limit(e: &minijinja::Error) -> bool {
     let inner = innermost(e);
     inner.kind() == ErrorKind::OutOfFuel
         || std::error::Error::source(inner).is_some_and(|s| s.is::<RenderLimit>())
+}
+
+/// The largest `format` width or precision, and `tojson` indent, allowed.
+const MAX_FORMAT_WIDTH: usize = 10_000;
+const MAX_JSON_INDENT: usize = 32;
+
+/// minijinja's builtins that allocate by an argument, not by their input,
+/// take one instruction of fuel whatever they cost: `'x' | indent(10**10)`
+/// asks for 10 GB at once (and aborts the process when refused). These
+/// wrappers bound the argument, then call the builtin.
+fn bounded_indent(
+    value: StringInput<'_>,
+    width: Option<usize>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: Kwargs,
+) -> Result<Value, minijinja::Error> {
+    let w = match width {
+        Some(w) => w,
+        None => kwargs.peek::<Option<usize>>("width")?.unwrap_or(4),
+    };
+    let text = value.as_str();
+    let lines = text.bytes().filter(|b| *b == b'\n').count() + 1;
+    if w.saturating_mul(lines).saturating_add(text.len()) > MAX_RENDERED_BYTES {
+        return Err(RenderLimit::Argument(format!(
+            "`indent({w})` of {lines} lines would make over 4 MiB, the limit for one rendering"
+        ))
+        .error());
+    }
+    minijinja::filters::indent(value, width, first, blank, kwargs)
+}
+
+fn bounded_tojson(
+    value: &Value,
+    indent: Option<Value>,
+    kwargs: Kwargs,
+) -> Result<Value, minijinja::Error> {
+    let requested = match &indent {
+        Some(v) => Some(v.clone()),
+        None => kwargs.peek::<Option<Value>>("indent")?,
+    };
+    if let Some(n) = requested.and_then(|v| usize::try_from(v).ok()) {
+        if n > MAX_JSON_INDENT {
+            return Err(RenderLimit::Argument(format!(
+                "`tojson` indent {n} is over {MAX_JSON_INDENT}, the limit"
+            ))
+            .error());
+        }
+    }
+    minijinja::filters::tojson(value, indent, kwargs)
+}
+
+fn bounded_format(
+    state: &mut minijinja::State,
+    format_str: &Value,
+    args: Rest<ValueOrKwargs>,
+) -> Result<Value, minijinja::Error> {
+    if let Some(text) = format_str.as_str() {
+        // Every number inside a conversion (`%-10.3f`) is a width or a
+        // precision: minijinja pads to it.
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                continue;
+            }
+            let mut number = String::new();
+            while let Some(&d) = chars.peek() {
+                if d.is_ascii_digit() {
+                    number.push(d);
+                } else if "-+ #0.,_'*".contains(d) {
+                    if !number.is_empty() {
+                        check_format_number(&number)?;
+                        number.clear();
+                    }
+                } else {
+                    break;
+                }
+                chars.next();
+            }
+            if !number.is_empty() {
+                check_format_number(&number)?;
+            }
+        }
+    }
+    minijinja::filters::format(state, format_str, args)
+}
+
+fn bounded_replace(
+    state: &mut minijinja::State,
+    value: StringInput<'_>,
+    from: StringInput<'_>,
+    to: StringInput<'_>,
+) -> Result<Value, minijinja::Error> {
+    let (text, old, new) = (value.as_str(), from.as_str(), to.as_str());
+    if new.len() > old.len() {
+        let count = if old.is_empty() {
+            text.chars().count() + 1
+        } else {
+            text.matches(old).count()
+        };
+        let size = count
+            .saturating_mul(new.len() - old.len())
+            .saturating_add(text.len());
+        if size > MAX_RENDERED_BYTES {
+            return Err(RenderLimit::Argument(format!(
+                "`replace` would make {} bytes, over 4 MiB, the limit for one rendering",
+                thousands(size)
+            ))
+            .error());
+        }
+    }
+    minijinja::filters::replace(state, value, from, to)
+}
+
+fn bounded_join(
+    state: &mut minijinja::State,
+    value: &Value,
+    joiner: Option<StringInput<'_>>,
+    attribute: Option<&str>,
+    kwargs: Kwargs,
+) -> Result<Value, minijinja::Error> {
+    // Each item's full text is at least what it contributes (an attribute
+    // of it is shorter); stop counting at the limit.
+    if let (Ok(items), false) = (
+        value.try_iter(),
+        value.is_undefined() || value.as_str().is_some(),
+    ) {
+        let sep = joiner.as_ref().map_or(0, |j| j.as_str().len());
+        let mut size = 0usize;
+        for (i, item) in items.enumerate() {
+            let len = match item.as_str() {
+                Some(s) => s.len(),
+                None => item.to_string().len(),
+            };
+            size = size
+                .saturating_add(len)
+                .saturating_add(if i > 0 { sep } else { 0 });
+            if size > MAX_RENDERED_BYTES {
+                return Err(RenderLimit::Argument(
+                    "`join` would make over 4 MiB, the limit for one rendering".into(),
+                )
+                .error());
+            }
+        }
+    }
+    minijinja::filters::join(state, value, joiner, attribute, kwargs)
+}
+
+fn check_format_number(number: &str) -> Result<(), minijinja::Error> {
+    if number
+        .parse::<usize>()
+        .map_or(true, |n| n > MAX_FORMAT_WIDTH)
+    {
+        return Err(RenderLimit::Argument(format!(
+            "a `format` width or precision of {number} is over {}, the limit",
+            thousands(MAX_FORMAT_WIDTH)
+        ))
+        .error());
+    }
+    Ok(())
 }
 
 /// An output that refuses to grow past [`MAX_RENDERED_BYTES`].
@@ -200,6 +365,11 @@ impl ModuleEnv {
         let mut env = Environment::new();
         env.set_fuel(Some(FUEL_PER_RENDER));
         env.set_recursion_limit(RECURSION_LIMIT);
+        env.add_filter("indent", bounded_indent);
+        env.add_filter("tojson", bounded_tojson);
+        env.add_filter("format", bounded_format);
+        env.add_filter("replace", bounded_replace);
+        env.add_filter("join", bounded_join);
         let secret_usage = usage.clone();
         env.add_function(
             "secret",
@@ -499,6 +669,57 @@ mod tests {
         assert!(
             err.contains("over 4 MiB, the limit for one rendering"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn filters_that_allocate_by_their_argument_are_bounded() {
+        for (text, want) in [
+            (
+                "{{ 'x' | indent(10 ** 10) }}",
+                "`indent(10000000000)` of 1 lines",
+            ),
+            (
+                "{{ 'x' | indent(width=10 ** 10) }}",
+                "`indent(10000000000)`",
+            ),
+            (
+                "{{ {'a': 1} | tojson(indent=10 ** 9) }}",
+                "`tojson` indent 1000000000",
+            ),
+            (
+                "{{ '%9999999999s' | format('x') }}",
+                "width or precision of 9999999999",
+            ),
+            (
+                "{{ '%.99999999f' | format(1.5) }}",
+                "width or precision of 99999999",
+            ),
+            (
+                "{{ ('x' * 1000000) | replace('', 'yyyyyyyyyy') }}",
+                "`replace` would make 11,000,010 bytes",
+            ),
+            (
+                "{{ range(100000) | join('x' * 1000) }}",
+                "`join` would make over 4 MiB",
+            ),
+            (
+                "{{ (['x' * 1000000] * 100000) | join }}",
+                "`join` would make over 4 MiB",
+            ),
+        ] {
+            let err = error_of(&[("main.j2", text)]);
+            assert!(err.starts_with("main.j2:1: "), "{text}: {err}");
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        // Ordinary uses are untouched.
+        let (_dir, env) = env(&[(
+            "main.j2",
+            "{{ 'a\nb' | indent(2) }}|{{ {'a': 1} | tojson(indent=2) }}|{{ '%-5s|%.2f' | format('x', 1.5) }}",
+        )]);
+        assert_eq!(
+            env.render_template("main.j2", &Value::from(())).unwrap(),
+            "a\n  b|{\n  \"a\": 1\n}|x    |1.50"
         );
     }
 
