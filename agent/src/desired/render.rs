@@ -68,6 +68,22 @@ impl Default for RenderBudget {
     }
 }
 
+/// What a failed rendering is taken to have used: minijinja reports the fuel
+/// of a successful rendering only. One that ran out used all of it; any
+/// other is charged its time at 20 ns an instruction (a release build runs
+/// about 50 per microsecond), so a template that loops most of its fuel
+/// and then fails cannot be repeated without limit, while ordinary
+/// mistakes (microseconds each) cost next to nothing: a revision with a
+/// thousand template errors still has them all reported.
+fn fuel_of_failure(e: &minijinja::Error, took: std::time::Duration) -> u64 {
+    if innermost(e).kind() == ErrorKind::OutOfFuel {
+        return FUEL_PER_RENDER;
+    }
+    u64::try_from(took.as_nanos() / 20)
+        .unwrap_or(u64::MAX)
+        .min(FUEL_PER_RENDER)
+}
+
 impl RenderBudget {
     fn check(&self) -> Result<(), minijinja::Error> {
         if self.remaining.load(Ordering::Relaxed) == 0 {
@@ -76,7 +92,6 @@ impl RenderBudget {
         Ok(())
     }
 
-    /// A failed rendering counts as a full one: how much it used is unknown.
     fn spend(&self, fuel: u64) {
         let _ = self
             .remaining
@@ -471,10 +486,11 @@ impl ModuleEnv {
             bytes: Vec::new(),
             overflowed: false,
         };
+        let start = std::time::Instant::now();
         let result = tmpl.render_captured_to(ctx, &mut out);
         let used = match &result {
             Ok(captured) => captured.state().fuel_levels().map_or(0, |(used, _)| used),
-            Err(_) => FUEL_PER_RENDER,
+            Err(e) => fuel_of_failure(e, start.elapsed()),
         };
         self.budget.spend(used);
         if out.overflowed {
@@ -522,9 +538,10 @@ impl ModuleEnv {
     /// Evaluates a `when:` expression to a boolean.
     pub fn eval_condition(&self, expr: &str, ctx: &Value) -> Result<bool, minijinja::Error> {
         self.budget.check()?;
+        let start = std::time::Instant::now();
         let value = self.env.compile_expression(expr)?.eval(ctx);
-        if value.is_err() {
-            self.budget.spend(FUEL_PER_RENDER);
+        if let Err(e) = &value {
+            self.budget.spend(fuel_of_failure(e, start.elapsed()));
         }
         let value = value?;
         // Strict mode still lets a bare undefined read as false; a typo in a
@@ -745,6 +762,14 @@ mod tests {
             10 - (FUEL_PER_LOAD / FUEL_PER_RENDER) as usize,
             "{errors:?}"
         );
+        // Ordinary mistakes cost next to nothing: all of them are reported.
+        let (_dir2, typo) = super::tests::env(&[("main.j2", "{{ nope }}")]);
+        for _ in 0..200 {
+            let err = typo
+                .render_template("main.j2", &Value::from(()))
+                .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::UndefinedError, "{err}");
+        }
         // A string without template syntax needs no budget.
         assert_eq!(env.render_str("plain", &Value::from(())).unwrap(), "plain");
     }
