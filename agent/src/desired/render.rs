@@ -43,8 +43,9 @@ pub const UNRESOLVED: &str = "<unresolved secret>";
 /// load (one host revision) together [`FUEL_PER_LOAD`], so a repository
 /// cannot multiply the work by repeating a template in many strings. The
 /// reference homelab's largest template uses 246 instructions and its largest
-/// host 1,395 in all; 1,000,000 instructions take about 0.02 s in a release
-/// build (0.1 s in a debug one).
+/// host 1,395 in all; 1,000,000 instructions of nested loops take 0.03 to
+/// 0.11 s in a release build (measured on a busy 2-core machine), so a load
+/// stops within about half a second of template work.
 pub const FUEL_PER_RENDER: u64 = 1_000_000;
 /// See [`FUEL_PER_RENDER`].
 pub const FUEL_PER_LOAD: u64 = 5_000_000;
@@ -70,8 +71,9 @@ impl Default for RenderBudget {
 
 /// What a failed rendering is taken to have used: minijinja reports the fuel
 /// of a successful rendering only. One that ran out used all of it; any
-/// other is charged its time at 20 ns an instruction (a release build runs
-/// about 50 per microsecond), so a template that loops most of its fuel
+/// other is charged its time at 20 ns an instruction (instructions were
+/// measured at 30 to 110 ns, so this charges at least what ran), so a
+/// template that loops most of its fuel
 /// and then fails cannot be repeated without limit, while ordinary
 /// mistakes (microseconds each) cost next to nothing: a revision with a
 /// thousand template errors still has them all reported.
