@@ -49,12 +49,13 @@ seed_desired() {
     mkdir -p corpus/desired
     for dir in "$repo"/tests/fixtures/invalid/*/; do
         out="corpus/desired/$(basename "$dir")"
+        # (A fixture without a stack or templates leaves its part empty.)
         {
-            cat "$dir/hosts/lab.yaml" 2>/dev/null; printf '\0'
-            cat "$dir/modules/app/module.yaml" 2>/dev/null; printf '\0'
-            cat "$dir"/modules/app/templates/*.j2 2>/dev/null | head -c 4096; printf '\0'
-            cat "$dir"/k8s/*/stack.yaml 2>/dev/null; printf '\0'
-            cat "$dir"/k8s/*/[!s]*.yaml 2>/dev/null | head -c 4096
+            cat "$dir/hosts/lab.yaml" 2>/dev/null || true; printf '\0'
+            cat "$dir/modules/app/module.yaml" 2>/dev/null || true; printf '\0'
+            { cat "$dir"/modules/app/templates/*.j2 2>/dev/null || true; } | head -c 4096; printf '\0'
+            cat "$dir"/k8s/*/stack.yaml 2>/dev/null || true; printf '\0'
+            { cat "$dir"/k8s/*/[!s]*.yaml 2>/dev/null || true; } | head -c 4096
         } > "$out"
     done
     # Secrets, includes and a stack, for the leak check and the stack path.
