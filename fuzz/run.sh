@@ -3,6 +3,9 @@
 #
 #   fuzz/run.sh [SECONDS] [TARGET...]     default: 600 seconds, every target
 #
+# FUZZ_ARGS adds libFuzzer flags, e.g. FUZZ_ARGS=-len_control=0 to try long
+# inputs (up to 64 KiB) from the start.
+#
 # Targets: yaml (the YAML reader), desired (the desired-state loader on a
 # generated repository). Builds with libFuzzer coverage instrumentation on
 # stable Rust (the flags cargo-fuzz uses, without a sanitizer: the code under
@@ -76,6 +79,6 @@ for t in "${targets[@]}"; do
     nice -n 10 "target/$triple/release/$t" "corpus/$t" \
         -dict="$here/$t.dict" \
         -max_total_time="$seconds" -timeout=5 -rss_limit_mb=512 -max_len=65536 \
-        -print_final_stats=1 -artifact_prefix="artifacts/$t/" || status=$?
+        -print_final_stats=1 -artifact_prefix="artifacts/$t/" ${FUZZ_ARGS:-} || status=$?
 done
 exit $status
