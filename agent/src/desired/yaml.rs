@@ -97,6 +97,9 @@ pub const MAX_ALIASES: usize = 10_000;
 /// See [`MAX_FILE_BYTES`].
 pub const MAX_DEPTH: usize = 128;
 
+/// Maps with this many keys get a hash index for duplicate detection.
+const INDEX_FROM: usize = 16;
+
 /// An open list or map while its events arrive.
 struct Open {
     value: Value,
@@ -106,9 +109,12 @@ struct Open {
     nodes: usize,
     /// A map's pending key.
     key: Option<Node>,
-    /// A map's keys and their lines, for duplicate detection in constant
-    /// time per key.
-    keys: std::collections::HashMap<String, usize>,
+    /// The line of each key of a map, parallel to its entries.
+    key_lines: Vec<usize>,
+    /// A map's keys by position, once it has [`INDEX_FROM`] of them: a
+    /// duplicate is then found in constant time per key (small maps, nearly
+    /// all of them, are scanned without allocating).
+    index: Option<std::collections::HashMap<String, usize>>,
 }
 
 #[derive(Default)]
@@ -179,7 +185,12 @@ impl Builder {
                             return;
                         }
                     };
-                    if let Some(first) = open.keys.get(&name) {
+                    let seen = match &open.index {
+                        Some(index) => index.get(&name).copied(),
+                        None => entries.iter().position(|(k, _)| *k == name),
+                    };
+                    if let Some(at) = seen {
+                        let first = open.key_lines[at];
                         self.errors.push(
                             Diagnostic::new("", format!("duplicate key `{name}` in this map"))
                                 .line(key.line)
@@ -187,8 +198,20 @@ impl Builder {
                         );
                         return;
                     }
-                    open.keys.insert(name.clone(), key.line);
+                    if let Some(index) = &mut open.index {
+                        index.insert(name.clone(), entries.len());
+                    }
+                    open.key_lines.push(key.line);
                     entries.push((name, node));
+                    if open.index.is_none() && entries.len() == INDEX_FROM {
+                        open.index = Some(
+                            entries
+                                .iter()
+                                .enumerate()
+                                .map(|(i, (k, _))| (k.clone(), i))
+                                .collect(),
+                        );
+                    }
                 }
             },
             _ => unreachable!("only containers are pushed on the stack"),
@@ -212,7 +235,8 @@ impl Builder {
             anchor,
             nodes: 1,
             key: None,
-            keys: Default::default(),
+            key_lines: Vec::new(),
+            index: None,
         });
         Ok(())
     }
@@ -684,6 +708,20 @@ mod tests {
         refused(&flow, "f.yaml:2: ", "nest deeper than 128 levels");
         let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
         assert!(parse("f.yaml", &ok).is_ok());
+    }
+
+    #[test]
+    fn duplicate_keys_are_found_in_small_and_large_maps() {
+        for n in [2, INDEX_FROM - 1, INDEX_FROM, INDEX_FROM + 1, 100] {
+            let mut doc: String = (0..n).map(|i| format!("k{i}: {i}\n")).collect();
+            doc.push_str("k0: again\n");
+            let err = parse("f.yaml", &doc).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("f.yaml:{}: duplicate key `k0`", n + 1)),
+                "{n}: {err}"
+            );
+            assert!(err.contains("already set at line 1"), "{n}: {err}");
+        }
     }
 
     #[test]
