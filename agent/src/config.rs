@@ -195,15 +195,46 @@ fn check_regular(path: &Path, max: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reads and validates a config file.
+/// Reads and validates a config file (at most [`yaml::MAX_FILE_BYTES`]).
 pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-    let read = |source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    check_regular(path, MAX_CONFIG_BYTES).map_err(read)?;
-    let text = std::fs::read_to_string(path).map_err(read)?;
+    let text =
+        read_limited(path, yaml::MAX_FILE_BYTES as u64).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
     parse(path, &text)
+}
+
+/// Reads a regular file of at most `limit` bytes as UTF-8 text. A FIFO,
+/// device or directory is refused without blocking on it (opened
+/// non-blocking, checked before reading), and a larger file is refused
+/// after reading `limit + 1` bytes, whatever it claims to be.
+pub fn read_limited(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "the file is over the limit of {} bytes",
+                yaml::thousands(usize::try_from(limit).unwrap_or(usize::MAX))
+            ),
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 /// Parses config text; `path` names it in messages and anchors relative paths.
@@ -724,6 +755,25 @@ mod tests {
         );
         assert_eq!(c.on_drift, DriftPolicy::Heal);
         assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn an_oversized_or_special_config_file_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("agent.yaml");
+        let mut text = String::from("repo: https://forge.example/o/r.git\n");
+        text.push_str(&"# padding\n".repeat(yaml::MAX_FILE_BYTES / 10 + 1));
+        std::fs::write(&big, &text).unwrap();
+        let err = load(&big).unwrap_err().to_string();
+        assert!(
+            err.contains("agent.yaml: the file is over the limit of 4,194,304 bytes"),
+            "{err}"
+        );
+        // A FIFO is refused at once instead of blocking the agent forever.
+        let fifo = dir.path().join("fifo.yaml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = load(&fifo).unwrap_err().to_string();
+        assert!(err.contains("fifo.yaml: not a regular file"), "{err}");
     }
 
     #[test]

@@ -218,6 +218,49 @@ corpus! {
         r"modules/app/module.yaml:14: file:/srv/app/x\0.conf: path `/srv/app/x\0.conf` holds a control",
         r"modules/app/module.yaml:17: file:/srv/app/\u{202e}fnoc.x: path",
     ];
+    // Hostile input (issue 12): bounded YAML and templates. The cases too big
+    // to commit (4 MiB, 500,000 keys) are generated in tests/hostile_parse.rs,
+    // which also measures time and memory for these.
+    yaml_billion_laughs: "40-yaml-billion-laughs" => [
+        "hosts/lab.yaml:17: the document has more than 500,000 values (aliases expanded)",
+    ];
+    yaml_deep_nesting: "41-yaml-deep-nesting" => [
+        "modules/app/module.yaml:17: lists and maps nest deeper than 128 levels",
+    ];
+    template_self_include: "42-template-self-include" => [
+        "modules/app/templates/x.conf.j2:3: file:/srv/app/x.conf:",
+        "recursion limit exceeded",
+    ];
+    template_nested_loops: "43-template-nested-loops" => [
+        "modules/app/templates/x.conf.j2:3: file:/srv/app/x.conf:",
+        "stopped after 1,000,000 instructions",
+    ];
+    template_gigabyte_string: "44-template-gigabyte-string" => [
+        "modules/app/templates/x.conf.j2:3: file:/srv/app/x.conf:",
+        "repeated string is too large",
+    ];
+    template_huge_output: "45-template-huge-output" => [
+        "modules/app/module.yaml:15: file:/srv/app/x.conf: template `x.conf.j2`:",
+        "over 4 MiB, the limit for one rendering",
+    ];
+    template_missing_include: "46-template-missing-include" => [
+        "modules/app/templates/x.conf.j2:3: file:/srv/app/x.conf:",
+        "non-existing template 'common.conf.j2'",
+    ];
+    template_macro_recursion: "47-template-macro-recursion" => [
+        "modules/app/templates/x.conf.j2:2: file:/srv/app/x.conf:",
+        "recursion limit exceeded",
+    ];
+    template_error_in_include: "48-template-error-in-include" => [
+        "modules/app/templates/common.conf.j2:2: file:/srv/app/x.conf: template error in `listen = {{ params.listen }}`",
+    ];
+    content_nested_loops: "49-content-nested-loops" => [
+        "modules/app/module.yaml:15: template error in `{% for i in range(100000) %}",
+        "stopped after 1,000,000 instructions",
+    ];
+    k8s_manifest_billion_laughs: "50-k8s-manifest-billion-laughs" => [
+        "k8s/web/configmap.yaml:12: the document has more than 500,000 values (aliases expanded)",
+    ];
 }
 
 fn fixtures() -> PathBuf {

@@ -1472,3 +1472,85 @@ fn no_secret_value_leaks_on_error_paths() {
         URL_TOKEN_USER,
     ]);
 }
+
+/// The leak test's error paths in templates (issue 12, item 4): a
+/// rendering that fails after `secret()` returned a value. minijinja quotes
+/// values in its messages; none of these may carry one, in any form, in
+/// plan (text, JSON), apply, validate, or anything written to disk.
+#[test]
+fn no_secret_value_leaks_from_a_failing_template() {
+    let s = "secret('op://homelab/db/password')";
+    let flows = [
+        ("include name", format!("{{% include {s} %}}")),
+        ("extends name", format!("{{% extends {s} ~ '.j2' %}}")),
+        ("filter error", format!("{{{{ {s} | int(strict=true) }}}}")),
+        ("filter argument", format!("{{{{ 'abc' | indent({s}) }}}}")),
+        (
+            "macro argument",
+            format!("{{% macro m(a) %}}{{{{ a.x.y }}}}{{% endmacro %}}{{{{ m({s}) }}}}"),
+        ),
+        ("attribute of the value", format!("{{{{ {s}.nope.nope }}}}")),
+        ("arithmetic", format!("{{{{ {s} - 1 }}}}")),
+        ("map key", format!("{{{{ {{'a': 1}}[{s}] }}}}")),
+        ("call of the value", format!("{{{{ {s}() }}}}")),
+        // Fails with the value, not with it masked: the detail is withheld.
+        (
+            "error after a comparison",
+            format!("{{% if {s} != '[redacted]' %}}{{{{ nope }}}}{{% endif %}}"),
+        ),
+    ];
+    let lab = Lab::with_module("resources:\n  - directory: /srv/app\n");
+    let mut ev = Evidence::default();
+    for (what, text) in &flows {
+        // The same failure from a template file and from inline content.
+        lab.write("modules/app/templates/bad.j2", text);
+        for (how, module) in [
+            (
+                "template",
+                "resources:\n  - file: /srv/app/bad.conf\n    template: bad.j2\n".to_string(),
+            ),
+            (
+                "content",
+                format!(
+                    "resources:\n  - file: /srv/app/bad.conf\n    content: {}\n",
+                    serde_json::to_string(text).unwrap()
+                ),
+            ),
+        ] {
+            lab.write("modules/app/module.yaml", &module);
+            let out = lab.expect(&["plan"], 1);
+            assert!(
+                stderr(&out).contains(if how == "template" {
+                    "modules/app/templates/bad.j2"
+                } else {
+                    "modules/app/module.yaml:3"
+                }),
+                "{what} ({how}): {}",
+                stderr(&out)
+            );
+            ev.output(&format!("plan, {what} ({how})"), &out);
+            let out = lab.expect(&["plan", "--json"], 1);
+            ev.output(&format!("plan --json, {what} ({how})"), &out);
+            let out = lab.expect(&["apply"], 1);
+            ev.output(&format!("apply, {what} ({how})"), &out);
+            let out = lab.expect(&["validate"], 0);
+            ev.output(&format!("validate, {what} ({how})"), &out);
+        }
+    }
+    let exclude = vec![lab.token_file()];
+    ev.files(lab.tmp.path(), &exclude);
+    let mut leaks = Vec::new();
+    for (form, needle) in forms(DB_PASSWORD) {
+        for (what, bytes) in &ev.items {
+            if contains(bytes, &needle) {
+                leaks.push(format!("{form} in {what}"));
+            }
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "{} leak(s):\n{}",
+        leaks.len(),
+        leaks.join("\n")
+    );
+}

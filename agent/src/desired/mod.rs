@@ -199,6 +199,7 @@ fn load_inner(
 ) -> Result<Catalog, DesiredError> {
     let default_policy = opts.default_policy;
     let secret_usage: Arc<std::sync::Mutex<render::SecretUsage>> = Arc::default();
+    let budget: Arc<render::RenderBudget> = Arc::default();
     let host_file = format!("hosts/{host}.yaml");
     let mut diags = Diagnostics::default();
     let valid_name = !host.is_empty()
@@ -257,7 +258,14 @@ fn load_inner(
         if !modules.contains_key(&usage.name) {
             let before = diags.len();
             let at = (host_file.as_str(), usage.line);
-            let loaded = load_module(&source, &usage.name, at, opts, &secret_usage, &mut diags)?;
+            let loaded = load_module(
+                &source,
+                &usage.name,
+                at,
+                opts,
+                (&secret_usage, &budget),
+                &mut diags,
+            )?;
             if loaded.is_none() && diags.len() > before {
                 // Already explained (a refused or broken module file).
                 refused.insert(usage.name.clone());
@@ -337,6 +345,7 @@ fn load_inner(
         host_value: host_value.clone(),
         policy: spec.on_drift.unwrap_or(default_policy),
         secrets: opts.secrets.clone(),
+        budget: budget.clone(),
     };
     let stacks = crate::k8s::load::load_stacks(&source, &spec.stacks, &stack_cx, &mut diags)?;
     if !diags.is_empty() {
@@ -416,7 +425,10 @@ fn load_module(
     name: &str,
     at: (&str, usize),
     opts: &LoadOptions,
-    usage: &Arc<std::sync::Mutex<render::SecretUsage>>,
+    (usage, budget): (
+        &Arc<std::sync::Mutex<render::SecretUsage>>,
+        &Arc<render::RenderBudget>,
+    ),
     diags: &mut Diagnostics,
 ) -> Result<Option<(ModuleSpec, Arc<ModuleEnv>)>, SourceError> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
@@ -429,7 +441,13 @@ fn load_module(
     let Some(spec) = model::parse_module(name, &file, &doc, diags) else {
         return Ok(None);
     };
-    let env = ModuleEnv::with_secrets(source.clone(), name, opts.secrets.clone(), usage.clone());
+    let env = ModuleEnv::with_secrets(
+        source.clone(),
+        name,
+        opts.secrets.clone(),
+        usage.clone(),
+        budget.clone(),
+    );
     Ok(Some((spec, Arc::new(env))))
 }
 
@@ -464,7 +482,8 @@ impl Expander<'_> {
             Value::Str(s) => match self.env.render_str(s, self.ctx) {
                 Ok(out) => Value::Str(out),
                 Err(e) => {
-                    let at = match e.line() {
+                    let (_, line) = render::location(&e);
+                    let at = match line {
                         Some(l) if s.lines().count() > 1 => {
                             format!(" (line {l} of the template string)")
                         }
@@ -472,7 +491,7 @@ impl Expander<'_> {
                     };
                     let snippet: String = s
                         .lines()
-                        .nth(e.line().unwrap_or(1).saturating_sub(1))
+                        .nth(line.unwrap_or(1).saturating_sub(1))
                         .unwrap_or(s)
                         .trim()
                         .chars()
@@ -487,7 +506,11 @@ impl Expander<'_> {
                             ),
                         )
                         .line(node.line)
-                        .hint("templates see params.*, vars.* and host.name / host.platform"),
+                        .hint(if render::is_limit(&e) {
+                            render::LIMIT_HINT
+                        } else {
+                            "templates see params.*, vars.* and host.name / host.platform"
+                        }),
                     );
                     Value::Str(String::new())
                 }
@@ -596,7 +619,11 @@ impl Expander<'_> {
                             Diagnostic::new(file, what)
                                 .line(cond.line)
                                 .resource(raw_id(raw))
-                                .hint(WHEN_HINT),
+                                .hint(if render::is_limit(&e) {
+                                    render::LIMIT_HINT
+                                } else {
+                                    WHEN_HINT
+                                }),
                         );
                         return None;
                     }
@@ -872,27 +899,44 @@ impl Assets for ModuleAssets<'_> {
                     return d.resource(self.id);
                 }
             }
-            if err.kind() == minijinja::ErrorKind::TemplateNotFound {
+            // Not found without a line: the resource's own template is
+            // missing. With a line, an include or extends in it failed, and
+            // the error names the missing one.
+            if err.kind() == minijinja::ErrorKind::TemplateNotFound && err.line().is_none() {
                 return Diagnostic::new(e.file(), format!("template `{name}` not found in modules/{module}/templates/"))
                     .line(line)
                     .resource(self.id);
             }
-            let file = format!("modules/{module}/templates/{}", err.name().unwrap_or(name));
-            let quoted = err
-                .line()
-                .and_then(|l| {
-                    let text = e.source.read(&file).ok()??;
-                    let line = String::from_utf8_lossy(&text).lines().nth(l - 1)?.trim().to_string();
+            let hint = if render::is_limit(&err) {
+                render::LIMIT_HINT
+            } else {
+                "templates see params.*, vars.* and host.name / host.platform; guard optional values with `is defined`"
+            };
+            let (in_template, at) = render::location(&err);
+            // No line (the output limit, the budget): the resource's
+            // `template:` line is where to look.
+            let Some(at) = at else {
+                return Diagnostic::new(e.file(), format!("template `{name}`: {}", render::describe(&err)))
+                    .line(line)
+                    .resource(self.id)
+                    .hint(hint);
+            };
+            let file = format!("modules/{module}/templates/{}", in_template.unwrap_or(name));
+            let quoted = e
+                .source
+                .read(&file)
+                .ok()
+                .flatten()
+                .and_then(|text| {
+                    let line = String::from_utf8_lossy(&text).lines().nth(at - 1)?.trim().to_string();
                     Some(format!(" in `{}`", line.chars().take(100).collect::<String>()))
                 })
                 .unwrap_or_default();
-            let mut d = Diagnostic::new(file, format!("template error{quoted}: {}", render::describe(&err)))
+            // The location is the file:line already: describe the innermost error alone.
+            Diagnostic::new(file, format!("template error{quoted}: {}", render::describe(render::innermost(&err))))
+                .line(at)
                 .resource(self.id)
-                .hint("templates see params.*, vars.* and host.name / host.platform; guard optional values with `is defined`");
-            if let Some(l) = err.line() {
-                d = d.line(l);
-            }
-            d
+                .hint(hint)
         })
     }
 

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 use yaml_rust2::Yaml;
 
@@ -74,61 +74,178 @@ impl Node {
     }
 }
 
+/// The bounds every YAML document is read within. The repository and the
+/// agent config are untrusted input: a document must not be able to make the
+/// agent allocate or compute without bound, whatever it contains.
+///
+/// - [`MAX_FILE_BYTES`], 4 MiB per file: the largest real files are
+///   Kubernetes CRD bundles (the biggest single CRDs are around 1 MiB);
+///   host and module files are a few KiB. Checked before parsing.
+/// - [`MAX_NODES`], 500,000 values per file, aliases expanded: a 4 MiB
+///   manifest has fewer than that; a tree of that size takes tens of MB.
+///   This is what stops a "billion laughs" document: expansion is counted
+///   as it happens and refused at the limit, never carried out.
+/// - [`MAX_ALIASES`], 10,000 aliases per file: far beyond any real use.
+/// - [`MAX_DEPTH`], 128 nested lists and maps: deep CRD schemas reach
+///   about 40; everything after parsing (decoding, rendering, dropping) walks
+///   the tree recursively, so the depth bounds the stack.
+pub const MAX_FILE_BYTES: usize = 4 * 1024 * 1024;
+/// See [`MAX_FILE_BYTES`].
+pub const MAX_NODES: usize = 500_000;
+/// See [`MAX_FILE_BYTES`].
+pub const MAX_ALIASES: usize = 10_000;
+/// See [`MAX_FILE_BYTES`].
+pub const MAX_DEPTH: usize = 128;
+
+/// Maps with this many keys get a hash index for duplicate detection.
+const INDEX_FROM: usize = 16;
+
+/// An open list or map while its events arrive.
+struct Open {
+    value: Value,
+    line: usize,
+    anchor: usize,
+    /// Nodes in this container so far, itself included (for aliases).
+    nodes: usize,
+    /// A map's pending key.
+    key: Option<Node>,
+    /// The line of each key of a map, parallel to its entries.
+    key_lines: Vec<usize>,
+    /// A map's keys by position, once it has [`INDEX_FROM`] of them: a
+    /// duplicate is then found in constant time per key (small maps, nearly
+    /// all of them, are scanned without allocating).
+    index: Option<std::collections::HashMap<String, usize>>,
+}
+
 #[derive(Default)]
 struct Builder {
-    /// Open containers: (value, line, pending key for maps).
-    stack: Vec<(Value, usize, Option<Node>)>,
-    anchors: BTreeMap<usize, Node>,
-    /// Anchor ids of the open containers, parallel to `stack`.
-    anchor_ids: Vec<usize>,
+    stack: Vec<Open>,
+    /// Anchored nodes with their size in nodes.
+    anchors: BTreeMap<usize, (Node, usize)>,
     docs: Vec<Node>,
-    errors: Vec<(usize, String)>,
+    errors: Vec<Diagnostic>,
+    /// Values produced so far (aliases expanded) and aliases seen.
+    nodes: usize,
+    aliases: usize,
+}
+
+/// A document that exceeds one of the limits: where, and the message.
+struct LimitExceeded {
+    line: usize,
+    message: String,
+    hint: &'static str,
 }
 
 impl Builder {
-    fn push_node(&mut self, node: Node, anchor: usize) {
-        if anchor > 0 {
-            self.anchors.insert(anchor, node.clone());
+    /// Counts `n` more nodes; an error once over [`MAX_NODES`].
+    fn count(&mut self, n: usize, line: usize) -> Result<(), LimitExceeded> {
+        self.nodes = self.nodes.saturating_add(n);
+        if self.nodes > MAX_NODES {
+            return Err(LimitExceeded {
+                line,
+                message: format!(
+                    "the document has more than {} values (aliases expanded), the limit for one file",
+                    thousands(MAX_NODES)
+                ),
+                hint: "split the file into smaller ones; if aliases (`*name`) repeat a large anchored value, write it out once instead",
+            });
         }
-        let Some((container, _, pending_key)) = self.stack.last_mut() else {
+        Ok(())
+    }
+
+    fn push_node(&mut self, node: Node, anchor: usize, size: usize) {
+        if anchor > 0 {
+            self.anchors.insert(anchor, (node.clone(), size));
+        }
+        let Some(open) = self.stack.last_mut() else {
             self.docs.push(node);
             return;
         };
-        match container {
+        open.nodes += size;
+        match &mut open.value {
             Value::Seq(items) => items.push(node),
-            Value::Map(entries) => match pending_key.take() {
-                None => *pending_key = Some(node),
+            Value::Map(entries) => match open.key.take() {
+                None => open.key = Some(node),
                 Some(key) => {
                     let name = match &key.value {
                         Value::Str(s) => s.clone(),
                         Value::Int(i) => i.to_string(),
                         Value::Bool(b) => b.to_string(),
                         other => {
-                            self.errors.push((
-                                key.line,
-                                format!("map keys must be strings, found {}", other.type_name()),
-                            ));
+                            self.errors.push(
+                                Diagnostic::new(
+                                    "",
+                                    format!(
+                                        "map keys must be strings, found {}",
+                                        other.type_name()
+                                    ),
+                                )
+                                .line(key.line),
+                            );
                             return;
                         }
                     };
-                    if entries.iter().any(|(k, _)| *k == name) {
-                        self.errors
-                            .push((key.line, format!("duplicate key `{name}` in this map")));
+                    let seen = match &open.index {
+                        Some(index) => index.get(&name).copied(),
+                        None => entries.iter().position(|(k, _)| *k == name),
+                    };
+                    if let Some(at) = seen {
+                        let first = open.key_lines[at];
+                        self.errors.push(
+                            Diagnostic::new("", format!("duplicate key `{name}` in this map"))
+                                .line(key.line)
+                                .hint(format!("`{name}` is already set at line {first}; keep one")),
+                        );
                         return;
                     }
+                    if let Some(index) = &mut open.index {
+                        index.insert(name.clone(), entries.len());
+                    }
+                    open.key_lines.push(key.line);
                     entries.push((name, node));
+                    if open.index.is_none() && entries.len() == INDEX_FROM {
+                        open.index = Some(
+                            entries
+                                .iter()
+                                .enumerate()
+                                .map(|(i, (k, _))| (k.clone(), i))
+                                .collect(),
+                        );
+                    }
                 }
             },
             _ => unreachable!("only containers are pushed on the stack"),
         }
     }
-}
 
-impl MarkedEventReceiver for Builder {
-    fn on_event(&mut self, ev: Event, mark: Marker) {
+    fn open(&mut self, value: Value, anchor: usize, line: usize) -> Result<(), LimitExceeded> {
+        self.count(1, line)?;
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(LimitExceeded {
+                line,
+                message: format!(
+                    "lists and maps nest deeper than {MAX_DEPTH} levels, the limit for one file"
+                ),
+                hint: "flatten the structure; no configuration needs this depth",
+            });
+        }
+        self.stack.push(Open {
+            value,
+            line,
+            anchor,
+            nodes: 1,
+            key: None,
+            key_lines: Vec::new(),
+            index: None,
+        });
+        Ok(())
+    }
+
+    fn on_event(&mut self, ev: Event, mark: Marker) -> Result<(), LimitExceeded> {
         let line = mark.line();
         match ev {
             Event::Scalar(text, style, anchor, _tag) => {
+                self.count(1, line)?;
                 let value = if style == TScalarStyle::Plain {
                     match Yaml::from_str(&text) {
                         Yaml::Null => Value::Null,
@@ -140,35 +257,61 @@ impl MarkedEventReceiver for Builder {
                 } else {
                     Value::Str(text)
                 };
-                self.push_node(Node { value, line }, anchor);
+                self.push_node(Node { value, line }, anchor, 1);
             }
-            Event::SequenceStart(anchor, _) => {
-                self.stack.push((Value::Seq(Vec::new()), line, None));
-                self.anchor_ids.push(anchor);
-            }
-            Event::MappingStart(anchor, _) => {
-                self.stack.push((Value::Map(Vec::new()), line, None));
-                self.anchor_ids.push(anchor);
-            }
+            Event::SequenceStart(anchor, _) => self.open(Value::Seq(Vec::new()), anchor, line)?,
+            Event::MappingStart(anchor, _) => self.open(Value::Map(Vec::new()), anchor, line)?,
             Event::SequenceEnd | Event::MappingEnd => {
-                let (value, line, _) = self.stack.pop().expect("balanced events");
-                let anchor = self.anchor_ids.pop().expect("balanced events");
-                self.push_node(Node { value, line }, anchor);
+                let open = self.stack.pop().expect("balanced events");
+                let node = Node {
+                    value: open.value,
+                    line: open.line,
+                };
+                self.push_node(node, open.anchor, open.nodes);
             }
             Event::Alias(id) => {
-                let node = self.anchors.get(&id).cloned().unwrap_or(Node {
-                    value: Value::Null,
-                    line,
-                });
-                self.push_node(node, 0);
+                self.aliases += 1;
+                if self.aliases > MAX_ALIASES {
+                    return Err(LimitExceeded {
+                        line,
+                        message: format!(
+                            "the document uses more than {} aliases (`*name`), the limit for one file",
+                            thousands(MAX_ALIASES)
+                        ),
+                        hint: "write the repeated values out, or split the file",
+                    });
+                }
+                // Counted before the copy is made: an expansion over the
+                // limit is refused, never carried out.
+                let size = self.anchors.get(&id).map_or(1, |(_, size)| *size);
+                self.count(size, line)?;
+                let node = self.anchors.get(&id).map_or(
+                    Node {
+                        value: Value::Null,
+                        line,
+                    },
+                    |(node, _)| node.clone(),
+                );
+                self.push_node(node, 0, size);
             }
-            Event::DocumentEnd
-            | Event::DocumentStart
-            | Event::StreamStart
-            | Event::StreamEnd
-            | Event::Nothing => {}
+            Event::DocumentStart => self.anchors.clear(),
+            Event::DocumentEnd | Event::StreamStart | Event::StreamEnd | Event::Nothing => {}
         }
+        Ok(())
     }
+}
+
+/// `500000` as `500,000`, for messages.
+pub(crate) fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Parses one YAML document. An empty document is `Null`. Syntax errors and
@@ -190,20 +333,62 @@ pub fn parse_all(file: &str, text: &str) -> Result<Vec<Node>, Diagnostics> {
     parse_docs(file, text, true)
 }
 
+/// The diagnostic for a file over [`MAX_FILE_BYTES`]; also used by callers
+/// that refuse to read such a file at all.
+pub fn too_large(file: &str, size: u64) -> Diagnostic {
+    Diagnostic::new(
+        file,
+        format!(
+            "the file is {} bytes, over the limit of {} bytes (4 MiB) for one YAML file",
+            thousands(usize::try_from(size).unwrap_or(usize::MAX)),
+            thousands(MAX_FILE_BYTES)
+        ),
+    )
+    .line(1)
+    .hint("split it into smaller files (a stack's manifests may be several files)")
+}
+
 fn parse_docs(file: &str, text: &str, multi: bool) -> Result<Vec<Node>, Diagnostics> {
+    if text.len() > MAX_FILE_BYTES {
+        return Err(Diagnostics::one(too_large(file, text.len() as u64)));
+    }
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut builder, multi) {
-        return Err(Diagnostics::one(
-            Diagnostic::new(file, format!("invalid YAML: {}", e.info()))
-                .line(e.marker().line())
-                .hint("fix the YAML syntax (indentation, quotes, a missing `:`)"),
-        ));
+    // Events are pulled here rather than through `Parser::load`, which
+    // recurses once per nesting level (a deep document would overflow the
+    // stack before any limit is seen) and cannot be stopped at a limit.
+    loop {
+        let (ev, mark) = match parser.next_token() {
+            Ok(x) => x,
+            Err(e) => {
+                return Err(Diagnostics::one(
+                    Diagnostic::new(file, format!("invalid YAML: {}", e.info()))
+                        .line(e.marker().line())
+                        .hint("fix the YAML syntax (indentation, quotes, a missing `:`)"),
+                ));
+            }
+        };
+        let end = match ev {
+            Event::StreamEnd => true,
+            Event::DocumentEnd => !multi,
+            _ => false,
+        };
+        if let Err(limit) = builder.on_event(ev, mark) {
+            return Err(Diagnostics::one(
+                Diagnostic::new(file, limit.message)
+                    .line(limit.line)
+                    .hint(limit.hint),
+            ));
+        }
+        if end {
+            break;
+        }
     }
     if !builder.errors.is_empty() {
         let mut diags = Diagnostics::default();
-        for (line, msg) in builder.errors {
-            diags.push(Diagnostic::new(file, msg).line(line));
+        for mut d in builder.errors {
+            d.file = file.to_string();
+            diags.push(d);
         }
         return Err(diags);
     }
@@ -460,10 +645,96 @@ mod tests {
         let err = parse("f.yaml", "a: 1\nb: 2\na: 3\n").unwrap_err();
         assert_eq!(
             err.to_string().trim(),
-            "f.yaml:3: duplicate key `a` in this map"
+            "f.yaml:3: duplicate key `a` in this map\n  hint: `a` is already set at line 1; keep one"
         );
         let err = parse("f.yaml", "a: [1, 2\nb: 3\n").unwrap_err();
         assert!(err.to_string().starts_with("f.yaml:"), "{err}");
+    }
+
+    /// One diagnostic naming `file:line` and the limit, with a hint.
+    fn refused(text: &str, at: &str, what: &str) {
+        let err = parse_all("f.yaml", text).unwrap_err();
+        let d: Vec<_> = err.iter().collect();
+        assert_eq!(d.len(), 1, "{err}");
+        let shown = d[0].to_string();
+        assert!(shown.starts_with(at), "{shown}");
+        assert!(shown.contains(what), "{shown}");
+        assert!(d[0].hint.is_some(), "{shown}");
+    }
+
+    #[test]
+    fn a_billion_laughs_is_refused_before_it_is_expanded() {
+        // Nine levels of ten aliases each: 10^9 strings if expanded.
+        let mut doc = String::from("a0: &a0 [\"lol\"]\n");
+        for i in 1..=9 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            doc.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        refused(
+            &doc,
+            "f.yaml:7: ",
+            "more than 500,000 values (aliases expanded)",
+        );
+    }
+
+    #[test]
+    fn too_many_aliases_are_refused() {
+        let mut doc = String::from("a: &a 1\nb:\n");
+        doc.push_str(&"  - *a\n".repeat(MAX_ALIASES + 1));
+        refused(
+            &doc,
+            &format!("f.yaml:{}: ", MAX_ALIASES + 3),
+            "more than 10,000 aliases",
+        );
+    }
+
+    #[test]
+    fn a_file_over_the_size_limit_is_refused_unparsed() {
+        let doc = format!("a: \"{}\"\n", "x".repeat(MAX_FILE_BYTES));
+        refused(
+            &doc,
+            "f.yaml:1: ",
+            "over the limit of 4,194,304 bytes (4 MiB)",
+        );
+    }
+
+    #[test]
+    fn nesting_is_limited_in_block_and_flow_style() {
+        // Block style nests without any bracket: `- - - ...` is one list in
+        // another, 2 bytes a level (yaml-rust2's own loader recurses on it).
+        let block = format!("{}x\n", "- ".repeat(1_000_000));
+        refused(&block, "f.yaml:1: ", "nest deeper than 128 levels");
+        let flow = format!("a:\n  b: {}{}\n", "[".repeat(200), "]".repeat(200));
+        refused(&flow, "f.yaml:2: ", "nest deeper than 128 levels");
+        let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(parse("f.yaml", &ok).is_ok());
+    }
+
+    #[test]
+    fn duplicate_keys_are_found_in_small_and_large_maps() {
+        for n in [2, INDEX_FROM - 1, INDEX_FROM, INDEX_FROM + 1, 100] {
+            let mut doc: String = (0..n).map(|i| format!("k{i}: {i}\n")).collect();
+            doc.push_str("k0: again\n");
+            let err = parse("f.yaml", &doc).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("f.yaml:{}: duplicate key `k0`", n + 1)),
+                "{n}: {err}"
+            );
+            assert!(err.contains("already set at line 1"), "{n}: {err}");
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_are_found_in_linear_time() {
+        // 200,000 keys: a pairwise check would take 2 * 10^10 comparisons.
+        let mut doc = String::new();
+        for i in 0..200_000 {
+            doc.push_str(&format!("k{i}: {i}\n"));
+        }
+        let node = parse("f.yaml", &doc).unwrap();
+        assert!(matches!(&node.value, Value::Map(e) if e.len() == 200_000));
+        doc.push_str("k17: again\n");
+        refused(&doc, "f.yaml:200001: ", "duplicate key `k17`");
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct StackContext<'a> {
     /// The host's `on_drift`, else the agent's default.
     pub policy: DriftPolicy,
     pub secrets: Arc<dyn SecretSource>,
+    /// The template work left for this load, shared with the host's modules.
+    pub budget: Arc<render::RenderBudget>,
 }
 
 /// Loads every stack `uses` names. Problems go to `diags`.
@@ -131,6 +133,7 @@ fn load_one(
         dir.clone(),
         cx.secrets.clone(),
         usage.clone(),
+        cx.budget.clone(),
     );
     let stack_value = minijinja::Value::from(BTreeMap::from([
         ("name".to_string(), minijinja::Value::from(u.name.as_str())),
@@ -328,7 +331,9 @@ impl Renderer<'_> {
                             ),
                         )
                         .line(node.line);
-                        d = d.hint(if s.contains("secret(") && !allowed {
+                        d = d.hint(if render::is_limit(&e) {
+                            render::LIMIT_HINT
+                        } else if s.contains("secret(") && !allowed {
                             SECRET_HINT
                         } else {
                             "manifests see vars.*, host.name, host.platform, stack.name and stack.namespace"

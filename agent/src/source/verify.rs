@@ -19,6 +19,10 @@ use ssh_key::{HashAlg, PublicKey, SshSig};
 
 use super::git::{short_id, CommitSource};
 
+/// The largest `allowed_signers` file read: a line is 100 to 800 bytes, so
+/// 1 MiB holds thousands of keys; anything larger is refused unread.
+const MAX_ALLOWED_SIGNERS_BYTES: u64 = 1024 * 1024;
+
 /// The SSHSIG namespace git signs commits in.
 const NAMESPACE: &str = "git";
 
@@ -113,10 +117,13 @@ impl AllowedSigners {
     /// blank lines are ignored; options are `namespaces="..."`, `valid-after="..."`,
     /// `valid-before="..."` and `cert-authority`. A bad line is an error naming `path:line`.
     pub fn load(path: &Path) -> Result<AllowedSigners, VerifyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| VerifyError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            crate::config::read_limited(path, MAX_ALLOWED_SIGNERS_BYTES).map_err(|source| {
+                VerifyError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
         AllowedSigners::parse(&text, path)
     }
 
@@ -627,6 +634,23 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    #[test]
+    fn an_oversized_allowed_signers_file_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("allowed_signers");
+        let line = "# a comment line that takes some room in the file\n";
+        std::fs::write(
+            &path,
+            line.repeat(MAX_ALLOWED_SIGNERS_BYTES as usize / line.len() + 1),
+        )
+        .unwrap();
+        let err = AllowedSigners::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("allowed_signers: the file is over the limit of 1,048,576 bytes"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,0 +1,298 @@
+//! Hostile repositories (issue 12, items 1 and 2): each is refused by
+//! `agent validate` and `agent plan` with file:line, within 2 s and 200 MB
+//! of peak memory (measured with `wait4`'s `ru_maxrss` of the child), or,
+//! where the input is merely large, accepted within the same bounds.
+//!
+//! The cases too big to commit are generated here; the committed ones are
+//! the invalid corpus's fixtures 40 to 59 (tests/invalid_corpus.rs checks
+//! their messages and that nothing changes; this file measures them).
+//!
+//! Run with `--nocapture` to see the measurements.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use homelab_agent_tests::{agent, agent_bin, workspace, Lab, NO_KUBECONFIG};
+
+const MAX_TIME: Duration = Duration::from_secs(2);
+const MAX_RSS_KB: i64 = 200 * 1024;
+
+const MODULE: &str = "\
+description: \"one file\"
+resources:
+  - file: /srv/app/x.conf
+    content: \"x\\n\"
+";
+
+/// Exit code, stderr, wall time and peak RSS (KiB) of one agent run.
+struct Run {
+    code: i32,
+    stderr: String,
+    time: Duration,
+    rss_kb: i64,
+}
+
+/// Runs the agent under `/usr/bin/time` when there is one: the peak RSS
+/// that `wait4` reports for a child spawned from this (large) test process
+/// includes this process's own, recorded when the child execs; `time` is a
+/// small parent, so its figure is the agent's alone. Without it, the `wait4`
+/// figure is still an upper bound.
+// The child is reaped by `wait4` (which std's `wait` cannot be told to use).
+#[allow(clippy::zombie_processes)]
+fn measure(args: &[&str]) -> Run {
+    let time_bin = Path::new("/usr/bin/time");
+    let rss_file = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = if time_bin.exists() {
+        let mut cmd = std::process::Command::new(time_bin);
+        cmd.args(["-f", "%M", "-o"])
+            .arg(rss_file.path())
+            .arg(agent_bin())
+            .env("NO_COLOR", "1")
+            .env("KUBECONFIG", NO_KUBECONFIG);
+        cmd
+    } else {
+        agent()
+    };
+    let mut child = cmd
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn agent");
+    let start = Instant::now();
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        pipe.read_to_string(&mut s).unwrap();
+        s
+    });
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for this child only.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
+    let time = start.elapsed();
+    let rss_kb = std::fs::read_to_string(rss_file.path())
+        .ok()
+        .and_then(|s| s.lines().last()?.trim().parse().ok())
+        .unwrap_or(usage.ru_maxrss);
+    Run {
+        code: if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            -1
+        },
+        stderr: reader.join().unwrap(),
+        time,
+        rss_kb,
+    }
+}
+
+/// `agent validate` and `agent plan` on `repo`: both exit with `code`,
+/// stderr holds every `expect`, each within the time and memory bounds.
+fn check(name: &str, repo: &Path, root: &Path, code: i32, expect: &[&str]) {
+    let repo = repo.to_str().unwrap();
+    let root = root.to_str().unwrap();
+    for args in [
+        &["validate", "--repo", repo, "--host", "lab"][..],
+        &["plan", "--repo", repo, "--root", root, "--host", "lab"][..],
+    ] {
+        let run = measure(args);
+        println!(
+            "{name:<34} {:<8} {:>6.2} s {:>6.1} MB",
+            args[0],
+            run.time.as_secs_f64(),
+            run.rss_kb as f64 / 1024.0
+        );
+        assert_eq!(run.code, code, "{name}: agent {}:\n{}", args[0], run.stderr);
+        for e in expect {
+            assert!(
+                run.stderr.contains(e),
+                "{name}: agent {} lacks {e:?}:\n{}",
+                args[0],
+                run.stderr
+            );
+        }
+        assert!(
+            run.time < MAX_TIME,
+            "{name}: agent {} took {:?}",
+            args[0],
+            run.time
+        );
+        assert!(
+            run.rss_kb < MAX_RSS_KB,
+            "{name}: agent {} peaked at {} KiB",
+            args[0],
+            run.rss_kb
+        );
+    }
+}
+
+/// A lab whose host `lab` uses module `app` ([`MODULE`] unless given),
+/// with `host_extra` appended to the host file.
+fn lab(host_extra: &str, module: Option<&str>) -> Lab {
+    let lab = Lab::empty();
+    lab.write(
+        "hosts/lab.yaml",
+        &format!("platform: linux\nroots:\n  - /srv/app\nmodules:\n  - name: app\n{host_extra}"),
+    );
+    lab.write("modules/app/module.yaml", module.unwrap_or(MODULE));
+    lab
+}
+
+#[test]
+fn a_host_file_over_4_mib_is_refused_unparsed() {
+    let lab = lab(&format!("description: \"{}\"\n", "x".repeat(5 << 20)), None);
+    check(
+        "host file of 5 MiB",
+        &lab.repo(),
+        &lab.root(),
+        1,
+        // The source refuses it before the YAML reader sees a byte (its
+        // own 4 MiB read limit, the same as the reader's).
+        &[
+            "hosts/lab.yaml is larger than 4 MiB, the limit for one repository file",
+        ],
+    );
+}
+
+/// A `vars:` map of `n` keys, as short as they can be (`k` and base 36,
+/// no value), in flow style (`{k0, k1, ...}`) or block style (a line each).
+fn keys(n: usize, flow: bool) -> String {
+    let mut out = String::from(if flow { "vars: {" } else { "vars:\n" });
+    for mut i in 0..n {
+        out.push_str(if flow { "k" } else { "  k" });
+        let mut digits = Vec::new();
+        loop {
+            digits.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[i % 36]);
+            i /= 36;
+            if i == 0 {
+                break;
+            }
+        }
+        digits.reverse();
+        out.push_str(std::str::from_utf8(&digits).unwrap());
+        out.push_str(if flow { ", " } else { ":\n" });
+    }
+    if flow {
+        out.push_str("}\n");
+    }
+    out
+}
+
+#[test]
+fn a_host_file_with_500_000_keys_is_refused_quickly() {
+    // 3.5 MB: under the size limit, so the value limit refuses it.
+    let lab = lab(&keys(500_000, true), None);
+    check(
+        "host file with 500,000 keys",
+        &lab.repo(),
+        &lab.root(),
+        1,
+        &["hosts/lab.yaml:", "more than 500,000 values"],
+    );
+}
+
+#[test]
+fn a_host_file_with_100_000_keys_is_parsed_quickly() {
+    let lab = lab(&keys(100_000, false), None);
+    check(
+        "host file with 100,000 keys",
+        &lab.repo(),
+        &lab.root(),
+        0,
+        &[],
+    );
+}
+
+#[test]
+fn a_million_levels_of_nesting_are_refused() {
+    // `- - - ...`: a list in a list, 2 bytes a level, 2 MB.
+    let lab = lab(
+        &format!("vars:\n  deep: \n    {}x\n", "- ".repeat(1_000_000)),
+        None,
+    );
+    check(
+        "1,000,000 levels of nesting",
+        &lab.repo(),
+        &lab.root(),
+        1,
+        &["hosts/lab.yaml:8: lists and maps nest deeper than 128 levels"],
+    );
+}
+
+#[test]
+fn many_expensive_templates_share_one_budget() {
+    // 200 resources, each a loop of 10^10 iterations: the budget of the
+    // load stops them after a few, not each after its own fuel.
+    let mut module = String::from("description: \"many loops\"\nresources:\n");
+    for i in 0..200 {
+        module.push_str(&format!(
+            "  - file: /srv/app/f{i}\n    content: \"{{% for i in range(100000) %}}{{% for j in range(100000) %}}{{% endfor %}}{{% endfor %}}\"\n"
+        ));
+    }
+    let lab = lab("", Some(&module));
+    check(
+        "200 resources of nested loops",
+        &lab.repo(),
+        &lab.root(),
+        1,
+        &[
+            "modules/app/module.yaml:4: template error",
+            "stopped after 1,000,000 instructions",
+            "modules/app/module.yaml:402: template error",
+            "used up their budget of 5,000,000 instructions",
+        ],
+    );
+}
+
+/// Known gap: minijinja's `*` makes strings of up to 100 MB and copies
+/// the result once (`String` into `Arc<str>`), so this peaks at about
+/// 210 MB. Its operators cannot be wrapped (unlike filters); the same holds
+/// for `[0] * 100000000` (2.4 GB at once) and for `~` or `{% set %}`
+/// captures doubling a string in a loop. A bound needs minijinja to take a
+/// size limit (or a patched copy).
+#[test]
+#[ignore = "known gap: minijinja's own limit for `*` is 100 MB, 200 MB with its copy"]
+fn a_string_at_minijinjas_own_limit_stays_within_memory() {
+    // 100 MB is the largest string `*` makes; the output limit refuses it
+    // before a copy is made.
+    let module = "description: \"a big string\"\nresources:\n  - file: /srv/app/x.conf\n    content: \"{{ 'x' * 100000000 }}\"\n";
+    let lab = lab("", Some(module));
+    check(
+        "a 100 MB string",
+        &lab.repo(),
+        &lab.root(),
+        1,
+        &[
+            "modules/app/module.yaml:4: template error",
+            "over 4 MiB, the limit for one rendering",
+        ],
+    );
+}
+
+/// The committed hostile cases of the invalid corpus, measured.
+#[test]
+fn the_corpus_hostile_cases_stay_within_time_and_memory() {
+    let dir = workspace().join("tests/fixtures/invalid");
+    let mut cases: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.as_str() >= "40" && n.as_str() < "60")
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 10, "{cases:?}");
+    let root = tempfile::tempdir().unwrap();
+    for case in cases {
+        check(
+            &case,
+            &dir.join(&case),
+            root.path(),
+            1,
+            &["nothing was changed"],
+        );
+    }
+}
