@@ -343,3 +343,68 @@ pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Exit code, stderr, wall time and peak RSS (KiB) of one agent run.
+pub struct Measured {
+    pub code: i32,
+    pub stderr: String,
+    pub time: std::time::Duration,
+    pub rss_kb: i64,
+}
+
+/// Runs the agent under `/usr/bin/time` when there is one: the peak RSS
+/// that `wait4` reports for a child spawned from this (large) test process
+/// includes this process's own, recorded when the child execs; `time` is a
+/// small parent, so its figure is the agent's alone. Without it, the `wait4`
+/// figure is still an upper bound.
+// The child is reaped by `wait4` (which std's `wait` cannot be told to use).
+#[allow(clippy::zombie_processes)]
+pub fn measure_agent(args: &[&str]) -> Measured {
+    let time_bin = std::path::Path::new("/usr/bin/time");
+    let rss_file = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = if time_bin.exists() {
+        let mut cmd = std::process::Command::new(time_bin);
+        cmd.args(["-f", "%M", "-o"])
+            .arg(rss_file.path())
+            .arg(agent_bin())
+            .env("NO_COLOR", "1")
+            .env("KUBECONFIG", NO_KUBECONFIG);
+        cmd
+    } else {
+        agent()
+    };
+    let mut child = cmd
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn agent");
+    let start = std::time::Instant::now();
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut s).unwrap();
+        s
+    });
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for this child only.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
+    let time = start.elapsed();
+    let rss_kb = std::fs::read_to_string(rss_file.path())
+        .ok()
+        .and_then(|s| s.lines().last()?.trim().parse().ok())
+        .unwrap_or(usage.ru_maxrss);
+    Measured {
+        code: if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            -1
+        },
+        stderr: reader.join().unwrap(),
+        time,
+        rss_kb,
+    }
+}

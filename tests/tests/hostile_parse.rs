@@ -9,12 +9,10 @@
 //!
 //! Run with `--nocapture` to see the measurements.
 
-use std::io::Read;
 use std::path::Path;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use homelab_agent_tests::{agent, agent_bin, workspace, Lab, NO_KUBECONFIG};
+use homelab_agent_tests::{measure_agent, workspace, Lab};
 
 const MAX_TIME: Duration = Duration::from_secs(2);
 const MAX_RSS_KB: i64 = 200 * 1024;
@@ -26,71 +24,6 @@ resources:
     content: \"x\\n\"
 ";
 
-/// Exit code, stderr, wall time and peak RSS (KiB) of one agent run.
-struct Run {
-    code: i32,
-    stderr: String,
-    time: Duration,
-    rss_kb: i64,
-}
-
-/// Runs the agent under `/usr/bin/time` when there is one: the peak RSS
-/// that `wait4` reports for a child spawned from this (large) test process
-/// includes this process's own, recorded when the child execs; `time` is a
-/// small parent, so its figure is the agent's alone. Without it, the `wait4`
-/// figure is still an upper bound.
-// The child is reaped by `wait4` (which std's `wait` cannot be told to use).
-#[allow(clippy::zombie_processes)]
-fn measure(args: &[&str]) -> Run {
-    let time_bin = Path::new("/usr/bin/time");
-    let rss_file = tempfile::NamedTempFile::new().unwrap();
-    let mut cmd = if time_bin.exists() {
-        let mut cmd = std::process::Command::new(time_bin);
-        cmd.args(["-f", "%M", "-o"])
-            .arg(rss_file.path())
-            .arg(agent_bin())
-            .env("NO_COLOR", "1")
-            .env("KUBECONFIG", NO_KUBECONFIG);
-        cmd
-    } else {
-        agent()
-    };
-    let mut child = cmd
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn agent");
-    let start = Instant::now();
-    let mut pipe = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        pipe.read_to_string(&mut s).unwrap();
-        s
-    });
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for this child only.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = child.id() as libc::pid_t;
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
-    let time = start.elapsed();
-    let rss_kb = std::fs::read_to_string(rss_file.path())
-        .ok()
-        .and_then(|s| s.lines().last()?.trim().parse().ok())
-        .unwrap_or(usage.ru_maxrss);
-    Run {
-        code: if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status)
-        } else {
-            -1
-        },
-        stderr: reader.join().unwrap(),
-        time,
-        rss_kb,
-    }
-}
-
 /// `agent validate` and `agent plan` on `repo`: both exit with `code`,
 /// stderr holds every `expect`, each within the time and memory bounds.
 fn check(name: &str, repo: &Path, root: &Path, code: i32, expect: &[&str]) {
@@ -100,7 +33,7 @@ fn check(name: &str, repo: &Path, root: &Path, code: i32, expect: &[&str]) {
         &["validate", "--repo", repo, "--host", "lab"][..],
         &["plan", "--repo", repo, "--root", root, "--host", "lab"][..],
     ] {
-        let run = measure(args);
+        let run = measure_agent(args);
         println!(
             "{name:<34} {:<8} {:>6.2} s {:>6.1} MB",
             args[0],

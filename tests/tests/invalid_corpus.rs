@@ -373,6 +373,16 @@ fn check(case: &str, expect: &[&str]) {
     unchanged("agent validate");
     let apply = timed("agent apply", &|| lab.agent("apply", "lab", &[]));
     unchanged("agent apply");
+    // And within 200 MB of memory (peak RSS of `agent validate`, which
+    // reads and renders everything `plan` does).
+    let measured =
+        homelab_agent_tests::measure_agent(&["validate", "--repo", repo, "--host", "lab"]);
+    assert!(
+        measured.rss_kb < 200 * 1024,
+        "{case}: agent validate peaked at {} KiB",
+        measured.rss_kb
+    );
+    unchanged("agent validate (measured)");
 
     let all = |o: &Output| format!("{}{}", stdout(o), stderr(o));
     // Nothing read from outside the repository shows anywhere.
