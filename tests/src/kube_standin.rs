@@ -90,6 +90,9 @@ struct State {
     resource_version: u64,
     requests: Vec<Seen>,
     next_ip: u32,
+    /// Answer every request 429 with this `Retry-After` (seconds): an API
+    /// server throttling, which a real one cannot be made to do on demand.
+    throttle: Option<u32>,
 }
 
 /// A stand-in Kubernetes API server (see the module docs). Stopped on Drop.
@@ -236,6 +239,7 @@ impl KubeStandIn {
             resource_version: 100,
             requests: Vec::new(),
             next_ip: 10,
+            throttle: None,
         }));
         let s = KubeStandIn {
             state: state.clone(),
@@ -408,6 +412,12 @@ impl KubeStandIn {
     }
 
     /// Every request so far.
+    /// Throttles every request from now on (429 with `Retry-After: secs`),
+    /// or stops throttling (`None`).
+    pub fn throttle(&self, secs: Option<u32>) {
+        lock(&self.state).throttle = secs;
+    }
+
     pub fn requests(&self) -> Vec<Seen> {
         lock(&self.state).requests.clone()
     }
@@ -563,6 +573,7 @@ fn handle(mut conn: TcpStream, state: &Mutex<State>) {
         return;
     };
     let (status, body) = route(&req, state);
+    let retry_after = lock(state).throttle.filter(|_| status == 429);
     let reason = match status {
         200 => "OK",
         201 => "Created",
@@ -573,11 +584,13 @@ fn handle(mut conn: TcpStream, state: &Mutex<State>) {
         409 => "Conflict",
         415 => "Unsupported Media Type",
         422 => "Unprocessable Entity",
+        429 => "Too Many Requests",
         _ => "Unknown",
     };
     let text = body.to_string();
+    let extra = retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
         text.len()
     );
     let _ = conn.write_all(head.as_bytes());
@@ -628,6 +641,14 @@ fn route(req: &Request, state: &Mutex<State>) -> Answer {
     });
     if req.header("authorization") != Some(&format!("Bearer {TOKEN}")) {
         return status(401, "Unauthorized", "Unauthorized".into(), None);
+    }
+    if let Some(secs) = st.throttle {
+        return (
+            429,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "message": "Too many requests, please try again later.", "reason": "TooManyRequests",
+                   "details": {"retryAfterSeconds": secs}, "code": 429}),
+        );
     }
     let segs: Vec<&str> = req
         .path

@@ -474,24 +474,25 @@ impl Resolver {
     /// Runs discovery for `groups` (core is `""`).
     pub async fn discover(cluster: &Cluster, groups: &[String]) -> Result<Resolver, StackError> {
         let refs: Vec<&str> = groups.iter().map(String::as_str).collect();
-        let run = Discovery::new(cluster.client.clone()).filter(&refs).run();
-        let discovery = tokio::time::timeout(CALL_BUDGET, run)
+        // Retried and bounded like every call (a throttling server is asked
+        // again after its Retry-After, up to CALL_BUDGET in all).
+        let discovery = call(|| Discovery::new(cluster.client.clone()).filter(&refs).run())
             .await
-            .map_err(|_| StackError::Unreachable {
-                server: cluster.server.clone(),
-                message: format!(
-                    "discovery did not finish within {}",
-                    humantime::format_duration(CALL_BUDGET)
-                ),
-            })?
             .map_err(|e| match e {
-                kube::Error::Api(s) => StackError::Api {
+                CallError::Api(s) if s.code == 429 => StackError::Api {
+                    server: cluster.server.clone(),
+                    message: format!(
+                        "{} {}: {} (still throttled after {ATTEMPTS} tries; the next run asks again)",
+                        s.code, s.reason, s.message
+                    ),
+                },
+                CallError::Api(s) => StackError::Api {
                     server: cluster.server.clone(),
                     message: format!("{} {}: {}", s.code, s.reason, s.message),
                 },
                 other => StackError::Unreachable {
                     server: cluster.server.clone(),
-                    message: chain(&other),
+                    message: other.describe(),
                 },
             })?;
         Ok(Resolver { discovery })
