@@ -8,6 +8,7 @@ pub mod git_server;
 pub mod kube_env;
 pub mod kube_standin;
 pub mod local_daemon;
+pub mod log_env;
 pub mod loki_standin;
 pub mod nspawn;
 pub mod prometheus;
