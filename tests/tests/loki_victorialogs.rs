@@ -332,3 +332,116 @@ fn protobuf_events_are_stored_by_victorialogs() {
 fn json_events_are_stored_by_victorialogs() {
     events_are_stored_by_a_real_server("json");
 }
+
+/// Issue 17, item 4: the server down for a minute loses no event the bounded
+/// queue could hold; past that, what was dropped is what the metrics say.
+/// The format is left to its default (protobuf), checked on the server side.
+#[test]
+fn a_server_down_for_a_minute_loses_no_event_the_queue_could_hold() {
+    const FILES: usize = 12;
+    let mut vl = VictoriaLogs::start();
+    let lab = LocalLab::new();
+    lab.write("hosts/lab.yaml", HOST);
+    let mut module = String::from("resources:\n  - directory: /srv/app\n");
+    for i in 0..FILES {
+        module.push_str(&format!(
+            "  - file: /srv/app/f{i}.conf\n    content: \"value = {i}\\n\"\n"
+        ));
+    }
+    lab.write("modules/app/module.yaml", &module);
+    // 30 retries of at most 5 s each: a batch outlives a minute's outage.
+    lab.write_config(&format!(
+        "loki:\n  url: \"{}\"\n  batch_wait: 200ms\n  batch_size: 5\n  max_buffered_events: 20\n  max_retries: 30\n  max_backoff: 5s\n",
+        vl.loki_push_url(),
+    ));
+    let daemon = lab.start();
+    let creates = FILES + 1;
+    vl.wait_for("the creates", Duration::from_secs(15), ALL, |r| {
+        count(r, "apply") == creates
+    });
+    let series = |reason: &str| {
+        format!("homelab_agent_loki_events_dropped_total{{host=\"lab\",reason=\"{reason}\"}}")
+    };
+    let heal = |files: std::ops::Range<usize>| {
+        for i in files.clone() {
+            std::fs::write(lab.host_path(&format!("/srv/app/f{i}.conf")), "edited\n").unwrap();
+        }
+        for i in files {
+            wait_for_file(
+                &lab.host_path(&format!("/srv/app/f{i}.conf")),
+                &format!("value = {i}\n"),
+                Duration::from_secs(10),
+            );
+        }
+    };
+
+    // Down for a minute; five heals (ten events) fit in the queue.
+    vl.stop();
+    let down = Instant::now();
+    heal(0..5);
+    daemon.wait_metrics("ten events held", Duration::from_secs(10), |m| {
+        sample(m, "homelab_agent_loki_queued_events{host=\"lab\"}") == Some(10.0)
+    });
+    let status = daemon.status();
+    assert_eq!(status["last_run"]["result"], "success", "{status}");
+    std::thread::sleep(Duration::from_secs(60).saturating_sub(down.elapsed()));
+    vl.restart();
+    let rows = vl.wait_for("every held event", Duration::from_secs(30), ALL, |r| {
+        count(r, "correction") == 5 && count(r, "drift") == 5
+    });
+    assert_eq!(rows.len(), creates + 10, "{rows:#?}");
+    let m = daemon.wait_metrics("the queue drained", Duration::from_secs(10), |m| {
+        sample(m, "homelab_agent_loki_queued_events{host=\"lab\"}") == Some(0.0)
+    });
+    for reason in ["queue_full", "rejected", "retries_exhausted"] {
+        assert_eq!(sample(&m, &series(reason)), Some(0.0), "{reason}: {m}");
+    }
+
+    // Down again, with more events (24) than the queue holds (20): the
+    // oldest queued are dropped, and counted.
+    vl.stop();
+    heal(0..FILES);
+    daemon.wait_metrics("queue_full drops", Duration::from_secs(10), |m| {
+        sample(m, &series("queue_full")).unwrap_or(0.0) > 0.0
+    });
+    vl.restart();
+    let m = daemon.wait_metrics("the queue drained", Duration::from_secs(30), |m| {
+        sample(m, "homelab_agent_loki_queued_events{host=\"lab\"}") == Some(0.0)
+    });
+    let rows = vl.wait_for("the newest correction", Duration::from_secs(15), ALL, |r| {
+        !find(
+            r,
+            "correction",
+            &format!("file:/srv/app/f{}.conf", FILES - 1),
+        )
+        .is_empty()
+    });
+    let emitted = creates + 10 + 2 * FILES;
+    let sent = sample(&m, "homelab_agent_loki_events_sent_total{host=\"lab\"}").unwrap();
+    let dropped = sample(&m, &series("queue_full")).unwrap();
+    assert_eq!(sent as usize, rows.len(), "sent is what the server holds");
+    assert_eq!(
+        (sent + dropped) as usize,
+        emitted,
+        "every event stored or counted as dropped: sent {sent}, dropped {dropped}"
+    );
+    assert!(dropped >= 4.0, "24 events into room for 20: {dropped}");
+    let mut times: Vec<u128> = rows.iter().map(time_ns).collect();
+    let n = times.len();
+    times.dedup();
+    assert_eq!(times.len(), n, "an event stored twice");
+
+    // The default format is protobuf, and the server took it as such.
+    let server = vl.metrics();
+    let pushes = |f: &str| {
+        sample(
+            &server,
+            &format!("vl_http_requests_total{{path=\"/insert/loki/api/v1/push\",format=\"{f}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        pushes("protobuf") >= 1.0 && pushes("json") == 0.0,
+        "{server}"
+    );
+}
