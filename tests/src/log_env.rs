@@ -19,22 +19,7 @@ use crate::prometheus::form_encode;
 /// `tests/log-env/build.sh` prints (it builds on first use).
 pub fn binaries() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(dir) = std::env::var_os("HOMELAB_VLOGS_BIN").filter(|d| !d.is_empty()) {
-            return PathBuf::from(dir);
-        }
-        let script = crate::workspace().join("tests/log-env/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run tests/log-env/build.sh");
-        assert!(
-            out.status.success(),
-            "tests/log-env/build.sh failed (needs Go and the Go module proxy)"
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
+    BIN.get_or_init(|| crate::go_env_bin("HOMELAB_VLOGS_BIN", "log-env"))
 }
 
 fn free_port() -> u16 {
