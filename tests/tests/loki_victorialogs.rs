@@ -445,3 +445,33 @@ fn a_server_down_for_a_minute_loses_no_event_the_queue_could_hold() {
         "{server}"
     );
 }
+
+/// Delivery is at least once: a push whose answer is lost (the server stored
+/// it, then the agent timed out) is resent with the same timestamps. Loki
+/// drops such exact repeats; VictoriaLogs stores them again. This pins that
+/// difference (README, "Metrics and events"), so a change in either shows.
+#[test]
+fn victorialogs_keeps_an_exact_repeat_that_loki_would_drop() {
+    let vl = VictoriaLogs::start();
+    let body = homelab_agent::telemetry::loki::push_body(
+        "lab",
+        &[(
+            homelab_agent::telemetry::events::EventKind::Apply,
+            now_ns(),
+            "{\"msg\":\"sent twice\"}",
+        )],
+    );
+    let client = reqwest::blocking::Client::new();
+    for _ in 0..2 {
+        let r = client
+            .post(vl.loki_push_url())
+            .header("Content-Type", "application/json")
+            .body(body.clone())
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let rows = vl.query(ALL);
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    assert_eq!(rows[0], rows[1]);
+}

@@ -30,6 +30,9 @@
 //!   `rejected`, logged with what to fix.
 //! - Timestamps are strictly increasing per process, so entries are ordered
 //!   within every stream and no two are equal (Loki drops exact repeats).
+//! - At least once: a batch whose answer is lost (a timeout after the server
+//!   stored it) is resent as it was; Loki drops the repeats, VictoriaLogs
+//!   keeps them (tests/tests/loki_victorialogs.rs).
 //!
 //! # Assumptions
 //! Loki (or the proxy in front) accepts the configured format;
