@@ -57,12 +57,28 @@ pub struct OnePasswordConfig {
     pub token_file: PathBuf,
 }
 
-/// `loki:` settings: where the agent's events go (Loki's JSON push API).
+/// How events are encoded on the wire (`loki.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LokiFormat {
+    /// `logproto.PushRequest` in protobuf, snappy-compressed: Loki's native
+    /// format (what Promtail and Alloy send). The default.
+    Protobuf,
+    /// Loki's JSON push body.
+    Json,
+}
+
+/// `loki:` settings: where the agent's events go (Loki's push API, or a
+/// server that accepts it, such as VictoriaLogs).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LokiConfig {
     /// The push endpoint: the configured URL, with `/loki/api/v1/push`
-    /// appended unless the URL already ends with it.
+    /// appended to its path unless the path already ends with it; a query
+    /// string is kept (VictoriaLogs:
+    /// `http://vl:9428/insert/loki/api/v1/push?_msg_field=msg`).
     pub push_url: String,
+    /// Wire format of a push (`format: protobuf | json`).
+    pub format: LokiFormat,
     /// Sent as `X-Scope-OrgID` (multi-tenant Loki).
     pub tenant: Option<String>,
     /// Basic auth (a reverse proxy in front of Loki); needs `password_file`.
@@ -148,6 +164,7 @@ const KEYS: &[&str] = &[
 
 const LOKI_KEYS: &[&str] = &[
     "url",
+    "format",
     "tenant",
     "username",
     "password_file",
@@ -431,13 +448,21 @@ fn loki(
                 );
                 None
             } else {
-                let base = url.trim_end_matches('/');
-                Some(if base.ends_with(LOKI_PUSH_PATH) {
-                    base.to_string()
-                } else {
-                    format!("{base}{LOKI_PUSH_PATH}")
-                })
+                Some(loki_push_url(&url))
             }
+        }
+    };
+    let format = match l.string("format", diags) {
+        None => LokiFormat::Protobuf,
+        Some((f, _)) if f == "protobuf" => LokiFormat::Protobuf,
+        Some((f, _)) if f == "json" => LokiFormat::Json,
+        Some((f, line)) => {
+            diags.push(
+                Diagnostic::new(file, format!("`loki.format: {f}` is not a push format"))
+                    .line(line)
+                    .hint("protobuf (the default: snappy-compressed, as Promtail sends) or json"),
+            );
+            LokiFormat::Protobuf
         }
     };
     let tenant = l.string("tenant", diags).and_then(|(t, line)| {
@@ -481,6 +506,7 @@ fn loki(
     }
     Some(LokiConfig {
         push_url: url?,
+        format,
         tenant,
         username: username.map(|u| u.0),
         password_file: password_file.map(|p| rel(p.0)),
@@ -491,6 +517,28 @@ fn loki(
         max_backoff,
         timeout,
     })
+}
+
+/// The push endpoint of `loki.url`: `/loki/api/v1/push` appended to the
+/// path unless it already ends with it (so a server that serves Loki's API
+/// under a prefix, VictoriaLogs' `/insert`, is given as either); the query
+/// string is kept.
+fn loki_push_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let base = base.trim_end_matches('/');
+    let mut out = if base.ends_with(LOKI_PUSH_PATH) {
+        base.to_string()
+    } else {
+        format!("{base}{LOKI_PUSH_PATH}")
+    };
+    if let Some(query) = query.filter(|q| !q.is_empty()) {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
 }
 
 /// Why a URL may not be used as written: it holds a password
@@ -829,6 +877,39 @@ mod tests {
         let l = c.loki.unwrap();
         assert_eq!(l.push_url, "https://gw.example/loki/api/v1/push");
         assert_eq!(l.batch_wait, Duration::from_millis(250));
+        assert_eq!(l.format, LokiFormat::Protobuf);
+        for (url, push_url) in [
+            (
+                "http://vl:9428/insert/loki/api/v1/push?_msg_field=msg",
+                "http://vl:9428/insert/loki/api/v1/push?_msg_field=msg",
+            ),
+            (
+                "http://vl:9428/insert/?_msg_field=msg",
+                "http://vl:9428/insert/loki/api/v1/push?_msg_field=msg",
+            ),
+            ("http://loki:3100?", "http://loki:3100/loki/api/v1/push"),
+        ] {
+            let c = parse(
+                Path::new("a.yaml"),
+                &format!("repo: .\nloki: {{url: \"{url}\", format: json}}\n"),
+            )
+            .unwrap();
+            let l = c.loki.unwrap();
+            assert_eq!(
+                (l.push_url.as_str(), l.format),
+                (push_url, LokiFormat::Json)
+            );
+        }
+        let err = parse(
+            Path::new("a.yaml"),
+            "repo: .\nloki:\n  url: http://loki:3100\n  format: snappy\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("a.yaml:4: `loki.format: snappy` is not a push format"),
+            "{err}"
+        );
         assert!(parse(Path::new("a.yaml"), "repo: .\n")
             .unwrap()
             .loki

@@ -95,22 +95,7 @@ static SHARED: OnceLock<KubeEnv> = OnceLock::new();
 /// what `tests/kube-env/build.sh` builds (once; cached).
 pub fn binaries() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(dir) = std::env::var_os("HOMELAB_KUBE_BIN").filter(|d| !d.is_empty()) {
-            return PathBuf::from(dir);
-        }
-        let script = crate::workspace().join("tests/kube-env/build.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run tests/kube-env/build.sh");
-        assert!(
-            out.status.success(),
-            "tests/kube-env/build.sh failed (needs Go and the Go module proxy)"
-        );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
+    BIN.get_or_init(|| crate::go_env_bin("HOMELAB_KUBE_BIN", "kube-env"))
 }
 
 fn free_port() -> u16 {

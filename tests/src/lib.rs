@@ -8,6 +8,7 @@ pub mod git_server;
 pub mod kube_env;
 pub mod kube_standin;
 pub mod local_daemon;
+pub mod log_env;
 pub mod loki_standin;
 pub mod nspawn;
 pub mod prometheus;
@@ -26,6 +27,28 @@ pub fn workspace() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
+}
+
+/// The bin directory of a Go-built test environment (`tests/kube-env/`,
+/// `tests/log-env/`): `$ENV_VAR` when set (CI builds once and exports it),
+/// else what `tests/<env>/build.sh` prints: it builds into
+/// `~/.cache/homelab-agent/<env>/<hash>/bin` on first use, then only
+/// prints the cached directory.
+pub fn go_env_bin(env_var: &str, env: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(env_var).filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let script = workspace().join(format!("tests/{env}/build.sh"));
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("run tests/{env}/build.sh: {e}"));
+    assert!(
+        out.status.success(),
+        "tests/{env}/build.sh failed (needs Go and the Go module proxy)"
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 /// Path of the `agent` binary of this build profile, built on first use

@@ -22,7 +22,8 @@
 //! no org id`), [`LokiStandIn::require_basic_auth`] (the reverse proxy a
 //! real deployment puts in front of Loki: `401` without it),
 //! [`LokiStandIn::fail_next`] (answer the next N pushes with a status, e.g.
-//! 429/500/503, storing nothing), [`LokiStandIn::reject_first_entry_next`]
+//! 429/500/503, storing nothing), [`LokiStandIn::retry_after`] (a
+//! `Retry-After` header on those 429/503), [`LokiStandIn::reject_first_entry_next`]
 //! (a partial 400: the first entry of each of the next N pushes is "too far
 //! behind", the rest stored), [`LokiStandIn::delay`] (answer slowly),
 //! [`LokiStandIn::stop`] / [`LokiStandIn::restart`] (down, then up on the
@@ -99,6 +100,8 @@ struct State {
     /// Statuses to answer the next pushes with, in order.
     fail: std::collections::VecDeque<u16>,
     partial: usize,
+    /// `Retry-After` sent with every 429 and 503 answer.
+    retry_after: Option<String>,
     delay: Duration,
     pushes: Vec<Push>,
     entries: Vec<Entry>,
@@ -162,6 +165,12 @@ impl LokiStandIn {
     /// (storing nothing), then normally again.
     pub fn fail_sequence(&self, statuses: &[u16]) {
         self.lock().fail = statuses.iter().copied().collect();
+    }
+
+    /// Sends `Retry-After: VALUE` with every 429 and 503 answer (`None`:
+    /// no header), as Loki's rate limiter and a proxy in front of it may.
+    pub fn retry_after(&self, value: Option<&str>) {
+        self.lock().retry_after = value.map(str::to_string);
     }
 
     /// For the next `times` pushes, the first entry is ignored as "too far
@@ -301,6 +310,10 @@ fn read_request(conn: &mut TcpStream) -> Option<Request> {
 }
 
 fn respond(conn: &mut TcpStream, status: u16, body: &str) {
+    respond_with(conn, status, body, None);
+}
+
+fn respond_with(conn: &mut TcpStream, status: u16, body: &str, retry_after: Option<&str>) {
     let reason = match status {
         204 => "No Content",
         400 => "Bad Request",
@@ -313,8 +326,11 @@ fn respond(conn: &mut TcpStream, status: u16, body: &str) {
         503 => "Service Unavailable",
         _ => "Status",
     };
+    let retry_after = retry_after
+        .map(|v| format!("Retry-After: {v}\r\n"))
+        .unwrap_or_default();
     let msg = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n{retry_after}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = conn.write_all(msg.as_bytes());
@@ -343,8 +359,12 @@ fn handle(mut conn: TcpStream, state: &Mutex<State>) {
         let _ = conn.set_nonblocking(false);
     }
     let (status, body) = push(state, &req, gone);
+    let retry_after = match status {
+        429 | 503 => lock(state).retry_after.clone(),
+        _ => None,
+    };
     if !gone {
-        respond(&mut conn, status, &body);
+        respond_with(&mut conn, status, &body, retry_after.as_deref());
     }
 }
 

@@ -1,5 +1,10 @@
 //! Events to Loki, end to end: `agent run` (and `agent apply`) pushing to the
-//! Loki push-API stand-in (`src/loki_standin.rs`). Labels, line fields,
+//! Loki push-API stand-in (`src/loki_standin.rs`), for what a real server
+//! cannot be made to do on demand (a 400 for one entry, a 429 with
+//! `Retry-After`, a slow answer) and for what only the stand-in records
+//! (each push, its headers and body). The stand-in decodes JSON only, so
+//! these tests set `format: json`; `loki_victorialogs.rs` runs both formats
+//! against a real server. Labels, line fields,
 //! ordering per stream, batching, tenant and basic auth; Loki answering 400,
 //! 429, 500, slowly or not at all (the agent keeps reconciling, memory stays
 //! bounded, drops are counted); no secret value in any event.
@@ -43,7 +48,10 @@ fn module(n: usize, extra: bool) -> String {
 }
 
 fn loki_config(loki: &LokiStandIn, extra: &str) -> String {
-    format!("loki:\n  url: {}\n  batch_wait: 300ms\n{extra}", loki.url())
+    format!(
+        "loki:\n  url: {}\n  format: json\n  batch_wait: 300ms\n{extra}",
+        loki.url()
+    )
 }
 
 fn of_event<'a>(entries: &'a [Entry], event: &str) -> Vec<&'a Entry> {
@@ -329,6 +337,46 @@ fn loki_answering_429_500_400_slowly_or_not_at_all_never_stops_the_agent() {
             assert_eq!(n, 1, "entry {ts} stored {n} times");
         }
     }
+
+    // 429 and 503 with Retry-After: the agent waits what the server asked
+    // (1 s, over its own 500 ms first backoff); a server asking for an hour
+    // is waited for at most max_backoff (1 s here).
+    loki.retry_after(Some("1"));
+    loki.fail_sequence(&[429, 503]);
+    let before = loki.pushes().len();
+    edit_and_heal(0);
+    loki.wait_for(
+        "the drift after Retry-After",
+        Duration::from_secs(10),
+        |e| count(e, "correction") >= 2,
+    );
+    let pushes = loki.pushes()[before..].to_vec();
+    let statuses: Vec<u16> = pushes.iter().take(3).map(|p| p.status).collect();
+    assert_eq!(statuses, [429, 503, 204], "{pushes:?}");
+    for (a, b) in [(0, 1), (1, 2)] {
+        let gap = pushes[b].at - pushes[a].at;
+        // Our own first backoff is 400..600 ms; Retry-After says 1 s.
+        assert!(
+            gap >= Duration::from_millis(950),
+            "Retry-After: 1 not honoured: waited {gap:?}"
+        );
+    }
+    loki.retry_after(Some("3600"));
+    loki.fail_sequence(&[429]);
+    let before = loki.pushes().len();
+    edit_and_heal(0);
+    loki.wait_for(
+        "the drift after a long Retry-After",
+        Duration::from_secs(10),
+        |e| count(e, "correction") >= 3,
+    );
+    let pushes = loki.pushes()[before..].to_vec();
+    let gap = pushes[1].at - pushes[0].at;
+    assert!(
+        gap < Duration::from_millis(1500),
+        "Retry-After: 3600 is capped at max_backoff (1 s): waited {gap:?}"
+    );
+    loki.retry_after(None);
 
     // 400 (a partial reject): the ignored entry is counted, the batch is
     // not resent.
