@@ -98,14 +98,6 @@ pub fn binaries() -> &'static Path {
     BIN.get_or_init(|| crate::go_env_bin("HOMELAB_KUBE_BIN", "kube-env"))
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
@@ -262,8 +254,8 @@ impl KubeEnv {
         };
 
         // etcd
-        let etcd_port = free_port();
-        let peer_port = free_port();
+        let etcd_port = crate::real_tools::free_port();
+        let peer_port = crate::real_tools::free_port();
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         spawn(
@@ -301,7 +293,7 @@ impl KubeEnv {
         }
 
         // kube-apiserver
-        let api_port = free_port();
+        let api_port = crate::real_tools::free_port();
         let server = format!("https://127.0.0.1:{api_port}");
         let p = |f: &str| dir.join(f).display().to_string();
         spawn(
@@ -380,7 +372,7 @@ impl KubeEnv {
                 format!("--controllers={}", CONTROLLERS.join(",")),
                 "--leader-elect=false".into(),
                 "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", free_port()),
+                format!("--secure-port={}", crate::real_tools::free_port()),
                 format!("--cert-dir={}", env.dir.join("kcm-certs").display()),
                 format!(
                     "--service-account-private-key-file={}",

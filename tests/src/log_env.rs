@@ -22,14 +22,6 @@ pub fn binaries() -> &'static Path {
     BIN.get_or_init(|| crate::go_env_bin("HOMELAB_VLOGS_BIN", "log-env"))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A running VictoriaLogs. Stopped, and its data removed, on drop.
 pub struct VictoriaLogs {
     child: Option<Child>,
@@ -52,7 +44,7 @@ impl VictoriaLogs {
             .unwrap();
         let mut vl = VictoriaLogs {
             child: None,
-            port: free_port(),
+            port: crate::real_tools::free_port(),
             dir,
             client,
         };

@@ -182,13 +182,7 @@ fn events_are_stored_by_a_real_server(format: &str) {
 
     // The pushes since the restart arrived in the configured format.
     let server = vl.metrics();
-    let pushes = |f: &str| {
-        sample(
-            &server,
-            &format!("vl_http_requests_total{{path=\"/insert/loki/api/v1/push\",format=\"{f}\"}}"),
-        )
-        .unwrap_or(0.0)
-    };
+    let pushes = |f: &str| pushes_in(&server, f);
     let other = if format == "json" { "protobuf" } else { "json" };
     assert!(
         pushes(format) >= 2.0 && pushes(other) == 0.0,
@@ -323,6 +317,15 @@ fn events_are_stored_by_a_real_server(format: &str) {
     );
 }
 
+/// How many Loki pushes VictoriaLogs took in `format`, from its metrics text.
+fn pushes_in(metrics: &str, format: &str) -> f64 {
+    sample(
+        metrics,
+        &format!("vl_http_requests_total{{path=\"/insert/loki/api/v1/push\",format=\"{format}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
 #[test]
 fn protobuf_events_are_stored_by_victorialogs() {
     events_are_stored_by_a_real_server("protobuf");
@@ -433,13 +436,7 @@ fn a_server_down_for_a_minute_loses_no_event_the_queue_could_hold() {
 
     // The default format is protobuf, and the server took it as such.
     let server = vl.metrics();
-    let pushes = |f: &str| {
-        sample(
-            &server,
-            &format!("vl_http_requests_total{{path=\"/insert/loki/api/v1/push\",format=\"{f}\"}}"),
-        )
-        .unwrap_or(0.0)
-    };
+    let pushes = |f: &str| pushes_in(&server, f);
     assert!(
         pushes("protobuf") >= 1.0 && pushes("json") == 0.0,
         "{server}"

@@ -467,8 +467,8 @@ impl Run<'_> {
         let api = client::api(self.cluster, &ar, namespace.as_deref());
         let name = &o.reference.name;
         match &p.wait_gone {
-            Some(None) => self.wait_gone(&api, name, "it", false).await?,
-            Some(Some(ns)) => {
+            Some(plan::Deleting::Itself) => self.wait_gone(&api, name, "it", false).await?,
+            Some(plan::Deleting::Namespace(ns)) => {
                 let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
                     kube::Api::all(self.cluster.client.clone());
                 let namespaces = dynamic(namespaces);

@@ -65,12 +65,20 @@ pub struct ObjectPlan {
     pub handover: Option<i64>,
     /// Delete and create again: fields that cannot change in place.
     pub recreate: bool,
-    /// Wait for a deletion in progress before applying: the object itself
-    /// (`Some(None)`) or its namespace (`Some(Some(ns))`).
-    pub wait_gone: Option<Option<String>>,
+    /// A deletion in progress to wait for before applying.
+    pub wait_gone: Option<Deleting>,
     /// The call the identity may not make: (verb, resource), for the
     /// stack's one permission message.
     pub forbidden: Option<(String, String)>,
+}
+
+/// What is being deleted when an object is planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deleting {
+    /// The object itself (finalizers hold it).
+    Itself,
+    /// Its namespace is terminating.
+    Namespace(String),
 }
 
 /// Annotation that lets the agent delete and re-create an object whose
@@ -500,7 +508,7 @@ async fn observe_object(
                     format!(" (held by finalizers {})", finalizers.join(", "))
                 }
             ));
-            p.wait_gone = Some(None);
+            p.wait_gone = Some(Deleting::Itself);
             missing(&mut p, applied_same, o.on_drift);
             return Ok(p);
         }
@@ -546,7 +554,7 @@ async fn observe_object(
                     p.notes.push(format!(
                         "its namespace {ns} is being deleted: apply waits for it to go (up to the stack's timeout) first"
                     ));
-                    p.wait_gone = Some(Some(ns));
+                    p.wait_gone = Some(Deleting::Namespace(ns));
                     p.class = Classification::Create;
                     p.action = Action::Create;
                     return Ok(p);
