@@ -236,6 +236,14 @@ struct StatusArgs {
 /// the error line `main` prints.
 static SCRUBBER: std::sync::OnceLock<Arc<engine::Scrubber>> = std::sync::OnceLock::new();
 
+/// This command's secret values and URL credentials out of `text`.
+fn cli_scrub(text: &str) -> String {
+    match SCRUBBER.get() {
+        Some(s) => s.scrub(text),
+        None => crate::redact::url_credentials_owned(text),
+    }
+}
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -258,11 +266,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             // The one place errors leave the CLI: URL credentials and the
             // secret values this command resolved hidden.
-            let text = format!("{e:#}");
-            let text = match SCRUBBER.get() {
-                Some(s) => s.scrub(&text),
-                None => crate::redact::url_credentials_owned(&text),
-            };
+            let text = cli_scrub(&format!("{e:#}"));
             eprintln!("error: {text}");
             ExitCode::from(1)
         }
@@ -465,9 +469,12 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
         crate::plan::plan(loaded.catalog, &loaded.host, &inventory, &key)
     });
     // Kubernetes stacks, after the native resources (see k8s/).
-    let stacks = loaded.phases.time(Phase::Observe, || {
+    let mut stacks = loaded.phases.time(Phase::Observe, || {
         crate::k8s::plan::plan_stacks(&plan.catalog, &inventory, &key, &loaded.kube)
     });
+    for st in &mut stacks {
+        st.scrub(&cli_scrub);
+    }
     let orphans = crate::k8s::plan::orphaned_stacks(&plan.catalog, &inventory);
     if args.json {
         let mut value = report::plan_json(&plan);
@@ -545,7 +552,7 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
     loaded.phases.add(Phase::Prune, report.prune_duration);
     // Kubernetes stacks, after the native resources; each fails alone.
     let stacks_started = std::time::Instant::now();
-    let stacks = crate::k8s::apply::apply_stacks(
+    let mut stacks = crate::k8s::apply::apply_stacks(
         &plan.catalog,
         &inventory,
         &applied_key,
@@ -554,6 +561,9 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
         None,
         None,
     );
+    for st in &mut stacks {
+        st.scrub(&cli_scrub);
+    }
     loaded.phases.add(Phase::Apply, stacks_started.elapsed());
     crate::k8s::apply::record_run(&store, &hostname, report.started_ms, &stacks)?;
     if args.target.rev.is_some() && !report.failed() {

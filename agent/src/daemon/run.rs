@@ -1017,7 +1017,7 @@ fn run_plan_apply(
             heal_native(shared, s, &plan.catalog, &host, &store, &key, secrets);
         }
     };
-    let stacks = crate::k8s::apply::apply_stacks(
+    let mut stacks = crate::k8s::apply::apply_stacks(
         &plan.catalog,
         &inventory,
         &key,
@@ -1029,6 +1029,9 @@ fn run_plan_apply(
         Some(&shared.cancel),
         Some(&heal),
     );
+    for st in &mut stacks {
+        st.scrub(&|t: &str| secrets.scrub(t));
+    }
     if let Err(e) = crate::k8s::apply::record_run(&store, &s.host, report.started_ms, &stacks) {
         warn!(error = %e, "cannot record the stacks' results in the run record");
     }

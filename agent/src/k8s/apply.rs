@@ -74,6 +74,20 @@ pub struct StackReport {
 }
 
 impl StackReport {
+    /// Passes every message through `scrub` (the run's secret values and
+    /// URL credentials out: an API server's refusal may quote what it was
+    /// sent), before it is printed, logged or recorded.
+    pub fn scrub(&mut self, scrub: &dyn Fn(&str) -> String) {
+        for text in self.error.iter_mut().chain(self.not_checked.iter_mut()) {
+            *text = scrub(text);
+        }
+        for o in &mut self.outcomes {
+            for text in o.error.iter_mut().chain(o.note.iter_mut()) {
+                *text = scrub(text);
+            }
+        }
+    }
+
     pub fn failed(&self) -> bool {
         self.error.is_some() || self.counts.failed > 0
     }
@@ -784,4 +798,32 @@ pub fn record_run(
             })
         })
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_message_of_a_stack_report_is_scrubbed() {
+        let secret = "hunter2-CANARY";
+        let mut r = StackReport {
+            name: "web".into(),
+            not_checked: Some(format!("nc {secret}")),
+            error: Some(format!("stack {secret}")),
+            outcomes: vec![StackOutcome {
+                id: "k8s:web/web/Secret/s".into(),
+                action: Action::Update,
+                class: Classification::Change,
+                fields: Vec::new(),
+                error: Some(format!("422 Invalid: {secret}")),
+                note: Some(format!("note {secret}")),
+            }],
+            counts: RunCounts::default(),
+        };
+        r.scrub(&|t: &str| t.replace(secret, "[redacted]"));
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(!text.contains(secret), "{text}");
+        assert_eq!(text.matches("[redacted]").count(), 4, "{text}");
+    }
 }

@@ -131,6 +131,23 @@ pub struct StackSummary {
 }
 
 impl StackPlan {
+    /// Passes every message through `scrub` (see `StackReport::scrub`).
+    pub fn scrub(&mut self, scrub: &dyn Fn(&str) -> String) {
+        if let StackStatus::Failed(e) | StackStatus::NotChecked(e) = &mut self.status {
+            *e = scrub(e);
+        }
+        for o in &mut self.objects {
+            for text in o.error.iter_mut().chain(o.notes.iter_mut()) {
+                *text = scrub(text);
+            }
+        }
+        for p in &mut self.prunes {
+            for text in p.note.iter_mut() {
+                *text = scrub(text);
+            }
+        }
+    }
+
     pub fn summary(&self) -> StackSummary {
         let mut s = StackSummary::default();
         match &self.status {
