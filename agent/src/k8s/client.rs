@@ -132,6 +132,27 @@ fn in_cluster_present() -> bool {
         && Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token").is_file()
 }
 
+/// The largest kubeconfig read (a kubeconfig with embedded certificates for
+/// a few clusters is a few KiB).
+const MAX_KUBECONFIG_BYTES: u64 = 1 << 20;
+
+/// Refuses what kube-rs would read without a bound: a FIFO, device or
+/// directory (the read would block or never end) or a file over
+/// [`MAX_KUBECONFIG_BYTES`].
+fn check_kubeconfig_file(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("it is not a regular file (a FIFO, device or directory)".to_string());
+    }
+    if meta.len() > MAX_KUBECONFIG_BYTES {
+        return Err(format!(
+            "it is {} bytes, over the limit of {MAX_KUBECONFIG_BYTES}",
+            meta.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Builds the client for `access`. Never touches the network.
 pub async fn connect(
     access: &ClusterAccess,
@@ -167,6 +188,10 @@ pub async fn connect(
             }
             let mut merged: Option<Kubeconfig> = None;
             for p in &paths {
+                check_kubeconfig_file(p).map_err(|message| StackError::Kubeconfig {
+                    path: p.display().to_string(),
+                    message,
+                })?;
                 let kc = Kubeconfig::read_from(p).map_err(|e| StackError::Kubeconfig {
                     path: p.display().to_string(),
                     message: chain(&e),
@@ -619,6 +644,25 @@ mod tests {
         });
         assert!(matches!(r, Err(CallError::Timeout)));
         assert!(CallError::Timeout.describe().contains("within 20s"));
+    }
+
+    #[test]
+    fn a_kubeconfig_that_is_a_fifo_or_huge_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(check_kubeconfig_file(&fifo)
+            .unwrap_err()
+            .contains("not a regular file"));
+        let big = dir.path().join("big");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(MAX_KUBECONFIG_BYTES + 1).unwrap();
+        assert!(check_kubeconfig_file(&big)
+            .unwrap_err()
+            .contains("over the limit"));
+        let ok = dir.path().join("ok");
+        std::fs::write(&ok, "apiVersion: v1\n").unwrap();
+        assert!(check_kubeconfig_file(&ok).is_ok());
     }
 
     #[test]
