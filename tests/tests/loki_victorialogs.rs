@@ -411,7 +411,7 @@ fn a_server_down_for_a_minute_loses_no_event_the_queue_could_hold() {
     let m = daemon.wait_metrics("the queue drained", Duration::from_secs(30), |m| {
         sample(m, "homelab_agent_loki_queued_events{host=\"lab\"}") == Some(0.0)
     });
-    let rows = vl.wait_for("the newest correction", Duration::from_secs(15), ALL, |r| {
+    let rows = vl.wait_for("the newest correction", Duration::from_secs(45), ALL, |r| {
         !find(
             r,
             "correction",
