@@ -298,7 +298,8 @@ fn style() -> Style {
 
 /// Source, host name, catalog, and the live host to observe.
 struct Loaded {
-    catalog: desired::catalog::Catalog,
+    /// Taken by the run.
+    catalog: Option<desired::catalog::Catalog>,
     host: Host,
     state_dir: PathBuf,
     sandbox: Option<String>,
@@ -410,7 +411,7 @@ fn load(target: &Target) -> Result<Loaded> {
     let fs = Fs::new(r.root.as_deref().unwrap_or(Path::new("/")))?;
     let host = Host::new(fs, r.root.is_some(), catalog.host.platform);
     Ok(Loaded {
-        catalog,
+        catalog: Some(catalog),
         host,
         state_dir: r.state_dir,
         sandbox: r.root.map(|r| r.display().to_string()),
@@ -442,67 +443,59 @@ fn write_metrics_file(
     Ok(())
 }
 
-/// The inventory for a plan. Plans never write, with one exception: a
-/// database left needing recovery by a killed agent is recovered (under the
-/// lock, so never under a running apply); that changes no record in it.
-fn read_inventory(
-    state_dir: &Path,
-    host: &str,
-) -> Result<std::collections::BTreeMap<String, homelab_agent_state::InventoryEntry>> {
-    match Store::open_read_only(state_dir) {
-        Err(homelab_agent_state::StateError::NeedsRecovery { .. }) => {
-            let _lock = Lock::acquire(
-                state_dir,
-                &format!("agent plan --host {host} (recovering state)"),
-            )?;
-            Ok(Store::open_read_only_recovering(state_dir)?.inventory(host)?)
-        }
-        other => Ok(other?.inventory(host)?),
+/// The context of a CLI run (no daemon hooks).
+fn run_context<'a>(
+    loaded: &'a Loaded,
+    scrub: &'a dyn Fn(&str) -> String,
+) -> crate::run::RunContext<'a> {
+    crate::run::RunContext {
+        host: &loaded.host,
+        state_dir: &loaded.state_dir,
+        kube: &loaded.kube,
+        trigger: "cli",
+        cancel: None,
+        scrub,
+        on_planned: None,
+        on_host_applied: None,
+        idle: None,
     }
 }
 
 fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     let mut loaded = load(&args.target)?;
-    let inventory = read_inventory(&loaded.state_dir, &loaded.catalog.host.name)?;
-    let key = homelab_agent_state::DigestKey::load(&loaded.state_dir, false)?;
-    let plan = loaded.phases.time(Phase::Observe, || {
-        crate::plan::plan(loaded.catalog, &loaded.host, &inventory, &key)
-    });
-    // Kubernetes stacks, after the native resources (see k8s/).
-    let mut stacks = loaded.phases.time(Phase::Observe, || {
-        crate::k8s::plan::plan_stacks(&plan.catalog, &inventory, &key, &loaded.kube)
-    });
-    for st in &mut stacks {
-        st.scrub(&cli_scrub);
-    }
-    let orphans = crate::k8s::plan::orphaned_stacks(&plan.catalog, &inventory);
+    let catalog = loaded.catalog.take().expect("loaded");
+    let run = crate::run::run(
+        catalog,
+        crate::run::Mode::Plan,
+        crate::run::Targets::All,
+        &run_context(&loaded, &cli_scrub),
+    )?;
+    loaded.phases.add_all(&run.phases);
+    let catalog = &run.plan.catalog;
     if args.json {
-        let mut value = report::plan_json(&plan);
-        value["stacks"] = crate::k8s::report::plan_json(&plan.catalog, &stacks);
-        if !orphans.is_empty() {
-            value["orphaned_stacks"] = serde_json::json!(orphans);
+        let mut value = report::plan_json(&run.plan);
+        value["stacks"] = crate::k8s::report::plan_json(catalog, &run.stacks);
+        if !run.orphans.is_empty() {
+            value["orphaned_stacks"] = serde_json::json!(run.orphans);
         }
         outln!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         out!(
             "{}",
-            report::plan_text(&plan, loaded.sandbox.as_deref(), style())
+            report::plan_text(&run.plan, loaded.sandbox.as_deref(), style())
         );
         out!(
             "{}",
-            crate::k8s::report::plan_text(&plan.catalog, &stacks, style())
+            crate::k8s::report::plan_text(catalog, &run.stacks, style())
         );
-        out!("{}", crate::k8s::report::orphans_text(&orphans));
+        out!("{}", crate::k8s::report::orphans_text(&run.orphans));
     }
     if let Some(path) = &args.metrics_file {
-        write_metrics_file(path, &loaded.state_dir, &plan, None, &loaded.phases)?;
+        write_metrics_file(path, &loaded.state_dir, &run.plan, None, &loaded.phases)?;
     }
-    let stack_errors = crate::k8s::plan::total(&stacks).errors > 0;
-    Ok(if !plan.failures.is_empty() || stack_errors {
+    Ok(if run.plan_failed() {
         ExitCode::from(1)
-    } else if args.detailed_exitcode
-        && (plan.has_changes() || stacks.iter().any(|s| s.has_changes()))
-    {
+    } else if args.detailed_exitcode && run.plan_has_changes() {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
@@ -511,7 +504,8 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
 
 fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
     let mut loaded = load(&args.target)?;
-    let hostname = loaded.catalog.host.name.clone();
+    let catalog = loaded.catalog.take().expect("loaded");
+    let hostname = catalog.host.name.clone();
     // Loki events (with `loki:` in the config); a bad password file stops
     // the run before anything is applied.
     let telemetry = match &loaded.loki {
@@ -519,95 +513,57 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
         None => None,
     };
     let _lock = Lock::acquire(&loaded.state_dir, &format!("agent apply --host {hostname}"))?;
-    // Plan from a read-only view, so a plan that cannot be applied leaves
-    // the state directory untouched.
-    let inventory = Store::open_read_only_recovering(&loaded.state_dir)?.inventory(&hostname)?;
-    let key = homelab_agent_state::DigestKey::load(&loaded.state_dir, false)?;
-    let mut plan = loaded.phases.time(Phase::Observe, || {
-        crate::plan::plan(loaded.catalog, &loaded.host, &inventory, &key)
-    });
-    if !plan.failures.is_empty() {
-        out!(
-            "{}",
-            report::plan_text(&plan, loaded.sandbox.as_deref(), style())
-        );
-        // Refused before the state is opened for writing: nothing changes.
-        return Err(crate::apply::refuse(&plan).into());
-    }
-    let applied_key = homelab_agent_state::DigestKey::load(&loaded.state_dir, true)?;
-    // Temp files are signed with it, so a later run knows its leftovers.
-    loaded.host.fs.set_temp_key(applied_key.bytes());
-    if applied_key != key {
-        plan.rekey(&applied_key);
-    }
-    let store = Store::open(&loaded.state_dir)?;
-    let apply_started = std::time::Instant::now();
-    let report = crate::apply::apply(&plan, &loaded.host, &store, "cli")?;
-    loaded.phases.add(
-        Phase::Apply,
-        apply_started
-            .elapsed()
-            .saturating_sub(report.prune_duration),
-    );
-    loaded.phases.add(Phase::Prune, report.prune_duration);
-    // Kubernetes stacks, after the native resources; each fails alone.
-    let stacks_started = std::time::Instant::now();
-    let mut stacks = crate::k8s::apply::apply_stacks(
-        &plan.catalog,
-        &inventory,
-        &applied_key,
-        &store,
-        &loaded.kube,
-        None,
-        None,
-    );
-    for st in &mut stacks {
-        st.scrub(&cli_scrub);
-    }
-    loaded.phases.add(Phase::Apply, stacks_started.elapsed());
-    crate::k8s::apply::record_run(&store, &hostname, report.started_ms, &stacks)?;
-    if args.target.rev.is_some() && !report.failed() {
+    let run = crate::run::run(
+        catalog,
+        crate::run::Mode::Apply,
+        crate::run::Targets::All,
+        &run_context(&loaded, &cli_scrub),
+    )?;
+    loaded.phases.add_all(&run.phases);
+    let applied = match run.apply {
+        crate::run::ApplyStage::Done(applied) => applied,
+        crate::run::ApplyStage::Refused(e) => {
+            out!(
+                "{}",
+                report::plan_text(&run.plan, loaded.sandbox.as_deref(), style())
+            );
+            // Refused before the state is opened for writing: nothing changes.
+            return Err(e.into());
+        }
+        crate::run::ApplyStage::NotAsked => unreachable!("an apply run applies"),
+    };
+    if args.target.rev.is_some() && !applied.host.failed() {
         // A revision picked by hand: the daemon keeps it until a newer fetch.
-        let fetched = loaded.fetched.clone();
-        store.write(&hostname, |w| {
-            w.update_host(|h| {
-                if fetched.is_some() {
-                    h.fetched_revision = fetched.clone();
-                }
-                h.manual_override = h.fetched_revision.clone().or(Some(String::new()));
-            })
-        })?;
+        let store = Store::open(&loaded.state_dir)?;
+        crate::run::record::manual_override(&store, &hostname, loaded.fetched.clone())?;
     }
-    drop(store);
     if args.json {
-        let mut value = serde_json::to_value(&report)?;
-        value["stacks"] = serde_json::to_value(&stacks)?;
+        let mut value = serde_json::to_value(&applied.host)?;
+        value["stacks"] = serde_json::to_value(&applied.stacks)?;
         outln!("{}", serde_json::to_string_pretty(&value)?);
     } else {
-        out!("{}", report::apply_text(&report, style()));
-        out!("{}", crate::k8s::report::apply_text(&stacks, style()));
+        out!("{}", report::apply_text(&applied.host, style()));
+        out!(
+            "{}",
+            crate::k8s::report::apply_text(&applied.stacks, style())
+        );
     }
     if let Some(t) = &telemetry {
-        t.observe_apply(&plan, &report, "cli");
+        t.observe_apply(&run.plan, &applied.host, "cli");
         t.flush(std::time::Duration::from_secs(5));
     }
     if let Some(path) = &args.metrics_file {
         write_metrics_file(
             path,
             &loaded.state_dir,
-            &plan,
-            Some(&report),
+            &run.plan,
+            Some(&applied.host),
             &loaded.phases,
         )?;
     }
-    let stacks_failed = stacks.iter().any(crate::k8s::apply::StackReport::failed);
-    let stacks_changed = stacks.iter().any(|s| {
-        let c = &s.counts;
-        c.created + c.changed + c.drift_healed + c.pruned + c.skipped > 0
-    });
-    Ok(if report.failed() || stacks_failed {
+    Ok(if applied.failed() {
         ExitCode::from(1)
-    } else if args.detailed_exitcode && (report.changed_anything() || stacks_changed) {
+    } else if args.detailed_exitcode && applied.changed_anything() {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS
@@ -684,9 +640,10 @@ fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
 
 fn run_secrets_check(args: CheckArgs) -> Result<ExitCode> {
     let loaded = load(&args.target)?;
+    let catalog = loaded.catalog.as_ref().expect("loaded");
     let mut ok = 0;
     let mut failed = Vec::new();
-    for e in &loaded.catalog.entries {
+    for e in &catalog.entries {
         match &e.blocked {
             Some(why) => failed.push(format!(
                 "{}  (module {}, {}:{}): {why}",
@@ -698,7 +655,7 @@ fn run_secrets_check(args: CheckArgs) -> Result<ExitCode> {
     }
     outln!(
         "Secrets for host {}: {ok} resource(s) resolved all their references, {} could not.",
-        loaded.catalog.host.name,
+        catalog.host.name,
         failed.len()
     );
     for f in &failed {

@@ -138,7 +138,9 @@ pub fn install(
         let mut ctx = ApplyCtx::new(&host);
         unit.apply(&live, &changes, &mut ctx)?;
         if ctx.take_started() {
-            unit.wait_up(&host).map_err(ResourceError::Unsupported)?;
+            if let Some(service) = unit.as_startable() {
+                service.wait_up(&host)?;
+            }
         }
     }
     Ok(Installed {

@@ -21,6 +21,7 @@ pub mod plan;
 pub mod redact;
 pub mod report;
 pub mod resources;
+pub mod run;
 pub mod secrets;
 pub mod source;
 pub mod telemetry;

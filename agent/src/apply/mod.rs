@@ -21,9 +21,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use homelab_agent_state::{
-    InventoryEntry, Origin, RunCounts, RunRecord, RunResult, StateError, Store,
-};
+use homelab_agent_state::{InventoryEntry, Origin, RunCounts, StateError, Store};
+
+mod outcome;
+pub use outcome::{KubeFailure, Outcome, Reason};
 
 use crate::plan::{Action, Classification, Plan};
 use crate::resources::{self, ApplyCtx, Host, PruneOutcome};
@@ -37,20 +38,6 @@ pub enum ApplyError {
     State(#[from] StateError),
 }
 
-/// What happened to one resource.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Outcome {
-    pub id: String,
-    pub action: Action,
-    pub class: Classification,
-    /// Fields changed, for messages.
-    pub fields: Vec<&'static str>,
-    /// `None` when it succeeded.
-    pub error: Option<String>,
-    /// Extra words (`left in place: it is not empty`).
-    pub note: Option<String>,
-}
-
 /// Everything apply did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ApplyReport {
@@ -61,9 +48,14 @@ pub struct ApplyReport {
     /// phase metrics.
     #[serde(skip)]
     pub prune_duration: Duration,
-    /// When the run started (its record's key for the stacks' counts).
+    /// When apply started and finished (Unix milliseconds).
     #[serde(skip)]
     pub started_ms: u64,
+    #[serde(skip)]
+    pub finished_ms: u64,
+    /// The first error, for the run record.
+    #[serde(skip)]
+    pub first_error: Option<String>,
 }
 
 impl ApplyReport {
@@ -100,7 +92,7 @@ pub fn refuse(plan: &Plan) -> ApplyError {
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -126,15 +118,116 @@ pub fn apply_cancellable(
     trigger: &str,
     cancel: Option<&AtomicBool>,
 ) -> Result<ApplyReport, ApplyError> {
+    let _ = trigger;
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     let started_ms = now_ms();
     if !plan.failures.is_empty() {
         return Err(refuse(plan));
     }
-    let hostname = plan.catalog.host.name.as_str();
-    let entries = &plan.catalog.entries;
+    record_intents(plan, store)?;
+    let mut progress = converge(plan, host, &cancelled);
+    let handled = handlers(
+        plan,
+        host,
+        &mut HandlerState {
+            done: progress.state.iter().map(|s| *s == State::Done).collect(),
+            started: &progress.started,
+            cancelled: &cancelled,
+        },
+    );
+    progress.take_handled(&handled);
+    let prune_started = Instant::now();
+    let prunes = prune(plan, host, cancelled());
+    let prune_duration = prune_started.elapsed();
+    let sync_error = host.fs.sync().err().map(|e| e.to_string());
+    let (outcomes, mut counts) = outcomes(plan, &mut progress, &handled, &prunes);
+    if sync_error.is_some() {
+        counts.failed += 1;
+    }
+    commit(plan, store, &progress, &prunes, sync_error.is_none())?;
+    let first_error = sync_error
+        .clone()
+        .or_else(|| outcomes.iter().find_map(|o| o.error.clone()));
+    Ok(ApplyReport {
+        outcomes,
+        counts,
+        revision: plan.catalog.revision.clone(),
+        prune_duration,
+        started_ms,
+        finished_ms: now_ms(),
+        first_error,
+    })
+}
 
-    // 2. Intents.
+/// Where one entry stands during apply.
+#[derive(Clone, Copy, PartialEq)]
+enum State {
+    Untouched,
+    /// Staged, waiting for its batch to commit.
+    Pending,
+    Done,
+    Failed,
+    Skipped,
+    /// Applied, then put back: the service it notifies did not come up.
+    RolledBack,
+}
+
+/// What apply knows of every catalog entry, by index.
+struct Progress {
+    state: Vec<State>,
+    errors: Vec<Option<String>>,
+    reasons: Vec<Option<Reason>>,
+    /// Started or restarted by its own apply.
+    started: Vec<bool>,
+}
+
+impl Progress {
+    fn fail(&mut self, i: usize, error: String, reason: Option<Reason>) {
+        self.state[i] = State::Failed;
+        self.errors[i] = Some(error);
+        self.reasons[i] = reason;
+    }
+
+    /// Commits the staged batch: each staged entry is done or failed.
+    fn flush(&mut self, host: &Host, batch: &mut Vec<(usize, crate::fsops::Staged)>) {
+        let (idx, staged): (Vec<usize>, Vec<_>) = std::mem::take(batch).into_iter().unzip();
+        for (i, result) in idx.into_iter().zip(host.fs.commit(staged)) {
+            match result {
+                Ok(()) => self.state[i] = State::Done,
+                Err(e) => self.fail(i, e.to_string(), None),
+            }
+        }
+    }
+
+    /// What the handlers did overrides the entry's own result.
+    fn take_handled(&mut self, handled: &[Handled]) {
+        for (i, h) in handled.iter().enumerate() {
+            match h {
+                Handled::Nothing | Handled::Restarted(_) => {}
+                Handled::Failed(why) => self.fail(i, why.clone(), None),
+                Handled::FailedRolledBack { why, service } => self.fail(
+                    i,
+                    why.clone(),
+                    Some(Reason::RolledBack {
+                        service: service.clone(),
+                    }),
+                ),
+                Handled::RolledBack { why, service } => {
+                    self.state[i] = State::RolledBack;
+                    self.errors[i] = Some(why.clone());
+                    self.reasons[i] = Some(Reason::RolledBack {
+                        service: service.clone(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Step 2: records *intents* (one transaction) for every resource about to
+/// be created or adopted, so a crash mid-apply leaves it owned and prunable.
+fn record_intents(plan: &Plan, store: &Store) -> Result<(), StateError> {
+    let entries = &plan.catalog.entries;
     let intents: Vec<(String, InventoryEntry)> = plan
         .resources
         .iter()
@@ -158,162 +251,152 @@ pub fn apply_cancellable(
             )
         })
         .collect();
-    if !intents.is_empty() {
-        store.write(hostname, |w| {
-            for (id, entry) in &intents {
-                w.put_inventory(id, entry)?;
-            }
-            Ok(())
-        })?;
+    if intents.is_empty() {
+        return Ok(());
     }
+    store.write(&plan.catalog.host.name, |w| {
+        for (id, entry) in &intents {
+            w.put_inventory(id, entry)?;
+        }
+        Ok(())
+    })
+}
 
-    // 3. Apply in order, batching staged file writes.
-    #[derive(Clone, Copy, PartialEq)]
-    enum State {
-        Untouched,
-        Pending,
-        Done,
-        Failed,
-        Skipped,
-        /// Applied, then put back: the service it notifies did not come up.
-        RolledBack,
-    }
-    let mut state = vec![State::Untouched; entries.len()];
-    let mut errors: Vec<Option<String>> = vec![None; entries.len()];
-    let mut started = vec![false; entries.len()];
+/// Step 3: applies in catalog order, batching staged file writes (a batch
+/// is flushed before anything that depends on it); a failed resource fails
+/// its dependents, the others still converge.
+fn converge(plan: &Plan, host: &Host, cancelled: &dyn Fn() -> bool) -> Progress {
+    let entries = &plan.catalog.entries;
+    let mut progress = Progress {
+        state: vec![State::Untouched; entries.len()],
+        errors: vec![None; entries.len()],
+        reasons: vec![None; entries.len()],
+        started: vec![false; entries.len()],
+    };
     let mut ctx = ApplyCtx::new(host);
     let mut batch: Vec<(usize, crate::fsops::Staged)> = Vec::new();
-    let flush = |batch: &mut Vec<(usize, crate::fsops::Staged)>,
-                 state: &mut Vec<State>,
-                 errors: &mut Vec<Option<String>>| {
-        let (idx, staged): (Vec<usize>, Vec<_>) = std::mem::take(batch).into_iter().unzip();
-        for (i, result) in idx.into_iter().zip(host.fs.commit(staged)) {
-            match result {
-                Ok(()) => state[i] = State::Done,
-                Err(e) => {
-                    state[i] = State::Failed;
-                    errors[i] = Some(e.to_string());
-                }
-            }
-        }
-    };
     for p in &plan.resources {
+        let i = p.index;
+        let entry = &entries[i];
         if p.action == Action::Skip {
-            state[p.index] = State::Skipped;
-            errors[p.index] = entries[p.index]
-                .blocked
-                .as_deref()
-                .or(p.note)
-                .map(|why| format!("skipped: {why}"));
+            progress.state[i] = State::Skipped;
+            let (why, reason) = match (&entry.blocked, p.note) {
+                (Some(needs), _) => (
+                    Some(needs.as_str()),
+                    Reason::Blocked {
+                        needs: needs.clone(),
+                    },
+                ),
+                (None, note) => (note, Reason::Held),
+            };
+            progress.errors[i] = why.map(|why| format!("skipped: {why}"));
+            progress.reasons[i] = Some(reason);
             continue;
         }
         if !matches!(p.action, Action::Create | Action::Update) {
             continue;
         }
-        let entry = &entries[p.index];
         if cancelled() {
-            state[p.index] = State::Failed;
-            errors[p.index] = Some("not applied: the agent was asked to stop".to_string());
+            progress.fail(
+                i,
+                "not applied: the agent was asked to stop".to_string(),
+                Some(Reason::Stopped),
+            );
             continue;
         }
-        if entry.deps.iter().any(|&d| state[d] == State::Pending) {
-            flush(&mut batch, &mut state, &mut errors);
+        if entry
+            .deps
+            .iter()
+            .any(|&d| progress.state[d] == State::Pending)
+        {
+            progress.flush(host, &mut batch);
         }
-        if let Some(&d) = entry.deps.iter().find(|&&d| state[d] == State::Failed) {
-            state[p.index] = State::Failed;
-            errors[p.index] = Some(format!(
-                "skipped: it comes after {}, which failed",
-                entries[d].id
-            ));
+        if let Some(&d) = entry
+            .deps
+            .iter()
+            .find(|&&d| progress.state[d] == State::Failed)
+        {
+            progress.fail(
+                i,
+                format!("skipped: it comes after {}, which failed", entries[d].id),
+                Some(Reason::AfterFailed {
+                    id: entries[d].id.clone(),
+                }),
+            );
             continue;
         }
         let result = entry.resource.apply(&p.observation, &p.changes, &mut ctx);
-        started[p.index] = ctx.take_started();
+        progress.started[i] = ctx.take_started();
         match result {
             Ok(()) => {
                 let staged = ctx.take_staged();
                 if staged.is_empty() {
-                    state[p.index] = State::Done;
+                    progress.state[i] = State::Done;
                 } else {
-                    state[p.index] = State::Pending;
-                    batch.extend(staged.into_iter().map(|s| (p.index, s)));
+                    progress.state[i] = State::Pending;
+                    batch.extend(staged.into_iter().map(|s| (i, s)));
                 }
             }
-            Err(e) => {
-                state[p.index] = State::Failed;
-                errors[p.index] = Some(e.to_string());
-            }
+            Err(e) => progress.fail(i, e.to_string(), None),
         }
     }
-    flush(&mut batch, &mut state, &mut errors);
+    progress.flush(host, &mut batch);
+    progress
+}
 
-    // 3b. Handlers: restart notified services once, wait for every started
-    // service to come up, roll back what made one fail.
-    let handled = handlers(
-        plan,
-        host,
-        &mut HandlerState {
-            done: state.iter().map(|s| *s == State::Done).collect(),
-            started: &started,
-            cancelled: &cancelled,
-        },
-    );
-    for (i, h) in handled.iter().enumerate() {
-        match h {
-            Handled::Nothing => {}
-            Handled::Restarted(_) => {}
-            Handled::Failed(why) | Handled::FailedRolledBack(why) => {
-                state[i] = State::Failed;
-                errors[i] = Some(why.clone());
+/// What pruning one inventory entry did: a note, or why it failed.
+type Pruned = Result<Option<String>, PruneError>;
+
+/// Why an inventory entry was not pruned.
+#[derive(Debug, thiserror::Error)]
+enum PruneError {
+    #[error("not pruned: the agent was asked to stop")]
+    Stopped,
+    #[error("unknown kind `{0}` in the inventory; this agent cannot prune it")]
+    UnknownKind(String),
+    #[error(transparent)]
+    Resource(#[from] resources::ResourceError),
+}
+
+/// Step 4: prunes what the plan found owned and gone from the desired
+/// state (deepest paths first: the plan's order); nothing when stopping.
+fn prune(plan: &Plan, host: &Host, stopping: bool) -> Vec<Pruned> {
+    plan.prunes
+        .iter()
+        .map(|p| {
+            if stopping {
+                return Err(PruneError::Stopped);
             }
-            Handled::RolledBack(why) => {
-                state[i] = State::RolledBack;
-                errors[i] = Some(why.clone());
+            if p.action == Action::Forget {
+                return Ok(None);
             }
-        }
-    }
+            let kind =
+                resources::kind(&p.kind).ok_or_else(|| PruneError::UnknownKind(p.kind.clone()))?;
+            let identity = p.id.split_once(':').map_or("", |(_, i)| i);
+            match kind.prune(identity, host)? {
+                PruneOutcome::LeftInPlace(why) => Ok(Some(format!("left in place: {why}"))),
+                _ => Ok(None),
+            }
+        })
+        .collect()
+}
 
-    // 4. Prune.
-    let prune_started = Instant::now();
-    let mut prune_results = Vec::new();
-    let stop_before_prune = cancelled();
-    for p in &plan.prunes {
-        if stop_before_prune {
-            prune_results.push(Err("not pruned: the agent was asked to stop".to_string()));
-            continue;
-        }
-        let result = match p.action {
-            Action::Forget => Ok(None),
-            _ => match resources::kind(&p.kind) {
-                None => Err(format!(
-                    "unknown kind `{}` in the inventory; this agent cannot prune it",
-                    p.kind
-                )),
-                Some(kind) => {
-                    let identity = p.id.split_once(':').map_or("", |(_, i)| i);
-                    match kind.prune(identity, host) {
-                        Ok(PruneOutcome::LeftInPlace(why)) => {
-                            Ok(Some(format!("left in place: {why}")))
-                        }
-                        Ok(_) => Ok(None),
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-            },
-        };
-        prune_results.push(result);
-    }
-    let prune_duration = prune_started.elapsed();
-    let sync_error = host.fs.sync().err().map(|e| e.to_string());
-
-    // Outcomes and counts.
+/// The outcome of every entry that was not simply in sync, and the counts.
+fn outcomes(
+    plan: &Plan,
+    progress: &mut Progress,
+    handled: &[Handled],
+    prunes: &[Pruned],
+) -> (Vec<Outcome>, RunCounts) {
+    let entries = &plan.catalog.entries;
     let mut counts = RunCounts::default();
     let mut outcomes = Vec::new();
     for p in &plan.resources {
-        let entry = &entries[p.index];
-        let error = errors[p.index].take();
+        let i = p.index;
+        let error = progress.errors[i].take();
+        let reason = progress.reasons[i].take();
         match (p.class, p.action, &error) {
-            _ if state[p.index] == State::Skipped => counts.skipped += 1,
+            _ if progress.state[i] == State::Skipped => counts.skipped += 1,
             (_, _, Some(_)) => counts.failed += 1,
             (Classification::InSync, ..) => counts.unchanged += 1,
             (_, Action::Report, _) => counts.drift_reported += 1,
@@ -322,45 +405,46 @@ pub fn apply_cancellable(
             (Classification::Drift, ..) => counts.drift_healed += 1,
             _ => {}
         }
-        let (restarted, rolled_back) = match &handled[p.index] {
-            Handled::Restarted(by) => (Some(by.clone()), false),
-            Handled::RolledBack(_) => (None, true),
-            Handled::FailedRolledBack(_) => (None, true),
-            Handled::Failed(_) => (None, false),
-            Handled::Nothing => (None, false),
+        let restarted = match &handled[i] {
+            Handled::Restarted(by) => Some(by.clone()),
+            _ => None,
         };
-        // Events and reports recognise a rollback by this note.
+        let rolled_back = matches!(reason, Some(Reason::RolledBack { .. }));
         let rollback_note = rolled_back.then(|| "rolled back".to_string());
+        let reason = reason.or_else(|| restarted.clone().map(|by| Reason::Restarted { by }));
         if p.class != Classification::InSync {
             outcomes.push(Outcome {
-                id: entry.id.clone(),
+                id: entries[i].id.clone(),
                 action: p.action,
                 class: p.class,
-                fields: p.changes.iter().map(|c| c.field).collect(),
+                fields: p.changes.iter().map(|c| c.field.to_string()).collect(),
                 error,
                 note: rollback_note
                     .or_else(|| restarted.map(|by| format!("restarted (notified by {by})"))),
+                reason,
             });
         } else if restarted.is_some() || error.is_some() {
             outcomes.push(Outcome {
-                id: entry.id.clone(),
+                id: entries[i].id.clone(),
                 action: Action::Restart,
                 class: p.class,
                 fields: Vec::new(),
                 error,
                 note: rollback_note.or_else(|| restarted.map(|by| format!("notified by {by}"))),
+                reason,
             });
         }
     }
-    for (p, result) in plan.prunes.iter().zip(&prune_results) {
-        let (error, note) = match result {
+    for (p, result) in plan.prunes.iter().zip(prunes) {
+        let (error, note, reason) = match result {
             Ok(note) => {
                 counts.pruned += 1;
-                (None, note.clone())
+                (None, note.clone(), None)
             }
             Err(e) => {
                 counts.failed += 1;
-                (Some(e.clone()), None)
+                let reason = matches!(e, PruneError::Stopped).then_some(Reason::Stopped);
+                (Some(e.to_string()), None, reason)
             }
         };
         outcomes.push(Outcome {
@@ -370,38 +454,27 @@ pub fn apply_cancellable(
             fields: Vec::new(),
             error,
             note,
+            reason,
         });
     }
-    if sync_error.is_some() {
-        counts.failed += 1;
-    }
+    (outcomes, counts)
+}
 
-    // 5. Commit state.
-    // Skipped resources mean the host did not fully converge: the revision
-    // is not recorded as applied and the run is partial.
-    let failed = counts.failed > 0 || counts.skipped > 0;
-    let first_error = sync_error
-        .clone()
-        .or_else(|| outcomes.iter().find_map(|o| o.error.clone()));
-    let record = RunRecord {
-        started_ms,
-        finished_ms: now_ms(),
-        trigger: trigger.to_string(),
-        revision: plan.catalog.revision.clone(),
-        counts: counts.clone(),
-        result: if !failed {
-            RunResult::Success
-        } else if counts.created + counts.changed + counts.drift_healed + counts.pruned > 0 {
-            RunResult::Partial
-        } else {
-            RunResult::Failed
-        },
-        error: first_error,
-    };
-    store.write(hostname, |w| {
+/// Step 5: the inventory in one transaction: applied entries get their
+/// digest, a rolled-back change is held, pruned entries leave. (The run
+/// record and the applied revision are written by `run::record`.)
+fn commit(
+    plan: &Plan,
+    store: &Store,
+    progress: &Progress,
+    prunes: &[Pruned],
+    synced: bool,
+) -> Result<(), StateError> {
+    let entries = &plan.catalog.entries;
+    store.write(&plan.catalog.host.name, |w| {
         for p in &plan.resources {
             let entry = &entries[p.index];
-            if state[p.index] == State::RolledBack {
+            if progress.state[p.index] == State::RolledBack {
                 // Keeps what was applied before; holds this desired state.
                 let mut held = p.known.clone().unwrap_or(InventoryEntry {
                     kind: entry.resource.kind().to_string(),
@@ -416,25 +489,25 @@ pub fn apply_cancellable(
                 continue;
             }
             let ok = match p.action {
-                Action::Create | Action::Update => {
-                    state[p.index] == State::Done && sync_error.is_none()
-                }
+                Action::Create | Action::Update => progress.state[p.index] == State::Done && synced,
                 // Not looked at, not applied: its entry (if any) stays as it
                 // was. Recording it would make a file that was there before
                 // "created" (so prunable), and a hand edit of it a "change".
                 Action::Skip => false,
                 _ => true,
             };
-            if !ok {
+            if !ok || p.action == Action::Report {
                 continue;
             }
-            let origin = p.known.as_ref().map(|k| k.origin).unwrap_or(
-                if p.observation.exists || p.action == Action::Report {
+            let origin = p
+                .known
+                .as_ref()
+                .map(|k| k.origin)
+                .unwrap_or(if p.observation.exists {
                     Origin::Adopted
                 } else {
                     Origin::Created
-                },
-            );
+                });
             let held_secrets = entry.resource.holds_secrets();
             let up_to_date = p.known.as_ref().is_some_and(|k| {
                 k.digest.as_deref() == Some(p.digest.as_str())
@@ -442,7 +515,7 @@ pub fn apply_cancellable(
                     && k.held_secrets == held_secrets
                     && k.rolled_back.is_none()
             });
-            if !up_to_date && p.action != Action::Report {
+            if !up_to_date {
                 w.put_inventory(
                     &entry.id,
                     &InventoryEntry {
@@ -456,26 +529,12 @@ pub fn apply_cancellable(
                 )?;
             }
         }
-        for (p, result) in plan.prunes.iter().zip(&prune_results) {
+        for (p, result) in plan.prunes.iter().zip(prunes) {
             if result.is_ok() {
                 w.remove_inventory(&p.id)?;
             }
         }
-        if !failed {
-            let finished = record.finished_ms / 1000;
-            w.update_host(|h| {
-                h.applied_revision = Some(plan.catalog.revision.clone());
-                h.applied_at = Some(finished);
-            })?;
-        }
-        w.add_run(&record)
-    })?;
-    Ok(ApplyReport {
-        outcomes,
-        counts,
-        revision: plan.catalog.revision.clone(),
-        prune_duration,
-        started_ms,
+        Ok(())
     })
 }
 
@@ -487,11 +546,18 @@ enum Handled {
     Restarted(String),
     /// A service that did not restart or come up; or a restore that failed.
     Failed(String),
-    /// A resource put back to its previous state (not recorded as applied).
-    RolledBack(String),
+    /// A resource put back to its previous state (not recorded as applied)
+    /// because `service` did not come up.
+    RolledBack {
+        why: String,
+        service: String,
+    },
     /// A service that did not come up; what fed it was put back (the
     /// service itself had not changed).
-    FailedRolledBack(String),
+    FailedRolledBack {
+        why: String,
+        service: String,
+    },
 }
 
 struct HandlerState<'a> {
@@ -549,9 +615,12 @@ fn handlers(plan: &Plan, host: &Host, st: &mut HandlerState<'_>) -> Vec<Handled>
             .map(|&i| entries[i].id.as_str())
             .collect::<Vec<_>>()
             .join(", ");
+        let Some(startable) = service.resource.as_startable() else {
+            continue;
+        };
         let mut restarted = own_start;
         if !own_start {
-            match service.resource.notified(host) {
+            match startable.notified(host) {
                 Ok(true) => {
                     restarted = true;
                     out[s] = Handled::Restarted(names.clone());
@@ -566,7 +635,7 @@ fn handlers(plan: &Plan, host: &Host, st: &mut HandlerState<'_>) -> Vec<Handled>
         if !restarted {
             continue;
         }
-        let Err(why) = service.resource.wait_up(host) else {
+        let Err(why) = startable.wait_up(host) else {
             continue;
         };
         // Roll back what changed this run and feeds the service.
@@ -587,7 +656,14 @@ fn handlers(plan: &Plan, host: &Host, st: &mut HandlerState<'_>) -> Vec<Handled>
         let mut restored = Vec::new();
         let mut restore_errors = Vec::new();
         for &i in &restorable {
-            match entries[i].resource.restore(&planned[&i].observation, host) {
+            let result = match entries[i].resource.as_restorable() {
+                Some(r) => r.restore(&planned[&i].observation, host),
+                None => Err(resources::ResourceError::Unsupported(format!(
+                    "{} cannot be rolled back",
+                    entries[i].resource.kind()
+                ))),
+            };
+            match result {
                 Ok(()) => restored.push(i),
                 Err(e) => restore_errors.push(format!("{}: {e}", entries[i].id)),
             }
@@ -597,8 +673,8 @@ fn handlers(plan: &Plan, host: &Host, st: &mut HandlerState<'_>) -> Vec<Handled>
             .map(|&i| entries[i].id.as_str())
             .collect::<Vec<_>>()
             .join(", ");
-        let after = match service.resource.notified(host) {
-            Ok(_) => match service.resource.wait_up(host) {
+        let after = match startable.notified(host) {
+            Ok(_) => match startable.wait_up(host) {
                 Ok(()) => "running the previous configuration".to_string(),
                 Err(e) => format!("still not up after the rollback: {e}"),
             },
@@ -616,16 +692,25 @@ fn handlers(plan: &Plan, host: &Host, st: &mut HandlerState<'_>) -> Vec<Handled>
         }
         for &i in &restored {
             if i != s {
-                out[i] = Handled::RolledBack(format!(
-                    "rolled back: {} did not come up with this change",
-                    service.id
-                ));
+                out[i] = Handled::RolledBack {
+                    why: format!(
+                        "rolled back: {} did not come up with this change",
+                        service.id
+                    ),
+                    service: service.id.clone(),
+                };
             }
         }
         out[s] = if restored.contains(&s) {
-            Handled::RolledBack(msg)
+            Handled::RolledBack {
+                why: msg,
+                service: service.id.clone(),
+            }
         } else {
-            Handled::FailedRolledBack(msg)
+            Handled::FailedRolledBack {
+                why: msg,
+                service: service.id.clone(),
+            }
         };
     }
     out

@@ -794,36 +794,23 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
             }
         }
         let candidate_ok = refused.is_none();
-        let _ = Store::open(&s.state_dir).and_then(|st| {
-            st.write(&s.host, |w| {
-                w.update_host(|h| {
-                    if fetched.is_some() {
-                        h.fetched_revision = fetched.clone();
-                    }
-                    if candidate_ok && h.applied_revision.as_deref() == Some(revision.as_str()) {
-                        h.last_good_revision = Some(revision.clone());
-                    }
-                    if h.manual_override.is_some()
-                        && fetched.is_some()
-                        && h.manual_override != fetched
-                    {
-                        h.manual_override = None;
-                    }
-                    h.refused = refused.clone();
-                })
-            })
-        });
+        record_source(
+            &s,
+            &crate::run::record::SourceResult {
+                fetched: fetched.as_deref(),
+                converged: Some((&revision, candidate_ok)),
+                refused: refused.as_ref(),
+            },
+        );
     } else {
-        let _ = Store::open(&s.state_dir).and_then(|st| {
-            st.write(&s.host, |w| {
-                w.update_host(|h| {
-                    if fetched.is_some() {
-                        h.fetched_revision = fetched.clone();
-                    }
-                    h.refused = refused.clone();
-                })
-            })
-        });
+        record_source(
+            &s,
+            &crate::run::record::SourceResult {
+                fetched: fetched.as_deref(),
+                converged: None,
+                refused: refused.as_ref(),
+            },
+        );
     }
     report_refusal(shared, &record, refused.as_ref(), &trigger);
     shared.runs.fetch_add(1, Ordering::Relaxed);
@@ -833,6 +820,15 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     release_memory();
     refresh_status_from_state(shared);
     shared.status.write().unwrap().counts = counts;
+}
+
+/// Writes what the source stage decided (see `run::record`).
+fn record_source(s: &Settings, result: &crate::run::record::SourceResult<'_>) {
+    let written = Store::open(&s.state_dir)
+        .and_then(|st| crate::run::record::source_result(&st, &s.host, result));
+    if let Err(e) = written {
+        warn!(error = %e, "cannot record the revisions of this run in the state");
+    }
 }
 
 /// Logs, counts and (once per refusal) sends a refused revision.
@@ -879,43 +875,30 @@ fn report_refusal(
     }
 }
 
+/// A failure of a daemon run before it applied, already logged and sent
+/// (scrubbed of the run's secret values).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct RunStopped {
+    message: String,
+}
+
 /// Heals the host's native resources with the catalog of the run in
 /// progress (called while its stacks wait): plan, apply, telemetry. Its own
 /// run record, trigger `watch`.
 fn heal_native(
     shared: &Arc<Shared>,
-    s: &Settings,
     catalog: &Arc<Catalog>,
-    host: &Host,
+    cx: &crate::run::RunContext<'_>,
     store: &Store,
-    key: &homelab_agent_state::DigestKey,
     secrets: &Scrubber,
 ) {
-    let trigger = Trigger::Drift.name();
-    let inventory = match store.inventory(&s.host) {
-        Ok(i) => i,
-        Err(e) => {
-            warn!(error = %e, "cannot read the inventory to heal drift during a rollout");
-            return;
-        }
-    };
-    let plan = plan::plan(catalog.clone(), host, &inventory, key);
-    if !plan.failures.is_empty() {
-        shared.telemetry.observe_plan(&plan);
-        return;
-    }
-    match crate::apply::apply_cancellable(&plan, host, store, trigger, Some(&shared.cancel)) {
-        Ok(report) => {
-            shared.telemetry.observe_apply(&plan, &report, trigger);
-            info!(
-                trigger,
-                healed = report.counts.drift_healed,
-                failed = report.counts.failed,
-                "native drift healed while a stack waits for its rollout"
-            );
-        }
+    let trigger = cx.trigger;
+    let run = match crate::run::heal(catalog.clone(), cx, store) {
+        Ok(run) => run,
         Err(e) => {
             let e = secrets.scrub(&e.to_string());
+            warn!(error = %e, "cannot heal drift during a rollout");
             shared.telemetry.run_error(
                 Some(Phase::Apply),
                 "apply",
@@ -923,37 +906,27 @@ fn heal_native(
                 &e,
                 trigger,
             );
+            return;
         }
+    };
+    match &run.apply {
+        crate::run::ApplyStage::Done(applied) => {
+            shared
+                .telemetry
+                .observe_apply(&run.plan, &applied.host, trigger);
+            info!(
+                trigger,
+                healed = applied.host.counts.drift_healed,
+                failed = applied.host.counts.failed,
+                "native drift healed while a stack waits for its rollout"
+            );
+        }
+        _ => shared.telemetry.observe_plan(&run.plan),
     }
 }
 
-fn run_plan_apply(
-    shared: &Arc<Shared>,
-    s: &Settings,
-    catalog: Catalog,
-    trigger: &str,
-    phases: &mut Phases,
-    secrets: &Scrubber,
-) -> Result<(ClassCounts, RunOutcome), String> {
-    let telemetry = &shared.telemetry;
-    let revision = catalog.revision.clone();
-    let failed = |phase: Option<Phase>, stage: &str, e: String| {
-        let e = secrets.scrub(&e);
-        telemetry.run_error(phase, stage, Some(&revision), &e, trigger);
-        e
-    };
-    let fs = Fs::new(s.root.as_deref().unwrap_or(Path::new("/")))
-        .map_err(|e| failed(Some(Phase::Observe), "observe", e.to_string()))?;
-    let host = Host::new(fs, s.root.is_some(), catalog.host.platform);
-    let inventory = Store::open_read_only_recovering(&s.state_dir)
-        .and_then(|st| st.inventory(&s.host))
-        .map_err(|e| failed(None, "state", e.to_string()))?;
-    let key = homelab_agent_state::DigestKey::load(&s.state_dir, true)
-        .map_err(|e| failed(None, "state", e.to_string()))?;
-    host.fs.set_temp_key(key.bytes());
-    let plan = phases.time(Phase::Observe, || {
-        plan::plan(catalog, &host, &inventory, &key)
-    });
+/// The drift, skips and counts of a native plan, logged and counted.
+fn plan_counts(plan: &plan::Plan) -> ClassCounts {
     let mut counts = ClassCounts {
         prune: plan.prunes.len(),
         ..ClassCounts::default()
@@ -967,96 +940,125 @@ fn run_plan_apply(
             Classification::Skipped => counts.skipped += 1,
             Classification::Prune => {}
         }
-        if let (Classification::Skipped, Some(why)) =
-            (p.class, &plan.catalog.entries[p.index].blocked)
-        {
-            warn!(resource = %plan.catalog.entries[p.index].id, reason = %why, "skipped: a secret did not resolve");
+    }
+    counts
+}
+
+fn log_plan(plan: &plan::Plan) {
+    for p in &plan.resources {
+        let e = &plan.catalog.entries[p.index];
+        if let (Classification::Skipped, Some(why)) = (p.class, &e.blocked) {
+            warn!(resource = %e.id, reason = %why, "skipped: a secret did not resolve");
         }
         if p.class == Classification::Drift {
-            let e = &plan.catalog.entries[p.index];
             info!(resource = %e.id, module = %e.module, on_drift = e.on_drift.name(), "drift detected");
         }
     }
-    if !plan.failures.is_empty() {
-        telemetry.observe_plan(&plan);
-        let err = crate::apply::refuse(&plan).to_string();
-        return Err(failed(Some(Phase::Observe), "observe", err));
-    }
+}
+
+fn run_plan_apply(
+    shared: &Arc<Shared>,
+    s: &Settings,
+    catalog: Catalog,
+    trigger: &str,
+    phases: &mut Phases,
+    secrets: &Scrubber,
+) -> Result<(ClassCounts, RunOutcome), RunStopped> {
+    let telemetry = &shared.telemetry;
+    let revision = catalog.revision.clone();
+    let failed = |phase: Option<Phase>, stage: &str, e: String| {
+        let message = secrets.scrub(&e);
+        telemetry.run_error(phase, stage, Some(&revision), &message, trigger);
+        RunStopped { message }
+    };
+    let fs = Fs::new(s.root.as_deref().unwrap_or(Path::new("/")))
+        .map_err(|e| failed(Some(Phase::Observe), "observe", e.to_string()))?;
+    let host = Host::new(fs, s.root.is_some(), catalog.host.platform);
+    let catalog = Arc::new(catalog);
+    let kube = crate::k8s::client::KubeSettings {
+        kubeconfig: s.config.kubeconfig.clone(),
+        sandbox: s.root.is_some(),
+    };
+    let scrub = |t: &str| secrets.scrub(t);
     // The drift watcher compares events against this catalog from now on:
     // set before applying, so the events of the agent's own writes compare
     // equal and queue nothing.
-    let by_path = plan
-        .catalog
-        .entries
-        .iter()
-        .enumerate()
-        .filter_map(|(i, e)| e.resource.path().map(|p| (host.fs.host_path(p), i)))
-        .collect();
-    *shared.drift.write().unwrap() = Some(DriftIndex {
-        catalog: plan.catalog.clone(),
-        by_path,
-        root: s.root.clone(),
-        platform: plan.catalog.host.platform,
-    });
-    let store = Store::open(&s.state_dir).map_err(|e| failed(None, "state", e.to_string()))?;
-    let apply_started = Instant::now();
-    let report =
-        crate::apply::apply_cancellable(&plan, &host, &store, trigger, Some(&shared.cancel))
-            .map_err(|e| failed(Some(Phase::Apply), "apply", e.to_string()))?;
-    // Kubernetes stacks after the native resources, on a runtime of their
-    // own inside this blocking task (the event loop is never blocked).
-    // The watchers follow this catalog before the stacks start: a hand edit
-    // made while a stack waits is seen at once.
-    if let Some(sync) = shared.sync_watchers.get() {
-        sync();
-    }
-    // While a stack waits for its rollout, native drift is healed at once
-    // (a run of its own, trigger `watch`), never after the stack's timeout.
-    let heal = || {
-        if shared.queue.take_drift() {
-            heal_native(shared, s, &plan.catalog, &host, &store, &key, secrets);
+    let on_planned = |plan: &plan::Plan| {
+        log_plan(plan);
+        let by_path = plan
+            .catalog
+            .entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.resource.path().map(|p| (host.fs.host_path(p), i)))
+            .collect();
+        *shared.drift.write().unwrap() = Some(DriftIndex {
+            catalog: plan.catalog.clone(),
+            by_path,
+            root: s.root.clone(),
+            platform: plan.catalog.host.platform,
+        });
+    };
+    // The watchers follow this catalog before the stacks start: a hand
+    // edit made while a stack waits is seen at once.
+    let on_host_applied = || {
+        if let Some(sync) = shared.sync_watchers.get() {
+            sync();
         }
     };
-    let mut stacks = crate::k8s::apply::apply_stacks(
-        &plan.catalog,
-        &inventory,
-        &key,
-        &store,
-        &crate::k8s::client::KubeSettings {
-            kubeconfig: s.config.kubeconfig.clone(),
-            sandbox: s.root.is_some(),
-        },
-        Some(&shared.cancel),
-        Some(&heal),
-    );
-    for st in &mut stacks {
-        st.scrub(&|t: &str| secrets.scrub(t));
-    }
-    if let Err(e) = crate::k8s::apply::record_run(&store, &s.host, report.started_ms, &stacks) {
-        warn!(error = %e, "cannot record the stacks' results in the run record");
-    }
-    log_stacks(&stacks);
-    for st in &stacks {
-        let errors = st
-            .error
-            .iter()
-            .chain(st.outcomes.iter().filter_map(|o| o.error.as_ref()))
-            .filter(|e| !e.starts_with("skipped"));
-        for e in errors {
-            telemetry
-                .metrics
-                .kube_error(crate::telemetry::metrics::KubeErrorReason::of_message(e));
+    let heal_cx = crate::run::RunContext {
+        host: &host,
+        state_dir: &s.state_dir,
+        kube: &kube,
+        trigger: Trigger::Drift.name(),
+        cancel: Some(&shared.cancel),
+        scrub: &scrub,
+        on_planned: None,
+        on_host_applied: None,
+        idle: None,
+    };
+    // While a stack waits for its rollout, native drift is healed at once
+    // (a run of its own, trigger `watch`), never after the stack's timeout.
+    let heal = |store: &Store| {
+        if shared.queue.take_drift() {
+            heal_native(shared, &catalog, &heal_cx, store, secrets);
         }
+    };
+    let cx = crate::run::RunContext {
+        host: &host,
+        state_dir: &s.state_dir,
+        kube: &kube,
+        trigger,
+        cancel: Some(&shared.cancel),
+        scrub: &scrub,
+        on_planned: Some(&on_planned),
+        on_host_applied: Some(&on_host_applied),
+        idle: Some(&heal),
+    };
+    let run = crate::run::run(
+        catalog.clone(),
+        crate::run::Mode::Apply,
+        crate::run::Targets::All,
+        &cx,
+    )
+    .map_err(|e| failed(None, "state", e.to_string()))?;
+    phases.add_all(&run.phases);
+    let counts = plan_counts(&run.plan);
+    let applied = match &run.apply {
+        crate::run::ApplyStage::Done(applied) => applied,
+        crate::run::ApplyStage::Refused(e) => {
+            log_plan(&run.plan);
+            telemetry.observe_plan(&run.plan);
+            return Err(failed(Some(Phase::Observe), "observe", e.to_string()));
+        }
+        crate::run::ApplyStage::NotAsked => unreachable!("an apply run applies"),
+    };
+    log_stacks(&applied.stacks);
+    for f in applied.stacks.iter().flat_map(|st| st.failures()) {
+        telemetry.metrics.kube_error(f);
     }
-    drop(store);
-    phases.add(
-        Phase::Apply,
-        apply_started
-            .elapsed()
-            .saturating_sub(report.prune_duration),
-    );
-    phases.add(Phase::Prune, report.prune_duration);
-    let outcome = telemetry.observe_apply(&plan, &report, trigger);
+    let report = &applied.host;
+    let outcome = telemetry.observe_apply(&run.plan, report, trigger);
     for o in &report.outcomes {
         match &o.error {
             None => {

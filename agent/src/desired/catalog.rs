@@ -117,18 +117,26 @@ pub fn build(
                         .line(*line)
                         .resource(&p.entry.id),
                 ),
-                Some(&j) if !kept[j].entry.resource.notifiable() => diags.push(
-                    Diagnostic::new(
-                        &p.entry.file,
-                        format!(
-                            "`notify` names `{target}`, a {} that cannot be notified",
-                            kept[j].entry.resource.kind()
-                        ),
+                Some(&j)
+                    if !kept[j]
+                        .entry
+                        .resource
+                        .as_startable()
+                        .is_some_and(|s| s.accepts_notify()) =>
+                {
+                    diags.push(
+                        Diagnostic::new(
+                            &p.entry.file,
+                            format!(
+                                "`notify` names `{target}`, a {} that cannot be notified",
+                                kept[j].entry.resource.kind()
+                            ),
+                        )
+                        .line(*line)
+                        .resource(&p.entry.id)
+                        .hint("only services restart on a notification: notify service:NAME"),
                     )
-                    .line(*line)
-                    .resource(&p.entry.id)
-                    .hint("only services restart on a notification: notify service:NAME"),
-                ),
+                }
                 Some(&j) => {
                     edges[j].insert(i);
                     notifies[i].push(j);

@@ -22,15 +22,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use homelab_agent_state::{
-    DigestKey, InventoryEntry, Origin, RunCounts, RunResult, StateError, Store,
-};
+use homelab_agent_state::{DigestKey, InventoryEntry, Origin, RunCounts, StateError, Store};
 use serde_json::Value as Json;
 
-use super::client::{self, Cluster, KubeSettings, Resolver};
+use super::client::{self, Cluster, Failure, KubeSettings, Resolver};
 use super::health::{self, Health};
 use super::plan::{self, ObjectPlan, StackPlan, StackStatus, PARALLELISM};
 use super::{Stack, INVENTORY_KIND};
+use crate::apply::{KubeFailure, Outcome, Reason};
 use crate::desired::catalog::Catalog;
 use crate::plan::{Action, Classification};
 
@@ -50,17 +49,6 @@ async fn pause(idle: Option<&Idle<'_>>) {
     tokio::time::sleep(POLL).await;
 }
 
-/// What happened to one object.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct StackOutcome {
-    pub id: String,
-    pub action: Action,
-    pub class: Classification,
-    pub fields: Vec<String>,
-    pub error: Option<String>,
-    pub note: Option<String>,
-}
-
 /// What apply did to one stack.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StackReport {
@@ -68,17 +56,28 @@ pub struct StackReport {
     /// Not checked: no cluster credentials at all (with the reason).
     pub not_checked: Option<String>,
     /// The whole stack failed (cannot connect, discovery, state).
-    pub error: Option<String>,
-    pub outcomes: Vec<StackOutcome>,
+    pub error: Option<Failure>,
+    pub outcomes: Vec<Outcome>,
     pub counts: RunCounts,
 }
 
 impl StackReport {
+    fn new(name: &str) -> StackReport {
+        StackReport {
+            name: name.to_string(),
+            not_checked: None,
+            error: None,
+            outcomes: Vec::new(),
+            counts: RunCounts::default(),
+        }
+    }
+
     /// Passes every message through `scrub` (the run's secret values and
     /// URL credentials out: an API server's refusal may quote what it was
     /// sent), before it is printed, logged or recorded.
     pub fn scrub(&mut self, scrub: &dyn Fn(&str) -> String) {
-        for text in self.error.iter_mut().chain(self.not_checked.iter_mut()) {
+        let error = self.error.iter_mut().map(|f| &mut f.message);
+        for text in error.chain(self.not_checked.iter_mut()) {
             *text = scrub(text);
         }
         for o in &mut self.outcomes {
@@ -91,54 +90,131 @@ impl StackReport {
     pub fn failed(&self) -> bool {
         self.error.is_some() || self.counts.failed > 0
     }
+
+    /// Every Kubernetes failure of the stack, by kind (the error metric).
+    pub fn failures(&self) -> impl Iterator<Item = KubeFailure> + '_ {
+        self.error
+            .iter()
+            .map(|f| f.kind)
+            .chain(self.outcomes.iter().filter_map(Outcome::kube_failure))
+    }
 }
 
-/// Applies every stack of the catalog in turn, each isolated from the
-/// others, and records each one's inventory in `store`.
-pub fn apply_stacks(
+/// The plans of a catalog's stacks, with what apply needs to carry them out
+/// (each planned stack's connection and the runtime it lives on): apply
+/// does exactly this plan, it never plans again.
+pub struct StacksPlan {
+    pub plans: Vec<StackPlan>,
+    connections: Vec<Option<(Cluster, Resolver)>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Default for StacksPlan {
+    /// No stacks.
+    fn default() -> StacksPlan {
+        StacksPlan {
+            plans: Vec::new(),
+            connections: Vec::new(),
+            runtime: None,
+        }
+    }
+}
+
+/// Plans every stack of the catalog side by side (none: empty). Never
+/// writes.
+pub fn plan_stacks(
     catalog: &Catalog,
     inventory: &BTreeMap<String, InventoryEntry>,
     key: &DigestKey,
-    store: &Store,
     settings: &KubeSettings,
-    cancel: Option<&AtomicBool>,
-    idle: Option<&Idle<'_>>,
-) -> Vec<StackReport> {
+) -> StacksPlan {
     if catalog.stacks.is_empty() {
-        return Vec::new();
+        return StacksPlan::default();
     }
-    let host = catalog.host.name.as_str();
-    // Stacks run side by side: one waiting for its rollout (up to its
-    // timeout) holds no other stack up.
-    plan::runtime().block_on(futures::future::join_all(
-        catalog.stacks.iter().enumerate().map(|(index, stack)| {
-            apply_one(
-                index, stack, host, inventory, key, store, settings, cancel, idle,
-            )
-        }),
-    ))
+    let runtime = plan::runtime();
+    let planned = runtime.block_on(futures::future::join_all(
+        catalog
+            .stacks
+            .iter()
+            .enumerate()
+            .map(|(index, stack)| plan::plan_one(index, stack, inventory, key, settings)),
+    ));
+    let (plans, connections) = planned.into_iter().unzip();
+    StacksPlan {
+        plans,
+        connections,
+        runtime: Some(runtime),
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
+impl StacksPlan {
+    /// Passes every message through `scrub` (see [`StackReport::scrub`]).
+    pub fn scrub(&mut self, scrub: &dyn Fn(&str) -> String) {
+        for p in &mut self.plans {
+            p.scrub(scrub);
+        }
+    }
+
+    /// Carries out every stack's plan side by side, each isolated from the
+    /// others, and records each one's inventory in `store`: one waiting for
+    /// its rollout (up to its timeout) holds no other stack up.
+    pub fn apply(
+        self,
+        catalog: &Catalog,
+        store: &Store,
+        cancel: Option<&AtomicBool>,
+        idle: Option<&Idle<'_>>,
+    ) -> Vec<StackReport> {
+        let Some(runtime) = self.runtime else {
+            return Vec::new();
+        };
+        let host = catalog.host.name.as_str();
+        runtime.block_on(futures::future::join_all(
+            self.plans.iter().zip(self.connections).map(|(plan, conn)| {
+                let stack = &catalog.stacks[plan.index];
+                let cx = Cx {
+                    stack,
+                    host,
+                    store,
+                    cancel,
+                    idle,
+                };
+                apply_one(cx, plan, conn)
+            }),
+        ))
+    }
+}
+
+/// What one stack's apply works with.
+#[derive(Clone, Copy)]
+struct Cx<'a> {
+    stack: &'a Stack,
+    host: &'a str,
+    store: &'a Store,
+    cancel: Option<&'a AtomicBool>,
+    idle: Option<&'a Idle<'a>>,
+}
+
+impl Cx<'_> {
+    fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+}
+
+fn stopped() -> Failure {
+    Failure::new(
+        KubeFailure::Other,
+        "not applied: the agent was asked to stop",
+    )
+}
+
+/// Carries out one stack's plan: the steps of the module comment.
 async fn apply_one(
-    index: usize,
-    stack: &Stack,
-    host: &str,
-    inventory: &BTreeMap<String, InventoryEntry>,
-    key: &DigestKey,
-    store: &Store,
-    settings: &KubeSettings,
-    cancel: Option<&AtomicBool>,
-    idle: Option<&Idle<'_>>,
+    cx: Cx<'_>,
+    plan: &StackPlan,
+    connection: Option<(Cluster, Resolver)>,
 ) -> StackReport {
-    let mut report = StackReport {
-        name: stack.name().to_string(),
-        not_checked: None,
-        error: None,
-        outcomes: Vec::new(),
-        counts: RunCounts::default(),
-    };
-    let (plan, connected) = plan::plan_one(index, stack, inventory, key, settings).await;
+    let mut report = StackReport::new(&plan.name);
     match &plan.status {
         StackStatus::NotChecked(why) => {
             report.not_checked = Some(why.clone());
@@ -150,16 +226,53 @@ async fn apply_one(
         }
         StackStatus::Planned => {}
     }
-    let (cluster, mut resolver) = connected.expect("a planned stack is connected");
+    let (cluster, mut resolver) = connection.expect("a planned stack is connected");
+    if let Err(e) = record_intents(&cx, plan) {
+        report.error = Some(Failure::new(
+            KubeFailure::Other,
+            format!("cannot record intents in the state: {e}; nothing was applied"),
+        ));
+        return report;
+    }
     let mut run = Run {
-        stack,
-        plan: &plan,
+        stack: cx.stack,
+        plan,
         cluster: &cluster,
-        idle,
+        idle: cx.idle,
         errors: vec![None; plan.objects.len()],
         applied: vec![false; plan.objects.len()],
     };
-    // 2. Intents.
+    let (first, rest) = stages(cx.stack, plan);
+    for &i in &first {
+        if cx.cancelled() {
+            run.errors[i] = Some(stopped());
+            continue;
+        }
+        run.apply_object(i, &resolver).await;
+    }
+    report.error = run.settle_crds(&first, &mut resolver).await.err();
+    if report.error.is_none() {
+        run.apply_by_rank(&rest, &resolver, &cx).await;
+    }
+    let prunes = prune(&cx, plan, &cluster, report.error.is_some()).await;
+    if cx.stack.spec.wait && report.error.is_none() && !cx.cancelled() {
+        run.wait_healthy(&resolver).await;
+    }
+    let (outcomes, counts) = outcomes(cx.stack, plan, &run.errors, &prunes);
+    if let Err(e) = commit(&cx, plan, &run.applied, &prunes) {
+        report.error = Some(Failure::new(
+            KubeFailure::Other,
+            format!("cannot record the stack's inventory: {e}"),
+        ));
+    }
+    report.outcomes = outcomes;
+    report.counts = counts;
+    report
+}
+
+/// Step 2: inventory entries without a digest for the objects about to be
+/// created, so a crash still leaves them owned and prunable.
+fn record_intents(cx: &Cx<'_>, plan: &StackPlan) -> Result<(), StateError> {
     let intents: Vec<(String, InventoryEntry)> = plan
         .objects
         .iter()
@@ -169,34 +282,33 @@ async fn apply_one(
                 p.id.clone(),
                 InventoryEntry {
                     kind: INVENTORY_KIND.to_string(),
-                    module: stack.name().to_string(),
+                    module: cx.stack.name().to_string(),
                     digest: None,
                     origin: Origin::Created,
-                    held_secrets: stack.objects[p.index].holds_secrets,
+                    held_secrets: cx.stack.objects[p.index].holds_secrets,
                     rolled_back: None,
                 },
             )
         })
         .collect();
-    if !intents.is_empty() {
-        if let Err(e) = store.write(host, |w| {
-            for (id, entry) in &intents {
-                w.put_inventory(id, entry)?;
-            }
-            Ok(())
-        }) {
-            report.error = Some(format!(
-                "cannot record intents in the state: {e}; nothing was applied"
-            ));
-            return report;
-        }
+    if intents.is_empty() {
+        return Ok(());
     }
-    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+    cx.store.write(cx.host, |w| {
+        for (id, entry) in &intents {
+            w.put_inventory(id, entry)?;
+        }
+        Ok(())
+    })
+}
 
-    // 3. Apply: stage 1 (CRDs, Namespaces), then the rest by rank.
+/// Step 3's order: CRDs and Namespaces first, then the rest, each by kind
+/// rank, group, kind and id.
+fn stages(stack: &Stack, plan: &StackPlan) -> (Vec<usize>, Vec<usize>) {
+    let reference = |i: usize| &stack.objects[plan.objects[i].index].reference;
     let mut order: Vec<usize> = (0..plan.objects.len()).collect();
     order.sort_by_key(|&i| {
-        let r = &stack.objects[plan.objects[i].index].reference;
+        let r = reference(i);
         (
             super::kind_rank(&r.kind),
             r.group.clone(),
@@ -204,156 +316,63 @@ async fn apply_one(
             plan.objects[i].id.clone(),
         )
     });
-    let first_stage = |i: &usize| {
+    order.into_iter().partition(|&i| {
         matches!(
-            stack.objects[plan.objects[*i].index]
-                .reference
-                .kind
-                .as_str(),
+            reference(i).kind.as_str(),
             "CustomResourceDefinition" | "Namespace"
         )
-    };
-    let (stage1, stage2): (Vec<usize>, Vec<usize>) = order.into_iter().partition(first_stage);
-    for &i in &stage1 {
-        if cancelled() {
-            run.errors[i] = Some("not applied: the agent was asked to stop".into());
-            continue;
-        }
-        run.apply_object(i, &resolver).await;
-    }
-    let crds_applied: Vec<usize> = stage1
-        .iter()
-        .copied()
-        .filter(|&i| {
-            run.applied[i]
-                && stack.objects[plan.objects[i].index].reference.kind == "CustomResourceDefinition"
-        })
-        .collect();
-    if !crds_applied.is_empty() {
-        for &i in &crds_applied {
-            if let Err(e) = run.wait_established(i, &resolver).await {
-                run.errors[i] = Some(e);
-            }
-        }
-        let groups: Vec<String> = {
-            let mut g: Vec<String> = stack
-                .objects
-                .iter()
-                .map(|o| o.reference.group.clone())
-                .collect();
-            g.sort();
-            g.dedup();
-            g
-        };
-        // Established is not yet served: wait (up to the stack's timeout)
-        // until discovery resolves every kind the stack's CRDs define.
-        let deadline = Instant::now() + stack.spec.timeout;
-        loop {
-            match Resolver::discover(&cluster, &groups).await {
-                Ok(r) => {
-                    let unresolved = stack.objects.iter().find(|o| {
-                        plan::defined_by_crd(stack, &o.reference)
-                            && r.resolve(&o.reference).is_none()
-                    });
-                    resolver = r;
-                    match unresolved {
-                        None => break,
-                        Some(o) if Instant::now() >= deadline => {
-                            report.error = Some(format!(
-                                "the cluster still serves no {} in {} {} after applying its CRD",
-                                o.reference.kind,
-                                o.api_version,
-                                humantime::format_duration(stack.spec.timeout)
-                            ));
-                            break;
-                        }
-                        Some(_) => pause(idle).await,
-                    }
-                }
-                Err(e) => {
-                    report.error = Some(format!("discovery after applying CRDs failed: {e}"));
-                    break;
-                }
-            }
-        }
-    }
-    let mut start = 0;
-    while start < stage2.len() && report.error.is_none() {
-        let rank = super::kind_rank(
-            &stack.objects[plan.objects[stage2[start]].index]
-                .reference
-                .kind,
-        );
-        let end = stage2[start..]
-            .iter()
-            .position(|&i| {
-                super::kind_rank(&stack.objects[plan.objects[i].index].reference.kind) != rank
-            })
-            .map_or(stage2.len(), |p| start + p);
-        let batch = &stage2[start..end];
-        let results: Vec<(usize, Result<bool, String>)> =
-            futures::stream::iter(batch.iter().copied())
-                .map(|i| {
-                    let run = &run;
-                    let resolver = &resolver;
-                    async move {
-                        if cancelled() {
-                            return (
-                                i,
-                                Err("not applied: the agent was asked to stop".to_string()),
-                            );
-                        }
-                        (i, run.apply_one_result(i, resolver).await)
-                    }
-                })
-                .buffer_unordered(PARALLELISM)
-                .collect()
-                .await;
-        for (i, r) in results {
-            match r {
-                Ok(applied) => run.applied[i] = applied,
-                Err(e) => run.errors[i] = Some(e),
-            }
-        }
-        start = end;
-    }
+    })
+}
 
-    // 4. Prune.
-    let mut prune_results: Vec<Result<Option<String>, String>> = Vec::new();
+/// What pruning one object did: a note, or why not.
+type Pruned = Result<Option<String>, Failure>;
+
+/// Step 4: deletes what the plan found owned and gone from the stack,
+/// nothing when the stack failed or the agent is stopping.
+async fn prune(cx: &Cx<'_>, plan: &StackPlan, cluster: &Cluster, failed: bool) -> Vec<Pruned> {
+    let mut results = Vec::new();
     for p in &plan.prunes {
         let result = match (p.action, &p.resource) {
-            _ if cancelled() || report.error.is_some() => Err("not pruned this run".to_string()),
+            _ if cx.cancelled() || failed => {
+                Err(Failure::new(KubeFailure::Other, "not pruned this run"))
+            }
             (Action::Delete, Some(ar)) => {
-                let api = client::api(&cluster, ar, p.reference.namespace.as_deref());
+                let api = client::api(cluster, ar, p.reference.namespace.as_deref());
                 match client::delete(&api, &p.reference.name).await {
                     Ok(true) => Ok(still_deleting(&api, &p.reference.name).await),
                     Ok(false) => Ok(Some("already gone".to_string())),
-                    Err(e) => Err(format!(
-                        "delete failed (kept in the inventory, retried next run): {}",
-                        e.describe()
+                    Err(e) => Err(Failure::call(
+                        &e,
+                        format!(
+                            "delete failed (kept in the inventory, retried next run): {}",
+                            e.describe()
+                        ),
                     )),
                 }
             }
             (Action::Forget, _) => Ok(p.note.clone()),
-            _ => Err(p.note.clone().unwrap_or_else(|| "not pruned".into())),
+            _ => Err(Failure::new(
+                KubeFailure::Other,
+                p.note.clone().unwrap_or_else(|| "not pruned".into()),
+            )),
         };
-        prune_results.push(result);
+        results.push(result);
     }
+    results
+}
 
-    // 5. Health.
-    if stack.spec.wait && report.error.is_none() && !cancelled() {
-        run.wait_healthy(&resolver).await;
-    }
-
-    // Outcomes and counts.
+/// The outcome of every object that was not simply in sync, and the counts.
+fn outcomes(
+    stack: &Stack,
+    plan: &StackPlan,
+    errors: &[Option<Failure>],
+    prunes: &[Pruned],
+) -> (Vec<Outcome>, RunCounts) {
     let mut counts = RunCounts::default();
     let mut outcomes = Vec::new();
     for (i, p) in plan.objects.iter().enumerate() {
         let o = &stack.objects[p.index];
-        let failure = run.errors[i].clone().or_else(|| p.error.clone());
-        let error = failure
-            .clone()
-            .or_else(|| o.blocked.as_ref().map(|b| format!("skipped: needs {b}")));
+        let failure = errors[i].clone().or_else(|| p.error.clone());
         match (p.class, p.action, &failure) {
             (_, _, Some(_)) => counts.failed += 1,
             (Classification::Skipped, ..) => counts.skipped += 1,
@@ -364,46 +383,65 @@ async fn apply_one(
             (Classification::Drift, ..) => counts.drift_healed += 1,
             _ => {}
         }
+        let blocked = failure.is_none().then_some(o.blocked.as_ref()).flatten();
+        let (error, reason) = match (failure, blocked) {
+            (Some(f), _) => (Some(f.message), Some(Reason::Kube(f.kind))),
+            (None, Some(b)) => (
+                Some(format!("skipped: needs {b}")),
+                Some(Reason::Blocked { needs: b.clone() }),
+            ),
+            (None, None) => (None, None),
+        };
         if p.class != Classification::InSync || error.is_some() {
-            outcomes.push(StackOutcome {
+            outcomes.push(Outcome {
                 id: p.id.clone(),
                 action: p.action,
                 class: p.class,
                 fields: p.changes.iter().map(|c| c.path.clone()).collect(),
                 error,
                 note: None,
+                reason,
             });
         }
     }
-    for (p, r) in plan.prunes.iter().zip(&prune_results) {
-        let (error, note) = match r {
+    for (p, r) in plan.prunes.iter().zip(prunes) {
+        let (error, note, reason) = match r {
             Ok(note) => {
                 if p.action == Action::Delete {
                     counts.pruned += 1;
                 }
-                (None, note.clone())
+                (None, note.clone(), None)
             }
-            Err(e) => {
+            Err(f) => {
                 counts.failed += 1;
-                (Some(e.clone()), None)
+                (Some(f.message.clone()), None, Some(Reason::Kube(f.kind)))
             }
         };
-        outcomes.push(StackOutcome {
+        outcomes.push(Outcome {
             id: p.id.clone(),
             action: p.action,
             class: Classification::Prune,
             fields: Vec::new(),
             error,
             note,
+            reason,
         });
     }
+    (outcomes, counts)
+}
 
-    // 6. Commit.
-    let committed = store.write(host, |w| -> Result<(), StateError> {
+/// Step 6: the stack's inventory in one transaction: applied objects get
+/// their digest, pruned ones leave; a failed delete stays to be retried.
+fn commit(
+    cx: &Cx<'_>,
+    plan: &StackPlan,
+    applied: &[bool],
+    prunes: &[Pruned],
+) -> Result<(), StateError> {
+    cx.store.write(cx.host, |w| -> Result<(), StateError> {
         for (i, p) in plan.objects.iter().enumerate() {
-            let o = &stack.objects[p.index];
             let ok = match p.action {
-                Action::Create | Action::Update => run.applied[i],
+                Action::Create | Action::Update => applied[i],
                 Action::None => p.error.is_none(),
                 _ => false,
             };
@@ -420,29 +458,23 @@ async fn apply_one(
             );
             let entry = InventoryEntry {
                 kind: INVENTORY_KIND.to_string(),
-                module: stack.name().to_string(),
+                module: cx.stack.name().to_string(),
                 digest: Some(p.digest.clone()),
                 origin,
-                held_secrets: o.holds_secrets,
+                held_secrets: cx.stack.objects[p.index].holds_secrets,
                 rolled_back: None,
             };
             if p.known.as_ref() != Some(&entry) {
                 w.put_inventory(&p.id, &entry)?;
             }
         }
-        for (p, r) in plan.prunes.iter().zip(&prune_results) {
+        for (p, r) in plan.prunes.iter().zip(prunes) {
             if r.is_ok() {
                 w.remove_inventory(&p.id)?;
             }
         }
         Ok(())
-    });
-    if let Err(e) = committed {
-        report.error = Some(format!("cannot record the stack's inventory: {e}"));
-    }
-    report.outcomes = outcomes;
-    report.counts = counts;
-    report
+    })
 }
 
 struct Run<'a> {
@@ -450,11 +482,110 @@ struct Run<'a> {
     stack: &'a Stack,
     plan: &'a StackPlan,
     cluster: &'a Cluster,
-    errors: Vec<Option<String>>,
+    errors: Vec<Option<Failure>>,
     applied: Vec<bool>,
 }
 
 impl Run<'_> {
+    /// Step 3, after the first stage: waits for the CRDs it applied to be
+    /// `Established`, then (up to the stack's timeout) until discovery
+    /// serves every kind they define, and refreshes `resolver`.
+    async fn settle_crds(
+        &mut self,
+        first: &[usize],
+        resolver: &mut Resolver,
+    ) -> Result<(), Failure> {
+        let stack = self.stack;
+        let crds: Vec<usize> = first
+            .iter()
+            .copied()
+            .filter(|&i| {
+                self.applied[i]
+                    && stack.objects[self.plan.objects[i].index].reference.kind
+                        == "CustomResourceDefinition"
+            })
+            .collect();
+        if crds.is_empty() {
+            return Ok(());
+        }
+        for &i in &crds {
+            if let Err(e) = self.wait_established(i, resolver).await {
+                self.errors[i] = Some(e);
+            }
+        }
+        let mut groups: Vec<String> = stack
+            .objects
+            .iter()
+            .map(|o| o.reference.group.clone())
+            .collect();
+        groups.sort();
+        groups.dedup();
+        let deadline = Instant::now() + stack.spec.timeout;
+        loop {
+            let r = Resolver::discover(self.cluster, &groups)
+                .await
+                .map_err(|e| {
+                    Failure::new(
+                        e.failure(),
+                        format!("discovery after applying CRDs failed: {e}"),
+                    )
+                })?;
+            let unresolved = stack.objects.iter().find(|o| {
+                plan::defined_by_crd(stack, &o.reference) && r.resolve(&o.reference).is_none()
+            });
+            *resolver = r;
+            match unresolved {
+                None => return Ok(()),
+                Some(o) if Instant::now() >= deadline => {
+                    return Err(Failure::new(
+                        KubeFailure::Timeout,
+                        format!(
+                            "the cluster still serves no {} in {} {} after applying its CRD",
+                            o.reference.kind,
+                            o.api_version,
+                            humantime::format_duration(stack.spec.timeout)
+                        ),
+                    ))
+                }
+                Some(_) => pause(self.idle).await,
+            }
+        }
+    }
+
+    /// Step 3, the second stage: by kind rank, the objects of one rank in
+    /// parallel (bounded).
+    async fn apply_by_rank(&mut self, order: &[usize], resolver: &Resolver, cx: &Cx<'_>) {
+        let rank = |i: usize| {
+            super::kind_rank(
+                &self.stack.objects[self.plan.objects[i].index]
+                    .reference
+                    .kind,
+            )
+        };
+        for batch in order.chunk_by(|&a, &b| rank(a) == rank(b)) {
+            let results: Vec<(usize, Result<bool, Failure>)> =
+                futures::stream::iter(batch.iter().copied())
+                    .map(|i| {
+                        let run = &*self;
+                        async move {
+                            if cx.cancelled() {
+                                return (i, Err(stopped()));
+                            }
+                            (i, run.apply_one_result(i, resolver).await)
+                        }
+                    })
+                    .buffer_unordered(PARALLELISM)
+                    .collect()
+                    .await;
+            for (i, r) in results {
+                match r {
+                    Ok(applied) => self.applied[i] = applied,
+                    Err(e) => self.errors[i] = Some(e),
+                }
+            }
+        }
+    }
+
     async fn apply_object(&mut self, i: usize, resolver: &Resolver) {
         match self.apply_one_result(i, resolver).await {
             Ok(applied) => self.applied[i] = applied,
@@ -464,16 +595,19 @@ impl Run<'_> {
 
     /// Applies object `i` of the plan if it needs it: `Ok(true)` applied,
     /// `Ok(false)` nothing to do.
-    async fn apply_one_result(&self, i: usize, resolver: &Resolver) -> Result<bool, String> {
+    async fn apply_one_result(&self, i: usize, resolver: &Resolver) -> Result<bool, Failure> {
         let p: &ObjectPlan = &self.plan.objects[i];
         if p.error.is_some() || !matches!(p.action, Action::Create | Action::Update) {
             return Ok(false);
         }
         let o = &self.stack.objects[p.index];
         let Some((ar, scope)) = resolver.resolve(&o.reference) else {
-            return Err(format!(
-                "the cluster serves no {} in {} even after applying the stack's CRDs",
-                o.reference.kind, o.api_version
+            return Err(Failure::new(
+                KubeFailure::NotFound,
+                format!(
+                    "the cluster serves no {} in {} even after applying the stack's CRDs",
+                    o.reference.kind, o.api_version
+                ),
             ));
         };
         let (namespace, _) = plan::placement(self.stack, p.index, &scope)?;
@@ -492,9 +626,12 @@ impl Run<'_> {
             None => {}
         }
         if p.recreate {
-            client::delete(&api, name)
-                .await
-                .map_err(|e| format!("cannot delete it to re-create it: {}", e.describe()))?;
+            client::delete(&api, name).await.map_err(|e| {
+                Failure::call(
+                    &e,
+                    format!("cannot delete it to re-create it: {}", e.describe()),
+                )
+            })?;
             self.wait_gone(&api, name, "it", false).await?;
         }
         if let Some(t) = &p.takeover {
@@ -507,11 +644,11 @@ impl Run<'_> {
             client::call(|| api.patch(name, &params, &merge))
                 .await
                 .map_err(|e| {
-                    format!(
+                    Failure::call(&e, format!(
                         "cannot take the fields of {} over: {} (the object changed since the plan? run again)",
                         t.from.join(", "),
                         e.describe()
-                    )
+                    ))
                 })?;
         }
         if let Some(n) = p.handover {
@@ -523,7 +660,12 @@ impl Run<'_> {
             let apply = kube::api::Patch::Apply(&keep);
             client::call(|| api.patch(name, &params, &apply))
                 .await
-                .map_err(|e| format!("cannot hand spec.replicas over: {}", e.describe()))?;
+                .map_err(|e| {
+                    Failure::call(
+                        &e,
+                        format!("cannot hand spec.replicas over: {}", e.describe()),
+                    )
+                })?;
         }
         let force = plan::forces(self.stack, p);
         match client::apply(&api, name, &body, force, false).await {
@@ -541,20 +683,24 @@ impl Run<'_> {
                         c
                     })
                     .collect();
-                if conflicts.iter().any(|c| c.controller) {
-                    Err(format!(
+                let message = if conflicts.iter().any(|c| c.controller) {
+                    format!(
                         "conflict: {}; a controller's fields are never forced: remove them from the manifest to leave them to it",
                         client::describe_conflicts(&conflicts)
-                    ))
+                    )
                 } else {
-                    Err(format!(
+                    format!(
                         "conflict: {}; set `force_conflicts: true` in {} to take these fields over, or stop setting them",
                         client::describe_conflicts(&conflicts),
                         self.stack.spec.file
-                    ))
-                }
+                    )
+                };
+                Err(Failure::new(KubeFailure::Conflict, message))
             }
-            Err(e) => Err(format!("rejected by the API server: {}", e.describe())),
+            Err(e) => Err(Failure::call(
+                &e,
+                format!("rejected by the API server: {}", e.describe()),
+            )),
         }
     }
 
@@ -567,7 +713,7 @@ impl Run<'_> {
         name: &str,
         what: &str,
         or_recreated: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         let deadline = Instant::now() + self.stack.spec.timeout;
         loop {
             match client::get(api, name).await {
@@ -580,28 +726,39 @@ impl Run<'_> {
                 Ok(Some(live)) => {
                     if Instant::now() >= deadline {
                         let finalizers = super::ownership::finalizers(&live).join(", ");
-                        return Err(format!(
-                            "{what} was still being deleted after {}{}",
-                            humantime::format_duration(self.stack.spec.timeout),
-                            if finalizers.is_empty() {
-                                String::new()
-                            } else {
-                                format!(" (held by finalizers {finalizers})")
-                            }
+                        return Err(Failure::new(
+                            KubeFailure::Timeout,
+                            format!(
+                                "{what} was still being deleted after {}{}",
+                                humantime::format_duration(self.stack.spec.timeout),
+                                if finalizers.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" (held by finalizers {finalizers})")
+                                }
+                            ),
                         ));
                     }
                 }
-                Err(e) => return Err(format!("cannot read {what}: {}", e.describe())),
+                Err(e) => {
+                    return Err(Failure::call(
+                        &e,
+                        format!("cannot read {what}: {}", e.describe()),
+                    ))
+                }
             }
             pause(self.idle).await;
         }
     }
 
     /// Waits for a CRD's `Established` condition.
-    async fn wait_established(&self, i: usize, resolver: &Resolver) -> Result<(), String> {
+    async fn wait_established(&self, i: usize, resolver: &Resolver) -> Result<(), Failure> {
         let o = &self.stack.objects[self.plan.objects[i].index];
         let Some((ar, _)) = resolver.resolve(&o.reference) else {
-            return Err("apiextensions.k8s.io is not served".into());
+            return Err(Failure::new(
+                KubeFailure::NotFound,
+                "apiextensions.k8s.io is not served",
+            ));
         };
         let api = client::api(self.cluster, &ar, None);
         let deadline = Instant::now() + self.stack.spec.timeout;
@@ -621,9 +778,12 @@ impl Run<'_> {
                 }
             }
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "the CRD was not Established within {}",
-                    humantime::format_duration(self.stack.spec.timeout)
+                return Err(Failure::new(
+                    KubeFailure::Timeout,
+                    format!(
+                        "the CRD was not Established within {}",
+                        humantime::format_duration(self.stack.spec.timeout)
+                    ),
                 ));
             }
             pause(self.idle).await;
@@ -675,14 +835,20 @@ impl Run<'_> {
                         Health::Progressing(why) => {
                             if let Some(stuck) = self.stuck_pod(p.namespace.as_deref(), &live).await
                             {
-                                self.errors[i] = Some(format!("unhealthy: {stuck}"));
+                                self.errors[i] = Some(Failure::new(
+                                    KubeFailure::Timeout,
+                                    format!("unhealthy: {stuck}"),
+                                ));
                                 continue;
                             }
                             last.insert(i, why);
                             still.push(i);
                         }
                         Health::Failed(why) => {
-                            self.errors[i] = Some(format!("unhealthy: {why}"));
+                            self.errors[i] = Some(Failure::new(
+                                KubeFailure::Timeout,
+                                format!("unhealthy: {why}"),
+                            ));
                         }
                     },
                     // A Job with a TTL that finished and was removed.
@@ -709,11 +875,14 @@ impl Run<'_> {
             }
             if Instant::now() >= deadline {
                 for &i in &pending {
-                    self.errors[i] = Some(format!(
-                        "not healthy after {} (timeout of {}): {}",
-                        humantime::format_duration(self.stack.spec.timeout),
-                        self.stack.spec.file,
-                        last.get(&i).map(String::as_str).unwrap_or("no status")
+                    self.errors[i] = Some(Failure::new(
+                        KubeFailure::Timeout,
+                        format!(
+                            "not healthy after {} (timeout of {}): {}",
+                            humantime::format_duration(self.stack.spec.timeout),
+                            self.stack.spec.file,
+                            last.get(&i).map(String::as_str).unwrap_or("no status")
+                        ),
                     ));
                 }
                 break;
@@ -747,59 +916,6 @@ where
     kube::Api::all_with(api.into_client(), &ar)
 }
 
-/// Adds what the stacks did to the run the native apply just recorded:
-/// counts, and a failed stack makes the run partial (or failed).
-pub fn record_run(
-    store: &Store,
-    host: &str,
-    started_ms: u64,
-    reports: &[StackReport],
-) -> Result<(), StateError> {
-    if reports.is_empty() {
-        return Ok(());
-    }
-    store
-        .write(host, |w| {
-            w.update_run(started_ms, |r| {
-                for s in reports {
-                    let c = &s.counts;
-                    r.counts.created += c.created;
-                    r.counts.changed += c.changed;
-                    r.counts.pruned += c.pruned;
-                    r.counts.drift_healed += c.drift_healed;
-                    r.counts.drift_reported += c.drift_reported;
-                    r.counts.unchanged += c.unchanged;
-                    r.counts.skipped += c.skipped;
-                    r.counts.failed += c.failed + u32::from(s.error.is_some());
-                    let first = s
-                        .error
-                        .clone()
-                        .map(|e| format!("stack {}: {e}", s.name))
-                        .or_else(|| {
-                            s.outcomes
-                                .iter()
-                                .find_map(|o| o.error.as_ref().map(|e| format!("{}: {e}", o.id)))
-                        });
-                    if r.error.is_none() {
-                        r.error = first;
-                    }
-                }
-                if reports.iter().any(StackReport::failed) && r.result == RunResult::Success {
-                    let did = r.counts.created
-                        + r.counts.changed
-                        + r.counts.drift_healed
-                        + r.counts.pruned;
-                    r.result = if did > 0 {
-                        RunResult::Partial
-                    } else {
-                        RunResult::Failed
-                    };
-                }
-            })
-        })
-        .map(|_| ())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -810,14 +926,15 @@ mod tests {
         let mut r = StackReport {
             name: "web".into(),
             not_checked: Some(format!("nc {secret}")),
-            error: Some(format!("stack {secret}")),
-            outcomes: vec![StackOutcome {
+            error: Some(Failure::new(KubeFailure::Other, format!("stack {secret}"))),
+            outcomes: vec![Outcome {
                 id: "k8s:web/web/Secret/s".into(),
                 action: Action::Update,
                 class: Classification::Change,
                 fields: Vec::new(),
                 error: Some(format!("422 Invalid: {secret}")),
                 note: Some(format!("note {secret}")),
+                reason: Some(Reason::Kube(KubeFailure::Invalid)),
             }],
             counts: RunCounts::default(),
         };

@@ -16,6 +16,7 @@ use serde_json::Value as Json;
 
 use super::model::ClusterAccess;
 use super::{ObjectRef, FIELD_MANAGER};
+use crate::apply::KubeFailure;
 
 /// Where the kubeconfig comes from when a stack uses one.
 #[derive(Debug, Clone, Default)]
@@ -47,6 +48,59 @@ pub enum StackError {
         /// `patch deployments.apps in namespace vod`, one per missing right.
         missing: Vec<String>,
     },
+}
+
+impl StackError {
+    /// The kind of failure, for the error metric.
+    pub fn failure(&self) -> KubeFailure {
+        match self {
+            StackError::Kubeconfig { .. } | StackError::Config(_) | StackError::Api { .. } => {
+                KubeFailure::Other
+            }
+            StackError::Unreachable { .. } => KubeFailure::Connect,
+            StackError::Forbidden { .. } => KubeFailure::Forbidden,
+        }
+    }
+}
+
+/// A failure of one object or stack: the sentence for people, and its kind
+/// for metrics and decisions (never read back from the sentence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: KubeFailure,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: KubeFailure, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// A failed call, in the caller's words (`message` quotes the server).
+    pub fn call(e: &CallError, message: String) -> Failure {
+        Failure::new(e.failure(), message)
+    }
+}
+
+impl From<StackError> for Failure {
+    fn from(e: StackError) -> Failure {
+        Failure::new(e.failure(), e.to_string())
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl serde::Serialize for Failure {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.message)
+    }
 }
 
 /// Who the cluster says the client is (`SelfSubjectReview`): `user
@@ -395,6 +449,21 @@ impl CallError {
                 Some(Refusal::UnknownFields(fields))
             }
             _ => None,
+        }
+    }
+
+    /// The kind of failure, from the status code (or the transport).
+    pub fn failure(&self) -> KubeFailure {
+        match self {
+            CallError::Api(s) => match s.code {
+                401 | 403 => KubeFailure::Forbidden,
+                404 => KubeFailure::NotFound,
+                409 => KubeFailure::Conflict,
+                400 | 422 => KubeFailure::Invalid,
+                _ => KubeFailure::Other,
+            },
+            CallError::Transport(_) => KubeFailure::Connect,
+            CallError::Timeout => KubeFailure::Timeout,
         }
     }
 

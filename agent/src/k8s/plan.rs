@@ -12,11 +12,12 @@ use kube::discovery::{ApiResource, Scope};
 use serde_json::Value as Json;
 
 use super::client::{
-    self, Cluster, Conflict, Connection, KubeSettings, Refusal, Resolver, StackError,
+    self, Cluster, Conflict, Connection, Failure, KubeSettings, Refusal, Resolver, StackError,
 };
 use super::diff::{self, ObjectChange};
 use super::ownership::{self, Takeover};
 use super::{ObjectRef, Stack, MANAGED_BY, MANAGED_BY_LABEL, STACK_LABEL};
+use crate::apply::KubeFailure;
 use crate::desired::catalog::Catalog;
 use crate::desired::model::DriftPolicy;
 use crate::plan::{stored_digest, Action, Classification};
@@ -31,7 +32,7 @@ pub enum StackStatus {
     /// No cluster credentials exist at all (not an error).
     NotChecked(String),
     /// The cluster could not be used (an error for this stack only).
-    Failed(String),
+    Failed(Failure),
 }
 
 /// One object in a stack's plan.
@@ -49,7 +50,7 @@ pub struct ObjectPlan {
     /// Fields another manager owns that this apply would set.
     pub conflicts: Vec<Conflict>,
     /// Why it could not be planned (the object only; the stack goes on).
-    pub error: Option<String>,
+    pub error: Option<Failure>,
     pub known: Option<InventoryEntry>,
     /// Keyed digest to record when applied.
     pub digest: String,
@@ -133,11 +134,14 @@ pub struct StackSummary {
 impl StackPlan {
     /// Passes every message through `scrub` (see `StackReport::scrub`).
     pub fn scrub(&mut self, scrub: &dyn Fn(&str) -> String) {
-        if let StackStatus::Failed(e) | StackStatus::NotChecked(e) = &mut self.status {
+        if let StackStatus::Failed(Failure { message: e, .. }) | StackStatus::NotChecked(e) =
+            &mut self.status
+        {
             *e = scrub(e);
         }
         for o in &mut self.objects {
-            for text in o.error.iter_mut().chain(o.notes.iter_mut()) {
+            let error = o.error.iter_mut().map(|f| &mut f.message);
+            for text in error.chain(o.notes.iter_mut()) {
                 *text = scrub(text);
             }
         }
@@ -216,27 +220,6 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("a current-thread runtime builds")
 }
 
-/// Plans every stack of the catalog (none: empty). Never writes.
-pub fn plan_stacks(
-    catalog: &Catalog,
-    inventory: &BTreeMap<String, InventoryEntry>,
-    key: &DigestKey,
-    settings: &KubeSettings,
-) -> Vec<StackPlan> {
-    if catalog.stacks.is_empty() {
-        return Vec::new();
-    }
-    runtime().block_on(futures::future::join_all(
-        catalog
-            .stacks
-            .iter()
-            .enumerate()
-            .map(|(index, stack)| async move {
-                plan_one(index, stack, inventory, key, settings).await.0
-            }),
-    ))
-}
-
 /// Connects and plans one stack; also returns the cluster and discovery
 /// (for apply).
 pub async fn plan_one(
@@ -260,21 +243,21 @@ pub async fn plan_one(
             return (plan, None);
         }
         Err(e) => {
-            plan.status = StackStatus::Failed(e.to_string());
+            plan.status = StackStatus::Failed(e.into());
             return (plan, None);
         }
     };
     let resolver = match Resolver::discover(&cluster, &groups(stack, inventory)).await {
         Ok(r) => r,
         Err(e) => {
-            plan.status = StackStatus::Failed(e.to_string());
+            plan.status = StackStatus::Failed(e.into());
             return (plan, None);
         }
     };
     match observe(stack, inventory, key, &cluster, &resolver, &mut plan).await {
         Ok(()) => (plan, Some((cluster, resolver))),
         Err(e) => {
-            plan.status = StackStatus::Failed(e.to_string());
+            plan.status = StackStatus::Failed(e.into());
             plan.objects.clear();
             plan.prunes.clear();
             (plan, None)
@@ -326,7 +309,7 @@ pub fn placement(
     stack: &Stack,
     index: usize,
     scope: &Scope,
-) -> Result<(Option<String>, String), String> {
+) -> Result<(Option<String>, String), Failure> {
     let o = &stack.objects[index];
     match scope {
         Scope::Namespaced => {
@@ -337,10 +320,13 @@ pub fn placement(
             };
             Ok((Some(ns), r.id(stack.name())))
         }
-        Scope::Cluster if o.namespace_explicit => Err(format!(
-            "{} is cluster-scoped in this cluster, but its manifest names namespace {}; remove metadata.namespace",
-            o.reference.kind_group(),
-            o.reference.namespace.as_deref().unwrap_or("")
+        Scope::Cluster if o.namespace_explicit => Err(Failure::new(
+            KubeFailure::Invalid,
+            format!(
+                "{} is cluster-scoped in this cluster, but its manifest names namespace {}; remove metadata.namespace",
+                o.reference.kind_group(),
+                o.reference.namespace.as_deref().unwrap_or("")
+            ),
         )),
         Scope::Cluster => {
             let r = ObjectRef {
@@ -469,9 +455,12 @@ async fn observe_object(
             p.pending_crd = true;
             return Ok(p);
         }
-        p.error = Some(format!(
-            "the cluster serves no {} in {} (is its CustomResourceDefinition installed?)",
-            o.reference.kind, o.api_version
+        p.error = Some(Failure::new(
+            KubeFailure::NotFound,
+            format!(
+                "the cluster serves no {} in {} (is its CustomResourceDefinition installed?)",
+                o.reference.kind, o.api_version
+            ),
         ));
         return Ok(p);
     };
@@ -496,7 +485,10 @@ async fn observe_object(
             if e.refusal() == Some(Refusal::Forbidden) {
                 p.forbidden = Some(("get".into(), resource_name(&ar)));
             }
-            p.error = Some(format!("cannot read it: {}", e.describe()));
+            p.error = Some(Failure::call(
+                &e,
+                format!("cannot read it: {}", e.describe()),
+            ));
             return Ok(p);
         }
     };
@@ -554,11 +546,11 @@ async fn observe_object(
             None
         }
         Err(e) if e.code() == Some(404) && live.is_none() && namespace.is_some() => {
-            p.error = Some(format!(
+            p.error = Some(Failure::new(KubeFailure::NotFound, format!(
                 "its namespace {} does not exist and this stack does not create it: create it first (or add a Namespace manifest to the stack); {}",
                 namespace.as_deref().unwrap_or(""),
                 e.describe()
-            ));
+            )));
             return Ok(p);
         }
         Err(e) => {
@@ -596,9 +588,9 @@ async fn observe_object(
                             Action::Update
                         };
                     } else {
-                        p.error = Some(format!(
+                        p.error = Some(Failure::new(KubeFailure::Invalid, format!(
                             "cannot change in place: {fields} (immutable); revert the change, or add the annotation `{RECREATE_ANNOTATION}: \"true\"` to delete and re-create the object"
-                        ));
+                        )));
                     }
                     return Ok(p);
                 }
@@ -699,8 +691,8 @@ fn resource_name(ar: &ApiResource) -> String {
 }
 
 /// A dry-run refusal as a sentence: unknown fields named as such.
-fn rejected(e: &client::CallError) -> String {
-    match e.refusal() {
+fn rejected(e: &client::CallError) -> Failure {
+    let message = match e.refusal() {
         Some(Refusal::UnknownFields(fields)) if !fields.is_empty() => format!(
             "unknown field{} {} (the server validates strictly): fix the manifest; {}",
             if fields.len() == 1 { "" } else { "s" },
@@ -708,7 +700,8 @@ fn rejected(e: &client::CallError) -> String {
             e.describe()
         ),
         _ => format!("dry-run apply rejected: {}", e.describe()),
-    }
+    };
+    Failure::call(e, message)
 }
 
 async fn plan_prune(

@@ -55,7 +55,7 @@ pub fn plan_text(catalog: &Catalog, plans: &[StackPlan], style: Style) -> String
                     out,
                     ": {} {}",
                     style.paint("31", "error:"),
-                    e.replace('\n', "\n  ")
+                    e.message.replace('\n', "\n  ")
                 );
                 continue;
             }
@@ -178,7 +178,7 @@ pub fn plan_json(catalog: &Catalog, plans: &[StackPlan]) -> serde_json::Value {
             let (status, reason) = match &p.status {
                 StackStatus::Planned => ("planned", None),
                 StackStatus::NotChecked(r) => ("not_checked", Some(r.clone())),
-                StackStatus::Failed(e) => ("error", Some(e.clone())),
+                StackStatus::Failed(e) => ("error", Some(e.message.clone())),
             };
             let mut objects: Vec<serde_json::Value> = Vec::new();
             if matches!(p.status, StackStatus::NotChecked(_)) {
@@ -261,7 +261,7 @@ pub fn apply_text(reports: &[StackReport], style: Style) -> String {
                 "\nStack {}: {} {}",
                 r.name,
                 style.paint("31", "failed:"),
-                e.replace('\n', "\n  ")
+                e.message.replace('\n', "\n  ")
             );
         } else {
             let _ = writeln!(out, "\nStack {}:", r.name);
@@ -278,7 +278,7 @@ pub fn apply_text(reports: &[StackReport], style: Style) -> String {
                 _ => "unchanged",
             };
             match &o.error {
-                Some(err) if err.starts_with("skipped:") => {
+                Some(err) if o.skipped() => {
                     let _ = writeln!(out, "{} {} {err}", style.paint("33", "?"), o.id);
                 }
                 Some(err) => {

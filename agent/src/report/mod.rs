@@ -218,8 +218,12 @@ pub fn apply_text(report: &ApplyReport, style: Style) -> String {
         } else {
             format!(" ({})", o.fields.join(", "))
         };
+        // Not applied because of something else (a secret, a hold, a
+        // dependency that failed): a question mark, not a failure of its own.
+        let not_reached =
+            o.skipped() || matches!(o.reason, Some(crate::apply::Reason::AfterFailed { .. }));
         match &o.error {
-            Some(err) if err.starts_with("skipped:") => {
+            Some(err) if not_reached => {
                 let _ = writeln!(out, "{} {} {err}", style.paint("33", "?"), o.id);
             }
             Some(err) => {

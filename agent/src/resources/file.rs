@@ -307,6 +307,35 @@ impl Resource for File {
         out
     }
 
+    fn as_restorable(&self) -> Option<&dyn super::Restorable> {
+        Some(self)
+    }
+
+    fn apply(
+        &self,
+        live: &Observation,
+        changes: &[FieldChange],
+        ctx: &mut ApplyCtx<'_>,
+    ) -> Result<(), ResourceError> {
+        let live: &Live = live.get();
+        let attrs = self.perms.attrs(live.want);
+        if changes
+            .iter()
+            .any(|c| c.field == "content" || c.field == "type")
+        {
+            match &self.validate {
+                None => ctx.stage_file(&self.path, &self.content, attrs),
+                Some(v) => ctx.stage_file_checked(&self.path, &self.content, attrs, |host, tmp| {
+                    v.check(host, tmp, &self.path, self.holds_secrets())
+                }),
+            }
+        } else {
+            ctx.host.fs.set_attrs(&self.path, attrs).map_err(Into::into)
+        }
+    }
+}
+
+impl super::Restorable for File {
     /// Rollback: the content, mode and owner observed before this run, or
     /// no file if there was none.
     fn restore(&self, live: &Observation, host: &Host) -> Result<(), ResourceError> {
@@ -334,29 +363,6 @@ impl Resource for File {
                 "{} was not a regular file before; it cannot be put back",
                 self.path.display()
             ))),
-        }
-    }
-
-    fn apply(
-        &self,
-        live: &Observation,
-        changes: &[FieldChange],
-        ctx: &mut ApplyCtx<'_>,
-    ) -> Result<(), ResourceError> {
-        let live: &Live = live.get();
-        let attrs = self.perms.attrs(live.want);
-        if changes
-            .iter()
-            .any(|c| c.field == "content" || c.field == "type")
-        {
-            match &self.validate {
-                None => ctx.stage_file(&self.path, &self.content, attrs),
-                Some(v) => ctx.stage_file_checked(&self.path, &self.content, attrs, |host, tmp| {
-                    v.check(host, tmp, &self.path, self.holds_secrets())
-                }),
-            }
-        } else {
-            ctx.host.fs.set_attrs(&self.path, attrs).map_err(Into::into)
         }
     }
 }

@@ -159,29 +159,15 @@ pub trait Resource: Send + Sync + Debug {
     fn sandbox_note(&self) -> Option<&'static str> {
         None
     }
-    /// Whether `notify: [this]` is allowed (services restart on it).
-    fn notifiable(&self) -> bool {
-        false
+    /// The capability of being started, restarted on notification and
+    /// waited for (services); `None` for everything else.
+    fn as_startable(&self) -> Option<&dyn Startable> {
+        None
     }
-    /// A resource that notifies this one changed: restart it (once per
-    /// run). Returns whether it restarted (a stopped service does not).
-    fn notified(&self, _host: &Host) -> Result<bool, ResourceError> {
-        Err(ResourceError::Unsupported(format!(
-            "{} cannot be notified",
-            self.kind()
-        )))
-    }
-    /// After a start or restart this run: waits until it is up, within its
-    /// start timeout. `Err` says why it is not.
-    fn wait_up(&self, _host: &Host) -> Result<(), String> {
-        Ok(())
-    }
-    /// Rollback: puts back what `live` observed before this run changed it.
-    fn restore(&self, _live: &Observation, _host: &Host) -> Result<(), ResourceError> {
-        Err(ResourceError::Unsupported(format!(
-            "{} cannot be rolled back",
-            self.kind()
-        )))
+    /// The capability of being put back as observed (rollback); `None`
+    /// when the kind cannot be rolled back.
+    fn as_restorable(&self) -> Option<&dyn Restorable> {
+        None
     }
     /// Whether its desired state holds secret values.
     fn holds_secrets(&self) -> bool {
@@ -194,6 +180,25 @@ pub trait Resource: Send + Sync + Debug {
         changes: &[FieldChange],
         ctx: &mut ApplyCtx<'_>,
     ) -> Result<(), ResourceError>;
+}
+
+/// What only services can do: restart when notified, and be waited for.
+pub trait Startable {
+    /// Whether `notify: [this]` is allowed (a service restarts on it; a
+    /// schedule does not).
+    fn accepts_notify(&self) -> bool;
+    /// A resource that notifies this one changed: restart it (once per
+    /// run). Returns whether it restarted (a stopped service does not).
+    fn notified(&self, host: &Host) -> Result<bool, ResourceError>;
+    /// After a start or restart this run: waits until it is up, within its
+    /// start timeout.
+    fn wait_up(&self, host: &Host) -> Result<(), ResourceError>;
+}
+
+/// What kinds that can be rolled back do (files, services).
+pub trait Restorable {
+    /// Puts back what `live` observed before this run changed it.
+    fn restore(&self, live: &Observation, host: &Host) -> Result<(), ResourceError>;
 }
 
 /// A kind's view of the live state, type-erased for the engine.
@@ -272,6 +277,9 @@ pub enum ResourceError {
         output: String,
         hint: String,
     },
+    /// A (re)started service did not come up within its start timeout.
+    #[error("{why}")]
+    NotUp { why: String },
     #[error("user `{0}` does not exist on this host\n  create the user first, or change `owner`")]
     UnknownUser(String),
     #[error(

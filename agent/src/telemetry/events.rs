@@ -83,7 +83,7 @@ pub struct Event {
     pub action: Option<&'static str>,
     /// Names of the fields that changed (`content`, `mode`, ...).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub changes: Vec<&'static str>,
+    pub changes: Vec<String>,
     /// Refused revisions and run errors: the stage or phase.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stage: Option<String>,
@@ -151,12 +151,6 @@ pub fn truncate(s: &str) -> String {
         end -= 1;
     }
     format!("{} [cut: {} bytes in all]", &s[..end], s.len())
-}
-
-/// Does this apply note say a change was rolled back (service handlers
-/// restore the old version when a restart or health check fails)?
-pub fn is_rollback(note: Option<&str>) -> bool {
-    note.is_some_and(|n| n.starts_with("rolled back"))
 }
 
 /// The events of one applied run, in the order apply reported them.
@@ -236,7 +230,7 @@ pub fn for_run(plan: &Plan, report: &ApplyReport, trigger: &str) -> Vec<Event> {
             }
             _ => {}
         }
-        if is_rollback(o.note.as_deref()) {
+        if o.rolled_back() {
             let mut e = base(
                 EventKind::Rollback,
                 format!("{} {}", o.id, o.note.as_deref().unwrap_or("")),
@@ -282,7 +276,7 @@ mod tests {
     fn lines_hold_only_what_is_set() {
         let mut e = Event::new(EventKind::Drift, "file:/a drifted (content): healed");
         e.resource = Some("file:/a".into());
-        e.changes = vec!["content", "mode"];
+        e.changes = vec!["content".into(), "mode".into()];
         let v: serde_json::Value = serde_json::from_str(&e.line()).unwrap();
         assert_eq!(v["event"], "drift");
         assert_eq!(v["level"], "warn");
@@ -298,14 +292,5 @@ mod tests {
         assert!(t.len() < MAX_ERROR_BYTES + 40, "{}", t.len());
         assert!(t.ends_with(&format!("[cut: {} bytes in all]", long.len())));
         assert_eq!(truncate("short"), "short");
-    }
-
-    #[test]
-    fn rollbacks_are_recognised_by_their_note() {
-        assert!(is_rollback(Some(
-            "rolled back to the previous version: restart failed"
-        )));
-        assert!(!is_rollback(Some("left in place: it is not empty")));
-        assert!(!is_rollback(None));
     }
 }

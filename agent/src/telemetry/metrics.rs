@@ -65,7 +65,7 @@ pub const LOKI_DROP_REASONS: [&str; 3] = ["queue_full", "rejected", "retries_exh
 /// names of `daemon::queue::Trigger` (a batch counts as its first trigger).
 pub const TRIGGERS: [&str; 6] = ["startup", "poll", "webhook", "source", "watch", "signal"];
 
-/// The `reason` values of `homelab_agent_kube_errors_total` ([`KubeErrorReason::name`]).
+/// The `reason` values of `homelab_agent_kube_errors_total` ([`KubeFailure::name`](crate::apply::KubeFailure::name)).
 pub const KUBE_ERROR_REASONS: [&str; 7] = [
     "connect",
     "forbidden",
@@ -76,70 +76,8 @@ pub const KUBE_ERROR_REASONS: [&str; 7] = [
     "other",
 ];
 
-/// Why a Kubernetes operation failed (`homelab_agent_kube_errors_total{reason}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KubeErrorReason {
-    /// The API server could not be reached.
-    Connect,
-    /// 401/403: credentials or RBAC.
-    Forbidden,
-    /// 404 for something that should exist.
-    NotFound,
-    /// 409: someone else owns or changed the object.
-    Conflict,
-    /// 422/400: the API server refused the object.
-    Invalid,
-    /// A rollout or wait did not finish in time.
-    Timeout,
-    /// Anything else.
-    Other,
-}
-
-impl KubeErrorReason {
-    /// The reason of an error message from a stack run (`k8s::apply`): the
-    /// agent's own wording (`conflict:`, `rejected by the API server: 422 ...`,
-    /// `unhealthy:`, `cannot reach the Kubernetes API`).
-    pub fn of_message(message: &str) -> KubeErrorReason {
-        let m = message;
-        if m.starts_with("conflict:") || m.contains(": 409 ") {
-            KubeErrorReason::Conflict
-        } else if m.contains("cannot reach the Kubernetes API") {
-            KubeErrorReason::Connect
-        } else if m.contains(": 401 ") || m.contains(": 403 ") {
-            KubeErrorReason::Forbidden
-        } else if m.contains(": 404 ") {
-            KubeErrorReason::NotFound
-        } else if m.contains(": 422 ") || m.contains(": 400 ") {
-            KubeErrorReason::Invalid
-        } else if m.starts_with("unhealthy:") || m.contains("timed out") {
-            KubeErrorReason::Timeout
-        } else {
-            KubeErrorReason::Other
-        }
-    }
-
-    pub const ALL: [KubeErrorReason; 7] = [
-        KubeErrorReason::Connect,
-        KubeErrorReason::Forbidden,
-        KubeErrorReason::NotFound,
-        KubeErrorReason::Conflict,
-        KubeErrorReason::Invalid,
-        KubeErrorReason::Timeout,
-        KubeErrorReason::Other,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            KubeErrorReason::Connect => "connect",
-            KubeErrorReason::Forbidden => "forbidden",
-            KubeErrorReason::NotFound => "not_found",
-            KubeErrorReason::Conflict => "conflict",
-            KubeErrorReason::Invalid => "invalid",
-            KubeErrorReason::Timeout => "timeout",
-            KubeErrorReason::Other => "other",
-        }
-    }
-}
+/// Why a Kubernetes operation failed: the type stack outcomes carry.
+pub use crate::apply::KubeFailure as KubeErrorReason;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HostLabels {

@@ -90,6 +90,13 @@ impl Phases {
         *slot = Some(slot.unwrap_or_default() + d);
     }
 
+    /// Adds every phase of `other`.
+    pub fn add_all(&mut self, other: &Phases) {
+        for (phase, d) in other.iter() {
+            self.add(phase, d);
+        }
+    }
+
     pub fn get(&self, phase: Phase) -> Option<Duration> {
         self.spent[phase as usize]
     }
@@ -457,9 +464,12 @@ mod tests {
             id: "service:web".into(),
             action: Action::Update,
             class: Classification::Change,
-            fields: vec!["config"],
+            fields: vec!["config".into()],
             error: Some("health check failed".into()),
-            note: Some("rolled back to the previous version".into()),
+            note: Some("rolled back".into()),
+            reason: Some(crate::apply::Reason::RolledBack {
+                service: "service:web".into(),
+            }),
         });
         let events = events::for_run(&plan, &report, "watch");
         let mut by_kind: HashMap<EventKind, Vec<&events::Event>> = HashMap::new();

@@ -741,8 +741,12 @@ impl Resource for Unit {
         h.update(&[u8::from(self.spec.enabled), u8::from(running)]);
     }
 
-    fn notifiable(&self) -> bool {
-        !self.spec.is_schedule()
+    fn as_startable(&self) -> Option<&dyn super::Startable> {
+        Some(self)
+    }
+
+    fn as_restorable(&self) -> Option<&dyn super::Restorable> {
+        Some(self)
     }
 
     fn sandbox_note(&self) -> Option<&'static str> {
@@ -886,6 +890,12 @@ impl Resource for Unit {
         }
         Ok(())
     }
+}
+
+impl super::Startable for Unit {
+    fn accepts_notify(&self) -> bool {
+        !self.spec.is_schedule()
+    }
 
     fn notified(&self, host: &Host) -> Result<bool, ResourceError> {
         if host.sandbox {
@@ -901,7 +911,7 @@ impl Resource for Unit {
         Ok(true)
     }
 
-    fn wait_up(&self, host: &Host) -> Result<(), String> {
+    fn wait_up(&self, host: &Host) -> Result<(), ResourceError> {
         if host.sandbox {
             return Ok(());
         }
@@ -913,8 +923,11 @@ impl Resource for Unit {
             Platform::Linux => systemd::wait_up(&self.spec, host, timeout),
             Platform::Macos => launchd::wait_up(&self.spec, host, timeout),
         }
+        .map_err(|why| ResourceError::NotUp { why })
     }
+}
 
+impl super::Restorable for Unit {
     fn restore(&self, live: &Observation, host: &Host) -> Result<(), ResourceError> {
         let live: &Live = live.get();
         let mut reload = false;

@@ -259,7 +259,7 @@ fn launchctl_update_boots_out_then_bootstraps() {
 fn launchctl_restart_on_notify_is_kickstart_k() {
     let lab = lab(Platform::Macos);
     let unit = Unit::new(spec("zot", service_job()), Platform::Macos);
-    assert!(unit.notified(&lab.host).unwrap());
+    assert!(unit.as_startable().unwrap().notified(&lab.host).unwrap());
     assert_eq!(
         lab.runner.take_log(),
         ["launchctl kickstart -k system/homelab.zot"]
@@ -267,7 +267,7 @@ fn launchctl_restart_on_notify_is_kickstart_k() {
     // Up: running with a steady pid.
     lab.runner
         .answer("launchctl print system/homelab.zot", 0, LOADED_RUNNING, "");
-    unit.wait_up(&lab.host).unwrap();
+    unit.as_startable().unwrap().wait_up(&lab.host).unwrap();
     // Not loaded: fails at once with launchctl's words.
     lab.runner.answer(
         "launchctl print system/homelab.zot",
@@ -275,7 +275,12 @@ fn launchctl_restart_on_notify_is_kickstart_k() {
         "",
         "Could not find service",
     );
-    let err = unit.wait_up(&lab.host).unwrap_err();
+    let err = unit
+        .as_startable()
+        .unwrap()
+        .wait_up(&lab.host)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not loaded: Could not find service"), "{err}");
 }
 
@@ -394,7 +399,7 @@ fn sandbox_never_calls_the_service_manager() {
                 "unit"
             }]
         );
-        assert!(!unit.notified(&host).unwrap());
+        assert!(!unit.as_startable().unwrap().notified(&host).unwrap());
         ServiceKind.prune("zot", &host).unwrap();
         assert!(runner.take_log().is_empty(), "{platform:?}");
     }

@@ -1,0 +1,242 @@
+//! The one place a run's results are written to the state: the run record
+//! (with every target's counts), the applied revision, and what the source
+//! stage decided (fetched, last good and refused revisions, a revision
+//! picked by hand). Apply writes only the inventory of what it did.
+
+use homelab_agent_state::{Refused, RunCounts, RunRecord, RunResult, StateError, Store};
+
+use crate::apply::ApplyReport;
+use crate::k8s::apply::StackReport;
+
+/// Records a finished run: its counts (the host's and every stack's), its
+/// result and first error; and the revision as applied when the host's
+/// resources all converged (nothing failed or skipped). One transaction.
+pub fn finish_run(
+    store: &Store,
+    host: &str,
+    trigger: &str,
+    revision: &str,
+    native: &ApplyReport,
+    stacks: &[StackReport],
+) -> Result<RunRecord, StateError> {
+    let record = run_record(trigger, revision, native, stacks);
+    // Skipped resources mean the host did not fully converge: the revision
+    // is not recorded as applied.
+    let host_converged = native.counts.failed == 0 && native.counts.skipped == 0;
+    store.write(host, |w| {
+        if host_converged {
+            let at = native.finished_ms / 1000;
+            w.update_host(|h| {
+                h.applied_revision = Some(revision.to_string());
+                h.applied_at = Some(at);
+            })?;
+        }
+        w.add_run(&record)
+    })?;
+    Ok(record)
+}
+
+/// The run record of a run: the host's result, made partial (or failed)
+/// by a failed stack.
+fn run_record(
+    trigger: &str,
+    revision: &str,
+    native: &ApplyReport,
+    stacks: &[StackReport],
+) -> RunRecord {
+    let mut counts = native.counts.clone();
+    let mut error = native.first_error.clone();
+    for s in stacks {
+        add(&mut counts, &s.counts);
+        counts.failed += u32::from(s.error.is_some());
+        let first = s
+            .error
+            .as_ref()
+            .map(|e| format!("stack {}: {e}", s.name))
+            .or_else(|| {
+                s.outcomes
+                    .iter()
+                    .find_map(|o| o.error.as_ref().map(|e| format!("{}: {e}", o.id)))
+            });
+        error = error.or(first);
+    }
+    let did = |c: &RunCounts| c.created + c.changed + c.drift_healed + c.pruned > 0;
+    let n = &native.counts;
+    let mut result = if n.failed == 0 && n.skipped == 0 {
+        RunResult::Success
+    } else if did(n) {
+        RunResult::Partial
+    } else {
+        RunResult::Failed
+    };
+    if stacks.iter().any(StackReport::failed) && result == RunResult::Success {
+        result = if did(&counts) {
+            RunResult::Partial
+        } else {
+            RunResult::Failed
+        };
+    }
+    RunRecord {
+        started_ms: native.started_ms,
+        finished_ms: crate::apply::now_ms(),
+        trigger: trigger.to_string(),
+        revision: revision.to_string(),
+        counts,
+        result,
+        error,
+    }
+}
+
+fn add(into: &mut RunCounts, c: &RunCounts) {
+    into.created += c.created;
+    into.changed += c.changed;
+    into.pruned += c.pruned;
+    into.drift_healed += c.drift_healed;
+    into.drift_reported += c.drift_reported;
+    into.unchanged += c.unchanged;
+    into.skipped += c.skipped;
+    into.failed += c.failed;
+}
+
+/// `agent apply --rev`: a revision picked by hand, kept by the daemon
+/// until a newer fetch.
+pub fn manual_override(
+    store: &Store,
+    host: &str,
+    fetched: Option<String>,
+) -> Result<(), StateError> {
+    store.write(host, |w| {
+        w.update_host(|h| {
+            if fetched.is_some() {
+                h.fetched_revision = fetched.clone();
+            }
+            h.manual_override = h.fetched_revision.clone().or(Some(String::new()));
+        })
+    })
+}
+
+/// What the daemon's source stage decided for a run.
+pub struct SourceResult<'a> {
+    /// The commit fetched for the followed ref, if a fetch happened.
+    pub fetched: Option<&'a str>,
+    /// The revision the run converged, and whether it was the candidate
+    /// (not refused): such a revision, once applied, is the last good one.
+    pub converged: Option<(&'a str, bool)>,
+    pub refused: Option<&'a Refused>,
+}
+
+/// Records the source stage's decision: the fetched revision, the last
+/// good one, a refusal, and the end of a manual override once the followed
+/// ref moves on.
+pub fn source_result(store: &Store, host: &str, r: &SourceResult<'_>) -> Result<(), StateError> {
+    store.write(host, |w| {
+        w.update_host(|h| {
+            if let Some(f) = r.fetched {
+                h.fetched_revision = Some(f.to_string());
+            }
+            if let Some((revision, true)) = r.converged {
+                if h.applied_revision.as_deref() == Some(revision) {
+                    h.last_good_revision = Some(revision.to_string());
+                }
+            }
+            if r.converged.is_some()
+                && h.manual_override.is_some()
+                && r.fetched.is_some()
+                && h.manual_override.as_deref() != r.fetched
+            {
+                h.manual_override = None;
+            }
+            h.refused = r.refused.cloned();
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::{KubeFailure, Outcome, Reason};
+    use crate::k8s::client::Failure;
+    use crate::plan::{Action, Classification};
+
+    fn native(counts: RunCounts) -> ApplyReport {
+        ApplyReport {
+            outcomes: Vec::new(),
+            counts,
+            revision: "r1".into(),
+            prune_duration: Default::default(),
+            started_ms: 1,
+            finished_ms: 2,
+            first_error: None,
+        }
+    }
+
+    #[test]
+    fn a_failed_stack_makes_a_good_host_run_partial_and_names_its_error() {
+        let host = native(RunCounts {
+            created: 2,
+            ..RunCounts::default()
+        });
+        let stack = StackReport {
+            name: "web".into(),
+            not_checked: None,
+            error: None,
+            outcomes: vec![Outcome {
+                id: "k8s:web/web/Deployment.apps/web".into(),
+                action: Action::Update,
+                class: Classification::Change,
+                fields: Vec::new(),
+                error: Some("unhealthy: ImagePullBackOff".into()),
+                note: None,
+                reason: Some(Reason::Kube(KubeFailure::Timeout)),
+            }],
+            counts: RunCounts {
+                failed: 1,
+                ..RunCounts::default()
+            },
+        };
+        let r = run_record("cli", "r1", &host, &[stack]);
+        assert_eq!(r.result, RunResult::Partial);
+        assert_eq!(r.counts.created, 2);
+        assert_eq!(r.counts.failed, 1);
+        assert_eq!(
+            r.error.as_deref(),
+            Some("k8s:web/web/Deployment.apps/web: unhealthy: ImagePullBackOff")
+        );
+    }
+
+    #[test]
+    fn a_stack_that_could_not_connect_fails_a_run_that_did_nothing() {
+        let stack = StackReport {
+            name: "web".into(),
+            not_checked: None,
+            error: Some(Failure::new(KubeFailure::Connect, "cannot reach")),
+            outcomes: Vec::new(),
+            counts: RunCounts::default(),
+        };
+        let r = run_record("poll", "r1", &native(RunCounts::default()), &[stack]);
+        assert_eq!(r.result, RunResult::Failed);
+        assert_eq!(r.counts.failed, 1);
+        assert_eq!(r.error.as_deref(), Some("stack web: cannot reach"));
+    }
+
+    #[test]
+    fn skipped_host_resources_make_the_run_partial_and_keep_the_revision_unapplied() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut host = native(RunCounts {
+            changed: 1,
+            skipped: 1,
+            ..RunCounts::default()
+        });
+        let r = finish_run(&store, "lab", "cli", "r1", &host, &[]).unwrap();
+        assert_eq!(r.result, RunResult::Partial);
+        assert_eq!(store.host("lab").unwrap().applied_revision, None);
+        host.counts.skipped = 0;
+        finish_run(&store, "lab", "cli", "r1", &host, &[]).unwrap();
+        assert_eq!(
+            store.host("lab").unwrap().applied_revision.as_deref(),
+            Some("r1")
+        );
+        assert_eq!(store.runs("lab", 10).unwrap().len(), 2);
+    }
+}
