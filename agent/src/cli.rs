@@ -273,21 +273,11 @@ pub fn main() -> ExitCode {
     }
 }
 
+pub use crate::config::default_state_dir;
+
 /// This machine's hostname up to the first dot.
 pub fn short_hostname() -> Result<String> {
-    let name =
-        nix::unistd::gethostname().context("cannot read this machine's hostname; pass --host")?;
-    let name = name.to_string_lossy();
-    Ok(name.split('.').next().unwrap_or(&name).to_string())
-}
-
-/// The default state directory (inside the sandbox with `--root`).
-pub fn default_state_dir(root: Option<&Path>) -> PathBuf {
-    match root {
-        Some(root) => root.join("var/lib/homelab-agent"),
-        None if cfg!(target_os = "macos") => PathBuf::from("/usr/local/var/homelab-agent"),
-        None => PathBuf::from("/var/lib/homelab-agent"),
-    }
+    Ok(config::short_hostname()?)
 }
 
 fn style() -> Style {

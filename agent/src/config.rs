@@ -9,9 +9,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::desired::diag::{Diagnostic, Diagnostics};
 use crate::desired::model::DriftPolicy;
-use crate::desired::yaml::{self, MapReader, Value};
+use crate::syntax::diag::{Diagnostic, Diagnostics};
+use crate::syntax::yaml::{self, MapReader, Value};
+use crate::syntax::{duration, duration_at_least};
 
 /// Errors loading the agent config.
 #[derive(Debug, thiserror::Error)]
@@ -222,37 +223,7 @@ pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
     parse(path, &text)
 }
 
-/// Reads a regular file of at most `limit` bytes as UTF-8 text. A FIFO,
-/// device or directory is refused without blocking on it (opened
-/// non-blocking, checked before reading), and a larger file is refused
-/// after reading `limit + 1` bytes, whatever it claims to be.
-pub fn read_limited(path: &Path, limit: u64) -> std::io::Result<String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    let mut bytes = Vec::new();
-    file.take(limit + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > limit {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!(
-                "the file is over the limit of {} bytes",
-                yaml::thousands(usize::try_from(limit).unwrap_or(usize::MAX))
-            ),
-        ));
-    }
-    String::from_utf8(bytes)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
-}
+pub use crate::source::read_limited;
 
 /// Parses config text; `path` names it in messages and anchors relative paths.
 pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
@@ -743,43 +714,23 @@ fn int_in(
     }
 }
 
-/// A duration: whole seconds, or a string such as `90s`, `5m`, `1h`.
-pub(crate) fn duration(
-    r: &mut MapReader<'_>,
-    key: &str,
-    diags: &mut Diagnostics,
-) -> Option<Duration> {
-    duration_at_least(r, key, Duration::from_secs(1), diags)
+/// This machine's hostname up to the first dot.
+pub fn short_hostname() -> Result<String, std::io::Error> {
+    let name = nix::unistd::gethostname().map_err(|e| {
+        std::io::Error::other(format!(
+            "cannot read this machine's hostname ({e}); pass --host"
+        ))
+    })?;
+    let name = name.to_string_lossy();
+    Ok(name.split('.').next().unwrap_or(&name).to_string())
 }
 
-/// [`duration`] with another lower bound.
-fn duration_at_least(
-    r: &mut MapReader<'_>,
-    key: &str,
-    min: Duration,
-    diags: &mut Diagnostics,
-) -> Option<Duration> {
-    let node = r.take(key)?;
-    let d = match &node.value {
-        Value::Int(n) if *n > 0 => Some(Duration::from_secs(*n as u64)),
-        Value::Str(s) => humantime::parse_duration(s).ok(),
-        _ => None,
-    };
-    match d {
-        Some(d) if d >= min => Some(d),
-        _ => {
-            diags.push(
-                r.diag(
-                    node.line,
-                    format!(
-                        "`{key}` must be a duration of at least {}",
-                        humantime::format_duration(min)
-                    ),
-                )
-                .hint("seconds (60) or a string such as \"90s\", \"5m\""),
-            );
-            None
-        }
+/// The default state directory (inside the sandbox with `--root`).
+pub fn default_state_dir(root: Option<&Path>) -> PathBuf {
+    match root {
+        Some(root) => root.join("var/lib/homelab-agent"),
+        None if cfg!(target_os = "macos") => PathBuf::from("/usr/local/var/homelab-agent"),
+        None => PathBuf::from("/var/lib/homelab-agent"),
     }
 }
 

@@ -24,4 +24,5 @@ pub mod resources;
 pub mod run;
 pub mod secrets;
 pub mod source;
+pub mod syntax;
 pub mod telemetry;

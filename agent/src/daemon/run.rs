@@ -99,7 +99,7 @@ fn settings(config: &AgentConfig) -> Result<Settings, DaemonError> {
         Arc::new(config::check_credentials(config).map_err(|e| DaemonError::Setup(e.to_string()))?);
     let host = match &config.host {
         Some(h) => h.clone(),
-        None => crate::cli::short_hostname().map_err(|e| DaemonError::Setup(e.to_string()))?,
+        None => crate::config::short_hostname().map_err(|e| DaemonError::Setup(e.to_string()))?,
     };
     let root = match &config.root {
         Some(r) => {
@@ -116,7 +116,7 @@ fn settings(config: &AgentConfig) -> Result<Settings, DaemonError> {
     let state_dir = config
         .state_dir
         .clone()
-        .unwrap_or_else(|| crate::cli::default_state_dir(root.as_deref()));
+        .unwrap_or_else(|| crate::config::default_state_dir(root.as_deref()));
     Ok(Settings {
         config: config.clone(),
         host,

@@ -51,7 +51,7 @@ pub struct Catalog {
     pub revision: String,
     pub entries: Vec<Entry>,
     /// The host's Kubernetes stacks (converged after the entries).
-    pub stacks: Vec<crate::k8s::Stack>,
+    pub stacks: Vec<crate::desired::stacks::Stack>,
 }
 
 /// An entry before ordering: explicit `after` ids are still strings.

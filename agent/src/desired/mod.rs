@@ -9,10 +9,11 @@
 //! touches the managed host.
 
 pub mod catalog;
-pub mod diag;
 pub mod model;
 pub mod render;
-pub mod yaml;
+pub mod stacks;
+
+pub use crate::syntax::{diag, yaml};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,23 +49,7 @@ const WHEN_HINT: &str =
 /// Keys every resource may have, besides its kind's own.
 const COMMON_KEYS: &[&str] = &["after", "notify", "on_drift", "when"];
 
-/// Characters no managed path or root may hold: control characters (a
-/// newline would forge a line of the plan or the log, a NUL cuts the path
-/// short in the kernel) and the invisible or bidirectional formatting ones
-/// that make a path read as another (U+200B..U+200F, U+202A..U+202E,
-/// U+2060..U+2064, U+2066..U+2069, U+FEFF).
-pub fn unsafe_path_char(c: char) -> bool {
-    c.is_control()
-        || matches!(c,
-            '\u{200B}'..='\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{2069}'
-            | '\u{FEFF}')
-}
-
-pub const UNSAFE_CHAR_HINT: &str =
-    "paths may not hold control characters (newline, tab, NUL, ...) or invisible formatting characters; rename the path";
+pub use crate::syntax::{unsafe_path_char, UNSAFE_CHAR_HINT};
 
 /// Host names defined in the source (`hosts/*.yaml`).
 pub fn host_names(source: &dyn Source) -> Result<Vec<String>, SourceError> {
@@ -338,7 +323,7 @@ fn load_inner(
             }
         }
     }
-    let stack_cx = crate::k8s::load::StackContext {
+    let stack_cx = crate::desired::stacks::load::StackContext {
         host_file: &host_file,
         host: &spec.name,
         vars: vars_value.clone(),
@@ -347,7 +332,8 @@ fn load_inner(
         secrets: opts.secrets.clone(),
         budget: budget.clone(),
     };
-    let stacks = crate::k8s::load::load_stacks(&source, &spec.stacks, &stack_cx, &mut diags)?;
+    let stacks =
+        crate::desired::stacks::load::load_stacks(&source, &spec.stacks, &stack_cx, &mut diags)?;
     if !diags.is_empty() {
         return Err(DesiredError::Invalid {
             diags: diags.sorted(),

@@ -62,7 +62,7 @@ pub struct HostSpec {
     pub on_drift: Option<DriftPolicy>,
     pub modules: Vec<ModuleUse>,
     /// The Kubernetes stacks this host owns (`k8s/<name>/`).
-    pub stacks: Vec<crate::k8s::model::StackUse>,
+    pub stacks: Vec<crate::desired::stacks::model::StackUse>,
 }
 
 /// One entry of a host's `modules:`.
@@ -240,7 +240,7 @@ pub fn parse_host(name: &str, file: &str, doc: &Node, diags: &mut Diagnostics) -
             on_drift: policy,
         });
     }
-    let stacks = crate::k8s::model::parse_stack_uses(&mut r, file, diags);
+    let stacks = crate::desired::stacks::model::parse_stack_uses(&mut r, file, diags);
     r.finish(HOST_KEYS, diags);
     Some(HostSpec {
         name: name.to_string(),

@@ -247,7 +247,9 @@ pub fn plan(
     let mut prunes: Vec<PlannedPrune> = inventory
         .iter()
         // Stack objects are planned (and pruned) by `k8s`, not here.
-        .filter(|(id, e)| !in_catalog.contains(id.as_str()) && e.kind != crate::k8s::INVENTORY_KIND)
+        .filter(|(id, e)| {
+            !in_catalog.contains(id.as_str()) && e.kind != crate::desired::stacks::INVENTORY_KIND
+        })
         .map(|(id, e)| PlannedPrune {
             id: id.clone(),
             kind: e.kind.clone(),

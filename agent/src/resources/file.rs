@@ -387,13 +387,13 @@ pub struct Validate {
 /// Reads `validate` and `validate_timeout`. `None`: invalid (diagnostics
 /// pushed); `Some(None)`: not given.
 fn parse_validate(
-    fields: &mut crate::desired::yaml::MapReader<'_>,
-    diags: &mut crate::desired::diag::Diagnostics,
+    fields: &mut crate::syntax::yaml::MapReader<'_>,
+    diags: &mut crate::syntax::diag::Diagnostics,
 ) -> Option<Option<Validate>> {
     let timeout_line = fields.take("validate_timeout").map(|n| n.line);
     // `take` marked it known; read it through the shared duration parser.
     let timeout = match timeout_line {
-        Some(_) => Some(crate::config::duration(fields, "validate_timeout", diags)?),
+        Some(_) => Some(crate::syntax::duration(fields, "validate_timeout", diags)?),
         None => None,
     };
     let Some((line_text, line)) = fields.string("validate", diags) else {
@@ -741,17 +741,17 @@ mod tests {
 
     // --- validate ---
 
-    use crate::desired::diag::Diagnostics;
-    use crate::desired::yaml::{self, MapReader};
     use crate::resources::exec::{Output, Runner};
     use crate::resources::{ApplyCtx, Assets};
+    use crate::syntax::diag::Diagnostics;
+    use crate::syntax::yaml::{self, MapReader};
 
     struct NoAssets;
     impl Assets for NoAssets {
-        fn template(&self, _: &str, _: usize) -> Result<String, crate::desired::diag::Diagnostic> {
+        fn template(&self, _: &str, _: usize) -> Result<String, crate::syntax::diag::Diagnostic> {
             unreachable!("inline content only")
         }
-        fn file(&self, _: &str, _: usize) -> Result<Vec<u8>, crate::desired::diag::Diagnostic> {
+        fn file(&self, _: &str, _: usize) -> Result<Vec<u8>, crate::syntax::diag::Diagnostic> {
             unreachable!("inline content only")
         }
     }

@@ -16,9 +16,9 @@ use std::fmt::Debug;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::desired::diag::{Diagnostic, Diagnostics};
-use crate::desired::yaml::MapReader;
 use crate::fsops::{Attrs, Fs, FsError, Staged};
+use crate::syntax::diag::{Diagnostic, Diagnostics};
+use crate::syntax::yaml::MapReader;
 
 pub mod absent;
 pub mod directory;

@@ -44,7 +44,7 @@ impl Kind for SymlinkKind {
             return None;
         };
         // A target is shown in plans and logs like a path: same characters.
-        if target.is_empty() || target.chars().any(crate::desired::unsafe_path_char) {
+        if target.is_empty() || target.chars().any(crate::syntax::unsafe_path_char) {
             diags.push(
                 fields
                     .diag(
@@ -54,7 +54,7 @@ impl Kind for SymlinkKind {
                             target.escape_debug()
                         ),
                     )
-                    .hint(crate::desired::UNSAFE_CHAR_HINT),
+                    .hint(crate::syntax::UNSAFE_CHAR_HINT),
             );
             return None;
         }

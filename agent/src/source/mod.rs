@@ -171,3 +171,35 @@ pub trait Source: Send + Sync {
     /// For messages: where this source is.
     fn describe(&self) -> String;
 }
+
+/// Reads a regular file of at most `limit` bytes as UTF-8 text. A FIFO,
+/// device or directory is refused without blocking on it (opened
+/// non-blocking, checked before reading), and a larger file is refused
+/// after reading `limit + 1` bytes, whatever it claims to be.
+pub fn read_limited(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "the file is over the limit of {} bytes",
+                crate::syntax::yaml::thousands(usize::try_from(limit).unwrap_or(usize::MAX))
+            ),
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
+}

@@ -118,7 +118,7 @@ impl AllowedSigners {
     /// `valid-before="..."` and `cert-authority`. A bad line is an error naming `path:line`.
     pub fn load(path: &Path) -> Result<AllowedSigners, VerifyError> {
         let text =
-            crate::config::read_limited(path, MAX_ALLOWED_SIGNERS_BYTES).map_err(|source| {
+            crate::source::read_limited(path, MAX_ALLOWED_SIGNERS_BYTES).map_err(|source| {
                 VerifyError::Read {
                     path: path.to_path_buf(),
                     source,

@@ -35,7 +35,7 @@ use super::{
     ApplyCtx, FieldChange, Host, IdentityKind, Kind, Observation, ParseInput, Platform,
     PruneOutcome, Resource, ResourceError,
 };
-use crate::desired::yaml::Value;
+use crate::syntax::yaml::Value;
 
 mod apt;
 mod brew;

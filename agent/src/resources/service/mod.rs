@@ -27,9 +27,9 @@ use super::{
     ApplyCtx, FieldChange, Host, IdentityKind, Kind, Observation, ParseInput, Platform,
     PruneOutcome, Resource, ResourceError,
 };
-use crate::desired::diag::Diagnostics;
-use crate::desired::yaml::{MapReader, Node, Value};
 use crate::fsops::{Attrs, Meta};
+use crate::syntax::diag::Diagnostics;
+use crate::syntax::yaml::{MapReader, Node, Value};
 
 pub mod calendar;
 pub mod launchd;
@@ -409,7 +409,7 @@ fn one_of<T: Copy>(
                         line,
                         format!("`{key}: {v}` is not one of {}", names.join(", ")),
                     )
-                    .hint(match crate::desired::yaml::closest(&v, &names) {
+                    .hint(match crate::syntax::yaml::closest(&v, &names) {
                         Some(n) => format!("did you mean `{n}`?"),
                         None => format!("use one of {}", names.join(", ")),
                     }),

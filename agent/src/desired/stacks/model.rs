@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use crate::desired::diag::{Diagnostic, Diagnostics};
 use crate::desired::model::{on_drift, DriftPolicy};
-use crate::desired::yaml::{MapReader, Node, Value};
+use crate::syntax::diag::{Diagnostic, Diagnostics};
+use crate::syntax::yaml::{MapReader, Node, Value};
 
 /// How a host reaches the cluster a stack lives in.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -358,7 +358,7 @@ pub fn parse_stack(name: &str, file: &str, doc: &Node, diags: &mut Diagnostics) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::yaml;
+    use crate::syntax::yaml;
 
     fn stack(text: &str) -> (StackSpec, String) {
         let node = yaml::parse("k8s/s/stack.yaml", text).unwrap();

@@ -13,13 +13,13 @@ use serde_json::{Map, Value as Json};
 
 use super::model::{self, ClusterAccess, StackSpec, StackUse};
 use super::{DesiredObject, Manifest, ObjectRef, Stack};
-use crate::desired::diag::{Diagnostic, Diagnostics};
 use crate::desired::model::DriftPolicy;
 use crate::desired::refusal_diag;
 use crate::desired::render::{self, ModuleEnv, SecretUsage};
-use crate::desired::yaml::{self, Node, Value};
 use crate::secrets::resolve::SecretSource;
 use crate::source::{Source, SourceError};
+use crate::syntax::diag::{Diagnostic, Diagnostics};
+use crate::syntax::yaml::{self, Node, Value};
 
 /// What the stacks of one host are rendered with.
 pub struct StackContext<'a> {
@@ -691,7 +691,7 @@ fn generated_config_map(
         model::GeneratedKind::PrometheusRule => {
             let (path, line) = &cm.files[0];
             let text = data.values().next().and_then(Json::as_str).unwrap_or("");
-            match crate::desired::yaml::parse(path, text) {
+            match crate::syntax::yaml::parse(path, text) {
                 Ok(node) if matches!(&node.value, Value::Map(e) if e.iter().any(|(k, _)| k == "groups")) => {
                     Some(raw_json(&node))
                 }
@@ -911,7 +911,7 @@ mod tests {
             "homelab-agent"
         );
         let text = std::fs::read_to_string(repo.join("dashboards/alerts.yaml")).unwrap();
-        let node = crate::desired::yaml::parse("alerts.yaml", &text).unwrap();
+        let node = crate::syntax::yaml::parse("alerts.yaml", &text).unwrap();
         assert_eq!(rule["spec"], super::raw_json(&node));
         // Go templates in annotations are not rendered as Jinja.
         let spec = rule["spec"].to_string();
