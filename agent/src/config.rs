@@ -556,56 +556,100 @@ impl std::fmt::Debug for Credentials {
 /// Reads a file holding a credential: a regular file, mode 0600 or
 /// stricter (no group or other bits), UTF-8-clean or not, not empty once
 /// trimmed. The content is never part of an error.
-pub fn read_private_file(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+pub fn read_private_file(path: &Path, what: &'static str) -> Result<Vec<u8>, CredentialError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    let unreadable = |source| CredentialError::Unreadable {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(unreadable)?;
     if !meta.is_file() {
-        return Err(format!("{what} {} is not a regular file", path.display()));
+        return Err(CredentialError::NotRegular {
+            what,
+            path: path.to_path_buf(),
+        });
     }
     if meta.permissions().mode() & 0o077 != 0 {
-        return Err(format!(
-            "{what} {} is readable by group or others (mode {:04o}); run: chmod 600 {}",
-            path.display(),
-            meta.permissions().mode() & 0o777,
-            path.display()
-        ));
+        return Err(CredentialError::Exposed {
+            what,
+            path: path.to_path_buf(),
+            mode: meta.permissions().mode() & 0o777,
+        });
     }
     // Bounded: a credential is a line, not a disk image someone pointed us at.
-    const MAX: u64 = 64 * 1024;
-    if meta.len() > MAX {
-        return Err(format!(
-            "{what} {} is {} bytes; a credential file holds one value (at most {MAX} bytes)",
-            path.display(),
-            meta.len()
-        ));
+    if meta.len() > MAX_CREDENTIAL_BYTES {
+        return Err(CredentialError::TooLarge {
+            what,
+            path: path.to_path_buf(),
+            len: meta.len(),
+        });
     }
-    let bytes =
-        std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(unreadable)?;
     let value = bytes.trim_ascii().to_vec();
     if value.is_empty() {
-        return Err(format!(
-            "{what} {} is empty; put the value in it",
-            path.display()
-        ));
+        return Err(CredentialError::Empty {
+            what,
+            path: path.to_path_buf(),
+        });
     }
     Ok(value)
 }
 
+/// The largest credential file read (a credential is one line).
+const MAX_CREDENTIAL_BYTES: u64 = 64 * 1024;
+
+/// Why a credential file cannot be used. Never holds its content.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("cannot read {what} {}: {source}", path.display())]
+    Unreadable {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} {} is not a regular file", path.display())]
+    NotRegular { what: &'static str, path: PathBuf },
+    #[error("{what} {} is readable by group or others (mode {mode:04o}); run: chmod 600 {}", path.display(), path.display())]
+    Exposed {
+        what: &'static str,
+        path: PathBuf,
+        mode: u32,
+    },
+    #[error("{what} {} is {len} bytes; a credential file holds one value (at most {MAX_CREDENTIAL_BYTES} bytes)", path.display())]
+    TooLarge {
+        what: &'static str,
+        path: PathBuf,
+        len: u64,
+    },
+    #[error("{what} {} is empty; put the value in it", path.display())]
+    Empty { what: &'static str, path: PathBuf },
+    #[error("{what} {} holds {len} bytes; `{key}` needs at least {MIN_SHARED_SECRET_BYTES} (256 bits, HMAC-SHA256's key size: a short secret can be guessed)\n    make one: openssl rand -hex 32 > {} && chmod 600 {}", path.display(), path.display(), path.display())]
+    TooShort {
+        what: &'static str,
+        path: PathBuf,
+        len: usize,
+        key: &'static str,
+    },
+    #[error("{what} {} is not UTF-8 text", path.display())]
+    NotText { what: &'static str, path: PathBuf },
+}
+
 /// [`read_private_file`] for a shared secret that must also be long enough
 /// ([`MIN_SHARED_SECRET_BYTES`]).
-fn read_shared_secret(path: &Path, what: &str, key: &str) -> Result<Vec<u8>, String> {
+fn read_shared_secret(
+    path: &Path,
+    what: &'static str,
+    key: &'static str,
+) -> Result<Vec<u8>, CredentialError> {
     let value = read_private_file(path, what)?;
     if value.len() < MIN_SHARED_SECRET_BYTES {
-        return Err(format!(
-            "{what} {} holds {} bytes; `{key}` needs at least {MIN_SHARED_SECRET_BYTES} \
-             (256 bits, HMAC-SHA256's key size: a short secret can be guessed)\n    \
-             make one: openssl rand -hex 32 > {} && chmod 600 {}",
-            path.display(),
-            value.len(),
-            path.display(),
-            path.display()
-        ));
+        return Err(CredentialError::TooShort {
+            what,
+            path: path.to_path_buf(),
+            len: value.len(),
+            key,
+        });
     }
     Ok(value)
 }
@@ -624,27 +668,30 @@ pub fn check_credentials(config: &AgentConfig) -> Result<Credentials, ConfigErro
     let mut problems = Vec::new();
     let mut creds = Credentials::default();
     // Each problem is `key: what is wrong` (the key as written in the config).
-    let mut note = |key: &str, r: Result<(), String>| {
+    fn noted<E: std::fmt::Display>(problems: &mut Vec<String>, key: &str, r: Result<(), E>) {
         if let Err(e) = r {
             problems.push(crate::redact::url_credentials_owned(&format!("{key}: {e}")));
         }
-    };
+    }
     if let Some(path) = &config.webhook_secret_file {
-        note(
+        noted(
+            &mut problems,
             "webhook_secret_file",
             read_shared_secret(path, "webhook secret file", "webhook_secret_file")
                 .map(|v| creds.webhook_secret = Some(v)),
         );
     }
     if let Some(path) = &config.api_token_file {
-        note(
+        noted(
+            &mut problems,
             "api_token_file",
             read_shared_secret(path, "API token file", "api_token_file")
                 .map(|v| creds.api_token = Some(v)),
         );
     }
     if let Some(path) = &config.token_file {
-        note(
+        noted(
+            &mut problems,
             "token_file",
             crate::source::git::read_token(path)
                 .map(|_| ())
@@ -652,7 +699,8 @@ pub fn check_credentials(config: &AgentConfig) -> Result<Credentials, ConfigErro
         );
     }
     if let Some(op) = &config.onepassword {
-        note(
+        noted(
+            &mut problems,
             "onepassword",
             crate::secrets::connect::ConnectClient::check(
                 &crate::secrets::connect::ConnectConfig::new(
@@ -665,14 +713,16 @@ pub fn check_credentials(config: &AgentConfig) -> Result<Credentials, ConfigErro
         );
     }
     if let Some(path) = config.loki.as_ref().and_then(|l| l.password_file.as_ref()) {
-        note(
+        noted(
+            &mut problems,
             "loki.password_file",
             read_private_file(path, "Loki password file").map(|_| ()),
         );
     }
     if let Some(v) = &config.verify {
         let path = &v.allowed_signers;
-        note(
+        noted(
+            &mut problems,
             "verify.allowed_signers",
             check_regular(path, MAX_CONFIG_BYTES)
                 .map_err(|e| format!("{}: {e}", path.display()))

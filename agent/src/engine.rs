@@ -1,5 +1,5 @@
-//! One reconcile, from a repository location to a converged host: the
-//! stages wired together for both the CLI and the daemon.
+//! The first two stages, source and desired, for the CLI and the daemon
+//! (everything after them is `run::run`).
 //!
 //! `resolve` picks the source (fetching a remote into the cache in the state
 //! directory, or reading a local directory / a local repository's commit),

@@ -578,14 +578,27 @@ fn an_unhealthy_deployment_fails_the_run_with_the_pods_own_reason() {
             "      labels: {app: web, kube-env.test/hold: ImagePullBackOff}\n    spec:",
         ),
     );
+    let metrics = lab.tmp.path().join("apply.prom");
     let started = std::time::Instant::now();
-    let (out, text) = lab.apply();
+    let out = lab.run("apply", &["--metrics-file", metrics.to_str().unwrap()]);
+    let text = format!("{}{}", stdout(&out), stderr(&out));
     let took = started.elapsed();
     assert_eq!(out.status.code(), Some(1), "{text}");
     lab.has(
         &text,
         "failed k8s:web/@NS/Deployment.apps/web: unhealthy: pod @NS/web-",
     );
+    // The wait for the rollout is the run's health phase.
+    let prom = std::fs::read_to_string(&metrics).unwrap();
+    let health = prom
+        .lines()
+        .find(|l| {
+            l.starts_with("homelab_agent_last_run_phase_duration_seconds{")
+                && l.contains("phase=\"health\"")
+        })
+        .unwrap_or_else(|| panic!("no health phase in:\n{prom}"));
+    let secs: f64 = health.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(secs > 0.0, "{health}");
     assert!(
         text.contains("container web is waiting: ImagePullBackOff"),
         "{text}"

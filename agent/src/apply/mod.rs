@@ -658,10 +658,9 @@ fn handlers(plan: &Plan, host: &Host, st: &mut HandlerState<'_>) -> Vec<Handled>
         for &i in &restorable {
             let result = match entries[i].resource.as_restorable() {
                 Some(r) => r.restore(&planned[&i].observation, host),
-                None => Err(resources::ResourceError::Unsupported(format!(
-                    "{} cannot be rolled back",
-                    entries[i].resource.kind()
-                ))),
+                None => Err(resources::ResourceError::NotRestorable {
+                    kind: entries[i].resource.kind(),
+                }),
             };
             match result {
                 Ok(()) => restored.push(i),

@@ -433,7 +433,7 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> Response {
             "not ready (GET /api/status with the API token says why)",
         )
             .into_response(),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason.to_string()).into_response(),
     }
 }
 
@@ -1459,7 +1459,16 @@ mod tests {
         });
         let (code, text) = get("/readyz").await;
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(text, state.status.read().unwrap().ready().unwrap_err());
+        assert_eq!(
+            text,
+            state
+                .status
+                .read()
+                .unwrap()
+                .ready()
+                .unwrap_err()
+                .to_string()
+        );
         assert!(
             text.contains("signature of deadbeef") && text.contains("not signed"),
             "{text}"

@@ -39,7 +39,7 @@ use tracing::{error, info, warn};
 
 use super::http::{HttpState, WebhookConfig};
 use super::queue::{Trigger, TriggerQueue};
-use super::status::{ClassCounts, Refusal, StatusSnapshot};
+use super::status::{Refusal, StatusSnapshot};
 use crate::config::{self, AgentConfig};
 use crate::desired::catalog::Catalog;
 use crate::engine::{self, Scrubber, SourceSpec, StageError};
@@ -61,8 +61,28 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Credentials(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Hostname(std::io::Error),
+    /// (The io error is shown in the message, so it is a field rather than a
+    /// `source`: the CLI prints an error's chain.)
+    #[error("cannot create root {}: {error}", path.display())]
+    Root {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("root {}: {error}", path.display())]
+    BadRoot {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::loki::LokiError),
     #[error("{0}")]
-    Setup(String),
+    Signals(std::io::Error),
     #[error(transparent)]
     State(#[from] homelab_agent_state::StateError),
 }
@@ -95,21 +115,21 @@ const RENDER_STACK_BYTES: usize = 16 * 1024 * 1024;
 
 fn settings(config: &AgentConfig) -> Result<Settings, DaemonError> {
     // The one credential check `agent validate --config` runs too.
-    let credentials =
-        Arc::new(config::check_credentials(config).map_err(|e| DaemonError::Setup(e.to_string()))?);
+    let credentials = Arc::new(config::check_credentials(config)?);
     let host = match &config.host {
         Some(h) => h.clone(),
-        None => crate::config::short_hostname().map_err(|e| DaemonError::Setup(e.to_string()))?,
+        None => crate::config::short_hostname().map_err(DaemonError::Hostname)?,
     };
     let root = match &config.root {
         Some(r) => {
-            std::fs::create_dir_all(r).map_err(|e| {
-                DaemonError::Setup(format!("cannot create root {}: {e}", r.display()))
+            std::fs::create_dir_all(r).map_err(|error| DaemonError::Root {
+                path: r.clone(),
+                error,
             })?;
-            Some(
-                r.canonicalize()
-                    .map_err(|e| DaemonError::Setup(format!("root {}: {e}", r.display())))?,
-            )
+            Some(r.canonicalize().map_err(|error| DaemonError::BadRoot {
+                path: r.clone(),
+                error,
+            })?)
         }
         None => None,
     };
@@ -184,7 +204,7 @@ pub fn run(config: AgentConfig) -> Result<(), DaemonError> {
         .enable_all()
         .max_blocking_threads(2)
         .build()
-        .map_err(|e| DaemonError::Setup(format!("cannot start the async runtime: {e}")))?;
+        .map_err(DaemonError::Runtime)?;
     let result = runtime.block_on(main_loop(config));
     // A run abandoned at shutdown still holds a blocking thread: dropping
     // the runtime would wait for it forever.
@@ -252,10 +272,7 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
         reference: config.reference.clone(),
         ..StatusSnapshot::default()
     }));
-    let telemetry = Arc::new(
-        Telemetry::new(&settings.host, config.loki.as_ref())
-            .map_err(|e| DaemonError::Setup(e.to_string()))?,
-    );
+    let telemetry = Arc::new(Telemetry::new(&settings.host, config.loki.as_ref())?);
     let http = HttpState::new(queue.clone(), status.clone(), webhook);
     http.set_metrics(telemetry.metrics.clone());
     http.set_api_token(settings.credentials.api_token.clone());
@@ -312,9 +329,9 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
     }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        .map_err(DaemonError::Signals)?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+        .map_err(DaemonError::Signals)?;
 
     queue.push(Trigger::Startup);
     let mut current: Option<RunInFlight> = None;
@@ -760,7 +777,7 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     let fetch = !triggers.iter().all(|t| *t == Trigger::Drift) || record.fetched_revision.is_none();
     let (catalog, fetched, mut refused) =
         choose_catalog(shared, &s, &record, fetch, &mut phases, &secrets, started);
-    let mut counts = ClassCounts::default();
+    let mut counts = crate::plan::Summary::default();
     let mut outcome = RunOutcome::Error;
     if let Some(catalog) = catalog {
         let revision = catalog.revision.clone();
@@ -925,25 +942,6 @@ fn heal_native(
     }
 }
 
-/// The drift, skips and counts of a native plan, logged and counted.
-fn plan_counts(plan: &plan::Plan) -> ClassCounts {
-    let mut counts = ClassCounts {
-        prune: plan.prunes.len(),
-        ..ClassCounts::default()
-    };
-    for p in &plan.resources {
-        match p.class {
-            Classification::Create => counts.create += 1,
-            Classification::Change => counts.change += 1,
-            Classification::Drift => counts.drift += 1,
-            Classification::InSync => counts.in_sync += 1,
-            Classification::Skipped => counts.skipped += 1,
-            Classification::Prune => {}
-        }
-    }
-    counts
-}
-
 fn log_plan(plan: &plan::Plan) {
     for p in &plan.resources {
         let e = &plan.catalog.entries[p.index];
@@ -963,7 +961,7 @@ fn run_plan_apply(
     trigger: &str,
     phases: &mut Phases,
     secrets: &Scrubber,
-) -> Result<(ClassCounts, RunOutcome), RunStopped> {
+) -> Result<(crate::plan::Summary, RunOutcome), RunStopped> {
     let telemetry = &shared.telemetry;
     let revision = catalog.revision.clone();
     let failed = |phase: Option<Phase>, stage: &str, e: String| {
@@ -1043,7 +1041,7 @@ fn run_plan_apply(
     )
     .map_err(|e| failed(None, "state", e.to_string()))?;
     phases.add_all(&run.phases);
-    let counts = plan_counts(&run.plan);
+    let counts = run.plan.summary();
     let applied = match &run.apply {
         crate::run::ApplyStage::Done(applied) => applied,
         crate::run::ApplyStage::Refused(e) => {

@@ -3,19 +3,6 @@
 
 use homelab_agent_state::{RefusalCause, RunRecord};
 
-/// Counts of the last plan, by classification.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ClassCounts {
-    pub create: usize,
-    pub change: usize,
-    pub drift: usize,
-    pub prune: usize,
-    pub in_sync: usize,
-    /// Resources skipped because a secret did not resolve.
-    #[serde(default)]
-    pub skipped: usize,
-}
-
 /// A snapshot of the daemon's state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatusSnapshot {
@@ -33,7 +20,7 @@ pub struct StatusSnapshot {
     pub refused: Option<Refusal>,
     pub last_run: Option<RunRecord>,
     /// Counts of the last plan.
-    pub counts: ClassCounts,
+    pub counts: crate::plan::Summary,
     /// A run is in progress.
     pub running: bool,
     /// Unix seconds the run in progress started.
@@ -69,41 +56,61 @@ pub struct Refusal {
     pub cause: RefusalCause,
 }
 
+/// Why the daemon is not ready (`/readyz` 503, with this as the body).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("a run ({trigger}) is stuck: it went past its time budget of {budget_secs} s (run_timeout) and was abandoned; no run starts until it ends (see the log)")]
+    Stuck { trigger: String, budget_secs: u64 },
+    #[error("no good revision yet: {stage} failed: {error}")]
+    NoGoodRevision { stage: String, error: String },
+    #[error("no revision fetched and applied yet")]
+    NothingYet,
+    #[error("newest revision refused ({stage}{}): {error}; staying on {}", revision.as_deref().map(|v| format!(" of {v}")).unwrap_or_default(), last_good.as_deref().unwrap_or("none"))]
+    Refused {
+        stage: String,
+        revision: Option<String>,
+        error: String,
+        last_good: Option<String>,
+    },
+    #[error("last run {result:?}: {}", error.as_deref().unwrap_or("see agent status"))]
+    LastRun {
+        result: homelab_agent_state::RunResult,
+        error: Option<String>,
+    },
+}
+
 impl StatusSnapshot {
     /// Ready: a source revision is available and the last run did not fail.
-    /// `Err` says why not.
-    pub fn ready(&self) -> Result<(), String> {
+    pub fn ready(&self) -> Result<(), NotReady> {
         if let Some(stuck) = &self.stuck {
-            return Err(format!(
-                "a run ({}) is stuck: it went past its time budget of {} s (run_timeout) and was abandoned; no run starts until it ends (see the log)",
-                stuck.trigger, stuck.budget_secs
-            ));
+            return Err(NotReady::Stuck {
+                trigger: stuck.trigger.clone(),
+                budget_secs: stuck.budget_secs,
+            });
         }
         if self.last_good_revision.is_none() && self.applied_revision.is_none() {
             return Err(match &self.refused {
-                Some(r) => format!("no good revision yet: {} failed: {}", r.stage, r.error),
-                None => "no revision fetched and applied yet".to_string(),
+                Some(r) => NotReady::NoGoodRevision {
+                    stage: r.stage.clone(),
+                    error: r.error.clone(),
+                },
+                None => NotReady::NothingYet,
             });
         }
         if let Some(r) = &self.refused {
-            return Err(format!(
-                "newest revision refused ({}{}): {}; staying on {}",
-                r.stage,
-                r.revision
-                    .as_deref()
-                    .map(|v| format!(" of {v}"))
-                    .unwrap_or_default(),
-                r.error,
-                self.last_good_revision.as_deref().unwrap_or("none")
-            ));
+            return Err(NotReady::Refused {
+                stage: r.stage.clone(),
+                revision: r.revision.clone(),
+                error: r.error.clone(),
+                last_good: self.last_good_revision.clone(),
+            });
         }
         if let Some(run) = &self.last_run {
             if run.result != homelab_agent_state::RunResult::Success {
-                return Err(format!(
-                    "last run {:?}: {}",
-                    run.result,
-                    run.error.as_deref().unwrap_or("see agent status")
-                ));
+                return Err(NotReady::LastRun {
+                    result: run.result,
+                    error: run.error.clone(),
+                });
             }
         }
         Ok(())

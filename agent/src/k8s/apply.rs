@@ -59,6 +59,10 @@ pub struct StackReport {
     pub error: Option<Failure>,
     pub outcomes: Vec<Outcome>,
     pub counts: RunCounts,
+    /// Time spent waiting for its workloads to become healthy (the
+    /// `health` phase).
+    #[serde(skip)]
+    pub health_wait: Duration,
 }
 
 impl StackReport {
@@ -69,6 +73,7 @@ impl StackReport {
             error: None,
             outcomes: Vec::new(),
             counts: RunCounts::default(),
+            health_wait: Duration::ZERO,
         }
     }
 
@@ -256,7 +261,9 @@ async fn apply_one(
     }
     let prunes = prune(&cx, plan, &cluster, report.error.is_some()).await;
     if cx.stack.spec.wait && report.error.is_none() && !cx.cancelled() {
+        let started = Instant::now();
         run.wait_healthy(&resolver).await;
+        report.health_wait = started.elapsed();
     }
     let (outcomes, counts) = outcomes(cx.stack, plan, &run.errors, &prunes);
     if let Err(e) = commit(&cx, plan, &run.applied, &prunes) {
@@ -937,6 +944,7 @@ mod tests {
                 reason: Some(Reason::Kube(KubeFailure::Invalid)),
             }],
             counts: RunCounts::default(),
+            health_wait: Duration::ZERO,
         };
         r.scrub(&|t: &str| t.replace(secret, "[redacted]"));
         let text = serde_json::to_string(&r).unwrap();

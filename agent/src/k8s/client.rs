@@ -35,8 +35,10 @@ pub struct KubeSettings {
 pub enum StackError {
     #[error("kubeconfig {path}: {message}\n  fix the file, or point `kubeconfig:` in the agent config (or $KUBECONFIG) at a good one")]
     Kubeconfig { path: String, message: String },
-    #[error("{0}")]
-    Config(String),
+    #[error("in-cluster config: {0}")]
+    InCluster(String),
+    #[error("cannot build the Kubernetes client for {server}: {message}")]
+    Client { server: String, message: String },
     #[error("cannot reach the Kubernetes API at {server}: {message}\n  is the cluster running, and the kubeconfig's server address right?")]
     Unreachable { server: String, message: String },
     #[error("the Kubernetes API at {server} refused discovery: {message}")]
@@ -54,9 +56,10 @@ impl StackError {
     /// The kind of failure, for the error metric.
     pub fn failure(&self) -> KubeFailure {
         match self {
-            StackError::Kubeconfig { .. } | StackError::Config(_) | StackError::Api { .. } => {
-                KubeFailure::Other
-            }
+            StackError::Kubeconfig { .. }
+            | StackError::InCluster(_)
+            | StackError::Client { .. }
+            | StackError::Api { .. } => KubeFailure::Other,
             StackError::Unreachable { .. } => KubeFailure::Connect,
             StackError::Forbidden { .. } => KubeFailure::Forbidden,
         }
@@ -193,16 +196,22 @@ const MAX_KUBECONFIG_BYTES: u64 = 1 << 20;
 /// Refuses what kube-rs would read without a bound: a FIFO, device or
 /// directory (the read would block or never end) or a file over
 /// [`MAX_KUBECONFIG_BYTES`].
-fn check_kubeconfig_file(path: &Path) -> Result<(), String> {
-    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+fn check_kubeconfig_file(path: &Path) -> Result<(), StackError> {
+    let refuse = |message: String| StackError::Kubeconfig {
+        path: path.display().to_string(),
+        message,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| refuse(e.to_string()))?;
     if !meta.is_file() {
-        return Err("it is not a regular file (a FIFO, device or directory)".to_string());
+        return Err(refuse(
+            "it is not a regular file (a FIFO, device or directory)".to_string(),
+        ));
     }
     if meta.len() > MAX_KUBECONFIG_BYTES {
-        return Err(format!(
+        return Err(refuse(format!(
             "it is {} bytes, over the limit of {MAX_KUBECONFIG_BYTES}",
             meta.len()
-        ));
+        )));
     }
     Ok(())
 }
@@ -224,8 +233,7 @@ pub async fn connect(
                     "not running inside a cluster (no KUBERNETES_SERVICE_HOST and service account token), and the stack asks for in_cluster".to_string(),
                 ));
             }
-            Config::incluster()
-                .map_err(|e| StackError::Config(format!("in-cluster config: {}", chain(&e))))?
+            Config::incluster().map_err(|e| StackError::InCluster(chain(&e)))?
         }
         ClusterAccess::Kubeconfig { context } => {
             let (paths, looked) = kubeconfig_paths(settings);
@@ -242,10 +250,7 @@ pub async fn connect(
             }
             let mut merged: Option<Kubeconfig> = None;
             for p in &paths {
-                check_kubeconfig_file(p).map_err(|message| StackError::Kubeconfig {
-                    path: p.display().to_string(),
-                    message,
-                })?;
+                check_kubeconfig_file(p)?;
                 let kc = Kubeconfig::read_from(p).map_err(|e| StackError::Kubeconfig {
                     path: p.display().to_string(),
                     message: chain(&e),
@@ -303,11 +308,9 @@ pub async fn connect(
         .trim_end_matches('/')
         .to_string();
     crate::source::git::install_tls_provider();
-    let client = Client::try_from(config).map_err(|e| {
-        StackError::Config(format!(
-            "cannot build the Kubernetes client for {server}: {}",
-            chain(&e)
-        ))
+    let client = Client::try_from(config).map_err(|e| StackError::Client {
+        server: server.clone(),
+        message: chain(&e),
     })?;
     Ok(Connection::Ready(Cluster { client, server }))
 }
@@ -722,12 +725,14 @@ mod tests {
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         assert!(check_kubeconfig_file(&fifo)
             .unwrap_err()
+            .to_string()
             .contains("not a regular file"));
         let big = dir.path().join("big");
         let f = std::fs::File::create(&big).unwrap();
         f.set_len(MAX_KUBECONFIG_BYTES + 1).unwrap();
         assert!(check_kubeconfig_file(&big)
             .unwrap_err()
+            .to_string()
             .contains("over the limit"));
         let ok = dir.path().join("ok");
         std::fs::write(&ok, "apiVersion: v1\n").unwrap();

@@ -20,7 +20,7 @@ use super::{ObjectRef, Stack, MANAGED_BY, MANAGED_BY_LABEL, STACK_LABEL};
 use crate::apply::KubeFailure;
 use crate::desired::catalog::Catalog;
 use crate::desired::model::DriftPolicy;
-use crate::plan::{stored_digest, Action, Classification};
+use crate::plan::{stored_digest, Action, Classification, Summary};
 
 /// How many objects of a stack are observed or applied at once.
 pub const PARALLELISM: usize = 4;
@@ -117,20 +117,6 @@ pub struct StackPlan {
     pub prunes: Vec<ObjectPrune>,
 }
 
-/// Counts for a stacks summary line.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct StackSummary {
-    pub create: usize,
-    pub change: usize,
-    pub prune: usize,
-    pub drift: usize,
-    pub in_sync: usize,
-    pub skipped: usize,
-    pub conflicts: usize,
-    pub errors: usize,
-    pub not_checked: usize,
-}
-
 impl StackPlan {
     /// Passes every message through `scrub` (see `StackReport::scrub`).
     pub fn scrub(&mut self, scrub: &dyn Fn(&str) -> String) {
@@ -152,8 +138,8 @@ impl StackPlan {
         }
     }
 
-    pub fn summary(&self) -> StackSummary {
-        let mut s = StackSummary::default();
+    pub fn summary(&self) -> Summary {
+        let mut s = Summary::default();
         match &self.status {
             StackStatus::NotChecked(_) => s.not_checked += 1,
             StackStatus::Failed(_) => s.errors += 1,
@@ -193,19 +179,10 @@ impl StackPlan {
 }
 
 /// Adds the counts of several stacks.
-pub fn total(plans: &[StackPlan]) -> StackSummary {
-    let mut t = StackSummary::default();
+pub fn total(plans: &[StackPlan]) -> Summary {
+    let mut t = Summary::default();
     for p in plans {
-        let s = p.summary();
-        t.create += s.create;
-        t.change += s.change;
-        t.prune += s.prune;
-        t.drift += s.drift;
-        t.in_sync += s.in_sync;
-        t.skipped += s.skipped;
-        t.conflicts += s.conflicts;
-        t.errors += s.errors;
-        t.not_checked += s.not_checked;
+        t.add(&p.summary());
     }
     t
 }

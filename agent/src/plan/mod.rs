@@ -101,16 +101,40 @@ pub struct Plan {
     pub failures: Vec<Failure>,
 }
 
-/// Counts for the summary line.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// What a plan found, by classification: the one set of plan counts for
+/// every target (the host's resources, a stack, all stacks, the daemon's
+/// status).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Summary {
     pub create: usize,
     pub change: usize,
     pub prune: usize,
     pub drift: usize,
     pub in_sync: usize,
+    /// Not applied: a secret did not resolve, or a change is held.
     pub skipped: usize,
+    /// Could not be observed or planned.
     pub errors: usize,
+    /// Would take fields another manager owns (stacks).
+    pub conflicts: usize,
+    /// Not compared at all: no cluster credentials (stacks).
+    pub not_checked: usize,
+}
+
+impl Summary {
+    /// Adds `other`'s counts.
+    pub fn add(&mut self, other: &Summary) {
+        self.create += other.create;
+        self.change += other.change;
+        self.prune += other.prune;
+        self.drift += other.drift;
+        self.in_sync += other.in_sync;
+        self.skipped += other.skipped;
+        self.errors += other.errors;
+        self.conflicts += other.conflicts;
+        self.not_checked += other.not_checked;
+    }
 }
 
 impl Plan {

@@ -359,10 +359,9 @@ impl super::Restorable for File {
                 }
                 Ok(())
             }
-            _ => Err(ResourceError::Unsupported(format!(
-                "{} was not a regular file before; it cannot be put back",
-                self.path.display()
-            ))),
+            _ => Err(ResourceError::CannotPutBack {
+                path: self.path.clone(),
+            }),
         }
     }
 }

@@ -255,8 +255,18 @@ pub enum ResourceError {
     Fs(#[from] FsError),
     #[error(transparent)]
     Exec(#[from] exec::ExecError),
-    #[error("{0}")]
-    Unsupported(String),
+    /// The kind cannot be rolled back (it has no `Restorable`).
+    #[error("{kind} cannot be rolled back")]
+    NotRestorable { kind: &'static str },
+    /// What was there before this run is not something the kind can put back.
+    #[error("{} was not a regular file before; it cannot be put back", path.display())]
+    CannotPutBack { path: PathBuf },
+    /// A scratch file of the agent's own (a unit being verified).
+    #[error("cannot write {}: {error}", path.display())]
+    Scratch {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error(transparent)]
     Package(#[from] package::PackageError),
     #[error("`{command}` failed ({}): {message}", code.map_or("killed".to_string(), |c| format!("exit {c}")))]
@@ -277,9 +287,9 @@ pub enum ResourceError {
         output: String,
         hint: String,
     },
-    /// A (re)started service did not come up within its start timeout.
-    #[error("{why}")]
-    NotUp { why: String },
+    /// A (re)started service did not come up.
+    #[error(transparent)]
+    NotUp(Box<service::NotUp>),
     #[error("user `{0}` does not exist on this host\n  create the user first, or change `owner`")]
     UnknownUser(String),
     #[error(

@@ -269,7 +269,19 @@ fn run_in(
     let idle = cx.idle.map(|f| move || f(store));
     let idle = idle.as_ref().map(|f| f as &crate::k8s::apply::Idle<'_>);
     let mut stack_reports = stacks.apply(&catalog, store, cx.cancel, idle);
-    phases.add(Phase::Apply, stacks_started.elapsed());
+    // Stacks run side by side: the longest health wait is the phase's time.
+    let health = stack_reports
+        .iter()
+        .map(|s| s.health_wait)
+        .max()
+        .unwrap_or_default();
+    phases.add(
+        Phase::Apply,
+        stacks_started.elapsed().saturating_sub(health),
+    );
+    if !health.is_zero() {
+        phases.add(Phase::Health, health);
+    }
     for st in &mut stack_reports {
         st.scrub(cx.scrub);
     }

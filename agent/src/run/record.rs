@@ -193,6 +193,7 @@ mod tests {
                 failed: 1,
                 ..RunCounts::default()
             },
+            health_wait: Default::default(),
         };
         let r = run_record("cli", "r1", &host, &[stack]);
         assert_eq!(r.result, RunResult::Partial);
@@ -212,6 +213,7 @@ mod tests {
             error: Some(Failure::new(KubeFailure::Connect, "cannot reach")),
             outcomes: Vec::new(),
             counts: RunCounts::default(),
+            health_wait: Default::default(),
         };
         let r = run_record("poll", "r1", &native(RunCounts::default()), &[stack]);
         assert_eq!(r.result, RunResult::Failed);

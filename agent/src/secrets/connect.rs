@@ -663,7 +663,7 @@ impl ConnectClient {
                         attempts: attempt,
                     }),
                     Ok(Err(s)) => Ok(Err(s)),
-                    Err(reason) => Err(ConnectError::Unreachable {
+                    Err(NoAnswer(reason)) => Err(ConnectError::Unreachable {
                         url: self.url.clone(),
                         reason,
                         attempts: attempt,
@@ -685,7 +685,7 @@ impl ConnectClient {
     }
 
     /// One attempt: `Err(reason)` when no HTTP answer came.
-    fn get_once(&self, url: &str) -> Result<Result<Vec<u8>, Status>, String> {
+    fn get_once(&self, url: &str) -> Result<Result<Vec<u8>, Status>, NoAnswer> {
         let resp = self
             .http
             .get(url)
@@ -696,17 +696,17 @@ impl ConnectClient {
                 concat!("homelab-agent/", env!("CARGO_PKG_VERSION")),
             )
             .send()
-            .map_err(|e| self.transport_reason(&e))?;
+            .map_err(|e| NoAnswer(self.transport_reason(&e)))?;
         let status = resp.status();
         let mut body = Vec::new();
         let read = resp.take(MAX_BODY).read_to_end(&mut body);
         if status.is_success() {
             if let Err(e) = read {
                 zero(&mut body);
-                return Err(format!(
+                return Err(NoAnswer(format!(
                     "reading the response failed: {}",
                     io_reason(&e, self.timeout)
-                ));
+                )));
             }
             return Ok(Ok(body));
         }
@@ -741,6 +741,11 @@ impl ConnectClient {
         }
     }
 }
+
+/// No HTTP answer came (connection refused, timeout, a body cut short):
+/// the reason, in words that never quote a response body.
+#[derive(Debug)]
+struct NoAnswer(String);
 
 fn io_reason(e: &std::io::Error, timeout: Duration) -> String {
     if e.kind() == std::io::ErrorKind::TimedOut {

@@ -39,7 +39,9 @@ pub enum VerifyError {
     Parse {
         path: PathBuf,
         line: usize,
-        reason: String,
+        /// (Shown in the message, so not also a `source`: the CLI prints
+        /// an error's chain.)
+        reason: LineError,
     },
     #[error("the allowed signers file {} lists no keys, so no commit could be trusted\n  add a line `<principal> namespaces=\"git\" <public key>` per key allowed to sign", path.display())]
     Empty { path: PathBuf },
@@ -196,31 +198,62 @@ fn is_key_type(token: &str) -> bool {
     token.parse::<ssh_key::Algorithm>().is_ok() || token.contains("-cert-v01@openssh.com")
 }
 
-fn parse_line(line: &str) -> Result<Signer, String> {
-    let (principals, rest) = next_token(line).ok_or("empty line")?;
+/// Why a line of `allowed_signers` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    #[error("empty line")]
+    Empty,
+    #[error("the principals field is empty")]
+    NoPrincipals,
+    #[error("a public key is missing after the {0}")]
+    NoKey(&'static str),
+    #[error(
+        "`{0}` is a certificate; list the plain public key (or the CA key with cert-authority)"
+    )]
+    Certificate(String),
+    #[error("the base64 key data is missing after `{0}`")]
+    NoKeyData(String),
+    #[error("cannot parse the `{key_type}` public key: {source}")]
+    Key {
+        key_type: String,
+        #[source]
+        source: ssh_key::Error,
+    },
+    #[error("unbalanced quotes in the options `{0}`")]
+    Quotes(String),
+    #[error("unknown option `{option}` (or `{field}` is not a key type); known options: namespaces=\"...\", valid-after=\"...\", valid-before=\"...\", cert-authority")]
+    UnknownOption { option: String, field: String },
+    #[error("`{0}` is not a time (YYYYMMDD, YYYYMMDDHHMM or YYYYMMDDHHMMSS, optional Z)")]
+    Time(String),
+}
+
+fn parse_line(line: &str) -> Result<Signer, LineError> {
+    let (principals, rest) = next_token(line).ok_or(LineError::Empty)?;
     let principals = unquote(principals).to_string();
     if principals.is_empty() {
-        return Err("the principals field is empty".into());
+        return Err(LineError::NoPrincipals);
     }
-    let (second, mut rest) =
-        next_token(rest).ok_or("a public key is missing after the principals")?;
+    let (second, mut rest) = next_token(rest).ok_or(LineError::NoKey("principals"))?;
     let mut options = Options::default();
     let key_type = if is_key_type(second) {
         second
     } else {
         parse_options(second, &mut options)?;
-        let (key_type, after) =
-            next_token(rest).ok_or("a public key is missing after the options")?;
+        let (key_type, after) = next_token(rest).ok_or(LineError::NoKey("options"))?;
         rest = after;
         key_type
     };
     if key_type.contains("-cert-v01@openssh.com") {
-        return Err(format!("`{key_type}` is a certificate; list the plain public key (or the CA key with cert-authority)"));
+        return Err(LineError::Certificate(key_type.to_string()));
     }
-    let (base64, _comment) = next_token(rest)
-        .ok_or_else(|| format!("the base64 key data is missing after `{key_type}`"))?;
-    let key = PublicKey::from_openssh(&format!("{key_type} {base64}"))
-        .map_err(|e| format!("cannot parse the `{key_type}` public key: {e}"))?;
+    let (base64, _comment) =
+        next_token(rest).ok_or_else(|| LineError::NoKeyData(key_type.to_string()))?;
+    let key = PublicKey::from_openssh(&format!("{key_type} {base64}")).map_err(|source| {
+        LineError::Key {
+            key_type: key_type.to_string(),
+            source,
+        }
+    })?;
     Ok(Signer {
         principals,
         key,
@@ -240,7 +273,7 @@ struct Options {
     cert_authority: bool,
 }
 
-fn parse_options(field: &str, signer: &mut Options) -> Result<(), String> {
+fn parse_options(field: &str, signer: &mut Options) -> Result<(), LineError> {
     // Split on commas outside quotes.
     let mut options = Vec::new();
     let mut start = 0;
@@ -256,7 +289,7 @@ fn parse_options(field: &str, signer: &mut Options) -> Result<(), String> {
         }
     }
     if in_quotes {
-        return Err(format!("unbalanced quotes in the options `{field}`"));
+        return Err(LineError::Quotes(field.to_string()));
     }
     options.push(&field[start..]);
     for option in options {
@@ -277,9 +310,10 @@ fn parse_options(field: &str, signer: &mut Options) -> Result<(), String> {
             ("valid-after", Some(v)) => signer.valid_after = Some(parse_time(v)?),
             ("valid-before", Some(v)) => signer.valid_before = Some(parse_time(v)?),
             _ => {
-                return Err(format!(
-                    "unknown option `{option}` (or `{field}` is not a key type); known options: namespaces=\"...\", valid-after=\"...\", valid-before=\"...\", cert-authority"
-                ))
+                return Err(LineError::UnknownOption {
+                    option: option.to_string(),
+                    field: field.to_string(),
+                })
             }
         }
     }
@@ -287,9 +321,8 @@ fn parse_options(field: &str, signer: &mut Options) -> Result<(), String> {
 }
 
 /// `YYYYMMDD[HHMM[SS]][Z]` as seconds since the epoch (UTC).
-fn parse_time(s: &str) -> Result<i64, String> {
-    let bad =
-        || format!("`{s}` is not a time (YYYYMMDD, YYYYMMDDHHMM or YYYYMMDDHHMMSS, optional Z)");
+fn parse_time(s: &str) -> Result<i64, LineError> {
+    let bad = || LineError::Time(s.to_string());
     let digits = s.strip_suffix(['Z', 'z']).unwrap_or(s);
     if !digits.bytes().all(|b| b.is_ascii_digit()) || ![8, 12, 14].contains(&digits.len()) {
         return Err(bad());

@@ -58,9 +58,9 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 #[derive(Debug, thiserror::Error)]
 pub enum LokiError {
     #[error("loki.password_file: {0}")]
-    Password(String),
+    Password(crate::config::CredentialError),
     #[error("cannot start the Loki shipper: {0}")]
-    Start(String),
+    Start(std::io::Error),
 }
 
 struct Queued {
@@ -117,7 +117,10 @@ impl Shipper {
                 let bytes = crate::config::read_private_file(path, "Loki password file")
                     .map_err(LokiError::Password)?;
                 Some(String::from_utf8(bytes).map_err(|_| {
-                    LokiError::Password(format!("{} is not UTF-8 text", path.display()))
+                    LokiError::Password(crate::config::CredentialError::NotText {
+                        what: "Loki password file",
+                        path: path.clone(),
+                    })
                 })?)
             }
         };
@@ -133,7 +136,7 @@ impl Shipper {
         std::thread::Builder::new()
             .name("loki-shipper".into())
             .spawn(move || run(&worker))
-            .map_err(|e| LokiError::Start(e.to_string()))?;
+            .map_err(LokiError::Start)?;
         Ok(Shipper { inner })
     }
 

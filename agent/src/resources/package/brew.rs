@@ -163,16 +163,23 @@ pub fn parse_list(stdout: &str) -> Option<String> {
 
 /// From `brew info --json=v2`: the current version (with its `_revision`)
 /// and whether the installed one is outdated.
-pub fn parse_info(json: &str, cask: bool) -> Result<(Option<String>, bool), String> {
-    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+/// Why `brew info --json=v2` output cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum InfoError {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("no {0} in the answer")]
+    Missing(&'static str),
+}
+
+pub fn parse_info(json: &str, cask: bool) -> Result<(Option<String>, bool), InfoError> {
+    let v: serde_json::Value = serde_json::from_str(json)?;
     let (list, what) = if cask {
         ("casks", "cask")
     } else {
         ("formulae", "formula")
     };
-    let item = v[list]
-        .get(0)
-        .ok_or_else(|| format!("no {what} in the answer"))?;
+    let item = v[list].get(0).ok_or(InfoError::Missing(what))?;
     let version = if cask {
         item["version"].as_str().map(str::to_string)
     } else {
@@ -213,9 +220,9 @@ pub fn observe(host: &Host, brew: &Brew, p: &Package) -> Result<Live, ResourceEr
                 message: out.message(),
             });
         }
-        parse_info(&out.stdout, p.cask).map_err(|detail| PackageError::UnexpectedOutput {
+        parse_info(&out.stdout, p.cask).map_err(|e| PackageError::UnexpectedOutput {
             command: cmd.line(),
-            detail,
+            detail: e.to_string(),
         })?
     } else {
         (None, false)

@@ -84,44 +84,78 @@ const FIELDS: [Field; 5] = [
     },
 ];
 
-fn value(f: &Field, s: &str) -> Result<u32, String> {
+/// Why a calendar expression is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CalendarError {
+    #[error("`{value}` is not a valid {field}")]
+    NotAValue { value: String, field: &'static str },
+    #[error("{field} `{n}` is out of range ({min}-{max})")]
+    OutOfRange {
+        field: &'static str,
+        n: u32,
+        min: u32,
+        max: u32,
+    },
+    #[error("step `/{step}` in the {field} must be a positive number")]
+    BadStep { step: String, field: &'static str },
+    #[error("range `{range}` in the {field} runs backwards")]
+    Backwards { range: String, field: &'static str },
+    #[error("`{expr}` has {count} field(s); a calendar is five cron fields (minute hour day-of-month month day-of-week) or hourly/daily/weekly/monthly/yearly")]
+    FieldCount { expr: String, count: usize },
+    #[error("`{expr}` restricts both the day of month and the day of week: cron runs on either, systemd only on both; restrict one of them")]
+    BothDays { expr: String },
+    #[error("`{expr}` expands to more than {MAX_LAUNCHD_INTERVALS} launchd calendar intervals; use fewer values")]
+    TooManyIntervals { expr: String },
+}
+
+fn value(f: &Field, s: &str) -> Result<u32, CalendarError> {
     let lower = s.to_ascii_lowercase();
     if let Some(i) = f.names.iter().position(|n| *n == lower) {
         return Ok(i as u32 + f.names_base);
     }
-    let n: u32 = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a valid {}", f.name))?;
+    let n: u32 = s.parse().map_err(|_| CalendarError::NotAValue {
+        value: s.to_string(),
+        field: f.name,
+    })?;
     if n < f.min || n > f.max {
-        return Err(format!(
-            "{} `{n}` is out of range ({}-{})",
-            f.name, f.min, f.max
-        ));
+        return Err(CalendarError::OutOfRange {
+            field: f.name,
+            n,
+            min: f.min,
+            max: f.max,
+        });
     }
     Ok(n)
 }
 
-fn field(f: &Field, s: &str) -> Result<Option<BTreeSet<u32>>, String> {
+fn field(f: &Field, s: &str) -> Result<Option<BTreeSet<u32>>, CalendarError> {
     if s == "*" {
         return Ok(None);
     }
     let mut set = BTreeSet::new();
     for part in s.split(',') {
-        let (range, step) = match part.split_once('/') {
-            Some((r, st)) => {
-                let step: u32 = st.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
-                    format!("step `/{st}` in the {} must be a positive number", f.name)
-                })?;
-                (r, step)
-            }
-            None => (part, 1),
-        };
+        let (range, step) =
+            match part.split_once('/') {
+                Some((r, st)) => {
+                    let step: u32 = st.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                        CalendarError::BadStep {
+                            step: st.to_string(),
+                            field: f.name,
+                        }
+                    })?;
+                    (r, step)
+                }
+                None => (part, 1),
+            };
         let (lo, hi) = if range == "*" {
             (f.min, f.max)
         } else if let Some((a, b)) = range.split_once('-') {
             let (a, b) = (value(f, a)?, value(f, b)?);
             if a > b {
-                return Err(format!("range `{range}` in the {} runs backwards", f.name));
+                return Err(CalendarError::Backwards {
+                    range: range.to_string(),
+                    field: f.name,
+                });
             }
             (a, b)
         } else {
@@ -143,7 +177,7 @@ fn field(f: &Field, s: &str) -> Result<Option<BTreeSet<u32>>, String> {
 
 impl Calendar {
     /// Parses an expression; the error says what is wrong.
-    pub fn parse(expr: &str) -> Result<Calendar, String> {
+    pub fn parse(expr: &str) -> Result<Calendar, CalendarError> {
         let trimmed = expr.trim();
         let alias = trimmed.strip_prefix('@').unwrap_or(trimmed);
         let five = match alias {
@@ -156,10 +190,10 @@ impl Calendar {
         };
         let parts: Vec<&str> = five.split_whitespace().collect();
         if parts.len() != 5 {
-            return Err(format!(
-                "`{expr}` has {} field(s); a calendar is five cron fields (minute hour day-of-month month day-of-week) or hourly/daily/weekly/monthly/yearly",
-                parts.len()
-            ));
+            return Err(CalendarError::FieldCount {
+                expr: expr.to_string(),
+                count: parts.len(),
+            });
         }
         let mut sets = Vec::new();
         for (f, s) in FIELDS.iter().zip(&parts) {
@@ -174,9 +208,9 @@ impl Calendar {
             weekday: sets[4].take(),
         };
         if cal.day.is_some() && cal.weekday.is_some() {
-            return Err(format!(
-                "`{expr}` restricts both the day of month and the day of week: cron runs on either, systemd only on both; restrict one of them"
-            ));
+            return Err(CalendarError::BothDays {
+                expr: expr.to_string(),
+            });
         }
         Ok(cal)
     }
@@ -201,7 +235,7 @@ impl Calendar {
 
     /// launchd `StartCalendarInterval` entries: one map per combination of
     /// restricted fields (key, value) in launchd's key names.
-    pub fn launchd_intervals(&self) -> Result<Vec<Vec<(&'static str, u32)>>, String> {
+    pub fn launchd_intervals(&self) -> Result<Vec<Vec<(&'static str, u32)>>, CalendarError> {
         let fields: [(&'static str, &Option<BTreeSet<u32>>); 5] = [
             ("Minute", &self.minute),
             ("Hour", &self.hour),
@@ -222,10 +256,9 @@ impl Calendar {
             }
             combos = next;
             if combos.len() > MAX_LAUNCHD_INTERVALS {
-                return Err(format!(
-                    "`{}` expands to more than {MAX_LAUNCHD_INTERVALS} launchd calendar intervals; use fewer values",
-                    self.source
-                ));
+                return Err(CalendarError::TooManyIntervals {
+                    expr: self.source.clone(),
+                });
             }
         }
         Ok(combos)
@@ -295,7 +328,11 @@ mod tests {
         let c = Calendar::parse("* * * * *").unwrap();
         assert_eq!(c.launchd_intervals().unwrap(), vec![Vec::new()]);
         let c = Calendar::parse("*/2 */2 1-20 * *").unwrap();
-        assert!(c.launchd_intervals().unwrap_err().contains("more than 256"));
+        assert!(c
+            .launchd_intervals()
+            .unwrap_err()
+            .to_string()
+            .contains("more than 256"));
     }
 
     #[test]
@@ -313,7 +350,7 @@ mod tests {
             ("0 5-3 * * *", "runs backwards"),
             ("sometimes", "has 1 field(s)"),
         ] {
-            let err = Calendar::parse(expr).unwrap_err();
+            let err = Calendar::parse(expr).unwrap_err().to_string();
             assert!(err.contains(want), "{expr}: {err}");
         }
     }

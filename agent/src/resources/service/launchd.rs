@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use plist::{Dictionary, Value};
 
-use super::{label_for, poll_up, settle_for, GenFile, Job, Managed, Restart, Scope, Spec, When};
+use super::{
+    label_for, poll_up, settle_for, GenFile, Job, Managed, NotUp, Restart, Scope, Spec, When,
+};
 use crate::resources::exec::Cmd;
 use crate::resources::{Host, PruneOutcome, ResourceError};
 
@@ -309,16 +311,16 @@ pub fn restart(spec: &Spec, host: &Host) -> Result<(), ResourceError> {
 }
 
 /// Up = loaded, `state = running`, the same pid for the settle time.
-pub fn wait_up(spec: &Spec, host: &Host, timeout: Duration) -> Result<(), String> {
-    let target = target(spec).map_err(|e| e.to_string())?;
+pub fn wait_up(spec: &Spec, host: &Host, timeout: Duration) -> Result<(), NotUp> {
+    let target = target(spec)?;
     let mut last_pid = None;
     poll_up(timeout, settle_for(timeout), || {
-        let out = host
-            .runner
-            .run(&launchctl(["print", target.as_str()]))
-            .map_err(|e| e.to_string())?;
+        let out = host.runner.run(&launchctl(["print", target.as_str()]))?;
         if !out.success() {
-            return Err(format!("{target} is not loaded: {}", out.message()));
+            return Err(NotUp::NotLoaded {
+                target: target.clone(),
+                message: out.message(),
+            });
         }
         let (state, pid) = parse_print(&out.stdout);
         let same = pid.is_some() && pid == last_pid;

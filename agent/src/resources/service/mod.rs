@@ -477,7 +477,7 @@ fn parse(input: ParseInput<'_, '_>, schedule: bool) -> Option<Box<dyn Resource>>
                 Ok(cal) => {
                     if platform == Platform::Macos {
                         if let Err(e) = cal.launchd_intervals() {
-                            diags.push(fields.diag(line, e));
+                            diags.push(fields.diag(line, e.to_string()));
                         }
                     }
                     Some(When::Calendar(cal))
@@ -923,7 +923,7 @@ impl super::Startable for Unit {
             Platform::Linux => systemd::wait_up(&self.spec, host, timeout),
             Platform::Macos => launchd::wait_up(&self.spec, host, timeout),
         }
-        .map_err(|why| ResourceError::NotUp { why })
+        .map_err(|e| ResourceError::NotUp(Box::new(e)))
     }
 }
 
@@ -966,13 +966,37 @@ pub(crate) fn key_values(text: &str) -> BTreeMap<&str, &str> {
     text.lines().filter_map(|l| l.split_once('=')).collect()
 }
 
+/// Why a (re)started service is not up.
+#[derive(Debug, thiserror::Error)]
+pub enum NotUp {
+    #[error("not up within its start timeout of {}s (last state: {last})", timeout.as_secs())]
+    Timeout { timeout: Duration, last: String },
+    #[error("{unit} failed ({state}, result {result}); see `journalctl -u {unit}`")]
+    UnitFailed {
+        unit: String,
+        state: String,
+        result: String,
+    },
+    #[error("{target} is not loaded: {message}")]
+    NotLoaded { target: String, message: String },
+    /// Its state could not be read.
+    #[error(transparent)]
+    Check(Box<ResourceError>),
+}
+
+impl<E: Into<ResourceError>> From<E> for NotUp {
+    fn from(e: E) -> NotUp {
+        NotUp::Check(Box::new(e.into()))
+    }
+}
+
 /// Polls `check` every 100 ms until it says up for `settle` in a row, says
 /// failed, or `timeout` passes.
 pub(crate) fn poll_up(
     timeout: Duration,
     settle: Duration,
-    mut check: impl FnMut() -> Result<Option<String>, String>,
-) -> Result<(), String> {
+    mut check: impl FnMut() -> Result<Option<String>, NotUp>,
+) -> Result<(), NotUp> {
     let start = std::time::Instant::now();
     let mut up_since: Option<std::time::Instant> = None;
     let mut last = String::from("not checked");
@@ -991,10 +1015,7 @@ pub(crate) fn poll_up(
             }
         }
         if start.elapsed() >= timeout {
-            return Err(format!(
-                "not up within its start timeout of {}s (last state: {last})",
-                timeout.as_secs()
-            ));
+            return Err(NotUp::Timeout { timeout, last });
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{key_values, poll_up, settle_for, GenFile, Job, Managed, Restart, Spec, When};
+use super::{key_values, poll_up, settle_for, GenFile, Job, Managed, NotUp, Restart, Spec, When};
 use crate::resources::exec::Cmd;
 use crate::resources::{Host, PruneOutcome, ResourceError};
 
@@ -229,8 +229,9 @@ pub fn verify(files: &[GenFile], host: &Host) -> Result<(), ResourceError> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let p = dir.path.join(&name);
-        std::fs::write(&p, &f.content).map_err(|e| {
-            ResourceError::Unsupported(format!("cannot write {}: {e}", p.display()))
+        std::fs::write(&p, &f.content).map_err(|error| ResourceError::Scratch {
+            path: p.clone(),
+            error,
         })?;
         paths.push(p.to_string_lossy().into_owned());
         names.push(name);
@@ -281,8 +282,9 @@ fn tempfile_dir() -> Result<TempDir, ResourceError> {
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&path)
-        .map_err(|e| {
-            ResourceError::Unsupported(format!("cannot create {}: {e}", path.display()))
+        .map_err(|error| ResourceError::Scratch {
+            path: path.clone(),
+            error,
         })?;
     Ok(TempDir { path })
 }
@@ -366,20 +368,20 @@ pub fn restart(spec: &Spec, host: &Host) -> Result<(), ResourceError> {
 
 /// Up = `active/running` with the same main PID and restart count for the
 /// settle time; `failed` ends the wait at once.
-pub fn wait_up(spec: &Spec, host: &Host, timeout: Duration) -> Result<(), String> {
+pub fn wait_up(spec: &Spec, host: &Host, timeout: Duration) -> Result<(), NotUp> {
     let unit = main_unit(spec);
     let mut last: Option<(String, String)> = None;
     poll_up(timeout, settle_for(timeout), || {
-        let text = show(host, &unit, "ActiveState,SubState,MainPID,NRestarts,Result")
-            .map_err(|e| e.to_string())?;
+        let text = show(host, &unit, "ActiveState,SubState,MainPID,NRestarts,Result")?;
         let kv = key_values(&text);
         let get = |k: &str| kv.get(k).copied().unwrap_or("").to_string();
         let state = format!("{}/{}", get("ActiveState"), get("SubState"));
         if get("ActiveState") == "failed" {
-            return Err(format!(
-                "{unit} failed ({state}, result {}); see `journalctl -u {unit}`",
-                get("Result")
-            ));
+            return Err(NotUp::UnitFailed {
+                unit: unit.clone(),
+                state,
+                result: get("Result"),
+            });
         }
         let ident = (get("MainPID"), get("NRestarts"));
         let same = last.as_ref() == Some(&ident);
