@@ -24,20 +24,17 @@
 //! port), [`ConnectStandIn::set_field`] (rotate a secret: bumps `version`).
 //! Duplicate titles and names are allowed, to test ambiguity handling.
 
-use crate::standin::{lock, read_head, Head, Running};
+use crate::standin::{lock, read_head, Head, Served};
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
 /// What `1Password-Connect-Version` says.
 pub const CONNECT_VERSION: &str = "1.7.3";
-
-/// How long [`ConnectStandIn::restart`] keeps trying to bind the old port.
-const REBIND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A request the stand-in saw on `/v1` (no `Authorization`: never recorded).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,9 +53,7 @@ pub struct SeenRequest {
 /// A stand-in 1Password Connect server (see the module docs). Stopped on
 /// Drop.
 pub struct ConnectStandIn {
-    state: Arc<Mutex<State>>,
-    port: u16,
-    running: Option<Running>,
+    server: Served<State>,
 }
 
 struct State {
@@ -106,9 +101,7 @@ impl ConnectStandIn {
     /// Starts the stand-in on a free 127.0.0.1 port; `/v1` requests need
     /// `Authorization: Bearer <token>`.
     pub fn start(token: &str) -> ConnectStandIn {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("ConnectStandIn: bind 127.0.0.1:0");
-        let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(Mutex::new(State {
+        let state = State {
             token: token.to_string(),
             vaults: Vec::new(),
             items: Vec::new(),
@@ -118,27 +111,19 @@ impl ConnectStandIn {
             requests: 0,
             last: None,
             clock: 0,
-        }));
-        let running = Some(Running::serve(
-            "connect-standin",
-            listener,
-            state.clone(),
-            handle,
-        ));
+        };
         ConnectStandIn {
-            state,
-            port,
-            running,
+            server: Served::start("connect-standin", state, handle),
         }
     }
 
     /// `http://127.0.0.1:PORT` (no `/v1`), what the agent's `url` takes.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.url()
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.server.port()
     }
 
     /// Creates a vault; returns its 26-char id. Names need not be unique.
@@ -296,44 +281,16 @@ impl ConnectStandIn {
 
     /// Stops serving (the port then refuses connections). Data is kept.
     pub fn stop(&mut self) {
-        if let Some(running) = self.running.take() {
-            running.stop();
-        }
+        self.server.stop();
     }
 
     /// Serves again on the same port, with the same data.
     pub fn restart(&mut self) {
-        self.stop();
-        let deadline = Instant::now() + REBIND_TIMEOUT;
-        let listener = loop {
-            match TcpListener::bind(("127.0.0.1", self.port)) {
-                Ok(l) => break l,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => panic!(
-                    "ConnectStandIn: cannot bind 127.0.0.1:{} again: {e}",
-                    self.port
-                ),
-            }
-        };
-        self.running = Some(Running::serve(
-            "connect-standin",
-            listener,
-            self.state.clone(),
-            handle,
-        ));
+        self.server.restart();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
-    }
-}
-
-impl Drop for ConnectStandIn {
-    fn drop(&mut self) {
-        self.stop();
+        self.server.lock()
     }
 }
 

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
@@ -105,18 +105,17 @@ impl GitServer {
             child: None,
             stdin: None,
         };
-        // Picking a free port and handing it to lighttpd is racy (another test
-        // may bind it in between): retry a few times on "Address already in use".
-        let mut last = String::new();
-        for _ in 0..8 {
-            server.port = free_port();
+        // lighttpd must be told its port: one the shared allocator reserved,
+        // another when lighttpd finds it taken all the same.
+        server.port = crate::ports::start_on_reserved_port("GitServer (lighttpd)", |port| {
+            server.port = port;
             match server.launch() {
-                Ok(()) => return server,
-                Err(Launch::AddrInUse(log)) => last = log,
+                Ok(()) => crate::ports::Start::Up(port),
+                Err(Launch::AddrInUse(log)) => crate::ports::Start::PortTaken(log),
                 Err(Launch::Failed(log)) => panic!("GitServer: lighttpd did not start:\n{log}"),
             }
-        }
-        panic!("GitServer: no free port after 8 attempts; last lighttpd output:\n{last}")
+        });
+        server
     }
 
     /// Creates an empty bare repository `/<owner>/<name>.git` (default branch
@@ -379,13 +378,6 @@ fn find_http_backend() -> PathBuf {
         backend.display()
     );
     backend
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 /// Writes `content` to a new file with mode 0600 (replacing any old file).

@@ -174,7 +174,7 @@ fn make_pki(dir: &Path) {
     openssl(dir, &["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"]);
 }
 
-fn spawn(procs: &Mutex<Vec<Child>>, dir: &Path, bin: &Path, args: &[String], log: &str) {
+fn spawn(procs: &Mutex<Vec<Child>>, dir: &Path, bin: &Path, args: &[String], log: &str) -> u32 {
     let log = std::fs::File::create(dir.join(log)).unwrap();
     let mut cmd = Command::new(bin);
     cmd.args(args)
@@ -193,7 +193,61 @@ fn spawn(procs: &Mutex<Vec<Child>>, dir: &Path, bin: &Path, args: &[String], log
         .open(dir.join("pids"))
         .unwrap();
     writeln!(pids, "{}", child.id()).unwrap();
+    let pid = child.id();
     procs.lock().unwrap_or_else(|e| e.into_inner()).push(child);
+    pid
+}
+
+/// Starts `bin`, told `n` ports up front by `args`, and waits (`limit` at
+/// most) until `ready`; when it exits saying a port was in use (taken
+/// since the allocator reserved it), again on other ports. Returns the
+/// ports it runs on.
+#[allow(clippy::too_many_arguments)]
+fn start_on_ports(
+    procs: &Mutex<Vec<Child>>,
+    dir: &Path,
+    bin: &Path,
+    log: &str,
+    n: usize,
+    args: impl Fn(&[u16]) -> Vec<String>,
+    ready: impl Fn(&[u16]) -> bool,
+    limit: Duration,
+) -> Vec<u16> {
+    let what = bin.file_name().unwrap().to_string_lossy().into_owned();
+    crate::ports::start_on_reserved_ports(&what, n, |ports| {
+        let pid = spawn(procs, dir, bin, &args(ports), log);
+        let deadline = Instant::now() + limit;
+        loop {
+            if ready(ports) {
+                return crate::ports::Start::Up(ports.to_vec());
+            }
+            let exited = {
+                let mut procs = procs.lock().unwrap_or_else(|e| e.into_inner());
+                let at = procs.iter().position(|c| c.id() == pid).unwrap();
+                match procs[at].try_wait() {
+                    Ok(Some(status)) => {
+                        // Already reaped by `try_wait`.
+                        let _ = procs.remove(at).wait();
+                        Some(status)
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(status) = exited {
+                let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
+                if crate::ports::says_address_in_use(&text) {
+                    return crate::ports::Start::PortTaken(tail(&dir.join(log)));
+                }
+                panic!("{what} exited ({status}):\n{}", tail(&dir.join(log)));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not start:\n{}",
+                tail(&dir.join(log))
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
 }
 
 fn tail(path: &Path) -> String {
@@ -254,76 +308,79 @@ impl KubeEnv {
         };
 
         // etcd
-        let etcd_port = crate::real_tools::free_port();
-        let peer_port = crate::real_tools::free_port();
-        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
-        let peer_url = format!("http://127.0.0.1:{peer_port}");
-        spawn(
+        let url = |port: u16| format!("http://127.0.0.1:{port}");
+        let etcd_ports = start_on_ports(
             &procs,
             &dir,
             &bin.join("etcd"),
-            &[
-                "--name=kube-env".into(),
-                format!("--data-dir={}", dir.join("etcd").display()),
-                format!("--listen-client-urls={etcd_url}"),
-                format!("--advertise-client-urls={etcd_url}"),
-                format!("--listen-peer-urls={peer_url}"),
-                format!("--initial-advertise-peer-urls={peer_url}"),
-                format!("--initial-cluster=kube-env={peer_url}"),
-                "--unsafe-no-fsync".into(),
-                "--log-level=warn".into(),
-            ],
             "etcd.log",
+            2,
+            |ports| {
+                let (client, peer) = (url(ports[0]), url(ports[1]));
+                vec![
+                    "--name=kube-env".into(),
+                    format!("--data-dir={}", dir.join("etcd").display()),
+                    format!("--listen-client-urls={client}"),
+                    format!("--advertise-client-urls={client}"),
+                    format!("--listen-peer-urls={peer}"),
+                    format!("--initial-advertise-peer-urls={peer}"),
+                    format!("--initial-cluster=kube-env={peer}"),
+                    "--unsafe-no-fsync".into(),
+                    "--log-level=warn".into(),
+                ]
+            },
+            |ports| {
+                http.get(format!("{}/health", url(ports[0])))
+                    .send()
+                    .is_ok_and(|r| r.status().is_success())
+            },
+            Duration::from_secs(60),
         );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let ok = http
-                .get(format!("{etcd_url}/health"))
-                .send()
-                .is_ok_and(|r| r.status().is_success());
-            if ok {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not start:\n{}",
-                tail(&dir.join("etcd.log"))
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let etcd_url = url(etcd_ports[0]);
 
-        // kube-apiserver
-        let api_port = crate::real_tools::free_port();
-        let server = format!("https://127.0.0.1:{api_port}");
+        // kube-apiserver: started here, ready (waited for below) once the
+        // env can ask it.
         let p = |f: &str| dir.join(f).display().to_string();
-        spawn(
+        let api_port = start_on_ports(
             &procs,
             &dir,
             &bin.join("kube-apiserver"),
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--secure-port={api_port}"),
-                format!("--cert-dir={}", p("apiserver-certs")),
-                format!("--tls-cert-file={}", p("server.crt")),
-                format!("--tls-private-key-file={}", p("server.key")),
-                format!("--client-ca-file={}", p("ca.crt")),
-                format!("--token-auth-file={}", p("tokens.csv")),
-                "--authorization-mode=RBAC".into(),
-                "--service-account-issuer=https://kubernetes.default.svc".into(),
-                format!("--service-account-key-file={}", p("sa.pub")),
-                format!("--service-account-signing-key-file={}", p("sa.key")),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
-                // The endpoint reconciler would publish 127.0.0.1, which
-                // Endpoints refuse (loopback); nothing here needs it.
-                "--endpoint-reconciler-type=none".into(),
-                "--allow-privileged=true".into(),
-                "--profiling=false".into(),
-                "--v=1".into(),
-            ],
             "kube-apiserver.log",
-        );
+            1,
+            |ports| {
+                vec![
+                    format!("--etcd-servers={etcd_url}"),
+                    "--bind-address=127.0.0.1".into(),
+                    "--advertise-address=127.0.0.1".into(),
+                    format!("--secure-port={}", ports[0]),
+                    format!("--cert-dir={}", p("apiserver-certs")),
+                    format!("--tls-cert-file={}", p("server.crt")),
+                    format!("--tls-private-key-file={}", p("server.key")),
+                    format!("--client-ca-file={}", p("ca.crt")),
+                    format!("--token-auth-file={}", p("tokens.csv")),
+                    "--authorization-mode=RBAC".into(),
+                    "--service-account-issuer=https://kubernetes.default.svc".into(),
+                    format!("--service-account-key-file={}", p("sa.pub")),
+                    format!("--service-account-signing-key-file={}", p("sa.key")),
+                    "--service-cluster-ip-range=10.96.0.0/16".into(),
+                    // The endpoint reconciler would publish 127.0.0.1, which
+                    // Endpoints refuse (loopback); nothing here needs it.
+                    "--endpoint-reconciler-type=none".into(),
+                    "--allow-privileged=true".into(),
+                    "--profiling=false".into(),
+                    "--v=1".into(),
+                ]
+            },
+            // Serving TLS with this CA's certificate: it is the one started.
+            |ports| {
+                http.get(format!("https://127.0.0.1:{}/readyz", ports[0]))
+                    .bearer_auth(ADMIN_TOKEN)
+                    .send()
+                    .is_ok()
+            },
+            Duration::from_secs(120),
+        )[0];
+        let server = format!("https://127.0.0.1:{api_port}");
         let ca_pem = std::fs::read_to_string(dir.join("ca.crt")).unwrap();
         let env = KubeEnv {
             admin_kubeconfig: dir.join("admin.kubeconfig"),
@@ -362,29 +419,35 @@ impl KubeEnv {
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "viewer"}]
         }));
 
-        // kube-controller-manager
-        spawn(
+        // kube-controller-manager (its own secure port is not used here,
+        // but it must be free)
+        start_on_ports(
             &env.procs,
             &env.dir,
             &env.bin.join("kube-controller-manager"),
-            &[
-                format!("--kubeconfig={}", env.admin_kubeconfig.display()),
-                format!("--controllers={}", CONTROLLERS.join(",")),
-                "--leader-elect=false".into(),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", crate::real_tools::free_port()),
-                format!("--cert-dir={}", env.dir.join("kcm-certs").display()),
-                format!(
-                    "--service-account-private-key-file={}",
-                    env.dir.join("sa.key").display()
-                ),
-                // The HPA controller re-reads every 2 s (default 15 s), so
-                // a test sees it act within its bounds.
-                "--horizontal-pod-autoscaler-sync-period=2s".into(),
-                "--concurrent-deployment-syncs=10".into(),
-                "--v=1".into(),
-            ],
             "kube-controller-manager.log",
+            1,
+            |ports| {
+                vec![
+                    format!("--kubeconfig={}", env.admin_kubeconfig.display()),
+                    format!("--controllers={}", CONTROLLERS.join(",")),
+                    "--leader-elect=false".into(),
+                    "--bind-address=127.0.0.1".into(),
+                    format!("--secure-port={}", ports[0]),
+                    format!("--cert-dir={}", env.dir.join("kcm-certs").display()),
+                    format!(
+                        "--service-account-private-key-file={}",
+                        env.dir.join("sa.key").display()
+                    ),
+                    // The HPA controller re-reads every 2 s (default 15 s), so
+                    // a test sees it act within its bounds.
+                    "--horizontal-pod-autoscaler-sync-period=2s".into(),
+                    "--concurrent-deployment-syncs=10".into(),
+                    "--v=1".into(),
+                ]
+            },
+            |ports| std::net::TcpStream::connect(("127.0.0.1", ports[0])).is_ok(),
+            Duration::from_secs(60),
         );
         // The ServiceAccount controller creating `default` in `default` is
         // the sign that controllers run.

@@ -41,13 +41,13 @@
 //! / [`KubeStandIn::restart`], [`KubeStandIn::requests`] and
 //! [`KubeStandIn::write_kubeconfig`].
 
-use crate::standin::{lock, read_head, Head, Running};
+use crate::standin::{lock, read_head, Head, Served};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{json, Map, Value};
@@ -97,9 +97,7 @@ struct State {
 
 /// A stand-in Kubernetes API server (see the module docs). Stopped on Drop.
 pub struct KubeStandIn {
-    state: Arc<Mutex<State>>,
-    port: u16,
-    running: Option<Running>,
+    server: Served<State>,
 }
 
 fn builtin_types() -> Vec<ResourceType> {
@@ -231,20 +229,16 @@ impl KubeStandIn {
     /// Starts the stand-in on a free 127.0.0.1 port with the built-in types
     /// and the namespaces a cluster starts with (`default`, `kube-system`).
     pub fn start() -> KubeStandIn {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("KubeStandIn: bind 127.0.0.1:0");
-        let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(Mutex::new(State {
+        let state = State {
             types: builtin_types(),
             objects: BTreeMap::new(),
             resource_version: 100,
             requests: Vec::new(),
             next_ip: 10,
             throttle: None,
-        }));
+        };
         let s = KubeStandIn {
-            state: state.clone(),
-            port,
-            running: Some(Running::serve("kube-standin", listener, state, handle)),
+            server: Served::start("kube-standin", state, handle),
         };
         for ns in ["default", "kube-system"] {
             s.apply_as(
@@ -258,7 +252,7 @@ impl KubeStandIn {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.url()
     }
 
     /// Writes a kubeconfig whose context `context` points at this server
@@ -284,7 +278,7 @@ impl KubeStandIn {
         namespace: Option<&str>,
         name: &str,
     ) -> Option<Value> {
-        let st = lock(&self.state);
+        let st = self.server.lock();
         let t = st
             .types
             .iter()
@@ -301,7 +295,7 @@ impl KubeStandIn {
 
     /// Every stored object of a kind, for assertions.
     pub fn names(&self, group: &str, kind: &str) -> Vec<String> {
-        let st = lock(&self.state);
+        let st = self.server.lock();
         let Some(t) = st.types.iter().find(|t| t.group == group && t.kind == kind) else {
             return Vec::new();
         };
@@ -321,7 +315,7 @@ impl KubeStandIn {
     /// Server-side apply by another field manager (a Helm release, another
     /// tool), as over HTTP. Errors are the Status the server would return.
     pub fn apply_as(&self, manager: &str, object: &Value, force: bool) -> Result<Value, Value> {
-        let mut st = lock(&self.state);
+        let mut st = self.server.lock();
         let (key, t) = st.key_of(object).map_err(|e| e.1)?;
         st.apply(&t, key, object.clone(), manager, force, false)
             .map(|r| r.1)
@@ -362,7 +356,7 @@ impl KubeStandIn {
         name: &str,
         patch: &Value,
     ) -> Value {
-        let mut st = lock(&self.state);
+        let mut st = self.server.lock();
         let t = st
             .types
             .iter()
@@ -390,7 +384,7 @@ impl KubeStandIn {
         name: &str,
         status: Value,
     ) {
-        let mut st = lock(&self.state);
+        let mut st = self.server.lock();
         let t = st
             .types
             .iter()
@@ -415,49 +409,21 @@ impl KubeStandIn {
     /// Throttles every request from now on (429 with `Retry-After: secs`),
     /// or stops throttling (`None`).
     pub fn throttle(&self, secs: Option<u32>) {
-        lock(&self.state).throttle = secs;
+        self.server.lock().throttle = secs;
     }
 
     pub fn requests(&self) -> Vec<Seen> {
-        lock(&self.state).requests.clone()
+        self.server.lock().requests.clone()
     }
 
     /// Stops serving (connections are refused); objects are kept.
     pub fn stop(&mut self) {
-        if let Some(running) = self.running.take() {
-            running.stop();
-        }
+        self.server.stop();
     }
 
     /// Serves again on the same port.
     pub fn restart(&mut self) {
-        self.stop();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let listener = loop {
-            match TcpListener::bind(("127.0.0.1", self.port)) {
-                Ok(l) => break l,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => panic!(
-                    "KubeStandIn: cannot bind 127.0.0.1:{} again: {e}",
-                    self.port
-                ),
-            }
-        };
-        self.running = Some(Running::serve(
-            "kube-standin",
-            listener,
-            self.state.clone(),
-            handle,
-        ));
-    }
-}
-
-impl Drop for KubeStandIn {
-    fn drop(&mut self) {
-        self.stop();
+        self.server.restart();
     }
 }
 
@@ -1652,7 +1618,7 @@ mod tests {
         body: &str,
         token: bool,
     ) -> (u16, Value) {
-        let mut s = TcpStream::connect(("127.0.0.1", k.port)).unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", k.server.port())).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let auth = if token {
             format!("Authorization: Bearer {TOKEN}\r\n")

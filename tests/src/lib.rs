@@ -7,10 +7,12 @@ pub mod connect_standin;
 pub mod git_server;
 pub mod kube_env;
 pub mod kube_standin;
+pub mod leaks;
 pub mod local_daemon;
 pub mod log_env;
 pub mod loki_standin;
 pub mod nspawn;
+pub mod ports;
 pub mod prometheus;
 pub mod real_tools;
 pub mod standin;
@@ -124,7 +126,10 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A sandbox root plus a private copy of a desired-state repo.
+/// The one lab of the suite: a temp directory holding a desired-state repo
+/// (`repo/`), a sandbox root (`root/`) and an agent config (`agent.yaml`).
+/// The labs of single test files (a Kubernetes one, a 1Password one, the
+/// daemon's) hold one of these and add what is theirs.
 pub struct Lab {
     pub tmp: tempfile::TempDir,
 }
@@ -159,16 +164,59 @@ impl Lab {
         self.tmp.path().join("root")
     }
 
+    /// Where [`Lab::write_config`] writes the agent config.
+    pub fn config(&self) -> PathBuf {
+        self.tmp.path().join("agent.yaml")
+    }
+
     /// A managed path's real location in the sandbox.
     pub fn host_path(&self, path: &str) -> PathBuf {
         self.root().join(path.trim_start_matches('/'))
     }
 
-    /// Writes a repo file (creating parents).
+    /// Writes a repo file (creating parents) atomically: a daemon may be
+    /// watching the repo, and a run started between the truncate and the
+    /// write of a plain `fs::write` would read an empty file.
     pub fn write(&self, rel: &str, content: &str) {
         let p = self.repo().join(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, content).unwrap();
+        let tmp = p.with_extension("tmp-write");
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+    }
+
+    /// Writes a file beside the repo that only its owner can read (token
+    /// and password files); returns its path.
+    pub fn write_private(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.tmp.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    /// Writes agent.yaml: this lab's repo and root, host `host`, then
+    /// `extra` verbatim; returns its path.
+    pub fn write_config(&self, host: &str, extra: &str) -> PathBuf {
+        std::fs::write(
+            self.config(),
+            format!(
+                "repo: {}\nhost: {host}\nroot: {}\n{extra}",
+                self.repo().display(),
+                self.root().display()
+            ),
+        )
+        .unwrap();
+        self.config()
+    }
+
+    /// Runs `agent ARGS --config agent.yaml`.
+    pub fn with_config(&self, args: &[&str]) -> Output {
+        agent()
+            .args(args)
+            .arg("--config")
+            .arg(self.config())
+            .output()
+            .expect("spawn agent")
     }
 
     /// Runs `agent <cmd> --repo <repo> --root <root> --host <host> <extra>`.

@@ -6,111 +6,68 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::agent;
+use crate::{agent, Lab};
 
-/// A repo, a sandbox root and an agent config in one temp directory.
+/// A [`Lab`] for `agent run`: repo, sandbox root and an agent config that
+/// listens on a port from the shared allocator.
 pub struct LocalLab {
-    pub tmp: tempfile::TempDir,
-    pub listen: String,
+    lab: Lab,
+    listen: Mutex<String>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+impl std::ops::Deref for LocalLab {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.lab
+    }
 }
 
 impl LocalLab {
     /// An empty lab; host `lab`, `roots: [/srv]` is up to the caller's host file.
     pub fn new() -> LocalLab {
-        let tmp = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(tmp.path().join("repo/hosts")).unwrap();
-        std::fs::create_dir_all(tmp.path().join("repo/modules")).unwrap();
-        std::fs::create_dir_all(tmp.path().join("root")).unwrap();
+        let lab = Lab::empty();
+        std::fs::create_dir_all(lab.repo().join("hosts")).unwrap();
+        std::fs::create_dir_all(lab.repo().join("modules")).unwrap();
         LocalLab {
-            tmp,
-            listen: format!("127.0.0.1:{}", free_port()),
+            lab,
+            listen: Mutex::new(format!("127.0.0.1:{}", crate::ports::reserve())),
         }
     }
 
-    pub fn repo(&self) -> PathBuf {
-        self.tmp.path().join("repo")
-    }
-
-    pub fn root(&self) -> PathBuf {
-        self.tmp.path().join("root")
-    }
-
     pub fn config_path(&self) -> PathBuf {
-        self.tmp.path().join("agent.yaml")
+        self.lab.config()
     }
 
-    /// A managed path's real location in the sandbox.
-    pub fn host_path(&self, p: &str) -> PathBuf {
-        self.root().join(p.trim_start_matches('/'))
-    }
-
-    /// Writes a repo file (creating parents) atomically: the daemon watches
-    /// the repo, and a run started between the truncate and the write of a
-    /// plain `fs::write` would read an empty module (which is valid, and
-    /// prunes everything it held).
-    pub fn write(&self, rel: &str, content: &str) {
-        let p = self.repo().join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        let tmp = p.with_extension("tmp-write");
-        std::fs::write(&tmp, content).unwrap();
-        std::fs::rename(&tmp, &p).unwrap();
-    }
-
-    /// Writes a file only its owner can read (password files).
-    pub fn write_private(&self, name: &str, content: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let p = self.tmp.path().join(name);
-        std::fs::write(&p, content).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        p
+    /// The daemon's listen address (another one after a start found the
+    /// first taken).
+    pub fn listen(&self) -> String {
+        self.listen.lock().unwrap().clone()
     }
 
     /// Writes agent.yaml: this lab's repo, root, listen address, host `lab`,
     /// an hour's poll interval (runs come from watchers), plus `extra`.
     pub fn write_config(&self, extra: &str) -> PathBuf {
-        std::fs::write(
-            self.config_path(),
-            format!(
-                "repo: {}\nhost: lab\npoll_interval: 1h\nlisten: {}\nroot: {}\n{extra}",
-                self.repo().display(),
-                self.listen,
-                self.root().display()
-            ),
+        self.lab.write_config(
+            "lab",
+            &format!("poll_interval: 1h\nlisten: {}\n{extra}", self.listen()),
         )
-        .unwrap();
-        self.config_path()
     }
 
     /// Starts `agent run` with the config written last and waits for its
     /// first run.
     pub fn start(&self) -> Daemon {
-        let log = self.tmp.path().join("daemon.log");
-        let child = agent()
-            .args(["run", "--config", self.config_path().to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let d = Daemon {
-            child,
-            listen: self.listen.clone(),
-            log,
-        };
-        d.wait_until("the first run", Duration::from_secs(30), |s| {
-            s["last_run"].is_object() || s["refused"].is_object()
-        });
+        let d = Daemon::start(
+            agent,
+            &self.config_path(),
+            &self.tmp.path().join("daemon.log"),
+            &[("RUST_LOG", "info")],
+            first_run,
+        );
+        *self.listen.lock().unwrap() = d.listen.clone();
         d
     }
 }
@@ -121,11 +78,110 @@ impl Default for LocalLab {
     }
 }
 
-/// A running daemon; killed on Drop.
+/// A running `agent run`; killed on Drop.
 pub struct Daemon {
-    child: Child,
+    pub child: Child,
     pub listen: String,
     pub log: PathBuf,
+}
+
+/// Readiness for [`Daemon::start`]: the first run is over (applied or
+/// refused) and none is in progress.
+pub fn first_run(listen: &str) -> bool {
+    matches!(get(listen, "/api/status", None), Ok((200, _, body))
+    if serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|s| {
+        (s["last_run"].is_object() || s["refused"].is_object()) && s["running"] == false
+    }))
+}
+
+/// Readiness for [`Daemon::start`]: `/readyz` answers 200.
+pub fn probe_ready(listen: &str) -> bool {
+    matches!(get(listen, "/readyz", None), Ok((200, _, _)))
+}
+
+/// The `listen:` address of an agent config.
+fn config_listen(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("listen:"))
+        .map(str::trim)
+}
+
+impl Daemon {
+    /// Starts `command()` (the agent, or a wrapper that execs it) as
+    /// `agent run --config CONFIG` with `env`, stderr appended to `log`,
+    /// and waits (30 s at most) until `ready(listen)`. The config's
+    /// `listen:` port comes from the shared allocator
+    /// ([`crate::ports::reserve`]); when the daemon finds it taken all
+    /// the same, the line is rewritten with another port and the daemon
+    /// started again.
+    pub fn start(
+        command: impl Fn() -> Command,
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+        ready: impl Fn(&str) -> bool,
+    ) -> Daemon {
+        let text = std::fs::read_to_string(config).unwrap();
+        let first = config_listen(&text)
+            .expect("a daemon config names its `listen:` address")
+            .to_string();
+        let mut tries = 0;
+        crate::ports::start_on_reserved_port("agent run", |port| {
+            tries += 1;
+            // The configured port first; another only after it was taken.
+            let listen = if tries == 1 {
+                first.clone()
+            } else {
+                let text = std::fs::read_to_string(config).unwrap();
+                let old = config_listen(&text).unwrap().to_string();
+                let new = format!("127.0.0.1:{port}");
+                std::fs::write(
+                    config,
+                    text.replace(&format!("listen: {old}\n"), &format!("listen: {new}\n")),
+                )
+                .unwrap();
+                new
+            };
+            let before = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0) as usize;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap();
+            let mut cmd = command();
+            cmd.args(["run", "--config", config.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(file);
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let mut d = Daemon {
+                child: cmd.spawn().expect("spawn agent run"),
+                listen,
+                log: log.to_path_buf(),
+            };
+            let start = Instant::now();
+            loop {
+                if ready(&d.listen) {
+                    return crate::ports::Start::Up(d);
+                }
+                if let Some(status) = d.child.try_wait().unwrap() {
+                    let said = d.log_text().get(before..).unwrap_or_default().to_string();
+                    if said.contains("cannot listen on") && crate::ports::says_address_in_use(&said)
+                    {
+                        return crate::ports::Start::PortTaken(said);
+                    }
+                    panic!("`agent run` exited ({status}); daemon log:\n{said}");
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "`agent run` not ready after 30 s; daemon log:\n{}",
+                    d.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    }
 }
 
 /// One HTTP/1.1 GET on loopback (bounded by 5 s): (status, content type, body).

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crate::ports::{says_address_in_use, Start};
 use crate::prometheus::form_encode;
 
 /// The directory holding `victoria-logs`: `$HOMELAB_VLOGS_BIN`, else what
@@ -44,15 +45,21 @@ impl VictoriaLogs {
             .unwrap();
         let mut vl = VictoriaLogs {
             child: None,
-            port: crate::real_tools::free_port(),
+            port: 0,
             dir,
             client,
         };
-        vl.spawn();
+        vl.port = crate::ports::start_on_reserved_port("victoria-logs", |port| {
+            vl.port = port;
+            vl.spawn().map(|()| port)
+        });
         vl
     }
 
-    fn spawn(&mut self) {
+    /// Starts the server on `self.port` and waits until it is healthy;
+    /// [`Start::PortTaken`] when it exited because the port was in use.
+    fn spawn(&mut self) -> Start<()> {
+        let before = self.log().len();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -83,9 +90,14 @@ impl VictoriaLogs {
                 .send()
                 .is_ok_and(|r| r.status().is_success());
             if ok {
-                return;
+                return Start::Up(());
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                let said = self.log().get(before..).unwrap_or_default().to_string();
+                if says_address_in_use(&said) {
+                    return Start::PortTaken(said);
+                }
                 panic!("victoria-logs exited ({status}):\n{}", self.log());
             }
             assert!(
@@ -136,7 +148,12 @@ impl VictoriaLogs {
     /// Starts the server again on the same port and data.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        if let Start::PortTaken(said) = self.spawn() {
+            panic!(
+                "victoria-logs: its port {} was taken while it was down:\n{said}",
+                self.port
+            );
+        }
     }
 
     /// Makes what was just ingested searchable (VictoriaLogs otherwise shows

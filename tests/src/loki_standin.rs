@@ -30,17 +30,15 @@
 //! same port). [`LokiStandIn::pushes`] records every push with the status it
 //! got; [`LokiStandIn::entries`] every stored entry.
 
-use crate::standin::{lock, read_head, Head, Running};
+use crate::standin::{lock, read_head, Head, Served};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::net::TcpStream;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-/// How long [`LokiStandIn::restart`] keeps trying to bind the old port.
-const REBIND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest body read (Loki's default gRPC/HTTP limits are larger; the agent
 /// sends far less).
 const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -113,37 +111,24 @@ struct State {
 
 /// A stand-in Loki push endpoint (see the module docs). Stopped on Drop.
 pub struct LokiStandIn {
-    state: Arc<Mutex<State>>,
-    port: u16,
-    running: Option<Running>,
+    server: Served<State>,
 }
 
 impl LokiStandIn {
     /// Starts on a free 127.0.0.1 port.
     pub fn start() -> LokiStandIn {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("LokiStandIn: bind 127.0.0.1:0");
-        let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(Mutex::new(State::default()));
-        let running = Some(Running::serve(
-            "loki-standin",
-            listener,
-            state.clone(),
-            handle,
-        ));
         LokiStandIn {
-            state,
-            port,
-            running,
+            server: Served::start("loki-standin", State::default(), handle),
         }
     }
 
     /// `http://127.0.0.1:PORT` (what `loki.url` takes; the agent adds the push path).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.url()
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.server.port()
     }
 
     /// Pushes without `X-Scope-OrgID: tenant` get `401 no org id`.
@@ -223,43 +208,16 @@ impl LokiStandIn {
 
     /// Stops serving (the port then refuses connections). Data is kept.
     pub fn stop(&mut self) {
-        if let Some(running) = self.running.take() {
-            running.stop();
-        }
+        self.server.stop();
     }
 
     /// Serves again on the same port, with the same data.
     pub fn restart(&mut self) {
-        self.stop();
-        let deadline = Instant::now() + REBIND_TIMEOUT;
-        let listener = loop {
-            match TcpListener::bind(("127.0.0.1", self.port)) {
-                Ok(l) => break l,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                Err(e) => panic!(
-                    "LokiStandIn: cannot bind 127.0.0.1:{} again: {e}",
-                    self.port
-                ),
-            }
-        };
-        self.running = Some(Running::serve(
-            "loki-standin",
-            listener,
-            self.state.clone(),
-            handle,
-        ));
+        self.server.restart();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
-    }
-}
-
-impl Drop for LokiStandIn {
-    fn drop(&mut self) {
-        self.stop();
+        self.server.lock()
     }
 }
 

@@ -71,14 +71,6 @@ pub struct Prometheus {
     dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `application/x-www-form-urlencoded` value encoding.
 pub fn form_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 3);
@@ -99,7 +91,6 @@ impl Prometheus {
     /// it is ready.
     pub fn start(targets: &[(&str, &str)], rule_files: &[&Path]) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let mut config = String::from(
             "global: { scrape_interval: 1s, evaluation_interval: 1s, scrape_timeout: 1s }\n",
         );
@@ -124,37 +115,47 @@ impl Prometheus {
             String::from_utf8_lossy(&check.stdout),
             String::from_utf8_lossy(&check.stderr)
         );
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = Command::new(binary("prometheus"))
-            .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn prometheus");
-        let mut p = Prometheus { child, port, dir };
-        let start = Instant::now();
-        loop {
-            if let Ok((200, _)) = http_request("GET", &p.addr(), "/-/ready", &[], &[]) {
-                break;
+        let log_path = dir.path().join("prometheus.log");
+        let (child, port) = crate::ports::start_on_reserved_port("prometheus", |port| {
+            let log = std::fs::File::create(&log_path).unwrap();
+            let mut child = Command::new(binary("prometheus"))
+                .arg(format!("--config.file={}", config_path.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .arg("--log.level=warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn prometheus");
+            let addr = format!("127.0.0.1:{port}");
+            let start = Instant::now();
+            loop {
+                if let Ok((200, _)) = http_request("GET", &addr, "/-/ready", &[], &[]) {
+                    return crate::ports::Start::Up((child, port));
+                }
+                if let Some(status) = child.try_wait().unwrap() {
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    if crate::ports::says_address_in_use(&log) {
+                        return crate::ports::Start::PortTaken(log);
+                    }
+                    panic!("prometheus exited ({status}):\n{log}");
+                }
+                if start.elapsed() > START_TIMEOUT {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "prometheus not ready after {START_TIMEOUT:?}:\n{}",
+                        std::fs::read_to_string(&log_path).unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            if let Some(status) = p.child.try_wait().unwrap() {
-                panic!("prometheus exited ({status}):\n{}", p.log());
-            }
-            assert!(
-                start.elapsed() < START_TIMEOUT,
-                "prometheus not ready after {START_TIMEOUT:?}:\n{}",
-                p.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        p
+        });
+        Prometheus { child, port, dir }
     }
 
     /// `127.0.0.1:PORT`.

@@ -9,7 +9,9 @@
 //! Debian machine).
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
+
+use crate::ports::{says_address_in_use, Start};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -20,14 +22,6 @@ pub const INSTALL_HINT: &str = "apt-get install -y --no-install-recommends caddy
 
 /// PostgreSQL 15's binaries (not on PATH on Debian).
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
 
 /// Polls `ready` every 50 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
@@ -115,20 +109,34 @@ impl Daemon {
         Daemon { name, child, log }
     }
 
-    /// Waits until `port` on 127.0.0.1 accepts connections (10 s at most).
-    fn wait_for_port(&mut self, port: u16) {
-        let up = wait_until(Duration::from_secs(10), || {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited ({status}): {}", self.name, self.log_text());
+    /// Waits until every port on 127.0.0.1 accepts connections (10 s at
+    /// most); [`Start::PortTaken`] when the program exited because one was
+    /// in use (its log says so), a panic when it exited otherwise.
+    fn wait_for_ports(mut self, ports: &[u16]) -> Start<Daemon> {
+        for &port in ports {
+            let mut exited = None;
+            let up = wait_until(Duration::from_secs(10), || {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    exited = Some(status);
+                    return true;
+                }
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            if let Some(status) = exited {
+                let log = self.log_text();
+                if says_address_in_use(&log) {
+                    return Start::PortTaken(log);
+                }
+                panic!("{} exited ({status}): {log}", self.name);
             }
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        assert!(
-            up,
-            "{} did not listen on 127.0.0.1:{port}: {}",
-            self.name,
-            self.log_text()
-        );
+            assert!(
+                up,
+                "{} did not listen on 127.0.0.1:{port}: {}",
+                self.name,
+                self.log_text()
+            );
+        }
+        Start::Up(self)
     }
 
     pub fn log_text(&self) -> String {
@@ -144,8 +152,9 @@ impl Drop for Daemon {
 }
 
 /// nginx (`daemon off`) with the given `server { ... }` blocks, every
-/// temp and log path under `dir`.
-pub fn nginx(dir: &Path, servers: &str, ports: &[u16]) -> Daemon {
+/// temp and log path under `dir`, once it listens on `ports`; start it
+/// through [`crate::ports::start_on_reserved_ports`].
+pub fn nginx(dir: &Path, servers: &str, ports: &[u16]) -> Start<Daemon> {
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
     let d = dir.display();
     let conf = dir.join("nginx.conf");
@@ -162,7 +171,7 @@ pub fn nginx(dir: &Path, servers: &str, ports: &[u16]) -> Daemon {
     )
     .unwrap();
     // -e: nginx 1.22 otherwise opens its compiled-in error log before reading the config.
-    let mut daemon = Daemon::spawn(
+    let daemon = Daemon::spawn(
         "nginx",
         // /usr/sbin is not on every PATH (a non-root shell's).
         Command::new(if Path::new("/usr/sbin/nginx").exists() {
@@ -178,10 +187,7 @@ pub fn nginx(dir: &Path, servers: &str, ports: &[u16]) -> Daemon {
         .arg(dir.join("error.log")),
         dir.join("nginx.out"),
     );
-    for &port in ports {
-        daemon.wait_for_port(port);
-    }
-    daemon
+    daemon.wait_for_ports(ports)
 }
 
 /// Environment that keeps Caddy's state (certificates, autosave) under `dir`.
@@ -191,15 +197,14 @@ pub fn caddy_env<'c>(cmd: &'c mut Command, dir: &Path) -> &'c mut Command {
         .env("XDG_CONFIG_HOME", dir.join("xdg-config"))
 }
 
-/// `caddy run` on a Caddyfile, waiting until `port` answers.
-pub fn caddy(dir: &Path, caddyfile: &Path, port: u16) -> Daemon {
+/// `caddy run` on a Caddyfile, once `port` answers; start it through
+/// [`crate::ports::start_on_reserved_ports`].
+pub fn caddy(dir: &Path, caddyfile: &Path, port: u16) -> Start<Daemon> {
     let mut cmd = Command::new("caddy");
     cmd.args(["run", "--adapter", "caddyfile", "--config"])
         .arg(caddyfile);
     caddy_env(&mut cmd, dir);
-    let mut daemon = Daemon::spawn("caddy", &mut cmd, dir.join("caddy.out"));
-    daemon.wait_for_port(port);
-    daemon
+    Daemon::spawn("caddy", &mut cmd, dir.join("caddy.out")).wait_for_ports(&[port])
 }
 
 /// An HTTP response.
@@ -295,12 +300,10 @@ impl Postgres {
             Duration::from_secs(10),
         );
         assert!(ok.status.success(), "chown: {ok:?}");
-        let port = free_port();
-        let password = format!("superuser-{port}");
-        let pg = Postgres {
-            port,
+        let mut pg = Postgres {
+            port: 0,
             dir: dir.to_path_buf(),
-            password,
+            password: String::new(),
             // Dropped after `Drop::drop` stopped the server.
             _tmp: tmp,
         };
@@ -325,33 +328,43 @@ impl Postgres {
             "initdb: {}",
             String::from_utf8_lossy(&init.stderr)
         );
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
-            dir.display()
-        );
         let log = dir.join("server.log");
-        let start = pg.as_postgres(
-            &format!("{PG_BIN}/pg_ctl"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "-t",
-                "30",
-                "-s",
-                "-o",
-                &opts,
-                "start",
-            ],
-        );
-        assert!(
-            start.status.success(),
-            "pg_ctl start: {}\n{}",
-            String::from_utf8_lossy(&start.stderr),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        pg.port = crate::ports::start_on_reserved_port("PostgreSQL", |port| {
+            // A failed try's words must not stand for the next one's.
+            let _ = std::fs::remove_file(&log);
+            let opts = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+                dir.display()
+            );
+            let start = pg.as_postgres(
+                &format!("{PG_BIN}/pg_ctl"),
+                &[
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-l",
+                    log.to_str().unwrap(),
+                    "-w",
+                    "-t",
+                    "30",
+                    "-s",
+                    "-o",
+                    &opts,
+                    "start",
+                ],
+            );
+            let server_log = std::fs::read_to_string(&log).unwrap_or_default();
+            if start.status.success() {
+                Start::Up(port)
+            } else if says_address_in_use(&server_log) {
+                Start::PortTaken(server_log)
+            } else {
+                panic!(
+                    "pg_ctl start: {}\n{server_log}",
+                    String::from_utf8_lossy(&start.stderr)
+                )
+            }
+        });
+        pg.password = format!("superuser-{}", pg.port);
         pg.sql(
             "postgres",
             &format!("ALTER ROLE postgres PASSWORD '{}'", pg.password),

@@ -1,13 +1,15 @@
 //! What the protocol stand-ins (`connect_standin`, `kube_standin`,
-//! `loki_standin`) share: an accept loop on a loopback listener with one
-//! thread per connection, a clean stop, and a lock that survives a panicking
-//! handler (the test that panicked reports it; the stand-in keeps serving).
+//! `loki_standin`) share: [`Served`], a server on a loopback port it bound
+//! itself (an accept loop with one thread per connection) that stops and
+//! serves again on the same port, a lock that survives a panicking handler
+//! (the test that panicked reports it; the stand-in keeps serving), and
+//! the reading of an HTTP/1.1 request head.
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A serving stand-in: its accept thread and stop flag.
 pub struct Running {
@@ -57,6 +59,93 @@ impl Running {
         let _ =
             TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_secs(2));
         let _ = self.thread.join();
+    }
+}
+
+/// How long [`Served::restart`] keeps trying to bind the old port again.
+const REBIND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A stand-in's server: its state, the loopback port it bound (`:0`, so
+/// the port is its own from the start), and its accept loop while it
+/// serves. Stopped on Drop.
+pub struct Served<S> {
+    name: &'static str,
+    state: Arc<Mutex<S>>,
+    port: u16,
+    handle: fn(TcpStream, &Mutex<S>),
+    running: Option<Running>,
+}
+
+impl<S: Send + 'static> Served<S> {
+    /// Binds a free 127.0.0.1 port and serves `state` with `handle`
+    /// (thread `name`).
+    pub fn start(name: &'static str, state: S, handle: fn(TcpStream, &Mutex<S>)) -> Served<S> {
+        let listener = crate::ports::bind_loopback();
+        let port = listener.local_addr().expect("a bound listener").port();
+        let state = Arc::new(Mutex::new(state));
+        let running = Some(Running::serve(name, listener, state.clone(), handle));
+        Served {
+            name,
+            state,
+            port,
+            handle,
+            running,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The state, also after a handler panicked while holding it.
+    pub fn lock(&self) -> MutexGuard<'_, S> {
+        lock(&self.state)
+    }
+
+    /// Stops serving (the port then refuses connections); the state is kept.
+    pub fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop();
+        }
+    }
+
+    /// Serves again on the same port, with the same state. The port was
+    /// this server's until [`Served::stop`]: binding it again is retried
+    /// for a while (a connection of the old listener may hold it briefly).
+    pub fn restart(&mut self) {
+        self.stop();
+        let deadline = Instant::now() + REBIND_TIMEOUT;
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", self.port)) {
+                Ok(l) => break l,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!(
+                    "{}: cannot bind 127.0.0.1:{} again: {e}",
+                    self.name, self.port
+                ),
+            }
+        };
+        self.running = Some(Running::serve(
+            self.name,
+            listener,
+            self.state.clone(),
+            self.handle,
+        ));
+    }
+}
+
+impl<S> Drop for Served<S> {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop();
+        }
     }
 }
 

@@ -7,14 +7,16 @@
 //! mid-render, slowloris clients, weak webhook secrets.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use homelab_agent_tests::git_server::{
     forgejo_push, generate_ssh_key, http_get, http_post, http_request, new_uuid, GitServer,
     WorkClone,
 };
-use homelab_agent_tests::{agent, stderr, stdout};
+use homelab_agent_tests::local_daemon::{first_run, probe_ready, wait_for_file, Daemon};
+use homelab_agent_tests::{agent, ports, stderr, stdout};
 
 /// At least 32 bytes: shorter webhook secrets are refused (see config::MIN_SHARED_SECRET_BYTES).
 const SECRET: &str = "webhook-secret-for-tests-0123456789";
@@ -42,55 +44,46 @@ resources:
 
 const EXTRA: &str = "resources:\n  - file: /srv/extra.txt\n    content: \"extra\\n\"\n";
 
-/// A lab: git server with `lab/homelab.git`, a work clone, a sandbox root
-/// and an agent config.
+/// A lab: git server with `lab/homelab.git`, a work clone, and the
+/// suite's [`homelab_agent_tests::Lab`] (sandbox root, agent config).
 struct Lab {
-    tmp: tempfile::TempDir,
+    lab: homelab_agent_tests::Lab,
     server: GitServer,
     clone: WorkClone,
-    listen: String,
+    listen: Mutex<String>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+impl std::ops::Deref for Lab {
+    type Target = homelab_agent_tests::Lab;
+    fn deref(&self) -> &homelab_agent_tests::Lab {
+        &self.lab
+    }
 }
 
 impl Lab {
     fn new() -> Lab {
-        let tmp = tempfile::tempdir().unwrap();
+        let lab = homelab_agent_tests::Lab::empty();
         let server = GitServer::start();
         server.create_repo("lab", "homelab");
-        let clone = WorkClone::clone_from(&server, "lab", "homelab", &tmp.path().join("work"));
+        let clone = WorkClone::clone_from(&server, "lab", "homelab", &lab.tmp.path().join("work"));
         clone.write("hosts/lab.yaml", &host_yaml(8080, true));
         clone.write("modules/app/module.yaml", APP);
         clone.write("modules/extra/module.yaml", EXTRA);
         clone.commit("initial homelab");
         clone.push("main");
-        let listen = format!("127.0.0.1:{}", free_port());
         let lab = Lab {
-            tmp,
+            lab,
             server,
             clone,
-            listen,
+            listen: Mutex::new(format!("127.0.0.1:{}", ports::reserve())),
         };
         lab.write_config("1h", None);
         lab
     }
 
-    fn root(&self) -> PathBuf {
-        self.tmp.path().join("root")
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.tmp.path().join("agent.yaml")
-    }
-
-    fn host_path(&self, p: &str) -> PathBuf {
-        self.root().join(p.trim_start_matches('/'))
+    /// The daemon's address (another after a start found the first taken).
+    fn listen(&self) -> String {
+        self.listen.lock().unwrap().clone()
     }
 
     fn write_config(&self, poll: &str, allowed_signers: Option<&Path>) {
@@ -100,21 +93,18 @@ impl Lab {
     /// [`Lab::write_config`] with `extra` lines appended.
     fn write_config_with(&self, poll: &str, allowed_signers: Option<&Path>, extra: &str) {
         let token = self.server.write_token_file(self.tmp.path());
-        let secret = self.tmp.path().join("webhook-secret");
-        std::fs::write(&secret, SECRET).unwrap();
-        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        let secret = self.write_private("webhook-secret", SECRET);
         let verify = allowed_signers
             .map(|p| format!("verify:\n  allowed_signers: {}\n", p.display()))
             .unwrap_or_default();
         std::fs::write(
-            self.config_path(),
+            self.config(),
             format!(
                 "repo: {}\nref: main\ntoken_file: {}\nhost: lab\npoll_interval: {poll}\nwebhook_secret_file: {}\nlisten: {}\nroot: {}\n{verify}{extra}",
                 self.server.url("lab", "homelab"),
                 token.display(),
                 secret.display(),
-                self.listen,
+                self.listen(),
                 self.root().display(),
             ),
         )
@@ -122,31 +112,28 @@ impl Lab {
     }
 
     fn start(&self) -> Daemon {
-        self.start_with(agent())
+        self.start_with(agent)
     }
 
-    /// Starts `command` (the agent, or a wrapper that execs it) as `agent run`.
-    fn start_with(&self, mut command: std::process::Command) -> Daemon {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.tmp.path().join("daemon.log"))
-            .unwrap();
-        let child = command
-            .args(["run", "--config", self.config_path().to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let d = Daemon {
-            child,
-            listen: self.listen.clone(),
-            log: self.tmp.path().join("daemon.log"),
-        };
-        d.wait_until("the first run", Duration::from_secs(20), |s| {
-            s["last_run"].is_object() || s["refused"].is_object()
-        });
+    /// Starts `command()` (the agent, or a wrapper that execs it) as
+    /// `agent run`, and waits for its first run.
+    fn start_with(&self, command: impl Fn() -> std::process::Command) -> Daemon {
+        self.start_until(command, first_run)
+    }
+
+    fn start_until(
+        &self,
+        command: impl Fn() -> std::process::Command,
+        ready: impl Fn(&str) -> bool,
+    ) -> Daemon {
+        let d = Daemon::start(
+            command,
+            &self.config(),
+            &self.tmp.path().join("daemon.log"),
+            &[("RUST_LOG", "info")],
+            ready,
+        );
+        *self.listen.lock().unwrap() = d.listen.clone();
         d
     }
 
@@ -178,7 +165,7 @@ impl Lab {
             &self.server.url("lab", "homelab"),
             delivery,
         );
-        http_post(&self.listen, "/hooks/forgejo", &headers, &body)
+        http_post(&self.listen(), "/hooks/forgejo", &headers, &body)
     }
 
     fn runs(&self) -> usize {
@@ -186,7 +173,7 @@ impl Lab {
             .args([
                 "status",
                 "--config",
-                self.config_path().to_str().unwrap(),
+                self.config().to_str().unwrap(),
                 "--json",
                 "--runs",
                 "200",
@@ -199,54 +186,6 @@ impl Lab {
     }
 }
 
-struct Daemon {
-    child: Child,
-    listen: String,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn status(&self) -> serde_json::Value {
-        let (code, body) = http_get(&self.listen, "/api/status");
-        assert_eq!(code, 200, "{body}");
-        serde_json::from_str(&body).unwrap()
-    }
-
-    fn wait_until(
-        &self,
-        what: &str,
-        limit: Duration,
-        ok: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let start = Instant::now();
-        loop {
-            if let Ok((200, body)) = http_request("GET", &self.listen, "/api/status", &[], &[]) {
-                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-                if ok(&v) && v["running"] == false {
-                    return v;
-                }
-            }
-            assert!(
-                start.elapsed() < limit,
-                "timed out waiting for {what}; daemon log:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        homelab_agent_tests::terminate(&mut self.child)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The peak resident memory of a process (`VmHWM`), for the log of
 /// hostile-input measurements.
 fn peak_rss(pid: u32) -> String {
@@ -256,21 +195,6 @@ fn peak_rss(pid: u32) -> String {
         .find(|l| l.starts_with("VmHWM:"))
         .map(|l| l.trim_start_matches("VmHWM:").trim().to_string())
         .unwrap_or_default()
-}
-
-fn wait_for_file(path: &Path, want: &str, limit: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
-        if std::fs::read_to_string(path).ok().as_deref() == Some(want) {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{} never became {want:?}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 #[test]
@@ -373,7 +297,7 @@ fn server_down_keeps_the_last_good_revision_and_recovers() {
         lab.host_path("/srv/extra.txt").exists(),
         "no deletions while the source is down"
     );
-    let (code, why) = http_get(&lab.listen, "/readyz");
+    let (code, why) = http_get(&lab.listen(), "/readyz");
     assert_eq!(code, 503);
     assert!(why.contains("fetch"), "{why}");
     lab.server.restart();
@@ -384,7 +308,7 @@ fn server_down_keeps_the_last_good_revision_and_recovers() {
         !lab.host_path("/srv/extra.txt").exists(),
         "the new revision applied once reachable"
     );
-    assert_eq!(http_get(&lab.listen, "/readyz").0, 200);
+    assert_eq!(http_get(&lab.listen(), "/readyz").0, 200);
 }
 
 #[test]
@@ -410,7 +334,7 @@ fn an_invalid_commit_is_refused_and_the_next_good_one_applies() {
         "stays on the last good revision"
     );
     let out = agent()
-        .args(["status", "--config", lab.config_path().to_str().unwrap()])
+        .args(["status", "--config", lab.config().to_str().unwrap()])
         .output()
         .unwrap();
     assert!(
@@ -532,13 +456,31 @@ fn sigterm_exits_zero_with_state_consistent_with_disk() {
     lab.clone.write("modules/extra/module.yaml", &module);
     lab.clone.commit("bulk");
     assert_eq!(lab.push_and_notify(&before).0, 202);
-    std::thread::sleep(Duration::from_millis(150));
+    // SIGTERM once the run writes the bulk files (the event, on disk).
+    let bulk = lab.host_path("/srv/bulk");
+    let start = Instant::now();
+    while std::fs::read_dir(&bulk).map_or(true, |mut d| d.next().is_none()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the bulk run never started writing; daemon log:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let log = daemon.log.clone();
     let status = daemon.terminate();
     assert!(status.success(), "exit status {status:?}");
+    // The signal landed during that run: the daemon said it would finish
+    // the current resource (not "stopping", which it says when idle).
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("SIGTERM: finishing the current resource"),
+        "{text}"
+    );
     // The next plan agrees with what the state says: what was applied is in
     // sync, the rest is still to do, nothing is drift.
     let root = lab.root();
-    let config = lab.config_path();
+    let config = lab.config();
     let out = agent()
         .args([
             "plan",
@@ -564,7 +506,7 @@ fn plan_an_older_revision_without_a_work_tree() {
     let second = lab.clone.commit("newer");
     lab.clone.push("main");
     let root = lab.root();
-    let config = lab.config_path();
+    let config = lab.config();
     let run_plan = |rev: Option<&str>| {
         let mut args = vec![
             "plan",
@@ -642,9 +584,9 @@ fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
     let lab = Lab::new();
     let daemon = lab.start();
     let pid = nix::unistd::Pid::from_raw(daemon.child.id() as i32);
-    let good = std::fs::read_to_string(lab.config_path()).unwrap();
+    let good = std::fs::read_to_string(lab.config()).unwrap();
     // A bad config: refused, the old one (and its webhook secret) kept.
-    std::fs::write(lab.config_path(), format!("{good}bogus_key: 1\n")).unwrap();
+    std::fs::write(lab.config(), format!("{good}bogus_key: 1\n")).unwrap();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let head = lab.clone.head();
@@ -658,7 +600,7 @@ fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
     assert!(log.contains("new configuration refused"), "{log}");
     assert!(log.contains("unknown key `bogus_key`"), "{log}");
     // A good config with a new secret: the old secret stops working.
-    std::fs::write(lab.config_path(), &good).unwrap();
+    std::fs::write(lab.config(), &good).unwrap();
     std::fs::write(
         lab.tmp.path().join("webhook-secret"),
         "rotated-secret-0123456789-abcdefghij",
@@ -700,7 +642,7 @@ fn a_manual_rollback_is_kept_until_the_next_push() {
         .args([
             "apply",
             "--config",
-            lab.config_path().to_str().unwrap(),
+            lab.config().to_str().unwrap(),
             "--rev",
             &first,
         ])
@@ -740,7 +682,7 @@ fn a_local_directory_source_is_watched_and_logs_can_be_json() {
     std::fs::create_dir_all(repo.join("modules/app")).unwrap();
     std::fs::write(repo.join("hosts/lab.yaml"), host_yaml(1111, false)).unwrap();
     std::fs::write(repo.join("modules/app/module.yaml"), APP).unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", ports::reserve());
     let root = tmp.path().join("root");
     let config = tmp.path().join("agent.yaml");
     std::fs::write(
@@ -754,20 +696,7 @@ fn a_local_directory_source_is_watched_and_logs_can_be_json() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let log = tmp.path().join("daemon.log");
-    let child = agent()
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let daemon = Daemon {
-        child,
-        listen,
-        log: log.clone(),
-    };
-    daemon.wait_until("the first run", Duration::from_secs(20), |s| {
-        s["last_run"].is_object()
-    });
+    let _daemon = Daemon::start(agent, &config, &log, &[], first_run);
     let conf = root.join("srv/app/app.conf");
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), "port = 1111\n");
     // An uncommitted edit in the working directory converges without a push.
@@ -819,7 +748,7 @@ fn agent_with_memory_limit() -> std::process::Command {
 #[test]
 fn a_commit_that_crashed_the_agent_is_refused_across_restarts() {
     let lab = Lab::new();
-    let mut daemon = lab.start_with(agent_with_memory_limit());
+    let mut daemon = lab.start_with(agent_with_memory_limit);
     let good = lab.clone.head();
     let before = good.clone();
     lab.clone
@@ -837,7 +766,7 @@ fn a_commit_that_crashed_the_agent_is_refused_across_restarts() {
             );
             break true;
         }
-        if let Ok((200, body)) = http_request("GET", &lab.listen, "/api/status", &[], &[]) {
+        if let Ok((200, body)) = http_request("GET", &lab.listen(), "/api/status", &[], &[]) {
             let v: serde_json::Value = serde_json::from_str(&body).unwrap();
             if v["refused"]["revision"] == bad.as_str() && v["running"] == false {
                 break false;
@@ -852,7 +781,7 @@ fn a_commit_that_crashed_the_agent_is_refused_across_restarts() {
     for restart in 0..2 {
         if crashed || restart > 0 {
             drop(daemon);
-            daemon = lab.start_with(agent_with_memory_limit());
+            daemon = lab.start_with(agent_with_memory_limit);
         }
         let status = daemon.wait_until("the refusal", Duration::from_secs(30), |s| {
             s["refused"]["revision"] == bad.as_str()
@@ -870,7 +799,7 @@ fn a_commit_that_crashed_the_agent_is_refused_across_restarts() {
         let conf = lab.host_path("/srv/app/app.conf");
         std::fs::write(&conf, "edited\n").unwrap();
         wait_for_file(&conf, "port = 8080\n", Duration::from_secs(5));
-        let (code, why) = http_get(&lab.listen, "/readyz");
+        let (code, why) = http_get(&lab.listen(), "/readyz");
         assert_eq!(code, 503);
         assert!(why.contains(&bad), "{why}");
     }
@@ -933,7 +862,7 @@ fn a_template_that_hangs_is_abandoned_and_refused() {
     std::fs::write(&conf, "edited\n").unwrap();
     let healed = wait_for_file(&conf, "port = 8080\n", Duration::from_secs(3));
     eprintln!("drift healed in {healed:?} with the hanging commit at the head");
-    let (code, why) = http_get(&lab.listen, "/readyz");
+    let (code, why) = http_get(&lab.listen(), "/readyz");
     assert_eq!(code, 503);
     assert!(why.contains(&bad), "{why}");
     drop(daemon);
@@ -967,7 +896,7 @@ fn sigterm_ends_the_daemon_within_two_seconds_mid_render() {
     // The run has started (fetched, rendering).
     let start = Instant::now();
     loop {
-        let (_, body) = http_get(&lab.listen, "/api/status");
+        let (_, body) = http_get(&lab.listen(), "/api/status");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         if v["running"] == true {
             break;
@@ -1003,13 +932,13 @@ fn slowloris_clients_neither_starve_healthz_nor_exhaust_descriptors() {
     let idle = fds();
     let mut slow = Vec::new();
     for _ in 0..300 {
-        let mut c = std::net::TcpStream::connect(&lab.listen).unwrap();
+        let mut c = std::net::TcpStream::connect(lab.listen()).unwrap();
         c.write_all(b"GET /api/status HTTP/1.1\r\nHost: x\r\nX-Slow: ")
             .unwrap();
         slow.push(c);
     }
     let start = Instant::now();
-    let (code, body) = http_get(&lab.listen, "/healthz");
+    let (code, body) = http_get(&lab.listen(), "/healthz");
     let took = start.elapsed();
     eprintln!(
         "/healthz under 300 slowloris clients: {took:?}; fds idle {idle}, now {}; peak RSS {}",
@@ -1026,7 +955,7 @@ fn slowloris_clients_neither_starve_healthz_nor_exhaust_descriptors() {
 /// is still running after `limit`).
 fn run_until_exit(lab: &Lab, limit: Duration) -> std::process::Output {
     let mut child = agent()
-        .args(["run", "--config", lab.config_path().to_str().unwrap()])
+        .args(["run", "--config", lab.config().to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -1059,7 +988,7 @@ fn weak_webhook_secrets_are_refused_by_run_and_validate_alike() {
     ] {
         std::fs::write(&secret, content).unwrap();
         let validate = agent()
-            .args(["validate", "--config", lab.config_path().to_str().unwrap()])
+            .args(["validate", "--config", lab.config().to_str().unwrap()])
             .output()
             .unwrap();
         let run = run_until_exit(&lab, Duration::from_secs(10));
@@ -1079,7 +1008,7 @@ fn weak_webhook_secrets_are_refused_by_run_and_validate_alike() {
     std::fs::write(&secret, SECRET).unwrap();
     std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
     let out = agent()
-        .args(["validate", "--config", lab.config_path().to_str().unwrap()])
+        .args(["validate", "--config", lab.config().to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -1097,7 +1026,7 @@ fn a_reloaded_config_that_would_hang_the_agent_is_refused() {
     let pid = nix::unistd::Pid::from_raw(daemon.child.id() as i32);
     let fifo = lab.tmp.path().join("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-    let good = std::fs::read_to_string(lab.config_path()).unwrap();
+    let good = std::fs::read_to_string(lab.config()).unwrap();
     for bad in [
         good.replace(
             &format!(
@@ -1109,11 +1038,11 @@ fn a_reloaded_config_that_would_hang_the_agent_is_refused() {
         format!("{good}verify:\n  allowed_signers: {}\n", fifo.display()),
     ] {
         assert_ne!(bad, good);
-        std::fs::write(lab.config_path(), &bad).unwrap();
+        std::fs::write(lab.config(), &bad).unwrap();
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
         std::thread::sleep(Duration::from_millis(300));
         let start = Instant::now();
-        let (code, _) = http_request("GET", &lab.listen, "/healthz", &[], &[]).unwrap();
+        let (code, _) = http_request("GET", &lab.listen(), "/healthz", &[], &[]).unwrap();
         assert_eq!(code, 200);
         assert!(
             start.elapsed() < Duration::from_secs(1),
@@ -1151,7 +1080,7 @@ fn a_run_past_its_budget_is_reported_stuck() {
     assert_eq!(lab.push_and_notify(&before).0, 202);
     let start = Instant::now();
     let why = loop {
-        let (code, why) = http_get(&lab.listen, "/readyz");
+        let (code, why) = http_get(&lab.listen(), "/readyz");
         if code == 503 && why.contains("stuck") {
             break why;
         }
@@ -1189,34 +1118,15 @@ fn the_api_token_guards_status_and_metrics() {
     std::fs::write(&path, format!("{token}\n")).unwrap();
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     lab.write_config_with("1h", None, &format!("api_token_file: {}\n", path.display()));
-    // `start` waits on /api/status: it cannot without the token, so poll /readyz.
-    let child = agent()
-        .args(["run", "--config", lab.config_path().to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let daemon = Daemon {
-        child,
-        listen: lab.listen.clone(),
-        log: lab.tmp.path().join("daemon.log"),
-    };
-    let start = Instant::now();
-    while http_request("GET", &lab.listen, "/readyz", &[], &[])
-        .map(|r| r.0)
-        .ok()
-        != Some(200)
-    {
-        assert!(start.elapsed() < Duration::from_secs(20), "never ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // `start` waits on /api/status: it cannot without the token, so on /readyz.
+    let daemon = lab.start_until(agent, probe_ready);
     let bearer = format!("Bearer {token}");
     for path in ["/api/status", "/metrics"] {
-        let (code, _) = http_request("GET", &lab.listen, path, &[], &[]).unwrap();
+        let (code, _) = http_request("GET", &lab.listen(), path, &[], &[]).unwrap();
         assert_eq!(code, 401, "{path}");
         let (code, _) = http_request(
             "GET",
-            &lab.listen,
+            &lab.listen(),
             path,
             &[("Authorization".to_string(), "Bearer nope".to_string())],
             &[],
@@ -1225,7 +1135,7 @@ fn the_api_token_guards_status_and_metrics() {
         assert_eq!(code, 401, "{path}");
         let (code, _) = http_request(
             "GET",
-            &lab.listen,
+            &lab.listen(),
             path,
             &[("Authorization".to_string(), bearer.clone())],
             &[],
@@ -1233,13 +1143,13 @@ fn the_api_token_guards_status_and_metrics() {
         .unwrap();
         assert_eq!(code, 200, "{path}");
     }
-    assert_eq!(http_get(&lab.listen, "/healthz").0, 200);
+    assert_eq!(http_get(&lab.listen(), "/healthz").0, 200);
     let out = agent()
-        .args(["status", "--config", lab.config_path().to_str().unwrap()])
+        .args(["status", "--config", lab.config().to_str().unwrap()])
         .output()
         .unwrap();
     assert!(
-        stdout(&out).contains(&format!("Daemon: running on {}", lab.listen)),
+        stdout(&out).contains(&format!("Daemon: running on {}", lab.listen())),
         "{}",
         stdout(&out)
     );

@@ -4,8 +4,21 @@
 
 use homelab_agent_tests::{agent, stderr, stdout};
 
+/// The unit file's metadata and content, or `None` when absent.
+fn snapshot(path: &std::path::Path) -> Option<(std::time::SystemTime, Vec<u8>)> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    Some((
+        meta.modified().unwrap(),
+        std::fs::read(path).unwrap_or_default(),
+    ))
+}
+
 #[test]
 fn dry_run_prints_the_unit_and_writes_nothing() {
+    // Without --root, a dry run names the system path and leaves it as it
+    // was (on this machine: absent, or whatever an admin put there).
+    let system_unit = std::path::Path::new("/etc/systemd/system/homelab-agent.service");
+    let before = snapshot(system_unit);
     let dir = tempfile::tempdir().unwrap();
     let out = agent()
         .args([
@@ -30,6 +43,38 @@ fn dry_run_prints_the_unit_and_writes_nothing() {
     assert!(text.contains("Restart=on-failure"));
     assert!(text.contains("WantedBy=multi-user.target"));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    assert_eq!(
+        snapshot(system_unit),
+        before,
+        "the dry run touched {}",
+        system_unit.display()
+    );
+
+    // With --root, where a write would land in the sandbox: the dry run
+    // names the sandboxed path and the sandbox stays empty.
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(&config, "repo: /srv/homelab\nhost: sifaka\n").unwrap();
+    let out = agent()
+        .args(["install-service", "--dry-run", "--config"])
+        .arg(&config)
+        .arg("--root")
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let unit = root.join("etc/systemd/system/homelab-agent.service");
+    assert!(
+        stdout(&out).contains(&format!("{} (would be written)", unit.display())),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        homelab_agent_tests::tree(&root).is_empty(),
+        "the dry run wrote {:?}",
+        homelab_agent_tests::tree(&root).keys().collect::<Vec<_>>()
+    );
 }
 
 #[test]

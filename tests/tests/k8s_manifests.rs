@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use homelab_agent::desired::{self, LoadOptions};
 use homelab_agent::k8s::Stack;
+use homelab_agent_tests::ports::start_on_reserved_port;
+use homelab_agent_tests::real_tools::{caddy, caddy_env, nginx};
 use homelab_agent_tests::{copy_dir, workspace};
 use serde_json::Value;
 
@@ -386,44 +388,6 @@ fn the_stacks_say_what_the_seed_documents_ask_for() {
     }
 }
 
-/// A child process killed on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    /// SIGTERM first: nginx's master then stops its workers (a SIGKILLed
-    /// master would leave them running); SIGKILL after 5 s.
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Debian puts nginx in /usr/sbin, which a non-root PATH may lack.
-fn nginx_bin() -> &'static str {
-    if std::path::Path::new("/usr/sbin/nginx").exists() {
-        "/usr/sbin/nginx"
-    } else {
-        "nginx"
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The raw HTTP/1.1 response to a GET (headers and body), bounded in time.
 fn get(port: u16, path: &str, extra: &str) -> String {
     use std::io::{Read, Write};
@@ -438,17 +402,6 @@ fn get(port: u16, path: &str, extra: &str) -> String {
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
-}
-
-fn wait_for_port(port: u16, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what} did not listen on {port}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 /// GinFlix's routing with the real servers: the streamer site config in
@@ -469,7 +422,6 @@ fn vod_routes_stream_to_nginx_and_the_rest_to_web_with_real_caddy_and_nginx() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     std::fs::create_dir_all(dir.join("www")).unwrap();
-    std::fs::create_dir_all(dir.join("nginx-tmp")).unwrap();
     std::fs::write(dir.join("www/movie.mp4"), "fake-mp4-0123456789").unwrap();
 
     // The web app: a stub answering every request.
@@ -488,85 +440,42 @@ fn vod_routes_stream_to_nginx_and_the_rest_to_web_with_real_caddy_and_nginx() {
         }
     });
 
-    let nginx_port = free_port();
     let www = dir.join("www");
-    let site = site
-        .replace("listen 8080;", &format!("listen 127.0.0.1:{nginx_port};"))
-        .replace("/var/www/html", www.to_str().unwrap());
-    let d = dir.display();
-    std::fs::write(
-        dir.join("nginx.conf"),
-        format!(
-            "daemon off;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\nevents {{ worker_connections 16; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/nginx-tmp/body; proxy_temp_path {d}/nginx-tmp/proxy;\n  fastcgi_temp_path {d}/nginx-tmp/fcgi; uwsgi_temp_path {d}/nginx-tmp/uwsgi; scgi_temp_path {d}/nginx-tmp/scgi;\n{site}\n}}\n"
-        ),
-    )
-    .unwrap();
-    let nginx_args = [
-        "-c",
-        &format!("{d}/nginx.conf"),
-        "-p",
-        &format!("{d}"),
-        "-e",
-        &format!("{d}/nginx-error.log"),
-    ];
-    let check = std::process::Command::new(nginx_bin())
-        .arg("-t")
-        .arg("-q")
-        .args(nginx_args)
-        .output()
-        .expect("nginx (apt: nginx-light; .ci/run installs it)");
-    assert!(
-        check.status.success(),
-        "nginx -t: {}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let _nginx = Child(
-        std::process::Command::new(nginx_bin())
-            .args(nginx_args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (nginx_port, _nginx) = start_on_reserved_port("nginx", |port| {
+        let site = site
+            .replace("listen 8080;", &format!("listen 127.0.0.1:{port};"))
+            .replace("/var/www/html", www.to_str().unwrap());
+        nginx(&dir.join("nginx"), &site, &[port]).map(|d| (port, d))
+    });
 
-    let caddy_port = free_port();
-    let caddyfile = caddyfile
-        .replace(":8080 {", &format!(":{caddy_port} {{\n    bind 127.0.0.1"))
-        .replace(
-            "streamer.vod.svc.cluster.local:80",
-            &format!("127.0.0.1:{nginx_port}"),
-        )
-        .replace(
-            "web.vod.svc.cluster.local:8000",
-            &format!("127.0.0.1:{web_port}"),
+    let (caddy_port, _caddy) = start_on_reserved_port("caddy", |port| {
+        let caddyfile = caddyfile
+            .replace(":8080 {", &format!(":{port} {{\n    bind 127.0.0.1"))
+            .replace(
+                "streamer.vod.svc.cluster.local:80",
+                &format!("127.0.0.1:{nginx_port}"),
+            )
+            .replace(
+                "web.vod.svc.cluster.local:8000",
+                &format!("127.0.0.1:{web_port}"),
+            );
+        let path = dir.join("Caddyfile");
+        std::fs::write(&path, &caddyfile).unwrap();
+        let mut check = std::process::Command::new("caddy");
+        check
+            .args(["validate", "--adapter", "caddyfile", "--config"])
+            .arg(&path);
+        caddy_env(&mut check, dir);
+        let check = check
+            .output()
+            .expect("caddy (apt: caddy; .ci/run installs it)");
+        assert!(
+            check.status.success(),
+            "caddy validate: {}",
+            String::from_utf8_lossy(&check.stderr)
         );
-    std::fs::write(dir.join("Caddyfile"), &caddyfile).unwrap();
-    let caddy = |args: &[&str]| {
-        let mut c = std::process::Command::new("caddy");
-        c.args(args)
-            .env("HOME", dir)
-            .env("XDG_DATA_HOME", dir.join("xdg-data"))
-            .env("XDG_CONFIG_HOME", dir.join("xdg-config"));
-        c
-    };
-    let config = format!("{d}/Caddyfile");
-    let check = caddy(&["validate", "--config", &config, "--adapter", "caddyfile"])
-        .output()
-        .expect("caddy (apt: caddy; .ci/run installs it)");
-    assert!(
-        check.status.success(),
-        "caddy validate: {}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let _caddy = Child(
-        caddy(&["run", "--config", &config, "--adapter", "caddyfile"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_port(nginx_port, "nginx");
-    wait_for_port(caddy_port, "caddy");
+        caddy(dir, &path, port).map(|d| (port, d))
+    });
 
     let movie = get(caddy_port, "/stream/movie.mp4", "");
     assert!(movie.starts_with("HTTP/1.1 200"), "{movie}");

@@ -54,6 +54,13 @@ impl Host {
         )
     }
 
+    /// `apply`, which must exit 0 (every object applied, none failed).
+    fn apply_ok(&self) -> String {
+        let (code, text) = self.run("apply");
+        assert_eq!(code, Some(0), "{}: apply failed:\n{text}", self.name);
+        text
+    }
+
     fn settled(&self) {
         let (code, text) = self.run("plan");
         assert_eq!(code, Some(0), "{}: {text}", self.name);
@@ -149,7 +156,7 @@ fn reference_stacks_apply_settle_heal_and_prune_on_a_real_cluster() {
             h.name
         );
         let started = std::time::Instant::now();
-        let (_, text) = h.run("apply");
+        let text = h.apply_ok();
         eprintln!(
             "{}: first apply (with rollouts): {:?}",
             h.name,
@@ -165,8 +172,7 @@ fn reference_stacks_apply_settle_heal_and_prune_on_a_real_cluster() {
         // Settled on the first try, and after three more runs.
         h.settled();
         for _ in 0..3 {
-            let (_, text) = h.run("apply");
-            assert!(!text.contains("failed k8s:"), "{}: {text}", h.name);
+            let text = h.apply_ok();
             assert!(
                 text.contains(" 0 changed, 0 pruned, 0 drifted"),
                 "{}: {text}",
@@ -226,7 +232,7 @@ fn reference_stacks_apply_settle_heal_and_prune_on_a_real_cluster() {
         text.contains("! k8s:vlog-workers/vlog/ConfigMap/vlog-worker-config drifted; will be healed\n    data.VLOG_WORKER_API_URL: \"http://elsewhere:1\" ->"),
         "{text}"
     );
-    let (_, text) = indri.run("apply");
+    let text = indri.apply_ok();
     assert!(text.contains("drift healed"), "{text}");
     assert_ne!(
         kube.get("configmap", Some("vlog"), "vlog-worker-config")
@@ -245,8 +251,7 @@ fn reference_stacks_apply_settle_heal_and_prune_on_a_real_cluster() {
             std::fs::remove_file(p).unwrap();
         }
     }
-    let (_, text) = indri.run("apply");
-    assert!(!text.contains("failed k8s:"), "{text}");
+    indri.apply_ok();
     kube.wait_for(
         "vlog-workers pruned",
         std::time::Duration::from_secs(90),

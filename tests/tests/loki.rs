@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use homelab_agent_tests::connect_standin::ConnectStandIn;
+use homelab_agent_tests::leaks::Evidence;
 use homelab_agent_tests::local_daemon::{sample, wait_for_file, LocalLab};
 use homelab_agent_tests::loki_standin::{Entry, LokiStandIn};
 use homelab_agent_tests::{agent, stderr};
@@ -584,20 +585,18 @@ fn secrets_never_reach_loki_or_metrics() {
             >= 1.0,
         "{m}"
     );
-    let mut haystacks: Vec<(String, String)> = loki
-        .pushes()
-        .into_iter()
-        .map(|p| ("loki push".to_string(), p.body))
-        .collect();
-    haystacks.push(("/metrics text".into(), m));
-    haystacks.push((
-        "/metrics openmetrics".into(),
-        daemon.metrics(Some("application/openmetrics-text")).1,
-    ));
-    assert!(haystacks.len() >= 3);
-    for (what, text) in &haystacks {
-        for needle in [VALUE.to_string(), hex::encode(VALUE)] {
-            assert!(!text.contains(&needle), "{needle} in {what}:\n{text}");
-        }
+    // Every form the main leak test looks for (raw, URL, form, JSON, hex,
+    // base64 at each alignment), in every push and both /metrics formats.
+    let mut ev = Evidence::default();
+    let pushes = loki.pushes();
+    assert!(!pushes.is_empty());
+    for p in pushes {
+        ev.add("loki push", p.body);
     }
+    ev.add("/metrics text", m);
+    ev.add(
+        "/metrics openmetrics",
+        daemon.metrics(Some("application/openmetrics-text")).1,
+    );
+    ev.assert_no_leaks(&[VALUE]);
 }

@@ -327,21 +327,16 @@ fn apt_reports_an_unknown_package_with_apts_message() {
     );
 }
 
-/// Stand-ins for every package manager tool on PATH: each records its
-/// call. Used to prove sandbox mode calls none.
+/// Stand-ins for the Linux package manager tools on PATH: each records its
+/// call. Used to prove sandbox mode calls none. (Homebrew is never looked
+/// up on PATH but at its fixed locations: the macOS half is proved by the
+/// control below, and at the command boundary in the package kind's unit
+/// tests.)
 fn recording_tools(dir: &Path) -> PathBuf {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let log = dir.join("calls.log");
-    for tool in [
-        "dpkg-query",
-        "dpkg",
-        "apt-get",
-        "apt-cache",
-        "apt",
-        "brew",
-        "sudo",
-    ] {
+    for tool in ["dpkg-query", "dpkg", "apt-get", "apt-cache", "apt", "sudo"] {
         let p = bin.join(tool);
         std::fs::write(
             &p,
@@ -443,20 +438,31 @@ fn sandbox_plan_and_apply_say_packages_are_not_checked_and_call_no_package_manag
             "{platform}: a package manager ran in sandbox mode: {}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
+        // Control: the same plan without --root does reach for the package
+        // manager, so the silence above means something.
+        let state = lab.tmp.path().join("state");
+        let out = agent()
+            .env("PATH", &path)
+            .args(["plan", "--repo", repo.to_str().unwrap(), "--host", "lab"])
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap();
         if platform == "linux" {
-            // Control: the same plan without --root does reach the
-            // (recording) tools, so their silence above means something.
-            let state = lab.tmp.path().join("state");
-            let out = agent()
-                .env("PATH", &path)
-                .args(["plan", "--repo", repo.to_str().unwrap(), "--host", "lab"])
-                .arg("--state-dir")
-                .arg(&state)
-                .output()
-                .unwrap();
+            // The recording tools ran.
             assert!(out.status.success(), "{}", text(&out));
             let calls = std::fs::read_to_string(&log).unwrap_or_default();
             assert!(calls.contains("dpkg-query -W"), "{calls}");
+        } else {
+            // The agent looked for Homebrew (which this Linux machine lacks)
+            // and said where: what sandbox mode must not do.
+            assert!(
+                text(&out).contains(
+                    "Homebrew not found (looked at /opt/homebrew/bin/brew, /usr/local/bin/brew)"
+                ),
+                "macOS without --root looks for Homebrew: {}",
+                text(&out)
+            );
         }
     }
 }

@@ -27,8 +27,9 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use homelab_agent_tests::connect_standin::ConnectStandIn;
+use homelab_agent_tests::ports::start_on_reserved_ports;
 use homelab_agent_tests::real_tools::{
-    caddy, caddy_env, free_port, http_get, link_world, nginx, run_bounded, Postgres, PG_BIN,
+    caddy, caddy_env, http_get, link_world, nginx, run_bounded, Postgres, PG_BIN,
 };
 use homelab_agent_tests::{copy_dir, run, stderr, stdout, tree, workspace};
 
@@ -460,14 +461,29 @@ const MOTD_MODULE: &str = "params:\n  text: {type: string, required: true}\n  pa
 
 #[test]
 fn caddyfile_validates_routes_stream_and_web_and_a_broken_template_changes_nothing() {
-    let (caddy_port, admin_port, web_port, s1, s2) = (
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-        free_port(),
-    );
-    let lab = ToolLab::new(|w| {
+    // Two nginx streamers holding the same video, nginx as the web app, on
+    // ports from the shared allocator (others when one was taken).
+    let serve = tempfile::tempdir().unwrap();
+    let video: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let www = serve.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("stock.mp4"), &video).unwrap();
+    let (upstreams, _nginx) = start_on_reserved_ports("nginx", 3, |p| {
+        let servers = format!(
+            "server {{ listen 127.0.0.1:{}; root {www}; add_header X-Streamer s1; }}\n\
+             server {{ listen 127.0.0.1:{}; root {www}; add_header X-Streamer s2; }}\n\
+             server {{ listen 127.0.0.1:{}; location / {{ default_type text/plain; return 200 \"ginflix web: $request_uri\\n\"; }} }}",
+            p[0],
+            p[1],
+            p[2],
+            www = www.display()
+        );
+        nginx(&serve.path().join("nginx"), &servers, p).map(|d| (p.to_vec(), d))
+    });
+    let (s1, s2, web_port) = (upstreams[0], upstreams[1], upstreams[2]);
+    // Caddy's own ports are in the host file the agent renders the
+    // Caddyfile from: when one was taken, the host is rendered again.
+    let host_yaml = |w: &Path, caddy_port: u16, admin_port: u16| {
         format!(
             "platform: linux
 roots: [/etc/caddy, {w}]
@@ -488,7 +504,8 @@ modules:
 ",
             w = w.display()
         )
-    });
+    };
+    let lab = ToolLab::new(|w| host_yaml(w, 1, 2));
     lab.write("modules/motd/module.yaml", MOTD_MODULE);
     let caddy_dir = lab.tmp.path().join("caddy");
     std::fs::create_dir_all(&caddy_dir).unwrap();
@@ -502,35 +519,27 @@ modules:
         apply_env(&mut cmd);
         run_bounded(&mut cmd, Duration::from_secs(120))
     };
-    let out = apply();
-    assert!(out.status.success(), "{}", text(&out));
-    link_world(&lab.root(), &lab.world());
     let caddyfile = lab.in_root(Path::new("/etc/caddy/Caddyfile"));
-    let rendered = std::fs::read_to_string(&caddyfile).unwrap();
-    assert!(rendered.contains("\tbind 127.0.0.1\n"), "{rendered}");
+    let (caddy_port, proxy) = start_on_reserved_ports("caddy", 2, |p| {
+        lab.write("hosts/lab.yaml", &host_yaml(&lab.world(), p[0], p[1]));
+        let out = apply();
+        assert!(out.status.success(), "{}", text(&out));
+        if !lab.world().exists() {
+            link_world(&lab.root(), &lab.world());
+        }
+        let rendered = std::fs::read_to_string(&caddyfile).unwrap();
+        assert!(rendered.contains("\tbind 127.0.0.1\n"), "{rendered}");
 
-    // caddy validate on the rendered file, as the agent ran it.
-    let mut validate = Command::new("caddy");
-    validate
-        .args(["validate", "--adapter", "caddyfile", "--config"])
-        .arg(&caddyfile);
-    caddy_env(&mut validate, &caddy_dir);
-    let out = run_bounded(&mut validate, Duration::from_secs(60));
-    assert!(out.status.success(), "{}", text(&out));
-
-    // Serve it: two nginx streamers holding the same video, nginx as the web app.
-    let video: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let www = lab.tmp.path().join("www");
-    std::fs::create_dir_all(&www).unwrap();
-    std::fs::write(www.join("stock.mp4"), &video).unwrap();
-    let servers = format!(
-        "server {{ listen 127.0.0.1:{s1}; root {www}; add_header X-Streamer s1; }}\n\
-         server {{ listen 127.0.0.1:{s2}; root {www}; add_header X-Streamer s2; }}\n\
-         server {{ listen 127.0.0.1:{web_port}; location / {{ default_type text/plain; return 200 \"ginflix web: $request_uri\\n\"; }} }}",
-        www = www.display()
-    );
-    let _nginx = nginx(&lab.tmp.path().join("nginx"), &servers, &[s1, s2, web_port]);
-    let proxy = caddy(&caddy_dir, &caddyfile, caddy_port);
+        // caddy validate on the rendered file, as the agent ran it.
+        let mut validate = Command::new("caddy");
+        validate
+            .args(["validate", "--adapter", "caddyfile", "--config"])
+            .arg(&caddyfile);
+        caddy_env(&mut validate, &caddy_dir);
+        let out = run_bounded(&mut validate, Duration::from_secs(60));
+        assert!(out.status.success(), "{}", text(&out));
+        caddy(&caddy_dir, &caddyfile, p[0]).map(|d| (p[0], d))
+    });
 
     let r = http_get(caddy_port, "/stream/stock.mp4", &[]);
     assert_eq!(r.status, 200, "{r:?} {}", proxy.log_text());

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use homelab_agent_tests::connect_standin::ConnectStandIn;
 use homelab_agent_tests::git_server::http_request;
+use homelab_agent_tests::leaks::{contains, forms, Evidence};
 use homelab_agent_tests::{agent, run_watching_modes, stderr, stdout, tree, Node};
 
 const TOKEN: &str = "ops-connect-token-Jx81-e2e-Vq4";
@@ -68,11 +69,18 @@ fn app_ini(password: &str) -> String {
 /// stand-in holding vault `homelab` with items `db` (username, password)
 /// and `api` (section `prod`: key).
 struct Lab {
-    tmp: tempfile::TempDir,
+    lab: homelab_agent_tests::Lab,
     connect: ConnectStandIn,
     vault: String,
     db: String,
     api: String,
+}
+
+impl std::ops::Deref for Lab {
+    type Target = homelab_agent_tests::Lab;
+    fn deref(&self) -> &homelab_agent_tests::Lab {
+        &self.lab
+    }
 }
 
 impl Lab {
@@ -90,13 +98,13 @@ impl Lab {
         );
         let api = connect.add_item_with_section(&vault, "api", "prod", &[("key", API_KEY)]);
         let lab = Lab {
-            tmp: tempfile::tempdir().unwrap(),
+            lab: homelab_agent_tests::Lab::empty(),
             connect,
             vault,
             db,
             api,
         };
-        std::fs::create_dir_all(lab.root()).unwrap();
+        std::fs::create_dir_all(lab.home()).unwrap();
         lab.write("hosts/lab.yaml", HOST);
         lab.write("modules/app/module.yaml", module);
         lab.write("modules/app/templates/app.ini.j2", APP_INI);
@@ -106,16 +114,10 @@ impl Lab {
         lab
     }
 
-    fn repo(&self) -> PathBuf {
-        self.tmp.path().join("repo")
-    }
-
-    fn root(&self) -> PathBuf {
-        self.tmp.path().join("root")
-    }
-
-    fn config(&self) -> PathBuf {
-        self.tmp.path().join("agent.yaml")
+    /// `$HOME`, `$XDG_CACHE_HOME` and `$TMPDIR` of the agent: inside the
+    /// lab, so a cache the agent kept anywhere would be seen on disk.
+    fn home(&self) -> PathBuf {
+        self.tmp.path().join("home")
     }
 
     fn token_file(&self) -> PathBuf {
@@ -124,10 +126,6 @@ impl Lab {
 
     fn state_dir(&self) -> PathBuf {
         self.root().join("var/lib/homelab-agent")
-    }
-
-    fn host_path(&self, path: &str) -> PathBuf {
-        self.root().join(path.trim_start_matches('/'))
     }
 
     fn read(&self, path: &str) -> String {
@@ -142,12 +140,6 @@ impl Lab {
             & 0o7777
     }
 
-    fn write(&self, rel: &str, content: &str) {
-        let p = self.repo().join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, content).unwrap();
-    }
-
     /// `onepassword:` when `connect`; `extra` is appended verbatim.
     fn write_config(&self, connect: bool, extra: &str) {
         let op = if connect {
@@ -159,20 +151,15 @@ impl Lab {
         } else {
             String::new()
         };
-        std::fs::write(
-            self.config(),
-            format!(
-                "repo: {}\nhost: lab\nroot: {}\n{op}{extra}",
-                self.repo().display(),
-                self.root().display()
-            ),
-        )
-        .unwrap();
+        self.lab.write_config("lab", &format!("{op}{extra}"));
     }
 
     /// `agent ARGS --config agent.yaml`.
     fn agent(&self, args: &[&str]) -> Output {
         agent()
+            .env("HOME", self.home())
+            .env("XDG_CACHE_HOME", self.home().join(".cache"))
+            .env("TMPDIR", self.home())
             .args(args)
             .arg("--config")
             .arg(self.config())
@@ -241,10 +228,6 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
             _ => None,
         })
         .collect()
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
 // --- 1. converging ---
@@ -318,6 +301,16 @@ fn each_item_is_fetched_once_per_run_and_nothing_is_cached_on_disk() {
     assert_eq!(cost(&["apply"], 0), 3);
     assert_eq!(cost(&["plan", "--json"], 0), 3);
     assert_eq!(cost(&["plan", "--detailed-exitcode"], 0), 3);
+    // Nothing cached on disk: each value is in its one managed file and
+    // nowhere else in the lab (repo, config, sandbox root with the state
+    // directory, and the agent's $HOME, cache and temp directories).
+    for (i, (_, value)) in fields.iter().enumerate() {
+        assert_eq!(
+            files_containing(lab.tmp.path(), value.as_bytes()),
+            [lab.host_path(&format!("/srv/bulk/k{i}"))],
+            "{value}"
+        );
+    }
 }
 
 // --- 3. rotation ---
@@ -707,151 +700,6 @@ fn a_secret_file_is_0600_before_its_first_byte() {
 
 // --- 7. the leak test ---
 
-/// Standard and URL-safe base64, without padding.
-fn base64(bytes: &[u8], url_safe: bool) -> String {
-    let alphabet: &[u8] = if url_safe {
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-    } else {
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-    };
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            out.push(alphabet[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
-fn percent_encode(s: &str, plus_for_space: bool) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            b' ' if plus_for_space => "+".to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// A value and the forms it could take on its way into a log or a file:
-/// itself, URL- and form-encoded, JSON-escaped (plain and HTML-safe as
-/// minijinja's `tojson` writes it), hex, and base64 (standard and URL-safe)
-/// at each of the three alignments it can have inside a longer encoding.
-fn forms(value: &str) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<(String, Vec<u8>)> = vec![
-        ("raw".into(), value.as_bytes().to_vec()),
-        ("url".into(), percent_encode(value, false).into_bytes()),
-        ("form".into(), percent_encode(value, true).into_bytes()),
-        (
-            "json".into(),
-            serde_json::to_string(value)
-                .unwrap()
-                .trim_matches('"')
-                .as_bytes()
-                .to_vec(),
-        ),
-        (
-            "json-html".into(),
-            value
-                .replace('&', "\\u0026")
-                .replace('<', "\\u003c")
-                .replace('>', "\\u003e")
-                .replace('\'', "\\u0027")
-                .into_bytes(),
-        ),
-        ("hex".into(), hex::encode(value).into_bytes()),
-    ];
-    for url_safe in [false, true] {
-        for pad in 0..3usize {
-            let mut bytes = vec![0u8; pad];
-            bytes.extend_from_slice(value.as_bytes());
-            let enc = base64(&bytes, url_safe);
-            // Only the characters made of the value's bits alone.
-            let start = (pad * 8).div_ceil(6);
-            let end = (bytes.len() * 8) / 6;
-            if end > start + 3 {
-                out.push((
-                    format!("base64{}+{pad}", if url_safe { "url" } else { "" }),
-                    enc.as_bytes()[start..end].to_vec(),
-                ));
-            }
-        }
-    }
-    out.sort_by(|a, b| a.1.cmp(&b.1));
-    out.dedup_by(|a, b| a.1 == b.1);
-    out
-}
-
-/// Everything the agent printed, served or stored during the leak test.
-#[derive(Default)]
-struct Evidence {
-    items: Vec<(String, Vec<u8>)>,
-}
-
-impl Evidence {
-    fn add(&mut self, what: impl Into<String>, bytes: impl Into<Vec<u8>>) {
-        self.items.push((what.into(), bytes.into()));
-    }
-
-    fn output(&mut self, what: &str, out: &Output) {
-        self.add(format!("{what}: stdout"), out.stdout.clone());
-        self.add(format!("{what}: stderr"), out.stderr.clone());
-    }
-
-    /// Fails listing every place any form ([`forms`]) of any value shows.
-    fn assert_no_leaks(&self, values: &[&str]) {
-        let mut leaks = Vec::new();
-        for value in values {
-            for (form, needle) in forms(value) {
-                for (what, bytes) in &self.items {
-                    if contains(bytes, &needle) {
-                        let at = bytes
-                            .windows(needle.len())
-                            .position(|w| w == needle)
-                            .unwrap();
-                        let context = String::from_utf8_lossy(
-                            &bytes
-                                [at.saturating_sub(80)..(at + needle.len() + 80).min(bytes.len())],
-                        )
-                        .into_owned();
-                        leaks.push(format!("{value:?} ({form}) in {what}: …{context}…"));
-                    }
-                }
-            }
-        }
-        assert!(
-            leaks.is_empty(),
-            "{} leak(s):\n{}",
-            leaks.len(),
-            leaks.join("\n")
-        );
-    }
-
-    /// Every file under `dir` except `exclude`.
-    fn files(&mut self, dir: &Path, exclude: &[PathBuf]) -> usize {
-        let mut n = 0;
-        for (rel, node) in tree(dir) {
-            let path = dir.join(&rel);
-            if exclude.contains(&path) {
-                continue;
-            }
-            if let Node::File { content, .. } = node {
-                self.add(path.display().to_string(), content);
-                n += 1;
-            }
-        }
-        n
-    }
-}
-
 /// `agent run` with `RUST_LOG=trace`, logging to a file.
 struct Daemon {
     child: Child,
@@ -948,14 +796,6 @@ fn wait_for_file(path: &Path, want: &str) {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A JSON config rendering secrets through `tojson` (which escapes `&`,
 /// `<` and `>`): the value on disk differs from the value from Connect.
 const CONFIG_JSON: &str =
@@ -966,7 +806,7 @@ fn no_secret_value_leaks_anywhere() {
     let module = format!("{APP}  - file: /srv/app/config.json\n    template: config.json.j2\n");
     let mut lab = Lab::with_module(&module);
     lab.write("modules/app/templates/config.json.j2", CONFIG_JSON);
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", homelab_agent_tests::ports::reserve());
     let daemon_config =
         |format: &str| format!("listen: {listen}\npoll_interval: 1h\nlog_format: {format}\n");
     lab.write_config(true, &daemon_config("text"));
@@ -1214,7 +1054,7 @@ fn stop(mut child: Child) {
 #[test]
 fn no_secret_value_leaks_on_error_paths() {
     let lab = Lab::with_module(INCLUDE_SECRET);
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", homelab_agent_tests::ports::reserve());
     let daemon_config = format!("listen: {listen}\npoll_interval: 1h\n");
     lab.write_config(true, &daemon_config);
     let mut ev = Evidence::default();

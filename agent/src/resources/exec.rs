@@ -10,6 +10,7 @@
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+#[cfg(test)]
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -178,13 +179,16 @@ impl Runner for SystemRunner {
 
 /// A scripted runner for tests: records every command line and answers
 /// from rules (the first rule whose prefix matches the command line wins;
-/// no match answers exit 0 with no output).
+/// no match answers exit 0 with no output). A test double: compiled into
+/// the unit tests only, never into the agent binary.
+#[cfg(test)]
 #[derive(Default, Clone)]
 pub struct RecordingRunner {
     log: Arc<Mutex<Vec<String>>>,
     rules: Arc<Mutex<Vec<(String, Output)>>>,
 }
 
+#[cfg(test)]
 impl RecordingRunner {
     pub fn new() -> RecordingRunner {
         RecordingRunner::default()
@@ -217,6 +221,7 @@ impl RecordingRunner {
     }
 }
 
+#[cfg(test)]
 impl Runner for RecordingRunner {
     fn run(&self, cmd: &Cmd) -> Result<Output, ExecError> {
         let line = cmd.line();

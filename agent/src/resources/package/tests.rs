@@ -599,7 +599,12 @@ fn sandbox_runs_no_package_manager_and_says_so() {
     for platform in [Platform::Linux, Platform::Macos] {
         let r = RecordingRunner::new();
         let h = host(platform, true, &r);
-        let p = pkg("jq", Wanted::Latest, None);
+        // On macOS with Homebrew located: were sandbox mode to reach for
+        // it, the recording runner would log the call.
+        let p = match platform {
+            Platform::Macos => brew_pkg("jq", Wanted::Latest, None, false),
+            _ => pkg("jq", Wanted::Latest, None),
+        };
         let live = p.observe(&h).unwrap();
         assert!(live.exists, "never planned as a create (so never pruned)");
         assert!(p.diff(&live, &h).is_empty());
