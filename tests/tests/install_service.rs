@@ -134,7 +134,11 @@ fn install_service_takes_the_hosts_agent_config_from_the_repository() {
     let config = dir.path().join("etc/agent.yaml");
     let install = |host: &str| {
         agent()
-            .args(["install-service", "--repo", &server.url("eblume", "homelab")])
+            .args([
+                "install-service",
+                "--repo",
+                &server.url("eblume", "homelab"),
+            ])
             .args(["--host", host, "--token-file"])
             .arg(&forge_token)
             .arg("--config")
@@ -148,7 +152,10 @@ fn install_service_takes_the_hosts_agent_config_from_the_repository() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(
-        text.contains(&format!("config: {} (from agents/lab.yaml)", config.display())),
+        text.contains(&format!(
+            "config: {} (from agents/lab.yaml)",
+            config.display()
+        )),
         "{text}"
     );
     assert!(text.contains("installed:"), "{text}");
@@ -165,7 +172,10 @@ fn install_service_takes_the_hosts_agent_config_from_the_repository() {
     let out = install("lab");
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.contains("up to date: ") && !text.contains("installed:"), "{text}");
+    assert!(
+        text.contains("up to date: ") && !text.contains("installed:"),
+        "{text}"
+    );
 
     // No agents/ghost.yaml; agents/other.yaml says `host: lab`.
     std::fs::remove_file(&config).unwrap();
@@ -177,7 +187,10 @@ fn install_service_takes_the_hosts_agent_config_from_the_repository() {
         assert_eq!(out.status.code(), Some(1), "{host}");
         let err = stderr(&out);
         assert!(err.contains(needle), "{err}");
-        assert!(!err.contains(server.token()), "the token never shows: {err}");
+        assert!(
+            !err.contains(server.token()),
+            "the token never shows: {err}"
+        );
         assert!(!config.exists(), "{host}: nothing written");
     }
     assert!(stderr(&install("other")).contains("says `host: lab`, not other"));
