@@ -45,6 +45,14 @@ fn main() {
     for dir in ["hosts", "modules", "k8s", "dashboards"] {
         copy_dir(&workspace().join(dir), &repo.join(dir));
     }
+    // Caddy's Caddyfile is validated by the macOS binary it names, which
+    // this machine lacks: the bench measures the stacks, so indri goes
+    // without its proxy here.
+    let indri = repo.join("hosts/indri.yaml");
+    let text = std::fs::read_to_string(&indri).unwrap();
+    let start = text.find("  - name: caddy\n").expect("indri's caddy");
+    let end = start + text[start..].find("\n\n").unwrap() + 2;
+    std::fs::write(&indri, format!("{}{}", &text[..start], &text[end..])).unwrap();
     let connect = ConnectStandIn::start("bench-token");
     connect.add_reference_vault();
     let token = tmp.path().join("token");
@@ -134,7 +142,7 @@ fn main() {
         in_sync.push(t);
         let (t, text) = run("apply");
         assert!(
-            text.contains("Nothing to do: 10 object(s) in sync."),
+            text.contains("Nothing to do: 8 object(s) in sync."),
             "{text}"
         );
         noop.push(t);
