@@ -106,6 +106,23 @@ struct InstallArgs {
     /// Print the unit/plist and change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Bootstrap from this repository: copy its agents/<HOST>.yaml to --config first.
+    #[arg(long, value_name = "PATH|URL", requires = "host")]
+    repo: Option<String>,
+    /// With --repo: the host whose agent config to take (agents/<HOST>.yaml).
+    #[arg(long, value_name = "NAME", requires = "repo")]
+    host: Option<String>,
+    /// With --repo: branch, tag or commit to read it from.
+    #[arg(
+        long = "ref",
+        value_name = "REF",
+        default_value = "main",
+        requires = "repo"
+    )]
+    reference: String,
+    /// With --repo: a Forgejo access token file (chmod 600) for a private repository.
+    #[arg(long, value_name = "FILE", requires = "repo")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -675,6 +692,25 @@ fn run_install_service(args: InstallArgs) -> Result<ExitCode> {
             .and_then(|p| p.canonicalize())
             .context("cannot find this binary's path; pass --binary")?,
     };
+    if let (Some(repo), Some(host), false) = (&args.repo, &args.host, args.dry_run) {
+        let done = crate::install::bootstrap_config(
+            repo,
+            &args.reference,
+            args.token_file.clone(),
+            host,
+            &config,
+            args.root.as_deref(),
+        )?;
+        let from = crate::install::repo_config_path(host);
+        match done {
+            crate::install::ConfigCopy::Written => {
+                outln!("config: {} (from {from})", config.display())
+            }
+            crate::install::ConfigCopy::UpToDate => {
+                outln!("up to date: {} (from {from})", config.display())
+            }
+        }
+    }
     if !args.dry_run {
         // The service would only crash-loop on a config that does not load
         // or names unusable files: the same check as `agent run` at start.

@@ -43,6 +43,26 @@ pub enum InstallError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot read {path} from {repo}: {reason}\n  fix the repository, or check --repo, --ref and --token-file")]
+    Repo {
+        repo: String,
+        path: String,
+        reason: String,
+    },
+    #[error("{path} in {repo} is not a usable agent config:\n{source}\n  fix it in the repository (`agent validate --config` checks a copy)")]
+    RepoConfig {
+        repo: String,
+        path: String,
+        #[source]
+        source: crate::config::ConfigError,
+    },
+    #[error("{path} in {repo} says `host: {found}`, not {wanted}\n  fix the file, or pass the --host it was written for")]
+    WrongHost {
+        repo: String,
+        path: String,
+        found: String,
+        wanted: String,
+    },
     #[error(transparent)]
     Resource(#[from] ResourceError),
     #[error(transparent)]
@@ -154,4 +174,117 @@ pub fn uninstall(root: Option<&Path>) -> Result<PruneOutcome, InstallError> {
     let platform = this_platform();
     let host = host(root, platform)?;
     Ok(ServiceKind.prune(service_name(platform), &host)?)
+}
+
+/// Where a host's agent config lives in the repository.
+pub fn repo_config_path(host: &str) -> String {
+    format!("agents/{host}.yaml")
+}
+
+/// What [`config_from_repo`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConfigCopy {
+    /// Written (new or changed).
+    Written,
+    /// Already there, byte for byte.
+    UpToDate,
+}
+
+/// Bootstraps a host from the repository alone: reads `agents/<host>.yaml`
+/// from `spec`'s repository (fetched into a cache under `state_dir`, as the
+/// daemon fetches it), checks that it parses and names `host`, and writes it
+/// to `dest` (0644, atomically; the path the service runs with, also with
+/// `--root`, which only places the unit). The config names its own token
+/// files; they are checked when the service is installed.
+pub fn config_from_repo(
+    spec: &crate::engine::SourceSpec,
+    state_dir: &Path,
+    host: &str,
+    dest: &Path,
+) -> Result<ConfigCopy, InstallError> {
+    let repo = crate::redact::url_credentials_owned(&spec.repo);
+    let path = repo_config_path(host);
+    let repo_err = |reason: String| InstallError::Repo {
+        repo: repo.clone(),
+        path: path.clone(),
+        reason,
+    };
+    if !crate::resources::valid_name(host) {
+        return Err(repo_err(format!("`{host}` is not a host name")));
+    }
+    let resolved = crate::engine::resolve(spec, state_dir).map_err(|e| repo_err(e.to_string()))?;
+    let bytes = resolved
+        .source
+        .read(&path)
+        .map_err(|e| repo_err(e.to_string()))?
+        .ok_or_else(|| {
+            repo_err(format!(
+                "there is no {path}: add the host's agent config there"
+            ))
+        })?;
+    let text = String::from_utf8(bytes).map_err(|_| repo_err("it is not UTF-8 text".into()))?;
+    let parsed = crate::config::parse(Path::new(&path), &text).map_err(|source| {
+        InstallError::RepoConfig {
+            repo: repo.clone(),
+            path: path.clone(),
+            source,
+        }
+    })?;
+    if parsed.host.as_deref() != Some(host) {
+        return Err(InstallError::WrongHost {
+            repo,
+            path,
+            found: parsed.host.unwrap_or_else(|| "(none)".into()),
+            wanted: host.to_string(),
+        });
+    }
+    let fs = Fs::new(Path::new("/"))?;
+    if let Some(live) = fs.read_file(dest)? {
+        if live.1.as_deref() == Some(text.as_bytes()) {
+            return Ok(ConfigCopy::UpToDate);
+        }
+    }
+    let attrs = crate::fsops::Attrs {
+        mode: 0o644,
+        uid: None,
+        gid: None,
+    };
+    if let Some(parent) = dest.parent() {
+        fs.create_dir_all(
+            parent,
+            crate::fsops::Attrs {
+                mode: 0o755,
+                ..attrs
+            },
+        )?;
+    }
+    let staged = fs.stage_file(dest, text.as_bytes(), attrs)?;
+    for result in fs.commit(vec![staged]) {
+        result?;
+    }
+    fs.sync()?;
+    Ok(ConfigCopy::Written)
+}
+
+/// `install-service --repo R --host H`: [`config_from_repo`] with the
+/// default state directory (under `root` when given) for the fetch cache.
+pub fn bootstrap_config(
+    repo: &str,
+    reference: &str,
+    token_file: Option<PathBuf>,
+    host: &str,
+    config: &Path,
+    root: Option<&Path>,
+) -> Result<ConfigCopy, InstallError> {
+    let spec = crate::engine::SourceSpec {
+        repo: repo.to_string(),
+        reference: reference.to_string(),
+        rev: None,
+        token_file,
+        allowed_signers: None,
+        fetch: true,
+        fetch_timeout: Duration::from_secs(120),
+    };
+    let state_dir = crate::config::default_state_dir(root);
+    config_from_repo(&spec, &state_dir, host, config)
 }

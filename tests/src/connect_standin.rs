@@ -97,6 +97,42 @@ struct StoredField {
     section: Option<usize>,
 }
 
+/// The reference homelab's 1Password vault `homelab`: every item and field
+/// its hosts, modules and stacks name (`op://homelab/ITEM/FIELD`), each with
+/// a distinct stand-in value (`ref-ITEM-FIELD`). A reference the repository
+/// gains without an entry here does not resolve, which the reference tests
+/// report (`tests/tests/reference_coherence.rs`). Key material a test needs
+/// to be real (the borgmatic key pair, the TLS certificate) it sets itself
+/// with [`ConnectStandIn::set_field`].
+pub const REFERENCE_VAULT: &[(&str, &[&str])] = &[
+    (
+        "borgmatic",
+        &["passphrase", "ssh_private_key", "ssh_public_key"],
+    ),
+    ("borgmatic-gilbert", &["ssh_public_key"]),
+    (
+        "forgejo",
+        &[
+            "secret_key",
+            "internal_token",
+            "lfs_jwt_secret",
+            "oauth2_jwt_secret",
+        ],
+    ),
+    ("ginflix", &["django-secret-key"]),
+    ("ginflix-postgres", &["password"]),
+    ("k3s", &["cluster-token"]),
+    ("ops-eblu-me-tls", &["certificate", "private_key"]),
+    ("postgres-backup", &["password"]),
+    ("vlog-worker", &["api-key"]),
+    ("zot-htpasswd", &["ci"]),
+];
+
+/// The stand-in value of `ITEM/FIELD` in [`REFERENCE_VAULT`].
+pub fn reference_value(item: &str, field: &str) -> String {
+    format!("ref-{item}-{field}")
+}
+
 impl ConnectStandIn {
     /// Starts the stand-in on a free 127.0.0.1 port; `/v1` requests need
     /// `Authorization: Bearer <token>`.
@@ -138,6 +174,26 @@ impl ConnectStandIn {
             updated: now,
         });
         id
+    }
+
+    /// Creates the vault `homelab` holding [`REFERENCE_VAULT`]; returns
+    /// each item's id by title.
+    pub fn add_reference_vault(&self) -> std::collections::BTreeMap<&'static str, String> {
+        let vault = self.add_vault("homelab");
+        REFERENCE_VAULT
+            .iter()
+            .map(|(item, fields)| {
+                let values: Vec<(String, String)> = fields
+                    .iter()
+                    .map(|f| (f.to_string(), reference_value(item, f)))
+                    .collect();
+                let pairs: Vec<(&str, &str)> = values
+                    .iter()
+                    .map(|(f, v)| (f.as_str(), v.as_str()))
+                    .collect();
+                (*item, self.add_item(&vault, item, &pairs))
+            })
+            .collect()
     }
 
     /// Creates a LOGIN-like item with top-level fields `(label, value)`;

@@ -141,6 +141,7 @@ impl Lab {
         copy_dir(&workspace().join("hosts"), &lab.repo().join("hosts"));
         copy_dir(&workspace().join("modules"), &lab.repo().join("modules"));
         copy_dir(&workspace().join("k8s"), &lab.repo().join("k8s"));
+        copy_dir(&workspace().join("agents"), &lab.repo().join("agents"));
         copy_dir(
             &workspace().join("dashboards"),
             &lab.repo().join("dashboards"),

@@ -1,7 +1,7 @@
 //! The reference homelab's own stacks on a real control plane
-//! (`homelab_agent_tests::kube_env`): indri's vlog-workers, vod and
-//! monitoring (context `minikube`) and k3s-cp's metallb (context
-//! `default`), with the PrometheusRule and MetalLB CRDs from their upstream
+//! (`homelab_agent_tests::kube_env`): indri's vlog-workers,
+//! onepassword-connect and monitoring (context `minikube`) and k3s-cp's
+//! metallb and vod (context `default`), with the PrometheusRule and MetalLB CRDs from their upstream
 //! projects (`tests/fixtures/crds/`) and secrets from a 1Password Connect
 //! stand-in. Planned from empty, applied, settled by the real controllers
 //! and the harness's node; then nothing to do on the first try and after
@@ -12,18 +12,11 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use homelab_agent_tests::connect_standin::ConnectStandIn;
+use homelab_agent_tests::connect_standin::{reference_value, ConnectStandIn, REFERENCE_VAULT};
 use homelab_agent_tests::kube_env::{Identity, KubeEnv};
 use homelab_agent_tests::{agent, copy_dir, stderr, stdout, workspace};
 
 const OP_TOKEN: &str = "kube-reference-connect-token";
-const SECRETS: &[(&str, &str, &str)] = &[
-    ("vlog-worker", "api-key", "ref-vlog-api-key-1"),
-    ("vlog-postgres", "password", "ref-vlog-pg-2"),
-    ("ginflix-postgres", "password", "ref-ginflix-pg-3"),
-    ("ginflix", "django-secret-key", "ref-django-key-4"),
-];
-
 /// The CRDs and namespace MetalLB's and the Prometheus operator's own
 /// installations leave (applied by `helm`, as k3s's HelmChart would).
 fn install_upstream(kube: &KubeEnv) {
@@ -121,10 +114,7 @@ fn reference_stacks_apply_settle_heal_and_prune_on_a_real_cluster() {
         copy_dir(&workspace().join(dir), &repo.join(dir));
     }
     let connect = ConnectStandIn::start(OP_TOKEN);
-    let vault = connect.add_vault("homelab");
-    for (item, field, value) in SECRETS {
-        connect.add_item(&vault, item, &[(field, value)]);
-    }
+    connect.add_reference_vault();
     let hosts = [
         host(tmp.path(), &repo, kube, &connect.url(), "indri"),
         host(tmp.path(), &repo, kube, &connect.url(), "k3s-cp"),
@@ -134,11 +124,11 @@ fn reference_stacks_apply_settle_heal_and_prune_on_a_real_cluster() {
     let (code, text) = hosts[0].run("plan");
     assert_eq!(code, Some(1), "{text}");
     assert!(
-        text.contains("error: k8s:monitoring/monitoring/ConfigMap/homelab-agent-dashboard  (k8s/monitoring/stack.yaml:13): its namespace monitoring does not exist and this stack does not create it"),
+        text.contains("error: k8s:monitoring/monitoring/ConfigMap/homelab-agent-dashboard  (k8s/monitoring/stack.yaml:15): its namespace monitoring does not exist and this stack does not create it"),
         "{text}"
     );
     kube.kubectl_ok(&["create", "namespace", "monitoring"]);
-    for (h, expected) in hosts.iter().zip([27, 3]) {
+    for (h, expected) in hosts.iter().zip([14, 16]) {
         let started = std::time::Instant::now();
         let (code, text) = h.run("plan");
         let took = started.elapsed();
@@ -180,8 +170,11 @@ fn reference_stacks_apply_settle_heal_and_prune_on_a_real_cluster() {
             );
         }
         h.settled();
-        for (_, _, value) in SECRETS {
-            assert!(!text.contains(value), "{} shows a secret", h.name);
+        for (item, fields) in REFERENCE_VAULT {
+            for field in *fields {
+                let value = reference_value(item, field);
+                assert!(!text.contains(&value), "{} shows a secret", h.name);
+            }
         }
     }
     assert!(kube
@@ -242,7 +235,7 @@ fn reference_stacks_apply_settle_heal_and_prune_on_a_real_cluster() {
     indri.settled();
 
     // Removing a stack's manifests prunes exactly its objects.
-    let vod_before = owned_by(kube, "indri.vod");
+    let connect_before = owned_by(kube, "indri.onepassword-connect");
     let vlog_before = owned_by(kube, "indri.vlog-workers");
     assert!(!vlog_before.is_empty());
     for entry in std::fs::read_dir(repo.join("k8s/vlog-workers")).unwrap() {
@@ -258,8 +251,8 @@ fn reference_stacks_apply_settle_heal_and_prune_on_a_real_cluster() {
         || owned_by(kube, "indri.vlog-workers").is_empty(),
     );
     assert_eq!(
-        owned_by(kube, "indri.vod"),
-        vod_before,
+        owned_by(kube, "indri.onepassword-connect"),
+        connect_before,
         "other stacks untouched"
     );
     indri.settled();

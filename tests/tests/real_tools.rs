@@ -490,11 +490,13 @@ roots: [/etc/caddy, {w}]
 modules:
   - name: caddy
     params:
-      site_addresses: [\"http://127.0.0.1:{caddy_port}\"]
+      sites:
+        - address: \"http://127.0.0.1:{caddy_port}\"
+          # these streamers serve the videos at their root: strip /stream
+          routes: [{{path: \"/stream/*\", strip: true, upstreams: [\"127.0.0.1:{s1}\", \"127.0.0.1:{s2}\"]}}]
+          upstreams: [\"127.0.0.1:{web_port}\"]
       bind: [127.0.0.1]
       admin: \"127.0.0.1:{admin_port}\"
-      web_upstreams: [\"127.0.0.1:{web_port}\"]
-      stream_upstreams: [\"127.0.0.1:{s1}\", \"127.0.0.1:{s2}\"]
       log_dir: {w}/log
       access_log: {w}/log/ginflix-access.log
       user: root
@@ -588,8 +590,8 @@ modules:
     let template = lab.repo().join("modules/caddy/templates/Caddyfile.j2");
     let good = std::fs::read_to_string(&template).unwrap();
     let broken = good.replacen(
-        "\t\treverse_proxy {{ params.web_upstreams",
-        "\t\treverse_proxyy {{ params.web_upstreams",
+        "\t\treverse_proxy {{ site.upstreams",
+        "\t\treverse_proxyy {{ site.upstreams",
         1,
     );
     assert_ne!(good, broken);

@@ -43,10 +43,17 @@ fn plan_sifaka_human() {
     insta::assert_snapshot!(plan("sifaka", false));
 }
 
-/// The k3s x86 worker also runs the GinFlix reverse proxy (modules/caddy).
+/// A k3s worker: its node config and the zot mirror for containerd.
 #[test]
 fn plan_k3s_x86_human() {
     insta::assert_snapshot!(plan("k3s-x86", false));
+}
+
+/// The k3s server: Cilium and MetalLB as HelmCharts in its auto-deploy
+/// folder, then its stacks (metallb's pools, GinFlix).
+#[test]
+fn plan_k3s_cp_human() {
+    insta::assert_snapshot!(plan("k3s-cp", false));
 }
 
 #[test]
@@ -67,28 +74,10 @@ fn every_reference_host_validates() {
 /// plan shows the k3s join token only as `[redacted]`.
 #[test]
 fn reference_secrets_resolve_through_connect() {
-    use homelab_agent_tests::connect_standin::ConnectStandIn;
+    use homelab_agent_tests::connect_standin::{reference_value, ConnectStandIn, REFERENCE_VAULT};
     let token = "reference-connect-token";
     let connect = ConnectStandIn::start(token);
-    let vault = connect.add_vault("homelab");
-    let values = [
-        ("borgmatic", "passphrase", "borg-passphrase-value-1"),
-        ("postgres-backup", "password", "pg-backup-password-value-2"),
-        ("k3s", "cluster-token", "k3s-cluster-token-value-3"),
-    ];
-    for (item, field, value) in values {
-        connect.add_item(&vault, item, &[(field, value)]);
-    }
-    connect.add_item(
-        &vault,
-        "forgejo",
-        &[
-            ("secret_key", "forgejo-secret-key-value-4"),
-            ("internal_token", "forgejo-internal-token-value-5"),
-            ("lfs_jwt_secret", "forgejo-lfs-jwt-value-6"),
-            ("oauth2_jwt_secret", "forgejo-oauth2-jwt-value-7"),
-        ],
-    );
+    connect.add_reference_vault();
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("op-token");
     std::fs::write(&token_file, token).unwrap();
@@ -119,13 +108,11 @@ fn reference_secrets_resolve_through_connect() {
             !text.contains(" skipped:") && !text.contains(" skipped."),
             "{host}: {text}"
         );
-        for value in [
-            "borg-passphrase-value-1",
-            "pg-backup-password-value-2",
-            "k3s-cluster-token-value-3",
-            "forgejo-secret-key-value-4",
-        ] {
-            assert!(!text.contains(value), "{host} plan shows a secret");
+        for (item, fields) in REFERENCE_VAULT {
+            for field in *fields {
+                let value = reference_value(item, field);
+                assert!(!text.contains(&value), "{host} plan shows {item}/{field}");
+            }
         }
         if host.starts_with("k3s-") {
             assert!(text.contains("+token: \"[redacted]\""), "{text}");

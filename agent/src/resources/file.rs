@@ -208,6 +208,9 @@ impl Resource for File {
     fn path(&self) -> Option<&Path> {
         Some(&self.path)
     }
+    fn rendered(&self) -> Vec<(&Path, &[u8])> {
+        vec![(&self.path, &self.content)]
+    }
     fn digest(&self, h: &mut blake3::Hasher) {
         h.update(&(self.content.len() as u64).to_le_bytes());
         h.update(&self.content);

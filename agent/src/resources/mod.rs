@@ -142,6 +142,13 @@ pub trait Resource: Send + Sync + Debug {
     fn claimed_paths(&self) -> Vec<&Path> {
         self.path().into_iter().collect()
     }
+    /// The bytes this resource writes, by host path (a file's content, a
+    /// service's unit files): for checks of a whole homelab's rendered
+    /// configuration (`tests/tests/reference_coherence.rs`). A file's
+    /// content holds its secret values: never print it.
+    fn rendered(&self) -> Vec<(&Path, &[u8])> {
+        Vec::new()
+    }
     /// Feeds every desired field into the digest recorded in the inventory.
     fn digest(&self, hasher: &mut blake3::Hasher);
     /// Reads the live state. Never writes.

@@ -729,6 +729,13 @@ impl Resource for Unit {
         self.files.iter().map(|f| f.path.as_path()).collect()
     }
 
+    fn rendered(&self) -> Vec<(&Path, &[u8])> {
+        self.files
+            .iter()
+            .map(|f| (f.path.as_path(), f.content.as_slice()))
+            .collect()
+    }
+
     fn digest(&self, h: &mut blake3::Hasher) {
         for f in &self.files {
             h.update(f.path.as_os_str().as_encoded_bytes());
