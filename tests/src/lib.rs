@@ -480,3 +480,17 @@ pub fn measure_agent(args: &[&str]) -> Measured {
         rss_kb,
     }
 }
+
+/// Removes indri's Caddy from a copy of the reference repository: its
+/// Caddyfile is validated by the macOS binary it names
+/// (`/opt/homebrew/bin/caddy`), which a Linux test machine lacks, so an
+/// apply of indri here would fail on that one file. For tests and
+/// benchmarks of the stacks, which must apply cleanly; the Caddyfile itself
+/// is checked with the real Caddy by `reference_coherence.rs`.
+pub fn without_indri_caddy(repo: &Path) {
+    let indri = repo.join("hosts/indri.yaml");
+    let text = std::fs::read_to_string(&indri).unwrap();
+    let start = text.find("  - name: caddy\n").expect("indri's caddy");
+    let end = start + text[start..].find("\n\n").unwrap() + 2;
+    std::fs::write(&indri, format!("{}{}", &text[..start], &text[end..])).unwrap();
+}

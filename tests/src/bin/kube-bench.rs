@@ -45,14 +45,9 @@ fn main() {
     for dir in ["hosts", "modules", "k8s", "dashboards"] {
         copy_dir(&workspace().join(dir), &repo.join(dir));
     }
-    // Caddy's Caddyfile is validated by the macOS binary it names, which
-    // this machine lacks: the bench measures the stacks, so indri goes
-    // without its proxy here.
-    let indri = repo.join("hosts/indri.yaml");
-    let text = std::fs::read_to_string(&indri).unwrap();
-    let start = text.find("  - name: caddy\n").expect("indri's caddy");
-    let end = start + text[start..].find("\n\n").unwrap() + 2;
-    std::fs::write(&indri, format!("{}{}", &text[..start], &text[end..])).unwrap();
+    // The bench measures the stacks: indri goes without its proxy, whose
+    // validator is a macOS binary.
+    homelab_agent_tests::without_indri_caddy(&repo);
     let connect = ConnectStandIn::start("bench-token");
     connect.add_reference_vault();
     let token = tmp.path().join("token");
