@@ -462,13 +462,11 @@ fn hand_edits_are_healed_or_only_reported() {
             .filter(|l| l.contains("change on disk; queueing a run") && l.contains("app.conf"))
             .count()
     };
-    std::fs::write(&conf, "port = 1\n").unwrap();
+    // The edit is one event: written beside, renamed over (as editors do).
+    let edited = lab.host_path("/srv/app/.app.conf.edit");
+    std::fs::write(&edited, "port = 1\n").unwrap();
+    std::fs::rename(&edited, &conf).unwrap();
     wait_for_file(&conf, "port = 8080\n", Duration::from_secs(30));
-    // The edit was seen as drift (its events queued the heal). Every event
-    // the watcher handles from now on finds the file as the agent wrote
-    // it: none may queue a run, the agent's own write included.
-    let seen = queued_for_conf();
-    assert!(seen >= 1, "the edit was not seen as drift");
     daemon.wait_until("the heal run", Duration::from_secs(30), |_| true);
 
     // on_drift: report: seen and recorded, left alone. Its file sits in the
@@ -480,9 +478,11 @@ fn hand_edits_are_healed_or_only_reported() {
         s["counts"]["drift"] == 1
     });
     assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes\n");
-    assert_eq!(
-        queued_for_conf(),
-        seen,
+    // The rename is seen once or twice (notify reports its target and the
+    // pair; the second may come after the heal, when nothing differs); the
+    // agent's own write queues nothing more.
+    assert!(
+        (1..=2).contains(&queued_for_conf()),
         "the agent's own write queued a run; daemon log:\n{}",
         daemon.log_text()
     );
