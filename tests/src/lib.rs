@@ -118,6 +118,17 @@ pub fn run(args: &[&str]) -> Output {
     agent().args(args).output().expect("spawn agent")
 }
 
+/// How long a test lets one agent command run before it calls it hung and
+/// fails. It only stops a hang: how fast a command is (a hostile input
+/// refused within 2 s, ...) is measured by `bench/`, not asserted here.
+pub const HANG_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs `cmd` (stdin empty), killing it and failing the test if it is still
+/// running after [`HANG_LIMIT`].
+pub fn run_agent_bounded(cmd: &mut Command) -> Output {
+    real_tools::run_bounded(cmd, HANG_LIMIT)
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -222,19 +233,22 @@ impl Lab {
 
     /// Runs `agent <cmd> --repo <repo> --root <root> --host <host> <extra>`.
     pub fn agent(&self, cmd: &str, host: &str, extra: &[&str]) -> Output {
-        let repo = self.repo();
-        let root = self.root();
-        let mut args = vec![
-            cmd,
-            "--repo",
-            repo.to_str().unwrap(),
-            "--root",
-            root.to_str().unwrap(),
-            "--host",
-            host,
-        ];
-        args.extend_from_slice(extra);
-        run(&args)
+        self.agent_command(cmd, host, extra)
+            .output()
+            .expect("spawn agent")
+    }
+
+    /// [`Lab::agent`] as a command, e.g. for [`run_agent_bounded`].
+    pub fn agent_command(&self, cmd: &str, host: &str, extra: &[&str]) -> Command {
+        let mut c = agent();
+        c.arg(cmd)
+            .arg("--repo")
+            .arg(self.repo())
+            .arg("--root")
+            .arg(self.root())
+            .args(["--host", host])
+            .args(extra);
+        c
     }
 
     /// Replaces the lab's temp path with stable placeholders, for snapshots.
@@ -452,6 +466,29 @@ pub fn measure_agent(args: &[&str]) -> Measured {
         .spawn()
         .expect("spawn agent");
     let start = std::time::Instant::now();
+    // Only stops a hang (see HANG_LIMIT): SIGKILL once the limit passes,
+    // unless the child was reaped first.
+    let reaped = std::sync::Arc::new(std::sync::Mutex::new(false));
+    let watchdog = {
+        let reaped = reaped.clone();
+        let pid = child.id() as libc::pid_t;
+        std::thread::spawn(move || {
+            let step = std::time::Duration::from_millis(50);
+            while start.elapsed() < HANG_LIMIT {
+                if *reaped.lock().unwrap() {
+                    return false;
+                }
+                std::thread::sleep(step);
+            }
+            let reaped = reaped.lock().unwrap();
+            if !*reaped {
+                // SAFETY: the child is not reaped yet (checked under the lock), so the pid is still its.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                return true;
+            }
+            false
+        })
+    };
     let mut pipe = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
@@ -462,9 +499,23 @@ pub fn measure_agent(args: &[&str]) -> Measured {
     // SAFETY: rusage is plain data; wait4 fills it for this child only.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let pid = child.id() as libc::pid_t;
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    // Reaped under the watchdog's lock, so it never signals a reused pid.
+    let waited = loop {
+        let mut reaped = reaped.lock().unwrap();
+        let waited = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if waited != 0 {
+            *reaped = true;
+            break waited;
+        }
+        drop(reaped);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
     assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
     let time = start.elapsed();
+    assert!(
+        !watchdog.join().unwrap(),
+        "agent {args:?} was still running after {HANG_LIMIT:?} (killed)"
+    );
     let rss_kb = std::fs::read_to_string(rss_file.path())
         .ok()
         .and_then(|s| s.lines().last()?.trim().parse().ok())

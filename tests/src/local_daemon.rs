@@ -60,11 +60,17 @@ impl LocalLab {
     /// Starts `agent run` with the config written last and waits for its
     /// first run.
     pub fn start(&self) -> Daemon {
+        self.start_logging("info")
+    }
+
+    /// [`LocalLab::start`] with `RUST_LOG=rust_log` (e.g. to see the
+    /// debug events a test waits on).
+    pub fn start_logging(&self, rust_log: &str) -> Daemon {
         let d = Daemon::start(
             agent,
             &self.config_path(),
             &self.tmp.path().join("daemon.log"),
-            &[("RUST_LOG", "info")],
+            &[("RUST_LOG", rust_log)],
             first_run,
         );
         *self.listen.lock().unwrap() = d.listen.clone();
@@ -285,6 +291,28 @@ impl Daemon {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How many times the daemon log says `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log_text().matches(needle).count()
+    }
+
+    /// Waits until the daemon log says `needle` at least `count` times
+    /// (`limit` only stops a hang); returns the log.
+    pub fn wait_for_log(&self, needle: &str, count: usize, limit: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let text = self.log_text();
+            if text.matches(needle).count() >= count {
+                return text;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the daemon log never said {needle:?} {count} times; daemon log:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM, then wait (bounded) for the exit status.

@@ -168,7 +168,8 @@ impl Lab {
         http_post(&self.listen(), "/hooks/forgejo", &headers, &body)
     }
 
-    fn runs(&self) -> usize {
+    /// What started each recorded run (`webhook`, `watch`, `webhook+signal`, ...).
+    fn run_triggers(&self) -> Vec<String> {
         let out = agent()
             .args([
                 "status",
@@ -182,7 +183,48 @@ impl Lab {
             .unwrap();
         assert!(out.status.success(), "{}", stderr(&out));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        v["runs"].as_array().unwrap().len()
+        v["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["trigger"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// How many recorded runs `trigger` started (alone or in a batch).
+    fn runs_by(&self, trigger: &str) -> usize {
+        self.run_triggers()
+            .iter()
+            .filter(|t| t.split('+').any(|t| t == trigger))
+            .count()
+    }
+
+    /// A barrier for "nothing more happens" checks: SIGHUP queues a run
+    /// (`signal`), and this waits until that run is recorded and over. The
+    /// trigger queue hands out everything pending at once, so every trigger
+    /// queued before the signal has then run (before it or in its batch).
+    fn barrier(&self, daemon: &Daemon) {
+        let signals = self.runs_by("signal");
+        let reloads = daemon.log_count("SIGHUP: configuration reloaded");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(daemon.child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+        daemon.wait_for_log(
+            "SIGHUP: configuration reloaded",
+            reloads + 1,
+            Duration::from_secs(30),
+        );
+        let start = Instant::now();
+        while self.runs_by("signal") <= signals || daemon.status()["running"] == true {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the SIGHUP run was never recorded; daemon log:\n{}",
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -228,7 +270,6 @@ fn push_and_webhook_converge_the_host() {
 fn webhooks_that_must_not_trigger_runs_do_not() {
     let lab = Lab::new();
     let daemon = lab.start();
-    let runs = lab.runs();
     let head = lab.clone.head();
     // Bad signature.
     let (code, _) = lab.webhook(
@@ -242,28 +283,32 @@ fn webhooks_that_must_not_trigger_runs_do_not() {
     // Another branch.
     let (code, body) = lab.webhook("refs/heads/feature", ZERO, &head, &new_uuid(), SECRET);
     assert_eq!(code, 200, "{body}");
+    daemon.wait_for_log("webhook: push to another ref", 1, Duration::from_secs(10));
+    lab.barrier(&daemon);
+    assert_eq!(lab.runs_by("webhook"), 0, "a refused webhook started a run");
     // A replayed delivery id.
     let id = new_uuid();
     assert_eq!(
         lab.webhook("refs/heads/main", ZERO, &head, &id, SECRET).0,
         202
     );
-    daemon.wait_until("the accepted run", Duration::from_secs(10), |_| true);
-    std::thread::sleep(Duration::from_millis(300));
-    let after_one = lab.runs();
-    assert_eq!(after_one, runs + 1, "exactly the accepted webhook ran");
+    daemon.wait_until("the accepted run", Duration::from_secs(30), |_| {
+        lab.runs_by("webhook") == 1
+    });
     assert_eq!(
         lab.webhook("refs/heads/main", ZERO, &head, &id, SECRET).0,
         200
     );
-    std::thread::sleep(Duration::from_millis(300));
+    daemon.wait_for_log("webhook: delivery seen before", 1, Duration::from_secs(10));
+    lab.barrier(&daemon);
     assert_eq!(
-        lab.runs(),
-        after_one,
+        lab.runs_by("webhook"),
+        1,
         "a replayed delivery triggers nothing"
     );
 
     // 20 valid webhooks in a burst: at most 2 runs.
+    let queued = daemon.log_count("webhook: run queued");
     for _ in 0..20 {
         assert_eq!(
             lab.webhook("refs/heads/main", ZERO, &head, &new_uuid(), SECRET)
@@ -271,9 +316,9 @@ fn webhooks_that_must_not_trigger_runs_do_not() {
             202
         );
     }
-    std::thread::sleep(Duration::from_millis(500));
-    daemon.wait_until("the burst", Duration::from_secs(10), |_| true);
-    let burst = lab.runs() - after_one;
+    daemon.wait_for_log("webhook: run queued", queued + 20, Duration::from_secs(10));
+    lab.barrier(&daemon);
+    let burst = lab.runs_by("webhook") - 1;
     assert!((1..=2).contains(&burst), "20 webhooks gave {burst} runs");
 }
 
@@ -406,39 +451,41 @@ fn only_commits_signed_by_an_allowed_key_apply() {
 }
 
 #[test]
-fn hand_edits_are_healed_within_a_second_or_only_reported() {
+fn hand_edits_are_healed_or_only_reported() {
     let lab = Lab::new();
     let daemon = lab.start();
     let conf = lab.host_path("/srv/app/app.conf");
-    let runs = lab.runs();
-    let start = Instant::now();
-    std::fs::write(&conf, "port = 1\n").unwrap();
-    let healed = wait_for_file(&conf, "port = 8080\n", Duration::from_secs(1));
-    eprintln!(
-        "drift-to-healed latency: {healed:?} (measured from the edit: {:?})",
-        start.elapsed()
-    );
-    daemon.wait_until("the heal run", Duration::from_secs(5), |_| true);
-    std::thread::sleep(Duration::from_millis(300));
-    // One write by hand is a truncate and a write: one run, or two when the
-    // second event lands during the first run. The agent's own write never
-    // queues another: the count then stays put.
-    let after = lab.runs();
-    assert!(
-        (runs + 1..=runs + 2).contains(&after),
-        "{} runs for one edit",
-        after - runs
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(lab.runs(), after, "the agent's own write queued a run");
+    let queued_for_conf = || {
+        daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("change on disk; queueing a run") && l.contains("app.conf"))
+            .count()
+    };
+    // The edit is one event: written beside, renamed over (as editors do).
+    let edited = lab.host_path("/srv/app/.app.conf.edit");
+    std::fs::write(&edited, "port = 1\n").unwrap();
+    std::fs::rename(&edited, &conf).unwrap();
+    wait_for_file(&conf, "port = 8080\n", Duration::from_secs(30));
+    daemon.wait_until("the heal run", Duration::from_secs(30), |_| true);
 
-    // on_drift: report: seen and recorded, left alone.
+    // on_drift: report: seen and recorded, left alone. Its file sits in the
+    // same watched directory, so once its event is handled, the watcher has
+    // handled every earlier one (the agent's own write's among them).
     let notes = lab.host_path("/srv/app/notes.txt");
     std::fs::write(&notes, "my notes\n").unwrap();
-    daemon.wait_until("the report run", Duration::from_secs(5), |s| {
+    daemon.wait_until("the report run", Duration::from_secs(30), |s| {
         s["counts"]["drift"] == 1
     });
     assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes\n");
+    // The rename is seen once or twice (notify reports its target and the
+    // pair; the second may come after the heal, when nothing differs); the
+    // agent's own write queues nothing more.
+    assert!(
+        (1..=2).contains(&queued_for_conf()),
+        "the agent's own write queued a run; daemon log:\n{}",
+        daemon.log_text()
+    );
 }
 
 #[test]
@@ -588,7 +635,7 @@ fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
     // A bad config: refused, the old one (and its webhook secret) kept.
     std::fs::write(lab.config(), format!("{good}bogus_key: 1\n")).unwrap();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let log = daemon.wait_for_log("new configuration refused", 1, Duration::from_secs(30));
     let head = lab.clone.head();
     assert_eq!(
         lab.webhook("refs/heads/main", ZERO, &head, &new_uuid(), SECRET)
@@ -596,8 +643,6 @@ fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
         202,
         "old secret still valid"
     );
-    let log = std::fs::read_to_string(&daemon.log).unwrap();
-    assert!(log.contains("new configuration refused"), "{log}");
     assert!(log.contains("unknown key `bogus_key`"), "{log}");
     // A good config with a new secret: the old secret stops working.
     std::fs::write(lab.config(), &good).unwrap();
@@ -607,7 +652,7 @@ fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
     )
     .unwrap();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    daemon.wait_for_log("SIGHUP: configuration reloaded", 1, Duration::from_secs(30));
     assert_eq!(
         lab.webhook("refs/heads/main", ZERO, &head, &new_uuid(), SECRET)
             .0,
@@ -823,11 +868,14 @@ fn a_commit_that_crashed_the_agent_is_refused_across_restarts() {
 const HANGING_MODULE: &str = "resources:\n  - file: /srv/extra.txt\n    content: \"{% for i in range(10000) %}{% for j in range(10000) %}{% for k in range(10000) %}{% endfor %}{% endfor %}{% endfor %}\"\n";
 
 /// Regression test for issue 12 (item 8): a template that hung the daemon.
-/// The render is abandoned at half the run's budget, the revision refused;
-/// the daemon stays on the last good revision, heals drift, and after a
-/// restart does not render the commit again.
+/// The render is abandoned at half the run's budget, the revision refused
+/// as timed out; the daemon keeps answering, stays on the last good
+/// revision, heals drift without rendering the commit again, and after a
+/// restart does not render it again either. (How fast is bench/'s.)
 #[test]
 fn a_template_that_hangs_is_abandoned_and_refused() {
+    const NOT_AGAIN: &str =
+        "revision refused earlier (it panicked, hung or crashed the agent); not tried again";
     let lab = Lab::new();
     lab.write_config_with("1h", None, "run_timeout: 4s\n");
     let daemon = lab.start();
@@ -836,88 +884,103 @@ fn a_template_that_hangs_is_abandoned_and_refused() {
     lab.clone.write("modules/extra/module.yaml", HANGING_MODULE);
     lab.clone.commit("a template that never ends");
     let bad = lab.clone.head();
-    let start = Instant::now();
     assert_eq!(lab.push_and_notify(&before).0, 202);
-    let status = daemon.wait_until("the refusal", Duration::from_secs(15), |s| {
+    // Without the render's bound the run never ends: this wait fails.
+    let status = daemon.wait_until("the refusal", Duration::from_secs(60), |s| {
         s["refused"]["revision"] == bad.as_str()
     });
     eprintln!(
-        "hanging template refused after {:?}; daemon peak RSS {}",
-        start.elapsed(),
+        "hanging template refused; daemon peak RSS {}",
         peak_rss(daemon.child.id())
     );
-    assert!(
-        start.elapsed() < Duration::from_secs(8),
-        "{:?}",
-        start.elapsed()
-    );
     assert_eq!(status["refused"]["stage"], "validate", "{status:#}");
+    // Stopped by the template's instruction budget (refused with
+    // file:line), or abandoned at half the run's budget: never waited for.
+    let timed_out = status["refused"]["cause"] == "timed_out";
+    let error = status["refused"]["error"].as_str().unwrap();
+    if timed_out {
+        assert!(
+            error.contains("took longer than") && error.contains("abandoned"),
+            "{error}"
+        );
+    } else {
+        assert_eq!(status["refused"]["cause"], "invalid", "{status:#}");
+        assert!(
+            error.contains("modules/extra/module.yaml:3: template error"),
+            "{error}"
+        );
+    }
     assert_eq!(status["applied_revision"], good, "{status:#}");
+    assert_eq!(http_get(&lab.listen(), "/healthz").0, 200);
     assert_eq!(
         std::fs::read_to_string(lab.host_path("/srv/extra.txt")).unwrap(),
         "extra\n"
     );
-    // Drift is still healed, quickly: the refused commit is not rendered again.
+    // Drift is still healed; a commit abandoned as hung is not rendered
+    // again for it (the heal run says so).
+    let not_again = daemon.log_count(NOT_AGAIN);
     let conf = lab.host_path("/srv/app/app.conf");
     std::fs::write(&conf, "edited\n").unwrap();
-    let healed = wait_for_file(&conf, "port = 8080\n", Duration::from_secs(3));
-    eprintln!("drift healed in {healed:?} with the hanging commit at the head");
+    wait_for_file(&conf, "port = 8080\n", Duration::from_secs(30));
+    if timed_out {
+        daemon.wait_for_log(NOT_AGAIN, not_again + 1, Duration::from_secs(30));
+    }
     let (code, why) = http_get(&lab.listen(), "/readyz");
     assert_eq!(code, 503);
     assert!(why.contains(&bad), "{why}");
     drop(daemon);
-    // Restarted with the commit still at the head: refused at once.
-    let start = Instant::now();
+    // Restarted with the commit still at the head: refused without a render.
+    let not_again = std::fs::read_to_string(lab.tmp.path().join("daemon.log"))
+        .unwrap()
+        .matches(NOT_AGAIN)
+        .count();
     let daemon = lab.start();
-    let status = daemon.wait_until("the refusal", Duration::from_secs(10), |s| {
+    let status = daemon.wait_until("the refusal", Duration::from_secs(30), |s| {
         s["refused"]["revision"] == bad.as_str() && s["last_run"].is_object()
     });
     assert_eq!(status["applied_revision"], good, "{status:#}");
-    if status["refused"]["cause"] == "timed_out" {
+    if timed_out {
+        assert_eq!(status["refused"]["cause"], "timed_out", "{status:#}");
         assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "the hanging commit was rendered again after the restart: {:?}",
-            start.elapsed()
+            daemon.log_count(NOT_AGAIN) > not_again,
+            "the hanging commit was rendered again after the restart; daemon log:\n{}",
+            daemon.log_text()
         );
     }
 }
 
-/// SIGTERM while a render runs (that would take hours): the daemon exits
-/// 0 within two seconds instead of waiting for it.
+/// SIGTERM while a render of a never-ending template runs: the daemon
+/// exits 0 without waiting for the render to end by itself (within its
+/// shutdown grace; the 20 s bound of `terminate` only stops a hang).
 #[test]
-fn sigterm_ends_the_daemon_within_two_seconds_mid_render() {
+fn sigterm_mid_render_ends_the_daemon() {
     let lab = Lab::new();
     lab.write_config_with("1h", None, "run_timeout: 1h\n");
     let daemon = lab.start();
     let before = lab.clone.head();
     lab.clone.write("modules/extra/module.yaml", HANGING_MODULE);
     lab.clone.commit("a template that never ends");
+    let bad = lab.clone.head();
     assert_eq!(lab.push_and_notify(&before).0, 202);
-    // The run has started (fetched, rendering).
-    let start = Instant::now();
-    loop {
-        let (_, body) = http_get(&lab.listen(), "/api/status");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if v["running"] == true {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "no run started");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    // The render has started: its marker names the commit.
+    let marker = lab.host_path("/var/lib/homelab-agent/daemon/rendering");
+    wait_for_file(&marker, &format!("{bad}\n"), Duration::from_secs(30));
     let mut daemon = daemon;
-    let stop = Instant::now();
     let status = homelab_agent_tests::terminate(&mut daemon.child);
-    let took = stop.elapsed();
-    eprintln!("SIGTERM mid-render: exited in {took:?}");
     assert!(status.success(), "{status:?}");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    let log = daemon.log_text();
+    assert!(
+        log.contains("SIGTERM: finishing the current resource"),
+        "the signal did not land during the run: {log}"
+    );
+    // Not a crash: the next start renders the commit again.
+    assert!(!marker.exists(), "the render marker was left behind");
 }
 
 /// Regression test for issue 12 (item 9): hundreds of slowloris clients
 /// (half a request head each, never finished) against the daemon:
-/// `/healthz` still answers within two seconds, and the daemon holds a
-/// bounded number of file descriptors.
+/// `/healthz` still answers while they hold their connections, and the
+/// daemon holds a bounded number of file descriptors.
 #[test]
 fn slowloris_clients_neither_starve_healthz_nor_exhaust_descriptors() {
     use std::io::Write;
@@ -937,16 +1000,16 @@ fn slowloris_clients_neither_starve_healthz_nor_exhaust_descriptors() {
             .unwrap();
         slow.push(c);
     }
-    let start = Instant::now();
+    // A starved `/healthz` would be closed at once (every slot busy) or
+    // left waiting until the slow clients' 10 s header timeout; the
+    // client's own 5 s bound is below that, so either fails here.
     let (code, body) = http_get(&lab.listen(), "/healthz");
-    let took = start.elapsed();
     eprintln!(
-        "/healthz under 300 slowloris clients: {took:?}; fds idle {idle}, now {}; peak RSS {}",
+        "/healthz under 300 slowloris clients; fds idle {idle}, now {}; peak RSS {}",
         fds(),
         peak_rss(pid)
     );
     assert_eq!((code, body.as_str()), (200, "ok"));
-    assert!(took < Duration::from_secs(2), "{took:?}");
     assert!(fds() < idle + 64 + 16, "{} fds open (idle: {idle})", fds());
     drop(slow);
 }
@@ -1027,7 +1090,7 @@ fn a_reloaded_config_that_would_hang_the_agent_is_refused() {
     let fifo = lab.tmp.path().join("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let good = std::fs::read_to_string(lab.config()).unwrap();
-    for bad in [
+    for (i, bad) in [
         good.replace(
             &format!(
                 "webhook_secret_file: {}",
@@ -1036,19 +1099,18 @@ fn a_reloaded_config_that_would_hang_the_agent_is_refused() {
             &format!("webhook_secret_file: {}", fifo.display()),
         ),
         format!("{good}verify:\n  allowed_signers: {}\n", fifo.display()),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         assert_ne!(bad, good);
         std::fs::write(lab.config(), &bad).unwrap();
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let start = Instant::now();
+        // The reload returned (refused): the event loop is free again, and
+        // answers (the client's own 5 s bound only stops a hang).
+        daemon.wait_for_log("new configuration refused", i + 1, Duration::from_secs(30));
         let (code, _) = http_request("GET", &lab.listen(), "/healthz", &[], &[]).unwrap();
         assert_eq!(code, 200);
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "{:?}",
-            start.elapsed()
-        );
         let head = lab.clone.head();
         assert_eq!(
             lab.webhook("refs/heads/main", ZERO, &head, &new_uuid(), SECRET)
@@ -1063,7 +1125,7 @@ fn a_reloaded_config_that_would_hang_the_agent_is_refused() {
 }
 
 /// Regression test for issue 12 (item 8): a run that goes past its time
-/// budget (a `validate:` tool that takes 8 s, `run_timeout: 2s`) is
+/// budget (a `validate:` tool that takes 30 s, `run_timeout: 2s`) is
 /// reported stuck on `/readyz` and in the log while it lasts; SIGTERM then
 /// ends the daemon at once instead of waiting for it.
 #[test]
@@ -1074,10 +1136,12 @@ fn a_run_past_its_budget_is_reported_stuck() {
     let before = lab.clone.head();
     lab.clone.write(
         "modules/extra/module.yaml",
-        "resources:\n  - file: /srv/extra.txt\n    content: \"slow\\n\"\n    validate: \"/bin/sh -c 'sleep 8' %s\"\n",
+        "resources:\n  - file: /srv/extra.txt\n    content: \"slow\\n\"\n    validate: \"/bin/sh -c 'sleep 30' %s\"\n",
     );
-    lab.clone.commit("a validator that takes 8 s");
+    lab.clone.commit("a validator that takes 30 s");
     assert_eq!(lab.push_and_notify(&before).0, 202);
+    // Reported while the run lasts (it ends when the validator does, and
+    // is then no longer stuck: a wait past that fails).
     let start = Instant::now();
     let why = loop {
         let (code, why) = http_get(&lab.listen(), "/readyz");
@@ -1085,26 +1149,29 @@ fn a_run_past_its_budget_is_reported_stuck() {
             break why;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(6),
+            !daemon.log_text().contains("the abandoned run ended")
+                && start.elapsed() < Duration::from_secs(60),
             "never reported stuck: {code} {why}"
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    eprintln!("reported stuck after {:?}: {why}", start.elapsed());
+    eprintln!("reported stuck: {why}");
     assert!(why.contains("run_timeout"), "{why}");
     let status = daemon.status();
     assert_eq!(status["stuck"]["budget_secs"], 2, "{status:#}");
     let log = std::fs::read_to_string(&daemon.log).unwrap();
     assert!(log.contains("exceeded its time budget"), "{log}");
+    // SIGTERM does not wait for the abandoned run: the daemon says so, and
+    // exits before that run ends (it would log "the abandoned run ended").
     let mut daemon = daemon;
-    let stop = Instant::now();
     let exit = homelab_agent_tests::terminate(&mut daemon.child);
     assert!(exit.success(), "{exit:?}");
+    let log = daemon.log_text();
     assert!(
-        stop.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        stop.elapsed()
+        log.contains("SIGTERM: stopping (the abandoned run is left behind)"),
+        "{log}"
     );
+    assert!(!log.contains("the abandoned run ended"), "{log}");
 }
 
 /// Issue 12 (item 9): with `api_token_file`, `/api/status` and `/metrics`

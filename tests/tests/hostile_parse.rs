@@ -1,7 +1,9 @@
 //! Hostile repositories (issue 12, items 1 and 2): each is refused by
-//! `agent validate` and `agent plan` with file:line, within 2 s and 200 MB
-//! of peak memory (measured with `wait4`'s `ru_maxrss` of the child), or,
-//! where the input is merely large, accepted within the same bounds.
+//! `agent validate` and `agent plan` with file:line, within 200 MB of peak
+//! memory (measured with `wait4`'s `ru_maxrss` of the child), or, where the
+//! input is merely large, accepted within the same bound. A command that
+//! never ends fails the test ([`HANG_LIMIT`]); how fast each is refused
+//! (the 2 s target) is measured by `bench/refusals.py`, not asserted here.
 //!
 //! The cases too big to commit are generated here; the committed ones are
 //! the invalid corpus's fixtures 40 to 59 (tests/invalid_corpus.rs checks
@@ -10,11 +12,11 @@
 //! Run with `--nocapture` to see the measurements.
 
 use std::path::Path;
-use std::time::Duration;
 
+#[allow(unused_imports)] // the doc link
+use homelab_agent_tests::HANG_LIMIT;
 use homelab_agent_tests::{measure_agent, workspace, Lab};
 
-const MAX_TIME: Duration = Duration::from_secs(2);
 const MAX_RSS_KB: i64 = 200 * 1024;
 
 const MODULE: &str = "\
@@ -25,7 +27,7 @@ resources:
 ";
 
 /// `agent validate` and `agent plan` on `repo`: both exit with `code`,
-/// stderr holds every `expect`, each within the time and memory bounds.
+/// stderr holds every `expect`, each within the memory bound.
 fn check(name: &str, repo: &Path, root: &Path, code: i32, expect: &[&str]) {
     let repo = repo.to_str().unwrap();
     let root = root.to_str().unwrap();
@@ -49,12 +51,6 @@ fn check(name: &str, repo: &Path, root: &Path, code: i32, expect: &[&str]) {
                 run.stderr
             );
         }
-        assert!(
-            run.time < MAX_TIME,
-            "{name}: agent {} took {:?}",
-            args[0],
-            run.time
-        );
         assert!(
             run.rss_kb < MAX_RSS_KB,
             "{name}: agent {} peaked at {} KiB",
@@ -115,7 +111,7 @@ fn keys(n: usize, flow: bool) -> String {
 }
 
 #[test]
-fn a_host_file_with_500_000_keys_is_refused_quickly() {
+fn a_host_file_with_500_000_keys_is_refused() {
     // 3.5 MB: under the size limit, so the value limit refuses it.
     let lab = lab(&keys(500_000, true), None);
     check(
@@ -128,7 +124,7 @@ fn a_host_file_with_500_000_keys_is_refused_quickly() {
 }
 
 #[test]
-fn a_host_file_with_100_000_keys_is_parsed_quickly() {
+fn a_host_file_with_100_000_keys_is_parsed() {
     let lab = lab(&keys(100_000, false), None);
     check(
         "host file with 100,000 keys",
@@ -246,7 +242,7 @@ fn operators_that_build_huge_values_are_refused_within_memory() {
 
 /// The committed hostile cases of the invalid corpus, measured.
 #[test]
-fn the_corpus_hostile_cases_stay_within_time_and_memory() {
+fn the_corpus_hostile_cases_stay_within_memory() {
     let dir = workspace().join("tests/fixtures/invalid");
     let mut cases: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()

@@ -5,17 +5,12 @@
 //! `FaultProxy` (tests/tests/kube.rs).
 
 use homelab_agent_tests::kube_standin::KubeStandIn;
-use homelab_agent_tests::{agent, stderr, stdout};
+use homelab_agent_tests::{agent, run_agent_bounded, stderr, stdout, Lab};
 
 #[test]
 fn a_throttling_api_server_fails_the_stack_in_bounded_time_and_the_host_converges() {
-    let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("repo");
-    let write = |rel: &str, text: &str| {
-        let p = repo.join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    };
+    let lab = Lab::empty();
+    let write = |rel: &str, text: &str| lab.write(rel, text);
     write(
         "hosts/lab.yaml",
         "platform: linux\nroots: [/srv]\nmodules:\n  - name: app\nstacks:\n  - name: web\n    context: lab\n",
@@ -30,25 +25,14 @@ fn a_throttling_api_server_fails_the_stack_in_bounded_time_and_the_host_converge
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: web\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata: {k: v}\n",
     );
     let kube = KubeStandIn::start();
-    let kubeconfig = kube.write_kubeconfig(tmp.path(), "lab");
-    let config = tmp.path().join("agent.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "repo: {}\nhost: lab\nroot: {}\nkubeconfig: {}\n",
-            repo.display(),
-            tmp.path().join("root").display(),
-            kubeconfig.display()
-        ),
-    )
-    .unwrap();
+    let kubeconfig = kube.write_kubeconfig(lab.tmp.path(), "lab");
+    let config = lab.write_config("lab", &format!("kubeconfig: {}\n", kubeconfig.display()));
     kube.throttle(Some(1));
     let before = kube.requests().len();
     let started = std::time::Instant::now();
-    let out = agent()
-        .args(["apply", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    // Gives up after its tries (a client that retried without end would
+    // run past HANG_LIMIT and fail the test).
+    let out = run_agent_bounded(agent().args(["apply", "--config", config.to_str().unwrap()]));
     let took = started.elapsed();
     let text = format!("{}{}", stdout(&out), stderr(&out));
     assert_eq!(out.status.code(), Some(1), "{text}");
@@ -59,12 +43,9 @@ fn a_throttling_api_server_fails_the_stack_in_bounded_time_and_the_host_converge
         "{text}"
     );
     assert!(text.contains("+ file:/srv/app.conf created"), "{text}");
-    // Three tries, a Retry-After of 1 s between them: bounded, not minutes.
+    // Three tries, the Retry-After of 1 s honoured between them.
     assert_eq!(kube.requests().len() - before, 3, "{:?}", kube.requests());
-    assert!(
-        took >= std::time::Duration::from_secs(2) && took < std::time::Duration::from_secs(20),
-        "took {took:?}"
-    );
+    assert!(took >= std::time::Duration::from_secs(2), "took {took:?}");
     // The server recovers: the stack converges.
     kube.throttle(None);
     let out = agent()

@@ -93,7 +93,8 @@ fn events_are_stored_by_a_real_server(format: &str) {
     ));
     let started = now_ns();
     let push_started = Instant::now();
-    let daemon = lab.start();
+    // The pusher's retries are debug events; the test waits on them.
+    let daemon = lab.start_logging("info,homelab_agent::telemetry::loki=debug");
 
     // The first run creates seven resources: seven `apply` events.
     let rows = vl.wait_for("7 apply events", Duration::from_secs(15), ALL, |r| {
@@ -142,7 +143,13 @@ fn events_are_stored_by_a_real_server(format: &str) {
     daemon.wait_metrics("events held while down", Duration::from_secs(10), |m| {
         sample(m, "homelab_agent_loki_queued_events{host=\"lab\"}").unwrap_or(0.0) >= 2.0
     });
-    std::thread::sleep(Duration::from_secs(2)); // a few failed pushes
+    // A few failed pushes while it is down.
+    let retries = daemon.log_count("loki: push failed; retrying");
+    daemon.wait_for_log(
+        "loki: push failed; retrying",
+        retries + 2,
+        Duration::from_secs(30),
+    );
     vl.restart();
     vl.wait_for("the db.conf heal", Duration::from_secs(20), ALL, |r| {
         find(r, "correction", "file:/srv/app/db.conf").len() == 1

@@ -1231,7 +1231,6 @@ impl Source for CommitSource {
 pub(crate) mod tests {
     use super::*;
     use homelab_agent_tests::git_server::{self, GitServer, WorkClone};
-    use std::time::Instant;
 
     /// Runs hermetic `git -C dir args`; panics with stderr on failure; returns trimmed stdout.
     pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
@@ -1654,7 +1653,8 @@ pub(crate) mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let url = format!("http://127.0.0.1:{port}/o/r.git");
         let cache = GitCache::open_or_init(&tmp.path().join("c"), &url).unwrap();
-        let started = Instant::now();
+        // The server never answers: the fetch ends by its own bound (a
+        // fetch without one would never return).
         let err = cache
             .fetch(
                 "main",
@@ -1665,7 +1665,6 @@ pub(crate) mod tests {
             )
             .unwrap_err();
         assert!(matches!(err, GitError::Timeout { .. }), "{err:?}");
-        assert!(started.elapsed() < Duration::from_secs(10));
         assert!(err.to_string().contains("1s 500ms"), "{err}");
     }
 

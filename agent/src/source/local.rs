@@ -388,7 +388,8 @@ mod tests {
         let t = dir.path().join("modules/m/templates");
         nix::unistd::mkfifo(&t.join("fifo.j2"), Mode::from_bits_truncate(0o644)).unwrap();
         let _sock = std::os::unix::net::UnixListener::bind(t.join("sock.j2")).unwrap();
-        let started = std::time::Instant::now();
+        // Refused by type before any open: opening the FIFO to read would
+        // block until a writer came (none does: the test would hang).
         let (_, why) = refusal(src.read("modules/m/templates/fifo.j2"));
         assert_eq!(
             why,
@@ -398,7 +399,6 @@ mod tests {
         );
         let (_, why) = refusal(src.read("modules/m/templates/sock.j2"));
         assert_eq!(why, Refusal::Special { kind: "socket" });
-        assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[test]
