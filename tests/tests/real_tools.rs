@@ -31,7 +31,7 @@ use homelab_agent_tests::ports::start_on_reserved_ports;
 use homelab_agent_tests::real_tools::{
     caddy, caddy_env, http_get, link_world, nginx, run_bounded, Postgres, PG_BIN,
 };
-use homelab_agent_tests::{copy_dir, run, stderr, stdout, tree, workspace};
+use homelab_agent_tests::{copy_dir, stderr, stdout, tree, workspace, Lab};
 
 const TOKEN: &str = "real-tools-connect-token";
 const BORG_PASSPHRASE: &str = "correct-horse-battery-staple-4711";
@@ -40,64 +40,47 @@ const PG_PASSWORD: &str = "backup-role-password-0815";
 /// A copy of the reference modules, one test host, a sandbox root, the
 /// world directory and a Connect stand-in holding the reference items.
 struct ToolLab {
-    tmp: tempfile::TempDir,
+    lab: Lab,
     _connect: ConnectStandIn,
 }
 
 impl ToolLab {
     fn new(host_yaml: impl Fn(&Path) -> String) -> ToolLab {
-        let tmp = tempfile::tempdir().unwrap();
         let connect = ConnectStandIn::start(TOKEN);
         let vault = connect.add_vault("homelab");
         connect.add_item(&vault, "borgmatic", &[("passphrase", BORG_PASSPHRASE)]);
         connect.add_item(&vault, "postgres-backup", &[("password", PG_PASSWORD)]);
         let lab = ToolLab {
-            tmp,
+            lab: Lab::empty(),
             _connect: connect,
         };
         copy_dir(&workspace().join("modules"), &lab.repo().join("modules"));
-        std::fs::create_dir_all(lab.repo().join("hosts")).unwrap();
-        std::fs::create_dir_all(lab.root()).unwrap();
         lab.write("hosts/lab.yaml", &host_yaml(&lab.world()));
-        let token_file = lab.tmp.path().join("op-token");
-        std::fs::write(&token_file, TOKEN).unwrap();
-        std::fs::set_permissions(
-            &token_file,
-            std::os::unix::fs::PermissionsExt::from_mode(0o600),
-        )
-        .unwrap();
-        std::fs::write(
-            lab.config(),
-            format!(
-                "repo: {}\nhost: lab\nroot: {}\nonepassword:\n  connect_url: {}\n  token_file: {}\n",
-                lab.repo().display(),
-                lab.root().display(),
+        let token_file = lab.lab.write_private("op-token", TOKEN);
+        lab.lab.write_config(
+            "lab",
+            &format!(
+                "onepassword:\n  connect_url: {}\n  token_file: {}\n",
                 lab._connect.url(),
                 token_file.display()
             ),
-        )
-        .unwrap();
+        );
         lab
     }
 
     fn repo(&self) -> PathBuf {
-        self.tmp.path().join("repo")
+        self.lab.repo()
     }
     fn root(&self) -> PathBuf {
-        self.tmp.path().join("root")
+        self.lab.root()
     }
     /// Where the test host's managed paths live (a symlink into the sandbox
     /// after [`ToolLab::apply_and_link`]).
     fn world(&self) -> PathBuf {
-        self.tmp.path().join("world")
-    }
-    fn config(&self) -> PathBuf {
-        self.tmp.path().join("agent.yaml")
+        self.lab.tmp.path().join("world")
     }
     fn write(&self, rel: &str, content: &str) {
-        let p = self.repo().join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, content).unwrap();
+        self.lab.write(rel, content)
     }
     /// A host path's place in the sandbox.
     fn in_root(&self, path: &Path) -> PathBuf {
@@ -105,7 +88,7 @@ impl ToolLab {
     }
 
     fn apply(&self) -> Output {
-        run(&["apply", "--config", self.config().to_str().unwrap()])
+        self.lab.with_config(&["apply"])
     }
 
     /// The first apply (must succeed and skip nothing), then the world link.
@@ -172,11 +155,11 @@ modules:
     std::fs::create_dir_all(w.join("src/docs")).unwrap();
     std::fs::write(w.join("src/docs/agent.toml"), "hello from the agent\n").unwrap();
     std::fs::write(w.join("src/scratch.tmp"), "excluded\n").unwrap();
-    let home = lab.tmp.path().join("home");
+    let home = lab.lab.tmp.path().join("home");
     let borgmatic = |args: &[&str]| {
         // --log-file: borgmatic 1.7.7 mistakes this image's /var/run/log
         // directory for a syslog socket and prints a traceback per line.
-        let log = lab.tmp.path().join("borgmatic.log");
+        let log = lab.lab.tmp.path().join("borgmatic.log");
         let out = run_bounded(
             Command::new("borgmatic")
                 .arg("--log-file")
@@ -185,7 +168,7 @@ modules:
                 .arg(&config)
                 .args(args)
                 .env("HOME", &home)
-                .env("BORG_BASE_DIR", lab.tmp.path().join("borg-base"))
+                .env("BORG_BASE_DIR", lab.lab.tmp.path().join("borg-base"))
                 .env_remove("BORG_PASSPHRASE"),
             Duration::from_secs(180),
         );
@@ -205,7 +188,7 @@ modules:
             Command::new("borg")
                 .args(args)
                 .env("HOME", &home)
-                .env("BORG_BASE_DIR", lab.tmp.path().join("borg-base"))
+                .env("BORG_BASE_DIR", lab.lab.tmp.path().join("borg-base"))
                 .env("BORG_PASSPHRASE", BORG_PASSPHRASE),
             Duration::from_secs(60),
         )
@@ -245,7 +228,7 @@ modules:
         Command::new("borg")
             .args(["list", repo.to_str().unwrap()])
             .env("HOME", &home)
-            .env("BORG_BASE_DIR", lab.tmp.path().join("borg-base"))
+            .env("BORG_BASE_DIR", lab.lab.tmp.path().join("borg-base"))
             .env("BORG_PASSPHRASE", "not-it")
             .env("BORG_DISPLAY_PASSPHRASE", "no"),
         Duration::from_secs(60),
@@ -328,7 +311,7 @@ modules:
                 .arg(env)
                 .env_remove("PGPASSWORD")
                 .env_remove("PGPASSFILE")
-                .env("HOME", lab.tmp.path()),
+                .env("HOME", lab.lab.tmp.path()),
             Duration::from_secs(120),
         )
     };
@@ -397,7 +380,7 @@ modules:
 
     // 3. A corrupt dump (pg_dump's output cut to 64 bytes by a wrapper) is
     //    detected by pg_restore --list and deleted; nothing is pruned.
-    let bin = lab.tmp.path().join("corrupting-bin");
+    let bin = lab.lab.tmp.path().join("corrupting-bin");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::write(
         bin.join("pg_dump"),
@@ -414,7 +397,7 @@ modules:
     std::os::unix::fs::symlink(format!("{PG_BIN}/pg_restore"), bin.join("pg_restore")).unwrap();
     let env = std::fs::read_to_string(&env_file).unwrap();
     assert!(env.contains(&format!("PG_BIN_DIR='{PG_BIN}'")), "{env}");
-    let corrupt_env = lab.tmp.path().join("corrupt.env");
+    let corrupt_env = lab.lab.tmp.path().join("corrupt.env");
     std::fs::write(
         &corrupt_env,
         env.replace(
@@ -509,7 +492,7 @@ modules:
     };
     let lab = ToolLab::new(|w| host_yaml(w, 1, 2));
     lab.write("modules/motd/module.yaml", MOTD_MODULE);
-    let caddy_dir = lab.tmp.path().join("caddy");
+    let caddy_dir = lab.lab.tmp.path().join("caddy");
     std::fs::create_dir_all(&caddy_dir).unwrap();
     // The agent runs `caddy validate` itself; keep its state out of $HOME.
     let apply_env = |cmd: &mut Command| {
@@ -517,7 +500,7 @@ modules:
     };
     let apply = || {
         let mut cmd = homelab_agent_tests::agent();
-        cmd.args(["apply", "--config", lab.config().to_str().unwrap()]);
+        cmd.args(["apply", "--config", lab.lab.config().to_str().unwrap()]);
         apply_env(&mut cmd);
         run_bounded(&mut cmd, Duration::from_secs(120))
     };
