@@ -142,28 +142,43 @@ impl Shipper {
 
     /// Queues an event; drops the oldest queued one when full.
     pub fn push(&self, event: &Event) {
-        let line = event.line();
+        self.push_all(std::slice::from_ref(event));
+    }
+
+    /// Queues a run's events together (one lock, one wake-up of the
+    /// thread), dropping the oldest queued ones when full: which events
+    /// are dropped does not depend on how fast the thread takes a batch.
+    pub fn push_all(&self, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
+        let lines: Vec<(EventKind, u128, String)> = events
+            .iter()
+            .map(|e| (e.event, e.at_ns, e.line()))
+            .collect();
         let mut q = self.inner.lock();
-        let ts_ns = event.at_ns.max(q.last_ts + 1);
-        q.last_ts = ts_ns;
         let cap = self.inner.config.max_buffered_events;
         let mut dropped = 0;
-        while q.events.len() + q.in_flight >= cap {
-            if q.events.pop_front().is_none() {
-                break;
+        for (event, at_ns, line) in lines {
+            let ts_ns = at_ns.max(q.last_ts + 1);
+            q.last_ts = ts_ns;
+            while q.events.len() + q.in_flight >= cap {
+                if q.events.pop_front().is_none() {
+                    break;
+                }
+                dropped += 1;
             }
-            dropped += 1;
-        }
-        if q.events.len() + q.in_flight >= cap {
-            // Everything held is in flight: this one cannot be kept.
-            dropped += 1;
-        } else {
-            q.events.push_back(Queued {
-                event: event.event,
-                ts_ns,
-                line,
-                enqueued: Instant::now(),
-            });
+            if q.events.len() + q.in_flight >= cap {
+                // Everything held is in flight: this one cannot be kept.
+                dropped += 1;
+            } else {
+                q.events.push_back(Queued {
+                    event,
+                    ts_ns,
+                    line,
+                    enqueued: Instant::now(),
+                });
+            }
         }
         if dropped > 0 {
             self.inner.metrics.loki_dropped("queue_full", dropped);

@@ -207,9 +207,8 @@ impl Telemetry {
     pub fn emit(&self, events: impl IntoIterator<Item = Event>) {
         let slot = self.loki.read().unwrap_or_else(|e| e.into_inner());
         if let Some((_, shipper)) = slot.as_ref() {
-            for e in events {
-                shipper.push(&e);
-            }
+            let events: Vec<Event> = events.into_iter().collect();
+            shipper.push_all(&events);
         }
     }
 
