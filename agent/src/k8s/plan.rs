@@ -392,6 +392,9 @@ fn transport(cluster: &Cluster, e: &client::CallError) -> Option<StackError> {
     }
 }
 
+/// Plans one object: placement, GET, the server's dry run, then the
+/// comparison of the two. A transport failure ends the stack's
+/// observation (`Err`); anything else is this object's plan or error.
 async fn observe_object(
     stack: &Stack,
     index: usize,
@@ -401,27 +404,7 @@ async fn observe_object(
     resolver: &Resolver,
 ) -> Result<ObjectPlan, StackError> {
     let o = &stack.objects[index];
-    let digest = stored_digest(key, &o.digest);
-    let mut p = ObjectPlan {
-        index,
-        id: o.id.clone(),
-        namespace: o.reference.namespace.clone(),
-        class: Classification::Skipped,
-        action: Action::Skip,
-        changes: Vec::new(),
-        conflicts: Vec::new(),
-        error: None,
-        known: inventory.get(&o.id).cloned(),
-        digest: digest.clone(),
-        exists: false,
-        pending_crd: false,
-        notes: Vec::new(),
-        takeover: None,
-        handover: None,
-        recreate: false,
-        wait_gone: None,
-        forbidden: None,
-    };
+    let mut p = unplanned(stack, index, inventory, key);
     if o.blocked.is_some() {
         return Ok(p);
     }
@@ -452,8 +435,7 @@ async fn observe_object(
     p.id = id;
     p.namespace = namespace.clone();
     let api = client::api(cluster, &ar, namespace.as_deref());
-    let name = &o.reference.name;
-    let live = match client::get(&api, name).await {
+    let live = match client::get(&api, &o.reference.name).await {
         Ok(l) => l,
         Err(e) => {
             if let Some(err) = transport(cluster, &e) {
@@ -470,124 +452,34 @@ async fn observe_object(
         }
     };
     p.exists = live.is_some();
-    let kind = o.reference.kind.as_str();
-    let recreate_allowed = kind == "Job"
-        || o.body
-            .0
-            .pointer("/metadata/annotations")
-            .and_then(|a| a.get(RECREATE_ANNOTATION))
-            .and_then(Json::as_str)
-            == Some("true");
-    let body = body_for(stack, index, namespace.as_deref());
-    let applied_same = p.known.as_ref().and_then(|k| k.digest.as_deref()) == Some(digest.as_str());
-    // Being deleted (a finalizer holds it, or the namespace controller is
-    // emptying its namespace): never "in sync"; apply waits for it to go,
-    // then creates it again.
+    let applied_same =
+        p.known.as_ref().and_then(|k| k.digest.as_deref()) == Some(p.digest.as_str());
     if let Some(l) = &live {
-        if l.pointer("/metadata/deletionTimestamp").is_some() {
-            let finalizers = ownership::finalizers(l);
-            p.notes.push(format!(
-                "it is being deleted{}: apply waits for it to go (up to the stack's timeout), then creates it again",
-                if finalizers.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (held by finalizers {})", finalizers.join(", "))
-                }
-            ));
-            p.wait_gone = Some(Deleting::Itself);
+        if being_deleted(&mut p, l) {
             missing(&mut p, applied_same, o.on_drift);
             return Ok(p);
         }
     }
-    let dry = match client::apply(&api, name, &body, false, true).await {
-        Ok(d) => Some(d),
-        Err(e) if !e.conflicts().is_empty() => {
-            p.conflicts = e.conflicts();
-            for c in &mut p.conflicts {
-                c.controller = ownership::is_controller(&c.manager, live.as_ref());
-            }
-            match client::apply(&api, name, &body, true, true).await {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    p.error = Some(rejected(&e));
-                    return Ok(p);
-                }
-            }
-        }
-        // Its namespace is created by the same stack, in this run.
-        Err(e)
-            if e.code() == Some(404)
-                && live.is_none()
-                && creates_namespace(stack, namespace.as_deref()) =>
-        {
-            None
-        }
-        Err(e) if e.code() == Some(404) && live.is_none() && namespace.is_some() => {
-            p.error = Some(Failure::new(KubeFailure::NotFound, format!(
-                "its namespace {} does not exist and this stack does not create it: create it first (or add a Namespace manifest to the stack); {}",
-                namespace.as_deref().unwrap_or(""),
-                e.describe()
-            )));
-            return Ok(p);
-        }
-        Err(e) => {
-            if let Some(err) = transport(cluster, &e) {
-                return Err(err);
-            }
-            match e.refusal() {
-                Some(Refusal::NamespaceTerminating) => {
-                    let ns = namespace.clone().unwrap_or_default();
-                    p.notes.push(format!(
-                        "its namespace {ns} is being deleted: apply waits for it to go (up to the stack's timeout) first"
-                    ));
-                    p.wait_gone = Some(Deleting::Namespace(ns));
-                    p.class = Classification::Create;
-                    p.action = Action::Create;
-                    return Ok(p);
-                }
-                Some(Refusal::Immutable(fields)) if live.is_some() => {
-                    let fields = fields.join(", ");
-                    if recreate_allowed {
-                        p.recreate = true;
-                        p.notes.push(if kind == "Job" {
-                            format!("a changed Job runs again: {fields} cannot change in place, so the Job is deleted and created anew")
-                        } else {
-                            format!("{fields} cannot change in place: it is deleted and created again ({RECREATE_ANNOTATION}: \"true\")")
-                        });
-                        p.class = if applied_same {
-                            Classification::Drift
-                        } else {
-                            Classification::Change
-                        };
-                        p.action = if applied_same && o.on_drift == DriftPolicy::Report {
-                            Action::Report
-                        } else {
-                            Action::Update
-                        };
-                    } else {
-                        p.error = Some(Failure::new(KubeFailure::Invalid, format!(
-                            "cannot change in place: {fields} (immutable); revert the change, or add the annotation `{RECREATE_ANNOTATION}: \"true\"` to delete and re-create the object"
-                        )));
-                    }
-                    return Ok(p);
-                }
-                Some(Refusal::Forbidden) => {
-                    p.forbidden = Some((
-                        if live.is_some() { "patch" } else { "create" }.into(),
-                        resource_name(&ar),
-                    ));
-                }
-                _ => {}
-            }
-            p.error = Some(rejected(&e));
-            return Ok(p);
-        }
+    let cx = DryRunCx {
+        stack,
+        index,
+        api: &api,
+        ar: &ar,
+        cluster,
+        live: live.as_ref(),
+        namespace: namespace.as_deref(),
+        applied_same,
+    };
+    let dry = match dry_run(&cx, &mut p).await? {
+        DryRun::Done => return Ok(p),
+        DryRun::NamespaceComesLater => None,
+        DryRun::Answer(d) => Some(d),
     };
     let Some(live) = live else {
         // A finished Job the TTL controller removed is done, not drift:
         // the same Job is not run again. A changed Job (another digest) is.
         if applied_same
-            && kind == "Job"
+            && o.reference.kind == "Job"
             && o.body.0.pointer("/spec/ttlSecondsAfterFinished").is_some()
         {
             p.class = Classification::InSync;
@@ -598,8 +490,198 @@ async fn observe_object(
         return Ok(p);
     };
     let dry = dry.expect("a live object's dry run either succeeded or returned");
-    p.changes = diff::diff(&diff::normalize(&live, key), &diff::normalize(&dry, key));
-    if let Some(n) = ownership::replicas_handover(&live, &body) {
+    let body = body_for(stack, index, namespace.as_deref());
+    compare(&mut p, &live, &dry, &body, key, applied_same, o.on_drift);
+    Ok(p)
+}
+
+/// An object's plan before anything is known about it: skipped.
+fn unplanned(
+    stack: &Stack,
+    index: usize,
+    inventory: &BTreeMap<String, InventoryEntry>,
+    key: &DigestKey,
+) -> ObjectPlan {
+    let o = &stack.objects[index];
+    ObjectPlan {
+        index,
+        id: o.id.clone(),
+        namespace: o.reference.namespace.clone(),
+        class: Classification::Skipped,
+        action: Action::Skip,
+        changes: Vec::new(),
+        conflicts: Vec::new(),
+        error: None,
+        known: inventory.get(&o.id).cloned(),
+        digest: stored_digest(key, &o.digest),
+        exists: false,
+        pending_crd: false,
+        notes: Vec::new(),
+        takeover: None,
+        handover: None,
+        recreate: false,
+        wait_gone: None,
+        forbidden: None,
+    }
+}
+
+/// Being deleted (a finalizer holds it, or the namespace controller is
+/// emptying its namespace): never "in sync"; apply waits for it to go,
+/// then creates it again.
+fn being_deleted(p: &mut ObjectPlan, live: &Json) -> bool {
+    if live.pointer("/metadata/deletionTimestamp").is_none() {
+        return false;
+    }
+    let finalizers = ownership::finalizers(live);
+    p.notes.push(format!(
+        "it is being deleted{}: apply waits for it to go (up to the stack's timeout), then creates it again",
+        if finalizers.is_empty() {
+            String::new()
+        } else {
+            format!(" (held by finalizers {})", finalizers.join(", "))
+        }
+    ));
+    p.wait_gone = Some(Deleting::Itself);
+    true
+}
+
+/// What an object's dry run works with.
+struct DryRunCx<'a> {
+    stack: &'a Stack,
+    index: usize,
+    api: &'a kube::Api<kube::api::DynamicObject>,
+    ar: &'a ApiResource,
+    cluster: &'a Cluster,
+    live: Option<&'a Json>,
+    namespace: Option<&'a str>,
+    applied_same: bool,
+}
+
+/// What the server's dry run said.
+enum DryRun {
+    /// The object as the server would store it.
+    Answer(Json),
+    /// Its namespace is created by the same stack, in this run.
+    NamespaceComesLater,
+    /// The plan of the object is complete (an error, a wait, a re-create).
+    Done,
+}
+
+/// The server-side dry run, without force first (to find conflicts, then
+/// with force to see the result); a refusal becomes the object's plan.
+async fn dry_run(cx: &DryRunCx<'_>, p: &mut ObjectPlan) -> Result<DryRun, StackError> {
+    let name = &cx.stack.objects[cx.index].reference.name;
+    let body = body_for(cx.stack, cx.index, cx.namespace);
+    let e = match client::apply(cx.api, name, &body, false, true).await {
+        Ok(d) => return Ok(DryRun::Answer(d)),
+        Err(e) => e,
+    };
+    if !e.conflicts().is_empty() {
+        p.conflicts = e.conflicts();
+        for c in &mut p.conflicts {
+            c.controller = ownership::is_controller(&c.manager, cx.live);
+        }
+        return Ok(match client::apply(cx.api, name, &body, true, true).await {
+            Ok(d) => DryRun::Answer(d),
+            Err(e) => {
+                p.error = Some(rejected(&e));
+                DryRun::Done
+            }
+        });
+    }
+    if e.code() == Some(404) && cx.live.is_none() {
+        if creates_namespace(cx.stack, cx.namespace) {
+            return Ok(DryRun::NamespaceComesLater);
+        }
+        if let Some(ns) = cx.namespace {
+            p.error = Some(Failure::new(KubeFailure::NotFound, format!(
+                "its namespace {ns} does not exist and this stack does not create it: create it first (or add a Namespace manifest to the stack); {}",
+                e.describe()
+            )));
+            return Ok(DryRun::Done);
+        }
+    }
+    if let Some(err) = transport(cx.cluster, &e) {
+        return Err(err);
+    }
+    refused(cx, p, &e);
+    Ok(DryRun::Done)
+}
+
+/// A dry run the server refused: a namespace being deleted (wait), fields
+/// that cannot change in place (re-create, when allowed), missing rights
+/// (gathered for the stack's one message), or the object's error.
+fn refused(cx: &DryRunCx<'_>, p: &mut ObjectPlan, e: &client::CallError) {
+    let o = &cx.stack.objects[cx.index];
+    let kind = o.reference.kind.as_str();
+    match e.refusal() {
+        Some(Refusal::NamespaceTerminating) => {
+            let ns = cx.namespace.unwrap_or_default().to_string();
+            p.notes.push(format!(
+                "its namespace {ns} is being deleted: apply waits for it to go (up to the stack's timeout) first"
+            ));
+            p.wait_gone = Some(Deleting::Namespace(ns));
+            p.class = Classification::Create;
+            p.action = Action::Create;
+            return;
+        }
+        Some(Refusal::Immutable(fields)) if cx.live.is_some() => {
+            let fields = fields.join(", ");
+            let recreate_allowed = kind == "Job"
+                || o.body
+                    .0
+                    .pointer("/metadata/annotations")
+                    .and_then(|a| a.get(RECREATE_ANNOTATION))
+                    .and_then(Json::as_str)
+                    == Some("true");
+            if !recreate_allowed {
+                p.error = Some(Failure::new(KubeFailure::Invalid, format!(
+                    "cannot change in place: {fields} (immutable); revert the change, or add the annotation `{RECREATE_ANNOTATION}: \"true\"` to delete and re-create the object"
+                )));
+                return;
+            }
+            p.recreate = true;
+            p.notes.push(if kind == "Job" {
+                format!("a changed Job runs again: {fields} cannot change in place, so the Job is deleted and created anew")
+            } else {
+                format!("{fields} cannot change in place: it is deleted and created again ({RECREATE_ANNOTATION}: \"true\")")
+            });
+            p.class = if cx.applied_same {
+                Classification::Drift
+            } else {
+                Classification::Change
+            };
+            p.action = if cx.applied_same && o.on_drift == DriftPolicy::Report {
+                Action::Report
+            } else {
+                Action::Update
+            };
+            return;
+        }
+        Some(Refusal::Forbidden) => {
+            p.forbidden = Some((
+                if cx.live.is_some() { "patch" } else { "create" }.into(),
+                resource_name(cx.ar),
+            ));
+        }
+        _ => {}
+    }
+    p.error = Some(rejected(e));
+}
+
+/// The live object against the server's dry run: the diff, a replicas
+/// hand-over, an adoption, and the classification.
+fn compare(
+    p: &mut ObjectPlan,
+    live: &Json,
+    dry: &Json,
+    body: &Json,
+    key: &DigestKey,
+    applied_same: bool,
+    on_drift: DriftPolicy,
+) {
+    p.changes = diff::diff(&diff::normalize(live, key), &diff::normalize(dry, key));
+    if let Some(n) = ownership::replicas_handover(live, body) {
         // The dry run shows replicas reset to the default; apply first
         // hands the field over at its value, so it stays.
         p.changes.retain(|c| c.path != "spec.replicas");
@@ -608,7 +690,7 @@ async fn observe_object(
             "spec.replicas left the manifest: handed over at its current value {n} (an autoscaler owns it from now on)"
         ));
     }
-    if let Some(t) = ownership::takeover(&live) {
+    if let Some(t) = ownership::takeover(live) {
         p.notes.push(t.describe());
         p.takeover = Some(t);
     }
@@ -626,10 +708,9 @@ async fn observe_object(
     };
     p.action = match p.class {
         Classification::InSync => Action::None,
-        Classification::Drift if o.on_drift == DriftPolicy::Report => Action::Report,
+        Classification::Drift if on_drift == DriftPolicy::Report => Action::Report,
         _ => Action::Update,
     };
-    Ok(p)
 }
 
 /// An object that is not (or soon not) there: drift when the agent had
