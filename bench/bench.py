@@ -170,6 +170,19 @@ def _subreaper() -> bool:
 
 
 def run(args: list[str], workdir: Path, tag: str) -> Result:
+    """[`run_once`], again when the shell reaped the command itself: dash
+    reaps a background job that has already exited (a command as short as
+    /bin/true on a loaded machine) before it exits, and its rusage is then
+    lost to us (ECHILD)."""
+    for _ in range(10):
+        try:
+            return run_once(args, workdir, tag)
+        except ChildProcessError:
+            continue
+    raise BenchError(f"{args[0]} exited before it could be reaped, ten times")
+
+
+def run_once(args: list[str], workdir: Path, tag: str) -> Result:
     """Runs `args` with stdout/stderr to files (no pipe can fill up) and reaps
     it with wait4 for its rusage. Wall time covers spawn to reap."""
     out_path = workdir / f"{tag}.stdout"
