@@ -62,7 +62,7 @@ macro_rules! outln {
 /// `agent apply` converges. Try it safely with `--root /tmp/lab`, which puts
 /// every managed path under a sandbox directory.
 #[derive(Debug, Parser)]
-#[command(name = "agent", version, about, long_about, max_term_width = 100)]
+#[command(name = "agent", version = crate::dist::VERSION, about, long_about, max_term_width = 100)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -90,6 +90,19 @@ enum Command {
     InstallService(InstallArgs),
     /// Stop, disable and remove the agent's own service.
     UninstallService(UninstallArgs),
+    /// Start a homelab repository for this machine: hosts/<this host>.yaml, an example module,
+    /// an agent config and a README. Never overwrites a file.
+    Init(crate::init::InitArgs),
+    /// Print a shell completion script.
+    Completions(crate::dist::CompletionsArgs),
+    /// Write the man pages, completions and service file a package ships (scripts/release.sh).
+    #[command(hide = true)]
+    DistFiles(crate::dist::DistFilesArgs),
+}
+
+/// The command line's definition (completions and man pages are made from it).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 #[derive(Debug, Args)]
@@ -277,6 +290,26 @@ pub fn main() -> ExitCode {
         }
         Command::InstallService(args) => run_install_service(args),
         Command::UninstallService(args) => run_uninstall_service(args),
+        Command::Init(args) => crate::init::run(&args)
+            .map(|text| {
+                out!("{text}");
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
+        Command::Completions(args) => crate::dist::completions(command(), args.shell)
+            .map(|text| {
+                out!("{text}");
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
+        Command::DistFiles(args) => crate::dist::dist_files(command(), &args)
+            .map(|paths| {
+                for p in paths {
+                    outln!("wrote {}", p.display());
+                }
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
     };
     match result {
         Ok(code) => code,

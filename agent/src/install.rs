@@ -120,6 +120,24 @@ fn host(root: Option<&Path>, platform: Platform) -> Result<Host, InstallError> {
     Ok(Host::new(fs, root.is_some(), platform))
 }
 
+fn unit_files(unit: &Unit) -> Vec<(PathBuf, String)> {
+    unit.files()
+        .iter()
+        .map(|f| {
+            (
+                f.path.clone(),
+                String::from_utf8_lossy(&f.content).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The files `install` writes for `platform` (the unit or plist and where
+/// it goes), for packages: the `.deb` ships exactly this unit.
+pub fn render(binary: &Path, config: &Path, platform: Platform) -> Vec<(PathBuf, String)> {
+    unit_files(&Unit::new(spec(binary, config, platform), platform))
+}
+
 /// Installs (or with `dry_run` only renders) the agent's service.
 pub fn install(
     binary: &Path,
@@ -135,16 +153,7 @@ pub fn install(
         })?;
     }
     let unit = Unit::new(spec(binary, config, platform), platform);
-    let files = unit
-        .files()
-        .iter()
-        .map(|f| {
-            (
-                f.path.clone(),
-                String::from_utf8_lossy(&f.content).into_owned(),
-            )
-        })
-        .collect();
+    let files = unit_files(&unit);
     if dry_run {
         return Ok(Installed {
             files,

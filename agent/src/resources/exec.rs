@@ -186,6 +186,8 @@ impl Runner for SystemRunner {
 pub struct RecordingRunner {
     log: Arc<Mutex<Vec<String>>>,
     rules: Arc<Mutex<Vec<(String, Output)>>>,
+    /// Programs that are not installed: running one fails to start.
+    missing: Arc<Mutex<Vec<String>>>,
 }
 
 #[cfg(test)]
@@ -210,6 +212,11 @@ impl RecordingRunner {
         );
     }
 
+    /// Makes `program` fail to start as a program that is not installed does.
+    pub fn missing(&self, program: &str) {
+        self.missing.lock().unwrap().push(program.to_string());
+    }
+
     /// Forgets every rule.
     pub fn clear_answers(&self) {
         self.rules.lock().unwrap().clear();
@@ -226,6 +233,12 @@ impl Runner for RecordingRunner {
     fn run(&self, cmd: &Cmd) -> Result<Output, ExecError> {
         let line = cmd.line();
         self.log.lock().unwrap().push(line.clone());
+        if self.missing.lock().unwrap().contains(&cmd.program) {
+            return Err(ExecError::Spawn {
+                program: cmd.program.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
         let rules = self.rules.lock().unwrap();
         Ok(rules
             .iter()

@@ -340,6 +340,8 @@ pub struct Host {
     /// How host tools (`systemctl`, `launchctl`, `apt-get`, ...) are run.
     pub runner: std::sync::Arc<dyn exec::Runner>,
     ids: Mutex<HashMap<(bool, String), Option<u32>>>,
+    /// Warnings given so far (a Host lives for one run): see [`Host::warn_once`].
+    warnings: Mutex<Vec<(&'static str, String)>>,
 }
 
 impl Host {
@@ -350,7 +352,31 @@ impl Host {
             platform,
             runner: std::sync::Arc::new(exec::SystemRunner),
             ids: Mutex::new(HashMap::new()),
+            warnings: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Says `message` once per run for `key` (a missing optional tool, say),
+    /// however many resources run into it: to the daemon's log when it has
+    /// one, else on stderr. Returns whether it was said now.
+    pub fn warn_once(&self, key: &'static str, message: &str) -> bool {
+        let mut warnings = self.warnings.lock().unwrap_or_else(|e| e.into_inner());
+        if warnings.iter().any(|(k, _)| *k == key) {
+            return false;
+        }
+        warnings.push((key, message.to_string()));
+        if tracing::dispatcher::has_been_set() {
+            tracing::warn!(tool = key, "{message}");
+        } else {
+            eprintln!("warning: {message}");
+        }
+        true
+    }
+
+    /// The warnings of this run, in the order they were given.
+    pub fn warnings(&self) -> Vec<String> {
+        let warnings = self.warnings.lock().unwrap_or_else(|e| e.into_inner());
+        warnings.iter().map(|(_, m)| m.clone()).collect()
     }
 
     /// Runs host tools through `runner` (tests record the commands).

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{key_values, poll_up, settle_for, GenFile, Job, Managed, NotUp, Restart, Spec, When};
-use crate::resources::exec::Cmd;
+use crate::resources::exec::{Cmd, ExecError};
 use crate::resources::{Host, PruneOutcome, ResourceError};
 
 pub const UNIT_DIR: &str = "/etc/systemd/system";
@@ -239,7 +239,21 @@ pub fn verify(files: &[GenFile], host: &Host) -> Result<(), ResourceError> {
     let mut args = vec!["verify".to_string(), "--man=no".to_string()];
     args.extend(paths);
     let cmd = Cmd::new("systemd-analyze", args).timeout(Duration::from_secs(60));
-    let out = host.runner.run(&cmd)?;
+    let out = match host.runner.run(&cmd) {
+        Ok(out) => out,
+        // Not installed (a Synology NAS ships none): the agent's own checks,
+        // and one warning per run, not one per unit.
+        Err(ExecError::Spawn { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            host.warn_once(
+                "systemd-analyze",
+                "systemd-analyze is not installed on this host: units are checked by the agent's own rules instead \
+                 (sections, Key=value lines, an executable ExecStart program); an unknown setting in `systemd:` is not caught. \
+                 Install it for the full check (Debian: apt-get install systemd)",
+            );
+            return own_check(files);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let unknown = unknown_key_lines(&out.stderr, &names);
     if !out.success() || !unknown.is_empty() {
         let mut message = if unknown.is_empty() {
@@ -257,6 +271,91 @@ pub fn verify(files: &[GenFile], host: &Host) -> Result<(), ResourceError> {
         });
     }
     Ok(())
+}
+
+/// The sections the generated units use.
+const SECTIONS: &[&str] = &["[Unit]", "[Service]", "[Install]", "[Timer]"];
+
+/// The first word of an `ExecStart=` value as [`exec_word`] wrote it.
+fn exec_program(value: &str) -> String {
+    let word = match value.strip_prefix('"') {
+        Some(rest) => {
+            let mut out = String::new();
+            let mut chars = rest.chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => out.extend(chars.next()),
+                    '"' => break,
+                    c => out.push(c),
+                }
+            }
+            out
+        }
+        None => value.split_whitespace().next().unwrap_or("").to_string(),
+    };
+    word.replace("$$", "$").replace("%%", "%")
+}
+
+/// The agent's own checks of generated units, for a host without
+/// `systemd-analyze`: every line a comment, one of [`SECTIONS`] or
+/// `Key=value` (key of letters and digits, no control characters), and the
+/// `ExecStart` program an executable file (what `verify` refuses most
+/// often: a typo in `program`).
+pub fn own_check(files: &[GenFile]) -> Result<(), ResourceError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut problems = Vec::new();
+    let mut names = Vec::new();
+    for f in files {
+        let name = f
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&f.content);
+        for (i, line) in text.lines().enumerate() {
+            let at = format!("{}:{}", f.path.display(), i + 1);
+            if line.is_empty() || line.starts_with('#') || SECTIONS.contains(&line) {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                problems.push(format!("{at}: not a section header nor Key=value"));
+                continue;
+            };
+            if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric()) {
+                problems.push(format!(
+                    "{at}: `{}` is not a setting name",
+                    key.escape_debug()
+                ));
+            }
+            if value.chars().any(char::is_control) {
+                problems.push(format!(
+                    "{at}: the value of {key} holds a control character"
+                ));
+            }
+            if key == "ExecStart" {
+                let program = exec_program(value);
+                let ok = std::fs::metadata(&program)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+                if !ok {
+                    problems.push(format!(
+                        "{at}: Command {program} is not executable (missing, not a file, or no execute bit)"
+                    ));
+                }
+            }
+        }
+        names.push(name);
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(ResourceError::Command {
+        command: format!("the agent's unit check of {}", names.join(" ")),
+        code: Some(1),
+        message: format!(
+            "{}\n  the unit was not installed; fix the service's fields in the module",
+            problems.join("\n")
+        ),
+    })
 }
 
 /// A private temp directory removed on drop.

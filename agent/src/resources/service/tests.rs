@@ -623,3 +623,57 @@ fn systemd_extra_settings_replace_generated_lines() {
         .to_string();
     assert!(err.contains("KillModee"), "{err}");
 }
+
+/// Without `systemd-analyze` the agent's own checks stand in: a good unit
+/// passes (with quoted and escaped words), a program that is not there is
+/// refused, and the host is warned once per run however many units verify.
+#[test]
+fn without_systemd_analyze_units_get_the_agents_own_checks_and_one_warning() {
+    let runner = RecordingRunner::new();
+    runner.missing("systemd-analyze");
+    let host = Host::new(Fs::new(Path::new("/")).unwrap(), false, Platform::Linux)
+        .with_runner(Arc::new(runner.clone()));
+    let mut s = spec("hla-fallback", service_job());
+    s.program = "/bin/sleep".into();
+    s.args = vec![
+        "3600".into(),
+        "with space".into(),
+        "100%".into(),
+        "$HOME".into(),
+    ];
+    systemd::verify(Unit::new(s.clone(), Platform::Linux).files(), &host).unwrap();
+    s.job = schedule_job("30 2 * * *");
+    systemd::verify(Unit::new(s.clone(), Platform::Linux).files(), &host).unwrap();
+    assert_eq!(host.warnings().len(), 1, "{:?}", host.warnings());
+    assert!(host.warnings()[0].contains("systemd-analyze is not installed"));
+
+    s.program = "/opt/nowhere/bin/zot".into();
+    let err = systemd::verify(Unit::new(s.clone(), Platform::Linux).files(), &host)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("Command /opt/nowhere/bin/zot is not executable"),
+        "{err}"
+    );
+    assert!(err.contains("the unit was not installed"), "{err}");
+    assert_eq!(host.warnings().len(), 1);
+
+    // A program path that needs quoting is read back as systemd would.
+    let dir = tempfile::tempdir().unwrap();
+    let odd = dir.path().join("my tool \"x\" 100%");
+    std::fs::write(&odd, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&odd, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    s.program = odd.to_string_lossy().into_owned();
+    systemd::verify(Unit::new(s.clone(), Platform::Linux).files(), &host).unwrap();
+
+    // A line that is no setting (a `systemd:` value cannot make one, but a
+    // hand-made file can) is refused.
+    let mut bad = Unit::new(s, Platform::Linux).files().to_vec();
+    bad[0].content =
+        b"[Unit]\nDescription=x\n[Service]\nExecStart=/bin/true\nnot a setting\n".to_vec();
+    let err = systemd::verify(&bad, &host).unwrap_err().to_string();
+    assert!(
+        err.contains(":5: not a section header nor Key=value"),
+        "{err}"
+    );
+}
