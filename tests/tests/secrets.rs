@@ -611,6 +611,42 @@ fn secrets_check_names_each_bad_reference_and_its_resource() {
     );
 }
 
+/// `agent secrets check` checks the references in a stack's Secrets too,
+/// and a resource skipped only because one before it is blocked is listed
+/// as waiting, not counted as a secret failure.
+#[test]
+fn secrets_check_covers_stack_secrets_and_does_not_count_what_waits() {
+    let lab = Lab::new();
+    let module = "resources:\n  - directory: /srv/app\n  - file: /srv/app/good.txt\n    content: \"{{ secret('op://homelab/db/password') }}\"\n  - file: /srv/app/missing.txt\n    content: \"{{ secret('op://homelab/nope/password') }}\"\n  - file: /srv/app/after.txt\n    content: plain\n    after: [file:/srv/app/missing.txt]\n";
+    lab.write("modules/app/module.yaml", module);
+    lab.write(
+        "hosts/lab.yaml",
+        &format!("{HOST}stacks:\n  - name: web\n    context: lab\n"),
+    );
+    lab.write("k8s/web/stack.yaml", "namespace: web\n");
+    lab.write(
+        "k8s/web/secret.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: api\ntype: Opaque\nstringData:\n  KEY: \"{{ secret('op://homelab/api/prod/key') }}\"\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: gone\ntype: Opaque\nstringData:\n  KEY: \"{{ secret('op://homelab/gone/key') }}\"\n",
+    );
+    let out = lab.expect(&["secrets", "check"], 1);
+    let text = lab.redact(&stdout(&out));
+    for secret in [DB_PASSWORD, API_KEY, TOKEN] {
+        assert!(!text.contains(secret), "{secret} printed:\n{text}");
+    }
+    insta::assert_snapshot!("secrets_check_stacks_and_waiting", text);
+    // Only what waits: exit 0 once the references resolve.
+    lab.write("modules/app/module.yaml", &module.replace("nope", "db"));
+    lab.write(
+        "k8s/web/secret.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: api\ntype: Opaque\nstringData:\n  KEY: \"{{ secret('op://homelab/api/prod/key') }}\"\n",
+    );
+    let out = lab.expect(&["secrets", "check"], 0);
+    assert_eq!(
+        stdout(&out),
+        "Secrets for host lab: 3 resource(s) resolved all their references, 0 could not.\n"
+    );
+}
+
 // --- 6. no Connect configured ---
 
 #[test]
