@@ -455,6 +455,53 @@ fn connect_down_skips_secret_resources_and_converges_the_rest() {
     lab.expect(&["plan", "--detailed-exitcode"], 0);
 }
 
+/// The exit codes of README.md's table, and `agent status`, agree with the
+/// run's result: a run that only skipped (Connect down) exits 0, or 2 with
+/// `--detailed-exitcode` (something left undone), is recorded as
+/// `skipped`, and its revision is applied; drift reported under
+/// `on_drift: report` is left undone too (2); an error is 1.
+#[test]
+fn exit_codes_and_status_agree_on_a_run_that_only_skipped() {
+    let mut lab = Lab::with_module(&format!(
+        "{APP}  - file: /srv/app/notes.txt\n    content: \"notes\\n\"\n    on_drift: report\n"
+    ));
+    lab.connect.stop();
+    lab.expect(&["apply", "--detailed-exitcode"], 2);
+    let out = lab.expect(&["status"], 0);
+    let text = stdout(&out);
+    assert!(
+        !text.contains("none yet") && text.contains("Applied revision: local-"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Skipped in the last run: 4 resource(s)"),
+        "{text}"
+    );
+    assert!(text.contains(" skipped  local-"), "{text}");
+    // Nothing changed, 4 still skipped: 0 without the flag, 2 with it.
+    lab.expect(&["apply"], 0);
+    lab.expect(&["apply", "--detailed-exitcode"], 2);
+    lab.expect(&["plan", "--detailed-exitcode"], 2);
+    let out = lab.expect(&["status", "--json"], 0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["runs"][0]["result"], "skipped", "{v}");
+    assert!(v["applied"]["last_success_at"].as_u64().is_some(), "{v}");
+
+    lab.connect.restart();
+    lab.expect(&["apply", "--detailed-exitcode"], 2);
+    lab.expect(&["apply", "--detailed-exitcode"], 0);
+    lab.expect(&["plan", "--detailed-exitcode"], 0);
+    // Drift left alone under `on_drift: report`: apply leaves it undone (2).
+    std::fs::write(lab.host_path("/srv/app/notes.txt"), "mine\n").unwrap();
+    lab.expect(&["apply", "--detailed-exitcode"], 2);
+    lab.expect(&["apply"], 0);
+    // A resource that cannot be handled: 1, with or without the flag.
+    std::fs::remove_file(lab.host_path("/srv/app/plain.txt")).unwrap();
+    std::fs::create_dir(lab.host_path("/srv/app/plain.txt")).unwrap();
+    lab.expect(&["apply", "--detailed-exitcode"], 1);
+    lab.expect(&["apply"], 1);
+}
+
 #[test]
 fn connect_down_after_converging_touches_and_prunes_no_secret_file() {
     // user.txt is report-only: a hand edit of it must stay drift (shown,

@@ -1205,6 +1205,10 @@ fn refresh_status_from_state(shared: &Arc<Shared>) {
         cause: r.cause,
     });
     st.run_timeout_secs = s.config.run_timeout.as_secs();
+    st.counts = last_run
+        .as_ref()
+        .map(|r| r.counts.clone())
+        .unwrap_or_default();
     st.last_run = last_run;
 }
 
