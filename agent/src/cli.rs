@@ -154,6 +154,11 @@ struct RunArgs {
     /// /usr/local/etc/homelab-agent/agent.yaml (macOS).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Append the log to FILE (and point standard error at it) instead of standard error;
+    /// when a rotator (newsyslog) moves FILE away, the next line opens it again.
+    /// `install-service` on macOS sets it, with a newsyslog config that rotates the file.
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -803,24 +808,41 @@ fn run_uninstall_service(args: UninstallArgs) -> Result<ExitCode> {
 fn run_daemon(args: RunArgs) -> Result<ExitCode> {
     let path = args.config.unwrap_or_else(config::default_path);
     let config = config::load(&path)?;
-    init_logging(config.log_format);
+    init_logging(config.log_format, args.log_file.as_deref())?;
     crate::daemon::run::run(config)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Logs to stderr as text or JSON lines; `RUST_LOG` filters (default info).
-fn init_logging(format: config::LogFormat) {
+/// Logs to stderr (or `log_file`, followed across rotations) as text or
+/// JSON lines; `RUST_LOG` filters (default info).
+fn init_logging(format: config::LogFormat, log_file: Option<&Path>) -> Result<()> {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Every line through the redacting writer: no URL credential in a log.
+    let (writer, ansi) = match log_file {
+        Some(path) => {
+            let file = crate::telemetry::logfile::LogFile::open(path, true)
+                .with_context(|| format!("cannot open the log file {}", path.display()))?;
+            (
+                BoxMakeWriter::new(move || crate::redact::RedactingWriter(file.clone())),
+                false,
+            )
+        }
+        None => (
+            BoxMakeWriter::new(|| crate::redact::RedactingWriter(std::io::stderr())),
+            std::io::stderr().is_terminal(),
+        ),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(|| crate::redact::RedactingWriter(std::io::stderr()))
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(writer)
+        .with_ansi(ansi);
     let _ = match format {
         config::LogFormat::Json => builder.json().try_init(),
         config::LogFormat::Text => builder.try_init(),
     };
+    Ok(())
 }
 
 /// Asks a running daemon for its status (`GET /api/status` on loopback),

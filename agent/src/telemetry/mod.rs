@@ -15,6 +15,7 @@
 //! revisions and error messages, never file contents or diffs.
 
 pub mod events;
+pub mod logfile;
 pub mod loki;
 pub mod metrics;
 
