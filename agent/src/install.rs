@@ -417,7 +417,50 @@ mod tests {
             .iter()
             .map(|(p, c)| format!("# {}\n{c}", p.display()))
             .collect();
-        insta::assert_snapshot!("macos_service_and_log_rotation", text);
+        // Inline: a snapshot directory under src/ would read as a module.
+        insta::assert_snapshot!(text, @r#"
+# /Library/LaunchDaemons/homelab.agent.plist
+<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0">
+<dict>
+	<key>Label</key>
+	<string>homelab.agent</string>
+	<key>ProgramArguments</key>
+	<array>
+		<string>/usr/local/bin/agent</string>
+		<string>run</string>
+		<string>--config</string>
+		<string>/usr/local/etc/homelab-agent/agent.yaml</string>
+		<string>--log-file</string>
+		<string>/var/log/homelab-agent.log</string>
+	</array>
+	<key>EnvironmentVariables</key>
+	<dict>
+		<key>RUST_LOG</key>
+		<string>info</string>
+	</dict>
+	<key>RunAtLoad</key>
+	<true/>
+	<key>KeepAlive</key>
+	<dict>
+		<key>SuccessfulExit</key>
+		<false/>
+	</dict>
+	<key>ThrottleInterval</key>
+	<integer>5</integer>
+	<key>StandardOutPath</key>
+	<string>/var/log/homelab-agent.log</string>
+	<key>StandardErrorPath</key>
+	<string>/var/log/homelab-agent.log</string>
+</dict>
+</plist>
+# /etc/newsyslog.d/homelab-agent.conf
+# homelab-agent's LaunchDaemon log, written by `agent install-service`.
+# The agent follows the file when newsyslog moves it away: no signal (N).
+# logfilename                 [owner:group] mode count size(KiB) when flags
+/var/log/homelab-agent.log    root:wheel    640  5     10240     *    CJN
+"#);
 
         let done = install_on(
             Platform::Macos,
