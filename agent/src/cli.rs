@@ -1,8 +1,11 @@
 //! The `agent` command line: parses arguments, runs the stages in order and
 //! maps outcomes to exit codes. The only place that uses `anyhow`.
 //!
-//! Exit codes: 0 success (nothing to do), 1 error, 2 changes or drift present
-//! (with `--detailed-exitcode`).
+//! Exit codes (README.md "Exit codes"): 0 nothing failed; 1 an error or a
+//! failed resource or stack; 2 only with `--detailed-exitcode`: plan found
+//! something to do or look at, or apply changed something or left
+//! something undone (skipped, drift reported). A skipped resource is never
+//! a failure.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -164,6 +167,11 @@ struct RunArgs {
     /// /usr/local/etc/homelab-agent/agent.yaml (macOS).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Append the log to FILE (and point standard error at it) instead of standard error;
+    /// when a rotator (newsyslog) moves FILE away, the next line opens it again.
+    /// `install-service` on macOS sets it, with a newsyslog config that rotates the file.
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -202,7 +210,10 @@ struct PlanArgs {
     /// Print the plan as JSON (one object per resource).
     #[arg(long)]
     json: bool,
-    /// Exit 0 when there is nothing to do, 2 when there are changes or drift, 1 on errors.
+    /// Exit 2 when there is something to do or look at: a create, change, prune or drift
+    /// (healed or `on_drift: report`), or a skipped resource (a secret that did not resolve, a
+    /// held change: not compared). 0 when everything is in sync; 1 on errors (invalid desired
+    /// state, something that could not be observed). Without the flag: 0 or 1.
     #[arg(long)]
     detailed_exitcode: bool,
     /// Also write the plan's metrics (resources managed, drifted, pending; revisions; last
@@ -218,7 +229,10 @@ struct ApplyArgs {
     /// Print what was done as JSON.
     #[arg(long)]
     json: bool,
-    /// Exit 0 when nothing changed, 2 when something was changed, 1 on errors.
+    /// Exit 2 when nothing failed and something was changed (created, changed, healed, pruned)
+    /// or left undone (a skipped resource, drift reported under `on_drift: report`). 0 when
+    /// nothing failed and everything was already in sync; 1 when a resource or stack failed or
+    /// the run was refused. Without the flag: 0 (skipped resources included) or 1.
     #[arg(long)]
     detailed_exitcode: bool,
     /// Also write the run's metrics to FILE for node-exporter's textfile collector (see
@@ -681,31 +695,72 @@ fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
 fn run_secrets_check(args: CheckArgs) -> Result<ExitCode> {
     let loaded = load(&args.target)?;
     let catalog = loaded.catalog.as_ref().expect("loaded");
+    outln!("{}", secrets_check_text(catalog).trim_end());
+    let failed = catalog
+        .entries
+        .iter()
+        .any(|e| e.blocked.is_some() && e.blocked_after.is_none())
+        || catalog
+            .stacks
+            .iter()
+            .flat_map(|s| &s.objects)
+            .any(|o| o.blocked.is_some());
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `agent secrets check`: every host resource and stack object that holds
+/// secrets, by whether its references resolved. A resource blocked only
+/// because one before it is blocked is not a secret failure: it is listed
+/// apart, as waiting.
+fn secrets_check_text(catalog: &desired::catalog::Catalog) -> String {
+    use std::fmt::Write;
     let mut ok = 0;
     let mut failed = Vec::new();
+    let mut waiting = Vec::new();
     for e in &catalog.entries {
-        match &e.blocked {
-            Some(why) => failed.push(format!(
+        match (&e.blocked, e.blocked_after) {
+            (Some(_), Some(_)) => waiting.push(e.id.as_str()),
+            (Some(why), None) => failed.push(format!(
                 "{}  (module {}, {}:{}): {why}",
                 e.id, e.module, e.file, e.line
             )),
-            None if e.resource.holds_secrets() => ok += 1,
+            (None, _) if e.resource.holds_secrets() => ok += 1,
+            (None, _) => {}
+        }
+    }
+    for o in catalog.stacks.iter().flat_map(|s| &s.objects) {
+        match &o.blocked {
+            Some(why) => failed.push(format!(
+                "{}  (stack {}, {}:{}): {why}",
+                o.id, o.stack, o.file, o.line
+            )),
+            None if o.holds_secrets => ok += 1,
             None => {}
         }
     }
-    outln!(
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "Secrets for host {}: {ok} resource(s) resolved all their references, {} could not.",
         catalog.host.name,
         failed.len()
     );
     for f in &failed {
-        outln!("  failed: {f}");
+        let _ = writeln!(out, "  failed: {f}");
     }
-    Ok(if failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    if !waiting.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {} resource(s) after those are skipped until they resolve (not secret failures): {}",
+            waiting.len(),
+            waiting.join(", ")
+        );
+    }
+    out
 }
 
 fn absolute(path: PathBuf) -> Result<PathBuf> {
@@ -786,24 +841,41 @@ fn run_uninstall_service(args: UninstallArgs) -> Result<ExitCode> {
 fn run_daemon(args: RunArgs) -> Result<ExitCode> {
     let path = args.config.unwrap_or_else(config::default_path);
     let config = config::load(&path)?;
-    init_logging(config.log_format);
+    init_logging(config.log_format, args.log_file.as_deref())?;
     crate::daemon::run::run(config)?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Logs to stderr as text or JSON lines; `RUST_LOG` filters (default info).
-fn init_logging(format: config::LogFormat) {
+/// Logs to stderr (or `log_file`, followed across rotations) as text or
+/// JSON lines; `RUST_LOG` filters (default info).
+fn init_logging(format: config::LogFormat, log_file: Option<&Path>) -> Result<()> {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Every line through the redacting writer: no URL credential in a log.
+    let (writer, ansi) = match log_file {
+        Some(path) => {
+            let file = crate::telemetry::logfile::LogFile::open(path, true)
+                .with_context(|| format!("cannot open the log file {}", path.display()))?;
+            (
+                BoxMakeWriter::new(move || crate::redact::RedactingWriter(file.clone())),
+                false,
+            )
+        }
+        None => (
+            BoxMakeWriter::new(|| crate::redact::RedactingWriter(std::io::stderr())),
+            std::io::stderr().is_terminal(),
+        ),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(|| crate::redact::RedactingWriter(std::io::stderr()))
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(writer)
+        .with_ansi(ansi);
     let _ = match format {
         config::LogFormat::Json => builder.json().try_init(),
         config::LogFormat::Text => builder.try_init(),
     };
+    Ok(())
 }
 
 /// Asks a running daemon for its status (`GET /api/status` on loopback),
@@ -874,6 +946,7 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
     let record = store.host(&host)?;
     let inventory = store.inventory(&host)?;
     let runs = store.runs(&host, args.runs)?;
+    let last_run = store.runs(&host, 1)?.pop();
     if args.json {
         let value = serde_json::json!({
             "host": host,
@@ -935,6 +1008,14 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
         ),
         _ => outln!("Applied revision: none yet"),
     }
+    if let Some(last) = &last_run {
+        if last.counts.skipped > 0 {
+            outln!(
+                "Skipped in the last run: {} resource(s) (a secret that did not resolve, or a held change; `agent plan` shows which, `agent secrets check` why)",
+                last.counts.skipped
+            );
+        }
+    }
     let mut by_module: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
     for e in inventory.values() {
         *by_module
@@ -956,17 +1037,18 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
     for r in runs {
         let c = &r.counts;
         outln!(
-            "  {}  {:<7} {:<8} {}  +{} ~{} -{} !{} failed {}{}",
+            "  {}  {:<7} {:<8} {}  +{} ~{} -{} !{} skipped {} failed {}{}",
             humantime::format_rfc3339_seconds(
                 std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.started_ms)
             ),
             r.trigger,
-            format!("{:?}", r.result).to_lowercase(),
+            r.result.name(),
             r.revision,
             c.created,
             c.changed,
             c.pruned,
             c.drift_healed + c.drift_reported,
+            c.skipped,
             c.failed,
             r.error
                 .map(|e| format!("  ({})", crate::redact::url_credentials(&e)))

@@ -3,6 +3,14 @@
 //! `agent run --config FILE`, restarted on failure, logging to the
 //! platform's place (the journal; `/var/log/homelab-agent.log` on macOS).
 //!
+//! launchd never rotates a LaunchDaemon's log file, so on macOS the agent
+//! writes it itself (`agent run --log-file`, which follows the file when
+//! it is moved away) and install-service adds a newsyslog config
+//! ([`NEWSYSLOG_CONF`]): newsyslog, which macOS runs every half hour,
+//! rotates it at 10 MiB and keeps 5 compressed generations. The unified
+//! log (`os_log`) was the other choice; a plain file keeps `tail -f` and
+//! the Linux text format, and newsyslog is macOS's own rotator.
+//!
 //! It is the same `service` resource a module declares (`resources::service`),
 //! so the unit is generated, verified (`systemd-analyze verify`), written
 //! atomically and started exactly as a managed service would be. With
@@ -63,31 +71,58 @@ pub enum InstallError {
         found: String,
         wanted: String,
     },
+    #[error("cannot remove the log rotation config {path}: {source}")]
+    Rotation {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Resource(#[from] ResourceError),
     #[error(transparent)]
     Fs(#[from] crate::fsops::FsError),
 }
 
+/// The LaunchDaemon's log file (macOS).
+pub const MACOS_LOG: &str = "/var/log/homelab-agent.log";
+
+/// newsyslog's config for [`MACOS_LOG`] (macOS).
+pub const NEWSYSLOG_CONF: &str = "/etc/newsyslog.d/homelab-agent.conf";
+
+/// The newsyslog entry: root-owned, 0640, 5 generations, rotated at
+/// 10240 KiB, bzip2-compressed (`J`), no signal (`N`: the agent reopens
+/// the file by itself, see `telemetry::logfile`), created if missing
+/// (`C`).
+pub fn newsyslog_conf() -> String {
+    format!(
+        "# homelab-agent's LaunchDaemon log, written by `agent install-service`.\n\
+         # The agent follows the file when newsyslog moves it away: no signal (N).\n\
+         # logfilename                 [owner:group] mode count size(KiB) when flags\n\
+         {MACOS_LOG}    root:wheel    640  5     10240     *    CJN\n"
+    )
+}
+
 /// The agent's own service spec.
 pub fn spec(binary: &Path, config: &Path, platform: Platform) -> Spec {
     let (stdout, stderr) = match platform {
-        // launchd drops stdio otherwise; the journal catches it on Linux.
-        Platform::Macos => (
-            Some("/var/log/homelab-agent.log".to_string()),
-            Some("/var/log/homelab-agent.log".to_string()),
-        ),
+        // launchd drops stdio otherwise (what is printed before logging
+        // starts, or by a crash); the journal catches it on Linux.
+        Platform::Macos => (Some(MACOS_LOG.to_string()), Some(MACOS_LOG.to_string())),
         Platform::Linux => (None, None),
     };
+    let mut args = vec![
+        "run".to_string(),
+        "--config".to_string(),
+        config.to_string_lossy().into_owned(),
+    ];
+    if platform == Platform::Macos {
+        args.extend(["--log-file".to_string(), MACOS_LOG.to_string()]);
+    }
     Spec {
         name: service_name(platform).to_string(),
         description: "homelab-agent: converges this host from its git repository".into(),
         program: binary.to_string_lossy().into_owned(),
-        args: vec![
-            "run".into(),
-            "--config".into(),
-            config.to_string_lossy().into_owned(),
-        ],
+        args,
         environment: BTreeMap::from([("RUST_LOG".to_string(), "info".to_string())]),
         user: None,
         group: None,
@@ -145,7 +180,18 @@ pub fn install(
     root: Option<&Path>,
     dry_run: bool,
 ) -> Result<Installed, InstallError> {
-    let platform = this_platform();
+    install_on(this_platform(), binary, config, root, dry_run)
+}
+
+/// [`install`] for `platform` (another one than this machine's only with a
+/// `root`, in tests).
+fn install_on(
+    platform: Platform,
+    binary: &Path,
+    config: &Path,
+    root: Option<&Path>,
+    dry_run: bool,
+) -> Result<Installed, InstallError> {
     if !dry_run {
         std::fs::metadata(config).map_err(|source| InstallError::Config {
             path: config.to_path_buf(),
@@ -153,7 +199,10 @@ pub fn install(
         })?;
     }
     let unit = Unit::new(spec(binary, config, platform), platform);
-    let files = unit_files(&unit);
+    let mut files = unit_files(&unit);
+    if platform == Platform::Macos {
+        files.push((PathBuf::from(NEWSYSLOG_CONF), newsyslog_conf()));
+    }
     if dry_run {
         return Ok(Installed {
             files,
@@ -161,6 +210,10 @@ pub fn install(
         });
     }
     let host = host(root, platform)?;
+    let mut rotation = false;
+    if platform == Platform::Macos {
+        rotation = write_if_changed(&host, Path::new(NEWSYSLOG_CONF), &newsyslog_conf())?;
+    }
     let live = unit.observe(&host)?;
     let changes = unit.diff(&live, &host);
     if !changes.is_empty() {
@@ -172,17 +225,67 @@ pub fn install(
             }
         }
     }
-    Ok(Installed {
-        files,
-        changed: changes.iter().map(|c| c.field).collect(),
-    })
+    let mut changed: Vec<&'static str> = changes.iter().map(|c| c.field).collect();
+    if rotation {
+        changed.push("log rotation");
+    }
+    Ok(Installed { files, changed })
 }
 
-/// Stops, disables and removes the agent's service.
+/// Writes `content` to `path` (0644, atomically) unless it is already
+/// there byte for byte; true when written.
+fn write_if_changed(host: &Host, path: &Path, content: &str) -> Result<bool, InstallError> {
+    let fs = &host.fs;
+    if let Some(live) = fs.read_file(path)? {
+        if live.1.as_deref() == Some(content.as_bytes()) {
+            return Ok(false);
+        }
+    }
+    let attrs = crate::fsops::Attrs {
+        mode: 0o644,
+        uid: None,
+        gid: None,
+    };
+    if let Some(parent) = path.parent() {
+        fs.create_dir_all(
+            parent,
+            crate::fsops::Attrs {
+                mode: 0o755,
+                ..attrs
+            },
+        )?;
+    }
+    let staged = fs.stage_file(path, content.as_bytes(), attrs)?;
+    for result in fs.commit(vec![staged]) {
+        result?;
+    }
+    fs.sync()?;
+    Ok(true)
+}
+
+/// Stops, disables and removes the agent's service (and on macOS its
+/// newsyslog config; the log files stay).
 pub fn uninstall(root: Option<&Path>) -> Result<PruneOutcome, InstallError> {
-    let platform = this_platform();
+    uninstall_on(this_platform(), root)
+}
+
+fn uninstall_on(platform: Platform, root: Option<&Path>) -> Result<PruneOutcome, InstallError> {
     let host = host(root, platform)?;
-    Ok(ServiceKind.prune(service_name(platform), &host)?)
+    let outcome = ServiceKind.prune(service_name(platform), &host)?;
+    if platform == Platform::Macos {
+        let conf = host.fs.host_path(Path::new(NEWSYSLOG_CONF));
+        match std::fs::remove_file(&conf) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(InstallError::Rotation {
+                    path: conf,
+                    source: e,
+                })
+            }
+        }
+    }
+    Ok(outcome)
 }
 
 /// Where a host's agent config lives in the repository.
@@ -296,4 +399,116 @@ pub fn bootstrap_config(
     };
     let state_dir = crate::config::default_state_dir(root);
     config_from_repo(&spec, &state_dir, host, config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On macOS the LaunchDaemon runs `agent run --log-file`, and a
+    /// newsyslog config rotates that file; both written under `--root`,
+    /// and removed again (the config) by uninstall.
+    #[test]
+    fn the_macos_service_logs_to_a_file_newsyslog_rotates() {
+        let root = tempfile::tempdir().unwrap();
+        let config = root.path().join("agent.yaml");
+        std::fs::write(&config, "repo: .\n").unwrap();
+        let done = install_on(
+            Platform::Macos,
+            Path::new("/usr/local/bin/agent"),
+            Path::new("/usr/local/etc/homelab-agent/agent.yaml"),
+            Some(root.path()),
+            true,
+        )
+        .unwrap();
+        let text: String = done
+            .files
+            .iter()
+            .map(|(p, c)| format!("# {}\n{c}", p.display()))
+            .collect();
+        // Inline: a snapshot directory under src/ would read as a module.
+        insta::assert_snapshot!(text, @r#"
+# /Library/LaunchDaemons/homelab.agent.plist
+<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0">
+<dict>
+	<key>Label</key>
+	<string>homelab.agent</string>
+	<key>ProgramArguments</key>
+	<array>
+		<string>/usr/local/bin/agent</string>
+		<string>run</string>
+		<string>--config</string>
+		<string>/usr/local/etc/homelab-agent/agent.yaml</string>
+		<string>--log-file</string>
+		<string>/var/log/homelab-agent.log</string>
+	</array>
+	<key>EnvironmentVariables</key>
+	<dict>
+		<key>RUST_LOG</key>
+		<string>info</string>
+	</dict>
+	<key>RunAtLoad</key>
+	<true/>
+	<key>KeepAlive</key>
+	<dict>
+		<key>SuccessfulExit</key>
+		<false/>
+	</dict>
+	<key>ThrottleInterval</key>
+	<integer>5</integer>
+	<key>StandardOutPath</key>
+	<string>/var/log/homelab-agent.log</string>
+	<key>StandardErrorPath</key>
+	<string>/var/log/homelab-agent.log</string>
+</dict>
+</plist>
+# /etc/newsyslog.d/homelab-agent.conf
+# homelab-agent's LaunchDaemon log, written by `agent install-service`.
+# The agent follows the file when newsyslog moves it away: no signal (N).
+# logfilename                 [owner:group] mode count size(KiB) when flags
+/var/log/homelab-agent.log    root:wheel    640  5     10240     *    CJN
+"#);
+
+        let done = install_on(
+            Platform::Macos,
+            Path::new("/usr/local/bin/agent"),
+            &config,
+            Some(root.path()),
+            false,
+        )
+        .unwrap();
+        assert!(done.changed.contains(&"log rotation"), "{:?}", done.changed);
+        let conf = root.path().join(NEWSYSLOG_CONF.trim_start_matches('/'));
+        assert_eq!(std::fs::read_to_string(&conf).unwrap(), newsyslog_conf());
+        let plist = root
+            .path()
+            .join("Library/LaunchDaemons/homelab.agent.plist");
+        let plist = std::fs::read_to_string(plist).unwrap();
+        assert!(plist.contains("<string>--log-file</string>"), "{plist}");
+        // Installed again: nothing to write.
+        let again = install_on(
+            Platform::Macos,
+            Path::new("/usr/local/bin/agent"),
+            &config,
+            Some(root.path()),
+            false,
+        )
+        .unwrap();
+        assert!(again.changed.is_empty(), "{:?}", again.changed);
+        uninstall_on(Platform::Macos, Some(root.path())).unwrap();
+        assert!(!conf.exists());
+    }
+
+    #[test]
+    fn the_linux_unit_logs_to_the_journal() {
+        let s = spec(
+            Path::new("/usr/bin/agent"),
+            Path::new("/etc/a.yaml"),
+            Platform::Linux,
+        );
+        assert_eq!(s.args, ["run", "--config", "/etc/a.yaml"]);
+        assert_eq!(s.stderr, None);
+    }
 }

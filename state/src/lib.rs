@@ -117,10 +117,17 @@ pub struct InventoryEntry {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct HostRecord {
-    /// Revision of the desired state last applied without errors.
+    /// Revision of the desired state last applied to the host's resources
+    /// with nothing failed (resources skipped for an unresolved secret or a
+    /// held change do not count against it: see [`RunResult::Skipped`]).
     pub applied_revision: Option<String>,
     /// Unix seconds of that apply.
     pub applied_at: Option<u64>,
+    /// Unix seconds of the last run in which nothing failed, on any target
+    /// (host or stack): result [`RunResult::Success`] or
+    /// [`RunResult::Skipped`]. Records written before it read as `None`
+    /// (readers fall back to `applied_at`).
+    pub last_success_at: Option<u64>,
     /// Newest revision fetched from the source.
     pub fetched_revision: Option<String>,
     /// Newest revision that fetched, verified and validated; what the agent
@@ -168,6 +175,16 @@ pub enum RefusalCause {
 }
 
 impl RefusalCause {
+    /// The lower-case name, as in JSON (`invalid`, `panicked`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            RefusalCause::Invalid => "invalid",
+            RefusalCause::Panicked => "panicked",
+            RefusalCause::TimedOut => "timed_out",
+            RefusalCause::Crashed => "crashed",
+        }
+    }
+
     /// Trying the revision again would crash, hang or panic again: the
     /// daemon does not, until a newer revision is fetched (or the config is
     /// reloaded), not even after a restart.
@@ -191,14 +208,46 @@ pub struct RunCounts {
     pub skipped: u32,
 }
 
-/// Outcome of one run.
+/// Outcome of one run. Applied, skipped and failed are distinct: a run
+/// that only skipped resources is not a failed run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunResult {
+    /// Every target converged: nothing failed, nothing skipped.
     Success,
-    /// Some resources failed; the others were applied.
+    /// Nothing failed, but some resources were skipped (a secret did not
+    /// resolve, a change is held after a rollback, or a resource after one
+    /// of those); everything else converged.
+    Skipped,
+    /// Some resources (or stacks) failed; others were applied.
     Partial,
+    /// Something failed and nothing was applied.
     Failed,
+}
+
+impl RunResult {
+    /// Something failed (`Partial`, `Failed`): the run is not a success,
+    /// for readiness, the last-success metric and the exit code.
+    pub fn failed(self) -> bool {
+        matches!(self, RunResult::Partial | RunResult::Failed)
+    }
+
+    /// The lower-case name (`success`, `skipped`, `partial`, `failed`), as
+    /// in the JSON of a record and the `result` label of the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            RunResult::Success => "success",
+            RunResult::Skipped => "skipped",
+            RunResult::Partial => "partial",
+            RunResult::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for RunResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// One run of `apply` (or of the daemon's reconcile loop).
@@ -754,6 +803,26 @@ mod tests {
             result: RunResult::Success,
             error: None,
         }
+    }
+
+    /// Records written by older versions (no `last_success_at`, the three
+    /// old results) still read; the new result round-trips by its name.
+    #[test]
+    fn old_records_read_and_the_skipped_result_round_trips() {
+        let host: HostRecord =
+            serde_json::from_str(r#"{"applied_revision":"abc","applied_at":5}"#).unwrap();
+        assert_eq!(host.applied_at, Some(5));
+        assert_eq!(host.last_success_at, None);
+        let old = r#"{"started_ms":1,"finished_ms":2,"trigger":"poll","revision":"r","counts":{"created":1},"result":"partial","error":null}"#;
+        let record: RunRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.result, RunResult::Partial);
+        assert!(record.result.failed());
+        let mut skipped = run(3);
+        skipped.result = RunResult::Skipped;
+        let json = serde_json::to_string(&skipped).unwrap();
+        assert!(json.contains(r#""result":"skipped""#), "{json}");
+        assert_eq!(serde_json::from_str::<RunRecord>(&json).unwrap(), skipped);
+        assert!(!RunResult::Skipped.failed() && !RunResult::Success.failed());
     }
 
     #[test]

@@ -11,11 +11,12 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use homelab_agent_tests::connect_standin::ConnectStandIn;
 use homelab_agent_tests::git_server::{
     forgejo_push, generate_ssh_key, http_get, http_post, http_request, new_uuid, GitServer,
     WorkClone,
 };
-use homelab_agent_tests::local_daemon::{first_run, probe_ready, wait_for_file, Daemon};
+use homelab_agent_tests::local_daemon::{first_run, probe_ready, wait_for_file, Daemon, LocalLab};
 use homelab_agent_tests::{agent, ports, stderr, stdout};
 
 /// At least 32 bytes: shorter webhook secrets are refused (see config::MIN_SHARED_SECRET_BYTES).
@@ -475,7 +476,7 @@ fn hand_edits_are_healed_or_only_reported() {
     let notes = lab.host_path("/srv/app/notes.txt");
     std::fs::write(&notes, "my notes\n").unwrap();
     daemon.wait_until("the report run", Duration::from_secs(30), |s| {
-        s["counts"]["drift"] == 1
+        s["counts"]["drift_reported"] == 1
     });
     assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes\n");
     // The rename is seen once or twice (notify reports its target and the
@@ -717,6 +718,160 @@ fn a_manual_rollback_is_kept_until_the_next_push() {
         s["manual_override"] == false
     });
     assert_eq!(status["applied_revision"], lab.clone.head());
+}
+
+/// The extra module with a file that needs a secret, and one after it.
+const EXTRA_WITH_SECRET: &str = "resources:
+  - file: /srv/extra.txt
+    content: \"extra\\n\"
+  - file: /srv/secret.conf
+    content: \"password={{ secret('op://homelab/db/password') }}\\n\"
+  - file: /srv/after-secret.conf
+    content: \"uses the secret\\n\"
+    after: [file:/srv/secret.conf]
+";
+
+/// Issue 14: with 1Password Connect offline, a run that only skipped the
+/// resources needing its secret is not a failed run: the revision is
+/// applied and becomes the last good one, `/readyz` is 200, the
+/// last-success metric is set, `agent status` names the applied revision;
+/// after a bad commit the daemon still heals drift with the last good
+/// revision; each skipped resource is logged once, not every run.
+#[test]
+fn a_run_that_only_skipped_is_ready_and_the_last_good_revision_keeps_healing() {
+    let lab = Lab::new();
+    let mut connect = ConnectStandIn::start("offline-connect-token-for-tests");
+    let token = lab.write_private("op-token", "offline-connect-token-for-tests");
+    connect.stop();
+    lab.write_config_with(
+        "1h",
+        None,
+        &format!(
+            "onepassword:\n  connect_url: {}\n  token_file: {}\n",
+            connect.url(),
+            token.display()
+        ),
+    );
+    lab.clone
+        .write("modules/extra/module.yaml", EXTRA_WITH_SECRET);
+    lab.clone.commit("a file that needs a secret");
+    lab.clone.push("main");
+    let good = lab.clone.head();
+    let daemon = lab.start();
+    let status = daemon.status();
+    assert_eq!(status["last_run"]["result"], "skipped", "{status}");
+    assert_eq!(status["last_run"]["counts"]["skipped"], 2, "{status}");
+    assert_eq!(status["counts"]["skipped"], 2, "{status}");
+    assert_eq!(status["applied_revision"], good, "{status}");
+    assert_eq!(status["last_good_revision"], good, "{status}");
+    let (code, why) = http_get(&lab.listen(), "/readyz");
+    assert_eq!(code, 200, "{why}");
+    assert!(
+        daemon.metric("homelab_agent_last_successful_run_timestamp_seconds{host=\"lab\"}") > 0.0,
+        "no last success after a run that only skipped"
+    );
+    assert_eq!(
+        daemon.metric(
+            "homelab_agent_runs_total{host=\"lab\",trigger=\"startup\",result=\"skipped\"}"
+        ),
+        1.0
+    );
+    assert!(lab.host_path("/srv/extra.txt").exists());
+    assert!(!lab.host_path("/srv/secret.conf").exists());
+    let out = agent()
+        .args(["status", "--config", lab.config().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("Applied revision: {good} at ")),
+        "{text}"
+    );
+    assert!(
+        text.contains("Skipped in the last run: 2 resource(s)") && text.contains(" skipped  "),
+        "{text}"
+    );
+
+    // A bad commit: refused; a hand edit is still healed, with the last
+    // good revision.
+    let before = lab.clone.head();
+    lab.clone.write(
+        "modules/app/module.yaml",
+        &APP.replace("mode: \"0640\"", "mdoe: \"0640\""),
+    );
+    lab.clone.commit("typo");
+    assert_eq!(lab.push_and_notify(&before).0, 202);
+    let status = daemon.wait_until("the refusal", Duration::from_secs(20), |s| {
+        s["refused"]["stage"] == "validate"
+    });
+    assert_eq!(status["last_good_revision"], good, "{status}");
+    assert_eq!(status["last_run"]["revision"], good, "{status}");
+    assert_eq!(status["last_run"]["result"], "skipped", "{status}");
+    let conf = lab.host_path("/srv/app/app.conf");
+    std::fs::write(&conf, "port = 1\n").unwrap();
+    wait_for_file(&conf, "port = 8080\n", Duration::from_secs(30));
+    daemon.wait_until("the heal run", Duration::from_secs(30), |s| {
+        s["last_run"]["counts"]["drift_healed"] == 1
+    });
+    // Every run (startup, the refused push, the heal, ...) has a start and
+    // an end line; each skipped resource is logged once.
+    let log = daemon.log_text();
+    let lines = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+    let runs = lab.run_triggers().len();
+    assert!(runs >= 3, "{runs} runs");
+    assert_eq!(lines("run finished"), runs, "{log}");
+    assert_eq!(lines("run started"), runs, "{log}");
+    assert_eq!(
+        lines("skipped: a secret did not resolve"),
+        2,
+        "one line per skipped resource, not one per run:\n{log}"
+    );
+    assert!(
+        !log.contains("Some(") && !log.contains("[\""),
+        "debug formatting in the log:\n{log}"
+    );
+}
+
+/// A local-directory source has no history: after a bad edit the daemon
+/// keeps the last good desired state (in memory) and heals drift with it,
+/// then converges the fix.
+#[test]
+fn a_local_directory_daemon_keeps_healing_after_a_bad_edit() {
+    let lab = LocalLab::new();
+    lab.write("hosts/lab.yaml", &host_yaml(1111, false));
+    lab.write("modules/app/module.yaml", APP);
+    lab.write_config("");
+    let daemon = lab.start();
+    let conf = lab.host_path("/srv/app/app.conf");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "port = 1111\n");
+    let good = daemon.status()["last_good_revision"].clone();
+    assert!(
+        good.as_str().is_some_and(|g| g.starts_with("local-")),
+        "{good}"
+    );
+
+    lab.write(
+        "modules/app/module.yaml",
+        &APP.replace("mode: \"0640\"", "mdoe: \"0640\""),
+    );
+    let status = daemon.wait_until("the refusal", Duration::from_secs(20), |s| {
+        s["refused"]["stage"] == "validate"
+    });
+    assert_eq!(status["last_good_revision"], good, "{status}");
+    assert_eq!(
+        status["last_run"]["revision"], good,
+        "converged the kept state: {status}"
+    );
+    std::fs::write(&conf, "port = 1\n").unwrap();
+    wait_for_file(&conf, "port = 1111\n", Duration::from_secs(30));
+    assert!(daemon.log_text().contains("revision refused"));
+
+    lab.write("modules/app/module.yaml", APP);
+    lab.write("hosts/lab.yaml", &host_yaml(2222, false));
+    wait_for_file(&conf, "port = 2222\n", Duration::from_secs(30));
+    daemon.wait_until("the fix", Duration::from_secs(20), |s| {
+        s["refused"].is_null() && s["last_good_revision"] != good
+    });
 }
 
 #[test]

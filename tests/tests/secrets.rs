@@ -455,6 +455,53 @@ fn connect_down_skips_secret_resources_and_converges_the_rest() {
     lab.expect(&["plan", "--detailed-exitcode"], 0);
 }
 
+/// The exit codes of README.md's table, and `agent status`, agree with the
+/// run's result: a run that only skipped (Connect down) exits 0, or 2 with
+/// `--detailed-exitcode` (something left undone), is recorded as
+/// `skipped`, and its revision is applied; drift reported under
+/// `on_drift: report` is left undone too (2); an error is 1.
+#[test]
+fn exit_codes_and_status_agree_on_a_run_that_only_skipped() {
+    let mut lab = Lab::with_module(&format!(
+        "{APP}  - file: /srv/app/notes.txt\n    content: \"notes\\n\"\n    on_drift: report\n"
+    ));
+    lab.connect.stop();
+    lab.expect(&["apply", "--detailed-exitcode"], 2);
+    let out = lab.expect(&["status"], 0);
+    let text = stdout(&out);
+    assert!(
+        !text.contains("none yet") && text.contains("Applied revision: local-"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Skipped in the last run: 4 resource(s)"),
+        "{text}"
+    );
+    assert!(text.contains(" skipped  local-"), "{text}");
+    // Nothing changed, 4 still skipped: 0 without the flag, 2 with it.
+    lab.expect(&["apply"], 0);
+    lab.expect(&["apply", "--detailed-exitcode"], 2);
+    lab.expect(&["plan", "--detailed-exitcode"], 2);
+    let out = lab.expect(&["status", "--json"], 0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["runs"][0]["result"], "skipped", "{v}");
+    assert!(v["applied"]["last_success_at"].as_u64().is_some(), "{v}");
+
+    lab.connect.restart();
+    lab.expect(&["apply", "--detailed-exitcode"], 2);
+    lab.expect(&["apply", "--detailed-exitcode"], 0);
+    lab.expect(&["plan", "--detailed-exitcode"], 0);
+    // Drift left alone under `on_drift: report`: apply leaves it undone (2).
+    std::fs::write(lab.host_path("/srv/app/notes.txt"), "mine\n").unwrap();
+    lab.expect(&["apply", "--detailed-exitcode"], 2);
+    lab.expect(&["apply"], 0);
+    // A resource that cannot be handled: 1, with or without the flag.
+    std::fs::remove_file(lab.host_path("/srv/app/plain.txt")).unwrap();
+    std::fs::create_dir(lab.host_path("/srv/app/plain.txt")).unwrap();
+    lab.expect(&["apply", "--detailed-exitcode"], 1);
+    lab.expect(&["apply"], 1);
+}
+
 #[test]
 fn connect_down_after_converging_touches_and_prunes_no_secret_file() {
     // user.txt is report-only: a hand edit of it must stay drift (shown,
@@ -608,6 +655,42 @@ fn secrets_check_names_each_bad_reference_and_its_resource() {
     assert_eq!(
         stdout(&out),
         "Secrets for host lab: 2 resource(s) resolved all their references, 0 could not.\n"
+    );
+}
+
+/// `agent secrets check` checks the references in a stack's Secrets too,
+/// and a resource skipped only because one before it is blocked is listed
+/// as waiting, not counted as a secret failure.
+#[test]
+fn secrets_check_covers_stack_secrets_and_does_not_count_what_waits() {
+    let lab = Lab::new();
+    let module = "resources:\n  - directory: /srv/app\n  - file: /srv/app/good.txt\n    content: \"{{ secret('op://homelab/db/password') }}\"\n  - file: /srv/app/missing.txt\n    content: \"{{ secret('op://homelab/nope/password') }}\"\n  - file: /srv/app/after.txt\n    content: plain\n    after: [file:/srv/app/missing.txt]\n";
+    lab.write("modules/app/module.yaml", module);
+    lab.write(
+        "hosts/lab.yaml",
+        &format!("{HOST}stacks:\n  - name: web\n    context: lab\n"),
+    );
+    lab.write("k8s/web/stack.yaml", "namespace: web\n");
+    lab.write(
+        "k8s/web/secret.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: api\ntype: Opaque\nstringData:\n  KEY: \"{{ secret('op://homelab/api/prod/key') }}\"\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: gone\ntype: Opaque\nstringData:\n  KEY: \"{{ secret('op://homelab/gone/key') }}\"\n",
+    );
+    let out = lab.expect(&["secrets", "check"], 1);
+    let text = lab.redact(&stdout(&out));
+    for secret in [DB_PASSWORD, API_KEY, TOKEN] {
+        assert!(!text.contains(secret), "{secret} printed:\n{text}");
+    }
+    insta::assert_snapshot!("secrets_check_stacks_and_waiting", text);
+    // Only what waits: exit 0 once the references resolve.
+    lab.write("modules/app/module.yaml", &module.replace("nope", "db"));
+    lab.write(
+        "k8s/web/secret.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: api\ntype: Opaque\nstringData:\n  KEY: \"{{ secret('op://homelab/api/prod/key') }}\"\n",
+    );
+    let out = lab.expect(&["secrets", "check"], 0);
+    assert_eq!(
+        stdout(&out),
+        "Secrets for host lab: 3 resource(s) resolved all their references, 0 could not.\n"
     );
 }
 

@@ -3,8 +3,10 @@
 //! - `queue.rs`: the coalescing trigger queue.
 //! - `status.rs`: the status snapshot served over HTTP.
 //! - `http.rs`: the one HTTP listener (webhook, health, status, metrics).
+//! - `log.rs`: the log lines about runs (once per change for skips).
 
 pub mod http;
+pub mod log;
 pub mod queue;
 pub mod run;
 pub mod status;

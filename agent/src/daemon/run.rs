@@ -44,7 +44,7 @@ use crate::config::{self, AgentConfig};
 use crate::desired::catalog::Catalog;
 use crate::engine::{self, Scrubber, SourceSpec, StageError};
 use crate::fsops::Fs;
-use crate::plan::{self, Classification};
+use crate::plan;
 use crate::resources::Host;
 use crate::source::git::{self, RepoLocation};
 use crate::telemetry::{Phase, Phases, RunOutcome, Telemetry};
@@ -178,6 +178,15 @@ struct Shared {
     /// Points the drift watchers at the current catalog: called after each
     /// run, and after a run's native apply, before its stacks wait.
     sync_watchers: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// What was logged about each target's resources (skips and reported
+    /// drift are logged once per change, not every poll).
+    run_log: Mutex<super::log::RunLog>,
+    /// A local-directory source has no history to re-read: the catalog of
+    /// the last good revision (the last one applied with nothing failed on
+    /// the host) is kept here, in memory, and converged when a newer edit
+    /// is refused. (Git sources re-read the last good commit from the
+    /// cache instead.)
+    last_good_local: Mutex<Option<Arc<Catalog>>>,
 }
 
 fn now_secs() -> u64 {
@@ -303,6 +312,8 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
         runs: AtomicU32::new(0),
         telemetry,
         sync_watchers: std::sync::OnceLock::new(),
+        run_log: Mutex::new(super::log::RunLog::default()),
+        last_good_local: Mutex::new(None),
     });
     refresh_status_from_state(&shared);
 
@@ -566,7 +577,7 @@ fn choose_catalog(
     phases: &mut Phases,
     secrets: &Arc<Scrubber>,
     started: Instant,
-) -> (Option<Catalog>, Option<String>, Option<Refused>) {
+) -> (Option<Arc<Catalog>>, Option<String>, Option<Refused>) {
     let spec = SourceSpec {
         repo: s.config.repo.clone(),
         reference: s.config.reference.clone(),
@@ -631,7 +642,7 @@ fn choose_catalog(
                 !retry && r.cause.is_sticky() && r.revision.is_some() && r.revision == candidate
             });
             if let (Some(known), Some(rev)) = (known_sticky, &candidate) {
-                info!(revision = %rev, cause = ?known.cause, "revision refused earlier (it panicked, hung or crashed the agent); not tried again until a newer one is fetched or the config is reloaded");
+                info!(revision = %rev, cause = known.cause.name(), "revision refused earlier (it panicked, hung or crashed the agent); not tried again until a newer one is fetched or the config is reloaded");
                 refused = Some(known.clone());
             } else if let Some(rev) = candidate
                 .as_ref()
@@ -664,7 +675,7 @@ fn choose_catalog(
                             .clone()
                             .unwrap_or_else(|| "the local directory".into());
                         match rendered {
-                            Rendered::Done(Ok(c)) => return (Some(c), fetched, None),
+                            Rendered::Done(Ok(c)) => return (Some(Arc::new(c)), fetched, None),
                             Rendered::Done(Err(e)) => Some(refuse(&e, fetched.clone())),
                             Rendered::Panicked(why) => Some(sticky(
                                 &label,
@@ -683,11 +694,21 @@ fn choose_catalog(
         }
         Err(e) => refused = Some(refuse(&e, None)),
     }
-    // Fall back to the last good revision (remote sources keep it in the cache).
+    // Fall back to the last good revision: remote sources keep it in the
+    // cache; a local directory's is the catalog kept in memory.
+    let refused_revision = refused.as_ref().and_then(|r| r.revision.as_ref());
     let fallback = match (
         git::parse_location(&s.config.repo),
         &record.last_good_revision,
     ) {
+        (RepoLocation::Local(_), Some(good)) if refused.is_some() => {
+            let kept = shared
+                .last_good_local
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            kept.filter(|c| &c.revision == good && refused_revision != Some(good))
+        }
         (RepoLocation::Remote(url), Some(good))
             if refused.as_ref().and_then(|r| r.revision.as_ref()) != Some(good) =>
         {
@@ -696,7 +717,7 @@ fn choose_catalog(
                 Ok(src) => match phases.time(Phase::Render, || {
                     render_bounded(src, s, dyn_secrets.clone(), started + budget)
                 }) {
-                    Rendered::Done(Ok(c)) => Some(c),
+                    Rendered::Done(Ok(c)) => Some(Arc::new(c)),
                     Rendered::Done(Err(e)) => {
                         warn!(revision = %good, error = %secrets.scrub(&e.to_string()), "the last good revision does not load either");
                         None
@@ -738,6 +759,7 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     // The metric label: the batch's first trigger (a bounded set of values).
     let primary = triggers.iter().next().map_or("poll", |t| t.name());
     let telemetry = &shared.telemetry;
+    super::log::run_started(&trigger);
     {
         let mut st = shared.status.write().unwrap();
         st.running = true;
@@ -746,10 +768,17 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     let _lock = match Lock::acquire(&s.state_dir, &format!("agent run ({trigger})")) {
         Ok(l) => l,
         Err(e) => {
-            warn!(error = %e, "run skipped: the state directory is locked; retrying at the next trigger");
+            warn!(error = %e, "run not started: the state directory is locked; retrying at the next trigger");
             telemetry
                 .metrics
                 .run_finished(primary, RunOutcome::Error, &phases, started.elapsed());
+            super::log::run_finished(
+                &trigger,
+                None,
+                RunOutcome::Error,
+                &Default::default(),
+                started.elapsed(),
+            );
             shared.status.write().unwrap().running = false;
             return;
         }
@@ -764,6 +793,13 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
             telemetry
                 .metrics
                 .run_finished(primary, RunOutcome::Error, &phases, started.elapsed());
+            super::log::run_finished(
+                &trigger,
+                None,
+                RunOutcome::Error,
+                &Default::default(),
+                started.elapsed(),
+            );
             shared.status.write().unwrap().running = false;
             return;
         }
@@ -777,16 +813,34 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     let fetch = !triggers.iter().all(|t| *t == Trigger::Drift) || record.fetched_revision.is_none();
     let (catalog, fetched, mut refused) =
         choose_catalog(shared, &s, &record, fetch, &mut phases, &secrets, started);
-    let mut counts = crate::plan::Summary::default();
+    let mut planned = crate::plan::Summary::default();
     let mut outcome = RunOutcome::Error;
+    let mut run_counts = homelab_agent_state::RunCounts::default();
+    let mut converged = None;
     if let Some(catalog) = catalog {
         let revision = catalog.revision.clone();
+        converged = Some(revision.clone());
         let candidate = refused.is_none();
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_plan_apply(shared, &s, catalog, &trigger, &mut phases, &secrets)
+            run_plan_apply(shared, &s, catalog.clone(), &trigger, &mut phases, &secrets)
         }));
         match run {
-            Ok(Ok((c, o))) => (counts, outcome) = (c, o),
+            Ok(Ok(done)) => {
+                planned = done.planned;
+                outcome = done.outcome;
+                run_counts = done.counts;
+                // A local directory has no history: keep what converged,
+                // to fall back to after a bad edit.
+                if candidate
+                    && done.host_applied
+                    && matches!(git::parse_location(&s.config.repo), RepoLocation::Local(_))
+                {
+                    *shared
+                        .last_good_local
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(catalog);
+                }
+            }
             Ok(Err(e)) => error!(error = %e, "run failed"),
             Err(payload) => {
                 let why = secrets.scrub(&panic_message(&*payload));
@@ -834,9 +888,16 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     telemetry
         .metrics
         .run_finished(primary, outcome, &phases, started.elapsed());
+    super::log::run_finished(
+        &trigger,
+        converged.as_deref(),
+        outcome,
+        &run_counts,
+        started.elapsed(),
+    );
     release_memory();
     refresh_status_from_state(shared);
-    shared.status.write().unwrap().counts = counts;
+    shared.status.write().unwrap().planned = planned;
 }
 
 /// Writes what the source stage decided (see `run::record`).
@@ -860,7 +921,7 @@ fn report_refusal(
         shared.fetch_failures.store(0, Ordering::Relaxed);
         return;
     };
-    warn!(stage = %r.stage, revision = ?r.revision, cause = ?r.cause, error = %r.error, "revision refused; staying on the last good revision");
+    super::log::refused(r);
     // Counted every run; sent to Loki once per refused revision.
     let known = record
         .refused
@@ -931,6 +992,15 @@ fn heal_native(
             shared
                 .telemetry
                 .observe_apply(&run.plan, &applied.host, trigger);
+            shared
+                .run_log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .outcomes(
+                    super::log::Target::Host,
+                    &applied.host.outcomes,
+                    &|t: &str| secrets.scrub(t),
+                );
             info!(
                 trigger,
                 healed = applied.host.counts.drift_healed,
@@ -942,26 +1012,27 @@ fn heal_native(
     }
 }
 
-fn log_plan(plan: &plan::Plan) {
-    for p in &plan.resources {
-        let e = &plan.catalog.entries[p.index];
-        if let (Classification::Skipped, Some(why)) = (p.class, &e.blocked) {
-            warn!(resource = %e.id, reason = %why, "skipped: a secret did not resolve");
-        }
-        if p.class == Classification::Drift {
-            info!(resource = %e.id, module = %e.module, on_drift = e.on_drift.name(), "drift detected");
-        }
-    }
+/// What a daemon run that applied reports back to `reconcile`.
+struct RunDone {
+    /// What its plan found.
+    planned: crate::plan::Summary,
+    /// The record's result.
+    outcome: RunOutcome,
+    /// The counts of every target.
+    counts: homelab_agent_state::RunCounts,
+    /// None of the host's resources failed: its revision is the applied
+    /// (and so the last good) one.
+    host_applied: bool,
 }
 
 fn run_plan_apply(
     shared: &Arc<Shared>,
     s: &Settings,
-    catalog: Catalog,
+    catalog: Arc<Catalog>,
     trigger: &str,
     phases: &mut Phases,
     secrets: &Scrubber,
-) -> Result<(crate::plan::Summary, RunOutcome), RunStopped> {
+) -> Result<RunDone, RunStopped> {
     let telemetry = &shared.telemetry;
     let revision = catalog.revision.clone();
     let failed = |phase: Option<Phase>, stage: &str, e: String| {
@@ -972,7 +1043,6 @@ fn run_plan_apply(
     let fs = Fs::new(s.root.as_deref().unwrap_or(Path::new("/")))
         .map_err(|e| failed(Some(Phase::Observe), "observe", e.to_string()))?;
     let host = Host::new(fs, s.root.is_some(), catalog.host.platform);
-    let catalog = Arc::new(catalog);
     let kube = crate::k8s::client::KubeSettings {
         kubeconfig: s.config.kubeconfig.clone(),
         sandbox: s.root.is_some(),
@@ -982,7 +1052,6 @@ fn run_plan_apply(
     // set before applying, so the events of the agent's own writes compare
     // equal and queue nothing.
     let on_planned = |plan: &plan::Plan| {
-        log_plan(plan);
         let by_path = plan
             .catalog
             .entries
@@ -1041,56 +1110,38 @@ fn run_plan_apply(
     )
     .map_err(|e| failed(None, "state", e.to_string()))?;
     phases.add_all(&run.phases);
-    let counts = run.plan.summary();
+    let planned = run.plan.summary();
     let applied = match &run.apply {
         crate::run::ApplyStage::Done(applied) => applied,
         crate::run::ApplyStage::Refused(e) => {
-            log_plan(&run.plan);
             telemetry.observe_plan(&run.plan);
             return Err(failed(Some(Phase::Observe), "observe", e.to_string()));
         }
         crate::run::ApplyStage::NotAsked => unreachable!("an apply run applies"),
     };
-    log_stacks(&applied.stacks);
+    {
+        let mut log = shared.run_log.lock().unwrap_or_else(|e| e.into_inner());
+        log.outcomes(super::log::Target::Host, &applied.host.outcomes, &scrub);
+        for st in &applied.stacks {
+            if let Some(why) = &st.not_checked {
+                info!(stack = %st.name, reason = %why, "stack not checked");
+            }
+            if let Some(e) = &st.error {
+                warn!(stack = %st.name, error = %e, "stack failed");
+            }
+            log.outcomes(super::log::Target::Stack(&st.name), &st.outcomes, &scrub);
+        }
+    }
     for f in applied.stacks.iter().flat_map(|st| st.failures()) {
         telemetry.metrics.kube_error(f);
     }
-    let report = &applied.host;
-    let outcome = telemetry.observe_apply(&run.plan, report, trigger);
-    for o in &report.outcomes {
-        match &o.error {
-            None => {
-                info!(resource = %o.id, action = ?o.action, classification = ?o.class, fields = ?o.fields, "applied")
-            }
-            Some(err) => warn!(resource = %o.id, error = %secrets.scrub(err), "apply failed"),
-        }
-    }
-    info!(revision = %report.revision, trigger, created = report.counts.created, changed = report.counts.changed,
-        pruned = report.counts.pruned, drift_healed = report.counts.drift_healed,
-        drift_reported = report.counts.drift_reported, failed = report.counts.failed, "run finished");
-    Ok((counts, outcome))
-}
-
-/// One log event per stack object touched, and per failed or unchecked stack.
-fn log_stacks(stacks: &[crate::k8s::apply::StackReport]) {
-    for st in stacks {
-        if let Some(why) = &st.not_checked {
-            info!(stack = %st.name, reason = %why, "stack not checked");
-        }
-        if let Some(e) = &st.error {
-            warn!(stack = %st.name, error = %e, "stack failed");
-        }
-        for o in &st.outcomes {
-            match &o.error {
-                None => {
-                    info!(stack = %st.name, resource = %o.id, action = ?o.action, classification = ?o.class, fields = ?o.fields, "applied")
-                }
-                Some(err) => {
-                    warn!(stack = %st.name, resource = %o.id, error = %err, "apply failed")
-                }
-            }
-        }
-    }
+    telemetry.observe_apply(&run.plan, &applied.host, trigger);
+    Ok(RunDone {
+        planned,
+        outcome: RunOutcome::from(applied.record.result),
+        counts: applied.record.counts.clone(),
+        host_applied: applied.host.counts.failed == 0,
+    })
 }
 
 /// A batch with a local source edit waits until the source has been quiet
@@ -1154,6 +1205,10 @@ fn refresh_status_from_state(shared: &Arc<Shared>) {
         cause: r.cause,
     });
     st.run_timeout_secs = s.config.run_timeout.as_secs();
+    st.counts = last_run
+        .as_ref()
+        .map(|r| r.counts.clone())
+        .unwrap_or_default();
     st.last_run = last_run;
 }
 

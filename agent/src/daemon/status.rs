@@ -19,8 +19,14 @@ pub struct StatusSnapshot {
     /// A revision that was refused (fetch, signature or validation), with why.
     pub refused: Option<Refusal>,
     pub last_run: Option<RunRecord>,
-    /// Counts of the last plan.
-    pub counts: crate::plan::Summary,
+    /// Counts of the last finished run (all targets): what it created,
+    /// changed, healed, pruned, skipped and failed. The same as
+    /// `last_run.counts`; zero before the first run.
+    #[serde(default)]
+    pub counts: homelab_agent_state::RunCounts,
+    /// What the plan of the last run found, before it applied.
+    #[serde(default)]
+    pub planned: crate::plan::Summary,
     /// A run is in progress.
     pub running: bool,
     /// Unix seconds the run in progress started.
@@ -72,7 +78,7 @@ pub enum NotReady {
         error: String,
         last_good: Option<String>,
     },
-    #[error("last run {result:?}: {}", error.as_deref().unwrap_or("see agent status"))]
+    #[error("last run {result}: {}", error.as_deref().unwrap_or("see agent status"))]
     LastRun {
         result: homelab_agent_state::RunResult,
         error: Option<String>,
@@ -80,7 +86,8 @@ pub enum NotReady {
 }
 
 impl StatusSnapshot {
-    /// Ready: a source revision is available and the last run did not fail.
+    /// Ready: a source revision is available and nothing failed in the last
+    /// run (resources skipped for an unresolved secret do not count).
     pub fn ready(&self) -> Result<(), NotReady> {
         if let Some(stuck) = &self.stuck {
             return Err(NotReady::Stuck {
@@ -106,7 +113,7 @@ impl StatusSnapshot {
             });
         }
         if let Some(run) = &self.last_run {
-            if run.result != homelab_agent_state::RunResult::Success {
+            if run.result.failed() {
                 return Err(NotReady::LastRun {
                     result: run.result,
                     error: run.error.clone(),

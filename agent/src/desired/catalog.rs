@@ -31,6 +31,9 @@ pub struct Entry {
     /// Why it cannot be applied this run (a secret that did not resolve):
     /// it is skipped, never written with a placeholder, never pruned.
     pub blocked: Option<String>,
+    /// Blocked only because this resource comes after the one at this
+    /// index, which is blocked (its own secrets resolved).
+    pub blocked_after: Option<usize>,
     pub on_drift: DriftPolicy,
     /// Digest of the desired spec, recorded in the inventory when applied.
     pub digest: String,
@@ -236,6 +239,7 @@ pub fn build(
                 .find(|&&d| entries[d].blocked.is_some())
             {
                 entries[i].blocked = Some(format!("{} to be applied first", entries[d].id));
+                entries[i].blocked_after = Some(d);
             }
         }
     }

@@ -758,6 +758,7 @@ impl Expander<'_> {
                 notifies: Vec::new(),
                 used_at: format!("{}:{}", self.host_file, self.use_line),
                 blocked,
+                blocked_after: None,
                 on_drift,
                 digest: hasher.finalize().to_hex()[..32].to_string(),
             },

@@ -57,6 +57,48 @@ pub enum Action {
     Restart,
 }
 
+impl Classification {
+    /// The name in JSON and log lines (`in_sync`, `create`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Classification::InSync => "in_sync",
+            Classification::Create => "create",
+            Classification::Change => "change",
+            Classification::Drift => "drift",
+            Classification::Prune => "prune",
+            Classification::Skipped => "skipped",
+        }
+    }
+}
+
+impl std::fmt::Display for Classification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Action {
+    /// The name in JSON and log lines (`create`, `update`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::None => "none",
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Report => "report",
+            Action::Delete => "delete",
+            Action::Forget => "forget",
+            Action::Skip => "skip",
+            Action::Restart => "restart",
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One catalog entry in the plan.
 #[derive(Debug)]
 pub struct Planned {

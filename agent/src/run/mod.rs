@@ -113,14 +113,17 @@ pub struct Applied {
 }
 
 impl Applied {
-    /// Something failed (exit 1). Skipped resources are not failures.
+    /// Something failed (exit 1): the record's result is `partial` or
+    /// `failed`, the one rule readiness and the last-success metric follow
+    /// too. Skipped resources are not failures.
     pub fn failed(&self) -> bool {
-        self.host.failed() || self.stacks.iter().any(StackReport::failed)
+        self.record.result.failed()
     }
 
-    /// Changed a target, or left something to do (`--detailed-exitcode` 2).
+    /// Changed a target, or left something undone: skipped, or drift
+    /// reported (`--detailed-exitcode` 2).
     pub fn changed_anything(&self) -> bool {
-        self.host.changed_anything() || self.stacks.iter().any(|s| changed(&s.counts))
+        changed(&self.record.counts)
     }
 
     /// The counts of every target together.
@@ -130,7 +133,7 @@ impl Applied {
 }
 
 fn changed(c: &RunCounts) -> bool {
-    c.created + c.changed + c.drift_healed + c.pruned + c.skipped > 0
+    c.created + c.changed + c.drift_healed + c.pruned + c.skipped + c.drift_reported > 0
 }
 
 impl RunReport {

@@ -9,8 +9,11 @@ use crate::apply::ApplyReport;
 use crate::k8s::apply::StackReport;
 
 /// Records a finished run: its counts (the host's and every stack's), its
-/// result and first error; and the revision as applied when the host's
-/// resources all converged (nothing failed or skipped). One transaction.
+/// result and first error; the revision as applied when none of the host's
+/// resources failed (skipped ones do not count against it, so a host with
+/// a secret that does not resolve still gets an applied, and then a last
+/// good, revision to fall back to); and the time of the last run in which
+/// nothing failed. One transaction.
 pub fn finish_run(
     store: &Store,
     host: &str,
@@ -20,15 +23,19 @@ pub fn finish_run(
     stacks: &[StackReport],
 ) -> Result<RunRecord, StateError> {
     let record = run_record(trigger, revision, native, stacks);
-    // Skipped resources mean the host did not fully converge: the revision
-    // is not recorded as applied.
-    let host_converged = native.counts.failed == 0 && native.counts.skipped == 0;
+    let host_applied = native.counts.failed == 0;
+    let succeeded = !record.result.failed();
     store.write(host, |w| {
-        if host_converged {
+        if host_applied || succeeded {
             let at = native.finished_ms / 1000;
             w.update_host(|h| {
-                h.applied_revision = Some(revision.to_string());
-                h.applied_at = Some(at);
+                if host_applied {
+                    h.applied_revision = Some(revision.to_string());
+                    h.applied_at = Some(at);
+                }
+                if succeeded {
+                    h.last_success_at = Some(record.finished_ms / 1000);
+                }
             })?;
         }
         w.add_run(&record)
@@ -36,8 +43,9 @@ pub fn finish_run(
     Ok(record)
 }
 
-/// The run record of a run: the host's result, made partial (or failed)
-/// by a failed stack.
+/// The run record of a run. The result: `Partial` (or `Failed` when
+/// nothing was changed) when anything failed, host or stack; else
+/// `Skipped` when anything was skipped; else `Success`.
 fn run_record(
     trigger: &str,
     revision: &str,
@@ -60,22 +68,7 @@ fn run_record(
             });
         error = error.or(first);
     }
-    let did = |c: &RunCounts| c.created + c.changed + c.drift_healed + c.pruned > 0;
-    let n = &native.counts;
-    let mut result = if n.failed == 0 && n.skipped == 0 {
-        RunResult::Success
-    } else if did(n) {
-        RunResult::Partial
-    } else {
-        RunResult::Failed
-    };
-    if stacks.iter().any(StackReport::failed) && result == RunResult::Success {
-        result = if did(&counts) {
-            RunResult::Partial
-        } else {
-            RunResult::Failed
-        };
-    }
+    let result = result_of(&counts);
     RunRecord {
         started_ms: native.started_ms,
         finished_ms: crate::apply::now_ms(),
@@ -84,6 +77,22 @@ fn run_record(
         counts,
         result,
         error,
+    }
+}
+
+/// The result rule, from the counts of every target together (a stack
+/// that failed as a whole counts one failure).
+pub fn result_of(c: &RunCounts) -> RunResult {
+    if c.failed > 0 {
+        if c.created + c.changed + c.drift_healed + c.pruned > 0 {
+            RunResult::Partial
+        } else {
+            RunResult::Failed
+        }
+    } else if c.skipped > 0 {
+        RunResult::Skipped
+    } else {
+        RunResult::Success
     }
 }
 
@@ -221,24 +230,77 @@ mod tests {
         assert_eq!(r.error.as_deref(), Some("stack web: cannot reach"));
     }
 
+    /// A run that only skipped (an unresolved secret) is not a failed run:
+    /// its revision is applied and it counts as the last success; a failed
+    /// resource keeps both where they were.
     #[test]
-    fn skipped_host_resources_make_the_run_partial_and_keep_the_revision_unapplied() {
+    fn a_run_that_only_skipped_is_applied_and_a_failed_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let mut host = native(RunCounts {
+        let host = native(RunCounts {
             changed: 1,
             skipped: 1,
             ..RunCounts::default()
         });
         let r = finish_run(&store, "lab", "cli", "r1", &host, &[]).unwrap();
+        assert_eq!(r.result, RunResult::Skipped);
+        let h = store.host("lab").unwrap();
+        assert_eq!(h.applied_revision.as_deref(), Some("r1"));
+        assert_eq!(h.applied_at, Some(0));
+        assert_eq!(h.last_success_at, Some(r.finished_ms / 1000));
+        let failing = native(RunCounts {
+            changed: 1,
+            skipped: 1,
+            failed: 1,
+            ..RunCounts::default()
+        });
+        let r = finish_run(&store, "lab", "cli", "r2", &failing, &[]).unwrap();
         assert_eq!(r.result, RunResult::Partial);
-        assert_eq!(store.host("lab").unwrap().applied_revision, None);
-        host.counts.skipped = 0;
-        finish_run(&store, "lab", "cli", "r1", &host, &[]).unwrap();
-        assert_eq!(
-            store.host("lab").unwrap().applied_revision.as_deref(),
-            Some("r1")
-        );
+        assert_eq!(store.host("lab").unwrap(), h, "nothing moved");
         assert_eq!(store.runs("lab", 10).unwrap().len(), 2);
+    }
+
+    /// A failed stack: the host's revision is applied, the run is no success.
+    #[test]
+    fn a_failed_stack_applies_the_host_revision_but_is_no_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let stack = StackReport {
+            name: "web".into(),
+            not_checked: None,
+            error: Some(Failure::new(KubeFailure::Connect, "cannot reach")),
+            outcomes: Vec::new(),
+            counts: RunCounts::default(),
+            health_wait: Default::default(),
+        };
+        let r = finish_run(
+            &store,
+            "lab",
+            "poll",
+            "r1",
+            &native(RunCounts::default()),
+            &[stack],
+        )
+        .unwrap();
+        assert_eq!(r.result, RunResult::Failed);
+        let h = store.host("lab").unwrap();
+        assert_eq!(h.applied_revision.as_deref(), Some("r1"));
+        assert_eq!(h.last_success_at, None);
+    }
+
+    #[test]
+    fn the_result_rule() {
+        let c = |created, skipped, failed| RunCounts {
+            created,
+            skipped,
+            failed,
+            ..RunCounts::default()
+        };
+        assert_eq!(result_of(&c(0, 0, 0)), RunResult::Success);
+        assert_eq!(result_of(&c(1, 0, 0)), RunResult::Success);
+        assert_eq!(result_of(&c(0, 2, 0)), RunResult::Skipped);
+        assert_eq!(result_of(&c(1, 2, 0)), RunResult::Skipped);
+        assert_eq!(result_of(&c(1, 2, 1)), RunResult::Partial);
+        assert_eq!(result_of(&c(0, 2, 1)), RunResult::Failed);
     }
 }

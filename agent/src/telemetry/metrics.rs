@@ -202,7 +202,7 @@ impl Collector for SnapshotCollector {
         {
             let mut e = encoder.encode_descriptor(
                 "revision",
-                "Revisions of the desired state by role: fetched (newest seen), applied (last applied without errors), last_good (newest that fetched, verified and validated); constant 1",
+                "Revisions of the desired state by role: fetched (newest seen), applied (last applied with no resource failed), last_good (newest that fetched, verified, validated and applied); constant 1",
                 None,
                 MetricType::Info,
             )?;
@@ -221,7 +221,7 @@ impl Collector for SnapshotCollector {
         {
             let mut e = encoder.encode_descriptor(
                 "last_successful_run_timestamp",
-                "Unix time of the last run that converged the host without errors; 0 if none yet",
+                "Unix time of the last run in which nothing failed (resources skipped for an unresolved secret do not count against it); 0 if none yet",
                 Some(&Unit::Seconds),
                 MetricType::Gauge,
             )?;
@@ -304,7 +304,7 @@ impl Metrics {
         );
         r.register(
             "runs",
-            "Reconcile runs by what started them and how they ended (success, partial, failed, error = stopped before apply)",
+            "Reconcile runs by what started them and how they ended (success; skipped = nothing failed, some resources skipped; partial, failed; error = stopped before apply)",
             m.runs.clone(),
         );
         r.register_with_unit(
@@ -437,7 +437,7 @@ impl Metrics {
         s.fetched = record.fetched_revision.clone();
         s.applied = record.applied_revision.clone();
         s.last_good = record.last_good_revision.clone();
-        s.last_success = record.applied_at.unwrap_or(0);
+        s.last_success = record.last_success_at.or(record.applied_at).unwrap_or(0);
     }
 
     fn resource_labels(&self, module: &str, kind: &str) -> ResourceLabels {

@@ -15,6 +15,7 @@
 //! revisions and error messages, never file contents or diffs.
 
 pub mod events;
+pub mod logfile;
 pub mod loki;
 pub mod metrics;
 
@@ -109,12 +110,17 @@ impl Phases {
     }
 }
 
-/// How a run ended, as the `result` label of `homelab_agent_runs_total`.
+/// How a run ended, as the `result` label of `homelab_agent_runs_total`:
+/// the run record's [`RunResult`](homelab_agent_state::RunResult), or
+/// `error` for a run that stopped before it applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RunOutcome {
     /// Everything converged.
     Success,
-    /// Some resources failed or were skipped; others were applied.
+    /// Nothing failed; some resources were skipped (a secret did not
+    /// resolve, a held change).
+    Skipped,
+    /// Some resources failed; others were applied.
     Partial,
     /// Nothing could be applied (every change failed).
     Failed,
@@ -124,8 +130,9 @@ pub enum RunOutcome {
 }
 
 impl RunOutcome {
-    pub const ALL: [RunOutcome; 4] = [
+    pub const ALL: [RunOutcome; 5] = [
         RunOutcome::Success,
+        RunOutcome::Skipped,
         RunOutcome::Partial,
         RunOutcome::Failed,
         RunOutcome::Error,
@@ -134,22 +141,22 @@ impl RunOutcome {
     pub fn name(self) -> &'static str {
         match self {
             RunOutcome::Success => "success",
+            RunOutcome::Skipped => "skipped",
             RunOutcome::Partial => "partial",
             RunOutcome::Failed => "failed",
             RunOutcome::Error => "error",
         }
     }
+}
 
-    /// The outcome of an apply, by the rule apply records in the run
-    /// history (`RunRecord::result`): skipped resources make a run partial.
-    pub fn of(report: &crate::apply::ApplyReport) -> RunOutcome {
-        let c = &report.counts;
-        if c.failed == 0 && c.skipped == 0 {
-            RunOutcome::Success
-        } else if c.created + c.changed + c.drift_healed + c.pruned > 0 {
-            RunOutcome::Partial
-        } else {
-            RunOutcome::Failed
+impl From<homelab_agent_state::RunResult> for RunOutcome {
+    fn from(r: homelab_agent_state::RunResult) -> RunOutcome {
+        use homelab_agent_state::RunResult;
+        match r {
+            RunResult::Success => RunOutcome::Success,
+            RunResult::Skipped => RunOutcome::Skipped,
+            RunResult::Partial => RunOutcome::Partial,
+            RunResult::Failed => RunOutcome::Failed,
         }
     }
 }
@@ -220,12 +227,11 @@ impl Telemetry {
 
     /// An applied run: gauges, drift counters and the run's events.
     /// A drift still there from the previous run, or a resource failing with
-    /// the same error again, is not counted or sent again. Returns the
-    /// outcome for the `runs_total` counter.
-    pub fn observe_apply(&self, plan: &Plan, report: &ApplyReport, trigger: &str) -> RunOutcome {
+    /// the same error again, is not counted or sent again. (The run's
+    /// outcome is its record's result: `RunOutcome::from`.)
+    pub fn observe_apply(&self, plan: &Plan, report: &ApplyReport, trigger: &str) {
         let events = self.account(plan, report, trigger);
         self.emit(events);
-        RunOutcome::of(report)
     }
 
     /// [`Telemetry::observe_apply`] without sending: counts, and returns the
@@ -525,12 +531,8 @@ mod tests {
             "{again:?}"
         );
         // Three runs seen: heal and pw drift (and are healed) in each, the
-        // report-only drift is counted once. (The outcome follows the
-        // counts; the fabricated rollback is not in them.)
-        assert_eq!(
-            t.observe_apply(&plan, &report, "watch"),
-            RunOutcome::Success
-        );
+        // report-only drift is counted once.
+        t.observe_apply(&plan, &report, "watch");
         let text = t.metrics.openmetrics();
         assert!(!text.contains(SECRET), "{text}");
         assert!(
