@@ -17,6 +17,7 @@ pub mod engine;
 pub mod fsops;
 pub mod install;
 pub mod k8s;
+pub mod notifications;
 pub mod plan;
 pub mod redact;
 pub mod report;

@@ -4,6 +4,7 @@
 //! Everything here is loopback- or tempdir-only.
 
 pub mod connect_standin;
+pub mod forgejo_standin;
 pub mod git_server;
 pub mod kube_env;
 pub mod kube_standin;
