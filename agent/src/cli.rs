@@ -515,8 +515,65 @@ fn run_context<'a>(
     }
 }
 
+/// With `--json`, a run that cannot start (invalid desired state, a source
+/// or config that cannot be read) still prints a document CI can parse
+/// (see `report::json::error_document`); the error goes to stderr and the
+/// exit code as without `--json`.
+fn load_or_json(target: &Target, json: bool, command: report::json::Command) -> Result<Loaded> {
+    let e = match load(target) {
+        Ok(loaded) => return Ok(loaded),
+        Err(e) => e,
+    };
+    if json {
+        let host = target.host.clone().or_else(|| {
+            target
+                .config
+                .as_deref()
+                .and_then(|p| config::load(p).ok())
+                .and_then(|c| c.host)
+        });
+        let (stage, diags) = match e.downcast_ref::<engine::StageError>() {
+            Some(engine::StageError::Validate(desired::DesiredError::Invalid { diags })) => {
+                ("validate", Some(diags))
+            }
+            Some(s) => (s.stage(), None),
+            None => match e.downcast_ref::<desired::DesiredError>() {
+                Some(desired::DesiredError::Invalid { diags }) => ("validate", Some(diags)),
+                Some(_) => ("validate", None),
+                None if e.downcast_ref::<config::ConfigError>().is_some() => ("config", None),
+                None => ("load", None),
+            },
+        };
+        // Scrubbed as main scrubs the error line: no secret, no URL credential.
+        let diags = diags.map(scrub_diagnostics);
+        let doc = report::json::error_document(
+            command,
+            host.as_deref(),
+            stage,
+            &cli_scrub(&format!("{e:#}")),
+            diags.as_ref(),
+        );
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
+    }
+    Err(e)
+}
+
+/// Diagnostics with this command's secret values and URL credentials removed.
+fn scrub_diagnostics(diags: &crate::syntax::diag::Diagnostics) -> crate::syntax::diag::Diagnostics {
+    let mut out = crate::syntax::diag::Diagnostics::default();
+    for d in diags.iter() {
+        let mut d = d.clone();
+        d.file = cli_scrub(&d.file);
+        d.message = cli_scrub(&d.message);
+        d.resource = d.resource.as_deref().map(cli_scrub);
+        d.hint = d.hint.as_deref().map(cli_scrub);
+        out.push(d);
+    }
+    out
+}
+
 fn run_plan(args: PlanArgs) -> Result<ExitCode> {
-    let mut loaded = load(&args.target)?;
+    let mut loaded = load_or_json(&args.target, args.json, report::json::Command::Plan)?;
     let catalog = loaded.catalog.take().expect("loaded");
     let run = crate::run::run(
         catalog,
@@ -527,12 +584,13 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     loaded.phases.add_all(&run.phases);
     let catalog = &run.plan.catalog;
     if args.json {
-        let mut value = report::plan_json(&run.plan);
-        value["stacks"] = crate::k8s::report::plan_json(catalog, &run.stacks);
-        if !run.orphans.is_empty() {
-            value["orphaned_stacks"] = serde_json::json!(run.orphans);
-        }
-        outln!("{}", serde_json::to_string_pretty(&value)?);
+        let doc = report::json::plan_document(
+            &run.plan,
+            loaded.sandbox.as_deref(),
+            crate::k8s::report::plan_json(catalog, &run.stacks),
+            &run.orphans,
+        );
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         out!(
             "{}",
@@ -557,7 +615,7 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
 }
 
 fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
-    let mut loaded = load(&args.target)?;
+    let mut loaded = load_or_json(&args.target, args.json, report::json::Command::Apply)?;
     let catalog = loaded.catalog.take().expect("loaded");
     let hostname = catalog.host.name.clone();
     // Loki events (with `loki:` in the config); a bad password file stops
@@ -577,6 +635,17 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
     let applied = match run.apply {
         crate::run::ApplyStage::Done(applied) => applied,
         crate::run::ApplyStage::Refused(e) => {
+            if args.json {
+                let doc = report::json::error_document(
+                    report::json::Command::Apply,
+                    Some(&hostname),
+                    "observe",
+                    &cli_scrub(&e.to_string()),
+                    None,
+                );
+                outln!("{}", serde_json::to_string_pretty(&doc)?);
+                return Err(e.into());
+            }
             out!(
                 "{}",
                 report::plan_text(&run.plan, loaded.sandbox.as_deref(), style())
@@ -592,9 +661,14 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
         crate::run::record::manual_override(&store, &hostname, loaded.fetched.clone())?;
     }
     if args.json {
-        let mut value = serde_json::to_value(&applied.host)?;
-        value["stacks"] = serde_json::to_value(&applied.stacks)?;
-        outln!("{}", serde_json::to_string_pretty(&value)?);
+        let doc = report::json::apply_document(
+            &run.plan,
+            &applied.host,
+            loaded.sandbox.as_deref(),
+            crate::k8s::report::apply_json(&run.plan.catalog, &run.stacks, &applied.stacks),
+            &run.orphans,
+        );
+        outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         out!("{}", report::apply_text(&applied.host, style()));
         out!(

@@ -102,6 +102,45 @@ pub struct LokiConfig {
     pub timeout: Duration,
 }
 
+/// `notify:` settings: where the agent tells the operator how runs went
+/// (see `notifications`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NotifyConfig {
+    /// A commit status per host on each commit a run applied.
+    pub forgejo: Option<ForgejoNotify>,
+    /// An ntfy-compatible webhook on failure, rollback and drift.
+    pub webhook: Option<WebhookNotify>,
+    /// Timeout of one request (connect and answer).
+    pub timeout: Duration,
+}
+
+/// `notify.forgejo`: Forgejo's commit-status API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ForgejoNotify {
+    /// The forge's base URL (`https://forgejo.example`; `/api/v1` is added).
+    pub url: String,
+    /// `owner/name` of the desired-state repository; default: the last two
+    /// parts of `repo`'s path.
+    pub repository: String,
+    /// An access token with repository write scope (chmod 600).
+    pub token_file: PathBuf,
+    /// The link each status carries (for example the agent's status page).
+    pub target_url: Option<String>,
+}
+
+/// `notify.webhook`: an ntfy topic URL, or anything that takes its shape
+/// (a POST with a text body and `Title`, `Priority`, `Tags` headers).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WebhookNotify {
+    pub url: String,
+    /// A bearer token (ntfy access token), chmod 600.
+    pub token_file: Option<PathBuf>,
+}
+
+const NOTIFY_KEYS: &[&str] = &["forgejo", "webhook", "timeout"];
+const FORGEJO_KEYS: &[&str] = &["url", "repository", "token_file", "target_url"];
+const WEBHOOK_KEYS: &[&str] = &["url", "token_file"];
+
 /// The push path appended to `loki.url`.
 pub const LOKI_PUSH_PATH: &str = "/loki/api/v1/push";
 
@@ -136,6 +175,8 @@ pub struct AgentConfig {
     /// A bearer token (0600 file) that `/api/status` and `/metrics` require;
     /// `None`: they answer anyone who can reach the listener.
     pub api_token_file: Option<PathBuf>,
+    /// Commit statuses and webhook notifications; `None`: none are sent.
+    pub notify: Option<NotifyConfig>,
 }
 
 /// The default [`AgentConfig::run_timeout`]: far above a real run (a
@@ -161,6 +202,7 @@ const KEYS: &[&str] = &[
     "loki",
     "run_timeout",
     "api_token_file",
+    "notify",
 ];
 
 const LOKI_KEYS: &[&str] = &[
@@ -350,6 +392,9 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
     let kubeconfig = r.string("kubeconfig", &mut diags).map(|s| rel(s.0));
     let run_timeout = duration(&mut r, "run_timeout", &mut diags).unwrap_or(DEFAULT_RUN_TIMEOUT);
     let api_token_file = r.string("api_token_file", &mut diags).map(|s| rel(s.0));
+    let notify = r
+        .take("notify")
+        .and_then(|node| notify(&file, node, repo.as_deref(), &rel, &mut diags));
     r.finish(KEYS, &mut diags);
     if !diags.is_empty() {
         return Err(invalid(diags));
@@ -373,6 +418,210 @@ pub fn parse(path: &Path, text: &str) -> Result<AgentConfig, ConfigError> {
         kubeconfig,
         run_timeout,
         api_token_file,
+        notify,
+    })
+}
+
+/// An http(s) URL with a host, no credentials, no whitespace: the checks
+/// of `notify`'s URLs (`key` as written in the config).
+fn http_url(
+    file: &str,
+    key: &str,
+    (url, line): (String, usize),
+    example: &str,
+    diags: &mut Diagnostics,
+) -> Option<String> {
+    let before = diags.len();
+    if let Some(why) = url_credentials_problem(&url) {
+        diags.push(
+            Diagnostic::new(
+                file,
+                format!("`{key}: {}` {why}", crate::redact::url_credentials(&url)),
+            )
+            .line(line)
+            .hint("put the token in a file named by `token_file` (chmod 600), and rotate it: it was written in the config"),
+        );
+    }
+    let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+    let host_ok = url
+        .split_once("://")
+        .is_some_and(|(_, rest)| !rest.is_empty() && !rest.starts_with('/'));
+    if !scheme_ok || !host_ok || url.contains(char::is_whitespace) {
+        diags.push(
+            Diagnostic::new(
+                file,
+                format!(
+                    "`{key}: {}` is not an http(s) URL",
+                    crate::redact::url_credentials(&url)
+                ),
+            )
+            .line(line)
+            .hint(format!("e.g. {example}")),
+        );
+    }
+    (diags.len() == before).then_some(url)
+}
+
+/// `owner/name` from a repository URL's path (`https://forge/owner/name.git`,
+/// `git@forge:owner/name.git`); `None` for a local directory.
+fn repository_of(repo: &str) -> Option<String> {
+    let path = if let Some((_, rest)) = repo.split_once("://") {
+        rest.split_once('/')?.1
+    } else if let Some((host, path)) = repo.split_once(':') {
+        // scp-like `git@host:owner/name.git` (not a local path like `./x`).
+        if host.contains('/') || host.is_empty() {
+            return None;
+        }
+        path
+    } else {
+        return None;
+    };
+    let path = path.trim_end_matches('/');
+    let path = path.strip_suffix(".git").unwrap_or(path);
+    let mut parts = path.rsplit('/');
+    let name = parts.next().filter(|n| !n.is_empty())?;
+    let owner = parts.next().filter(|o| !o.is_empty())?;
+    Some(format!("{owner}/{name}"))
+}
+
+/// Whether `s` is `owner/name` with the characters Forgejo allows.
+fn valid_repository(s: &str) -> bool {
+    let ok = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 100
+            && p != "."
+            && p != ".."
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    s.split_once('/').is_some_and(|(o, n)| ok(o) && ok(n))
+}
+
+/// The `notify:` section. Every problem is reported; `None` if any.
+fn notify(
+    file: &str,
+    node: &yaml::Node,
+    repo: Option<&str>,
+    rel: &dyn Fn(String) -> PathBuf,
+    diags: &mut Diagnostics,
+) -> Option<NotifyConfig> {
+    let before = diags.len();
+    let mut n = MapReader::new(file, "`notify`", node, diags)?;
+    let forgejo = n.take("forgejo").and_then(|node| {
+        let mut f = MapReader::new(file, "`notify.forgejo`", node, diags)?;
+        let url = match f.string("url", diags) {
+            Some(u) => http_url(file, "notify.forgejo.url", u, "url: https://forgejo.example", diags),
+            None => {
+                if !f.has("url") {
+                    diags.push(
+                        Diagnostic::new(file, "`notify.forgejo` needs `url` and `token_file`")
+                            .line(node.line)
+                            .hint("forgejo: {url: https://forgejo.example, token_file: /etc/homelab-agent/forgejo-token}"),
+                    );
+                }
+                None
+            }
+        };
+        let token_file = f.string("token_file", diags).map(|t| rel(t.0));
+        if token_file.is_none() && f.has("url") {
+            diags.push(
+                Diagnostic::new(file, "`notify.forgejo` needs `token_file`")
+                    .line(node.line)
+                    .hint("a Forgejo access token with repository write scope, in a file (chmod 600)"),
+            );
+        }
+        let repository = match f.string("repository", diags) {
+            Some((r, line)) if !valid_repository(&r) => {
+                diags.push(
+                    Diagnostic::new(
+                        file,
+                        format!("`notify.forgejo.repository: {r}` is not owner/name"),
+                    )
+                    .line(line)
+                    .hint("e.g. repository: erich/homelab"),
+                );
+                None
+            }
+            Some((r, _)) => Some(r),
+            None => match repo.and_then(repository_of) {
+                Some(r) if valid_repository(&r) => Some(r),
+                _ => {
+                    diags.push(
+                        Diagnostic::new(
+                            file,
+                            "`notify.forgejo` needs `repository`: `repo` is not a forge URL to take it from",
+                        )
+                        .line(node.line)
+                        .hint("repository: owner/name (the repository on the forge whose commits the agent applies)"),
+                    );
+                    None
+                }
+            },
+        };
+        let target_url = f.string("target_url", diags).and_then(|u| {
+            http_url(
+                file,
+                "notify.forgejo.target_url",
+                u,
+                "target_url: https://indri.example/api/status",
+                diags,
+            )
+        });
+        f.finish(FORGEJO_KEYS, diags);
+        Some(ForgejoNotify {
+            url: url?.trim_end_matches('/').to_string(),
+            repository: repository?,
+            token_file: token_file?,
+            target_url,
+        })
+    });
+    let webhook = n.take("webhook").and_then(|node| {
+        let mut w = MapReader::new(file, "`notify.webhook`", node, diags)?;
+        let url = match w.string("url", diags) {
+            Some(u) => http_url(
+                file,
+                "notify.webhook.url",
+                u,
+                "url: https://ntfy.example/homelab",
+                diags,
+            ),
+            None => {
+                if !w.has("url") {
+                    diags.push(
+                        Diagnostic::new(file, "`notify.webhook` needs `url`")
+                            .line(node.line)
+                            .hint("webhook: {url: https://ntfy.example/homelab}"),
+                    );
+                }
+                None
+            }
+        };
+        let token_file = w.string("token_file", diags).map(|t| rel(t.0));
+        w.finish(WEBHOOK_KEYS, diags);
+        Some(WebhookNotify {
+            url: url?,
+            token_file,
+        })
+    });
+    let timeout = duration(&mut n, "timeout", diags).unwrap_or(Duration::from_secs(10));
+    if timeout > Duration::from_secs(60) {
+        diags.push(
+            Diagnostic::new(
+                file,
+                "`notify.timeout` is longer than 1m: a slow forge would hold every run up",
+            )
+            .line(node.line)
+            .hint("timeout: 10s (the default)"),
+        );
+    }
+    n.finish(NOTIFY_KEYS, diags);
+    if diags.len() > before {
+        return None;
+    }
+    Some(NotifyConfig {
+        forgejo,
+        webhook,
+        timeout,
     })
 }
 
@@ -719,6 +968,25 @@ pub fn check_credentials(config: &AgentConfig) -> Result<Credentials, ConfigErro
             read_private_file(path, "Loki password file").map(|_| ()),
         );
     }
+    if let Some(f) = config.notify.as_ref().and_then(|n| n.forgejo.as_ref()) {
+        noted(
+            &mut problems,
+            "notify.forgejo.token_file",
+            read_private_file(&f.token_file, "Forgejo token file").map(|_| ()),
+        );
+    }
+    if let Some(path) = config
+        .notify
+        .as_ref()
+        .and_then(|n| n.webhook.as_ref())
+        .and_then(|w| w.token_file.as_ref())
+    {
+        noted(
+            &mut problems,
+            "notify.webhook.token_file",
+            read_private_file(path, "webhook token file").map(|_| ()),
+        );
+    }
     if let Some(v) = &config.verify {
         let path = &v.allowed_signers;
         noted(
@@ -941,6 +1209,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("agent.yaml:2: `loki` needs `url`"), "{err}");
+    }
+
+    #[test]
+    fn notify_takes_the_repository_from_repo_and_reports_problems_with_lines() {
+        let c = parse(
+            Path::new("/etc/homelab-agent/agent.yaml"),
+            "repo: https://forgejo.example/erich/homelab.git\nnotify:\n  forgejo:\n    url: https://forgejo.example/\n    token_file: forgejo-token\n  webhook: {url: \"https://ntfy.example/homelab\"}\n",
+        )
+        .unwrap();
+        let n = c.notify.unwrap();
+        let f = n.forgejo.unwrap();
+        assert_eq!(f.url, "https://forgejo.example");
+        assert_eq!(f.repository, "erich/homelab");
+        assert_eq!(f.token_file, Path::new("/etc/homelab-agent/forgejo-token"));
+        assert_eq!(n.webhook.unwrap().url, "https://ntfy.example/homelab");
+        assert_eq!(n.timeout, Duration::from_secs(10));
+        assert_eq!(
+            repository_of("git@forgejo.example:erich/homelab.git").as_deref(),
+            Some("erich/homelab")
+        );
+        assert_eq!(repository_of("/srv/homelab"), None);
+
+        let err = parse(
+            Path::new("agent.yaml"),
+            "repo: .\nnotify:\n  forgejo:\n    url: forgejo.example\n    token_file: t\n  webhook:\n    url: \"https://u:p@ntfy.example/x\"\n  timeout: 5m\n  mail: x\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "agent.yaml:4: `notify.forgejo` needs `repository`",
+            "agent.yaml:4: `notify.forgejo.url: forgejo.example` is not an http(s) URL",
+            "agent.yaml:7: `notify.webhook.url: ",
+            "holds a password",
+            "agent.yaml:3: `notify.timeout` is longer than 1m",
+            "agent.yaml:9: unknown key `mail`",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in:\n{err}");
+        }
+        assert!(!err.contains("u:p"), "{err}");
     }
 
     fn private(dir: &Path, name: &str, content: &str, mode: u32) -> PathBuf {

@@ -19,6 +19,7 @@ pub mod fsops;
 pub mod init;
 pub mod install;
 pub mod k8s;
+pub mod notifications;
 pub mod plan;
 pub mod redact;
 pub mod report;

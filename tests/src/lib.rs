@@ -5,6 +5,7 @@
 
 pub mod connect_standin;
 pub mod dist;
+pub mod forgejo_standin;
 pub mod git_server;
 pub mod kube_env;
 pub mod kube_standin;

@@ -427,9 +427,10 @@ fn sandbox_plan_and_apply_say_packages_are_not_checked_and_call_no_package_manag
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
         for r in v["resources"].as_array().unwrap() {
-            assert_eq!(r["classification"], "in_sync", "{r}");
+            assert_eq!(r["classification"], "not_checked", "{r}");
+            assert_eq!(r["reason"]["type"], "not_checked", "{r}");
             assert_eq!(
-                r["note"],
+                r["reason"]["why"],
                 "not checked: package managers are skipped in sandbox mode (--root)"
             );
         }

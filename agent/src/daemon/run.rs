@@ -64,6 +64,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Credentials(#[from] crate::config::ConfigError),
     #[error(transparent)]
+    Notify(#[from] crate::notifications::NotifyError),
+    #[error(transparent)]
     Hostname(std::io::Error),
     /// (The io error is shown in the message, so it is a field rather than a
     /// `source`: the CLI prints an error's chain.)
@@ -96,6 +98,8 @@ struct Settings {
     state_dir: PathBuf,
     /// The webhook secret and API token, read and checked at (re)load.
     credentials: Arc<config::Credentials>,
+    /// Commit statuses and webhook messages (`notify:`), built at (re)load.
+    notifier: Option<Arc<crate::notifications::Notifier>>,
 }
 
 /// How long SIGTERM waits for the run in progress (its current resource
@@ -137,12 +141,17 @@ fn settings(config: &AgentConfig) -> Result<Settings, DaemonError> {
         .state_dir
         .clone()
         .unwrap_or_else(|| crate::config::default_state_dir(root.as_deref()));
+    let notifier = match &config.notify {
+        Some(n) => crate::notifications::Notifier::new(&host, n)?.map(Arc::new),
+        None => None,
+    };
     Ok(Settings {
         config: config.clone(),
         host,
         root,
         state_dir,
         credentials,
+        notifier,
     })
 }
 
@@ -813,6 +822,11 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     let fetch = !triggers.iter().all(|t| *t == Trigger::Drift) || record.fetched_revision.is_none();
     let (catalog, fetched, mut refused) =
         choose_catalog(shared, &s, &record, fetch, &mut phases, &secrets, started);
+    if let Some(c) = &catalog {
+        notify(shared, &s, |n| {
+            n.run_started(&c.revision, record.applied_revision.as_deref())
+        });
+    }
     let mut planned = crate::plan::Summary::default();
     let mut outcome = RunOutcome::Error;
     let mut run_counts = homelab_agent_state::RunCounts::default();
@@ -884,6 +898,12 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
         );
     }
     report_refusal(shared, &record, refused.as_ref(), &trigger);
+    if let Some(r) = &refused {
+        let scrub = |t: &str| secrets.scrub(t);
+        notify(shared, &s, |n| {
+            n.refused(r.revision.as_deref(), &r.stage, &r.error, &scrub)
+        });
+    }
     shared.runs.fetch_add(1, Ordering::Relaxed);
     telemetry
         .metrics
@@ -898,6 +918,22 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     release_memory();
     refresh_status_from_state(shared);
     shared.status.write().unwrap().planned = planned;
+}
+
+/// Sends a run's notifications (`notify:`); what is not delivered is
+/// logged and counted, and never fails the run.
+fn notify(
+    shared: &Shared,
+    s: &Settings,
+    send: impl FnOnce(&crate::notifications::Notifier) -> Vec<crate::notifications::NotifyError>,
+) {
+    let Some(n) = &s.notifier else {
+        return;
+    };
+    for e in send(n) {
+        warn!(error = %e, "notification not delivered (the run goes on)");
+        shared.telemetry.metrics.notify_error(e.target());
+    }
 }
 
 /// Writes what the source stage decided (see `run::record`).
@@ -1110,6 +1146,9 @@ fn run_plan_apply(
     )
     .map_err(|e| failed(None, "state", e.to_string()))?;
     phases.add_all(&run.phases);
+    notify(shared, s, |n| {
+        n.run_finished(&crate::notifications::RunNotice::from_run(&run), &scrub)
+    });
     let planned = run.plan.summary();
     let applied = match &run.apply {
         crate::run::ApplyStage::Done(applied) => applied,
@@ -1411,6 +1450,7 @@ mod tests {
             root: None,
             state_dir: PathBuf::from("/nonexistent"),
             credentials: Arc::new(config::Credentials::default()),
+            notifier: None,
             config,
         }
     }

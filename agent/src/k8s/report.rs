@@ -9,6 +9,9 @@ use super::client::describe_conflicts;
 use super::plan::{forces, total, StackPlan, StackStatus};
 use crate::desired::catalog::Catalog;
 use crate::plan::{Action, Classification};
+use crate::report::json::{
+    merge_outcomes, summarize, Change, Entry, EntryClass, EntryReason, ObjectFields, StackDoc,
+};
 use crate::report::{symbol, Style};
 
 /// The plans of the host's stacks, then one summary line. Empty when the
@@ -44,7 +47,8 @@ pub fn plan_text(catalog: &Catalog, plans: &[StackPlan], style: Style) -> String
                                 writeln!(out, "  {} {}  needs {b}", style.paint("33", "?"), o.id);
                         }
                         None => {
-                            let _ = writeln!(out, "  = {}", o.id);
+                            let _ =
+                                writeln!(out, "  {} {}  not checked", style.paint("33", "?"), o.id);
                         }
                     }
                 }
@@ -169,74 +173,193 @@ pub fn plan_text(catalog: &Catalog, plans: &[StackPlan], style: Style) -> String
     out
 }
 
-/// `--json`: one object per stack.
-pub fn plan_json(catalog: &Catalog, plans: &[StackPlan]) -> serde_json::Value {
-    let stacks: Vec<serde_json::Value> = plans
+/// The entries of one stack's plan: every object (not checked, with the
+/// stack's reason, when the stack was not compared with a cluster), then
+/// prunes.
+fn stack_entries(stack: &super::Stack, p: &StackPlan) -> Vec<Entry> {
+    let mut out: Vec<Entry> = Vec::new();
+    let object =
+        |o: &super::DesiredObject, namespace: Option<String>, conflicts: serde_json::Value| {
+            ObjectFields {
+                api_version: Some(o.api_version.clone()),
+                namespace,
+                name: o.reference.name.clone(),
+                conflicts,
+            }
+        };
+    if let StackStatus::NotChecked(why) = &p.status {
+        let mut listed: Vec<&super::DesiredObject> = stack.objects.iter().collect();
+        listed.sort_by_key(|o| (super::kind_rank(&o.reference.kind), o.id.clone()));
+        for o in listed {
+            let (classification, action, reason) = match &o.blocked {
+                Some(b) => (
+                    EntryClass::Skipped,
+                    Action::Skip,
+                    EntryReason::Blocked { needs: b.clone() },
+                ),
+                None => (
+                    EntryClass::NotChecked,
+                    Action::None,
+                    EntryReason::NotChecked { why: why.clone() },
+                ),
+            };
+            out.push(Entry {
+                id: o.id.clone(),
+                kind: o.reference.kind.clone(),
+                module: p.name.clone(),
+                classification,
+                action,
+                on_drift: Some(o.on_drift),
+                changes: Vec::new(),
+                reason: Some(reason),
+                error: None,
+                note: None,
+                object: Some(object(
+                    o,
+                    o.reference.namespace.clone(),
+                    serde_json::json!([]),
+                )),
+            });
+        }
+    }
+    for o in &p.objects {
+        let obj = &stack.objects[o.index];
+        let (classification, reason) = match (&o.error, o.class, &obj.blocked) {
+            (Some(e), _, _) => (
+                EntryClass::Error,
+                Some(EntryReason::Kube { failure: e.kind }),
+            ),
+            (None, Classification::Skipped, Some(b)) => (
+                EntryClass::Skipped,
+                Some(EntryReason::Blocked { needs: b.clone() }),
+            ),
+            (None, Classification::Skipped, None) => (EntryClass::Skipped, Some(EntryReason::Held)),
+            (None, class, _) => (class.into(), None),
+        };
+        out.push(Entry {
+            id: o.id.clone(),
+            kind: obj.reference.kind.clone(),
+            module: p.name.clone(),
+            classification,
+            action: o.action,
+            on_drift: Some(obj.on_drift),
+            changes: o.changes.iter().map(object_change).collect(),
+            reason,
+            error: o.error.as_ref().map(|e| e.message.clone()),
+            note: (!o.notes.is_empty()).then(|| o.notes.join("; ")),
+            object: Some(object(
+                obj,
+                o.namespace.clone(),
+                serde_json::to_value(&o.conflicts).unwrap_or_default(),
+            )),
+        });
+    }
+    for pr in &p.prunes {
+        out.push(Entry {
+            id: pr.id.clone(),
+            kind: pr.reference.kind.clone(),
+            module: p.name.clone(),
+            classification: EntryClass::Prune,
+            action: pr.action,
+            on_drift: None,
+            changes: Vec::new(),
+            reason: None,
+            error: None,
+            note: pr.note.clone(),
+            object: Some(ObjectFields {
+                api_version: None,
+                namespace: pr.reference.namespace.clone(),
+                name: pr.reference.name.clone(),
+                conflicts: serde_json::json!([]),
+            }),
+        });
+    }
+    out
+}
+
+/// A stack object's change: old and new are the JSON values themselves
+/// (Secret data and values cut at 200 characters stay descriptions).
+fn object_change(c: &super::diff::ObjectChange) -> Change {
+    let value = |v: &Option<String>| match v {
+        None => serde_json::Value::Null,
+        Some(text) => {
+            serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.clone()))
+        }
+    };
+    Change {
+        field: c.path.clone(),
+        old: value(&c.old),
+        new: value(&c.new),
+        diff: None,
+    }
+}
+
+fn stack_doc(
+    catalog: &Catalog,
+    p: &StackPlan,
+    objects: Vec<Entry>,
+    summary: crate::plan::Summary,
+) -> StackDoc {
+    let stack = &catalog.stacks[p.index];
+    let (status, reason) = match &p.status {
+        StackStatus::Planned => ("planned", None),
+        StackStatus::NotChecked(r) => ("not_checked", Some(r.clone())),
+        StackStatus::Failed(e) => ("error", Some(e.message.clone())),
+    };
+    StackDoc {
+        name: p.name.clone(),
+        namespace: stack.spec.namespace.clone(),
+        cluster: serde_json::to_value(&stack.access).unwrap_or_default(),
+        status,
+        reason,
+        objects,
+        summary,
+        counts: None,
+    }
+}
+
+/// `--json` of a plan: one document per stack (see `report::json`).
+pub fn plan_json(catalog: &Catalog, plans: &[StackPlan]) -> Vec<StackDoc> {
+    plans
         .iter()
         .map(|p| {
-            let stack = &catalog.stacks[p.index];
-            let (status, reason) = match &p.status {
-                StackStatus::Planned => ("planned", None),
-                StackStatus::NotChecked(r) => ("not_checked", Some(r.clone())),
-                StackStatus::Failed(e) => ("error", Some(e.message.clone())),
-            };
-            let mut objects: Vec<serde_json::Value> = Vec::new();
-            if matches!(p.status, StackStatus::NotChecked(_)) {
-                let mut listed: Vec<&super::DesiredObject> = stack.objects.iter().collect();
-                listed.sort_by_key(|o| (super::kind_rank(&o.reference.kind), o.id.clone()));
-                for o in listed {
-                    objects.push(serde_json::json!({
-                        "id": o.id,
-                        "apiVersion": o.api_version,
-                        "kind": o.reference.kind,
-                        "namespace": o.reference.namespace,
-                        "name": o.reference.name,
-                        "action": if o.blocked.is_some() { Action::Skip } else { Action::None },
-                        "classification": if o.blocked.is_some() { Some(Classification::Skipped) } else { None },
-                        "on_drift": o.on_drift,
-                    }));
-                }
-            }
-            for o in &p.objects {
-                let obj = &stack.objects[o.index];
-                objects.push(serde_json::json!({
-                    "id": o.id,
-                    "apiVersion": obj.api_version,
-                    "kind": obj.reference.kind,
-                    "namespace": o.namespace,
-                    "name": obj.reference.name,
-                    "action": o.action,
-                    "classification": o.class,
-                    "on_drift": obj.on_drift,
-                    "changes": o.changes,
-                    "conflicts": o.conflicts,
-                    "notes": o.notes,
-                    "error": o.error,
-                }));
-            }
-            for pr in &p.prunes {
-                objects.push(serde_json::json!({
-                    "id": pr.id,
-                    "kind": pr.reference.kind,
-                    "namespace": pr.reference.namespace,
-                    "name": pr.reference.name,
-                    "action": pr.action,
-                    "classification": Classification::Prune,
-                    "note": pr.note,
-                }));
-            }
-            serde_json::json!({
-                "name": p.name,
-                "namespace": stack.spec.namespace,
-                "cluster": stack.access,
-                "status": status,
-                "reason": reason,
-                "objects": objects,
-                "summary": p.summary(),
-            })
+            let entries = stack_entries(&catalog.stacks[p.index], p);
+            let summary = summarize(&entries);
+            stack_doc(catalog, p, entries, summary)
         })
-        .collect();
-    serde_json::Value::Array(stacks)
+        .collect()
+}
+
+/// `--json` of an apply: each stack's planned entries as apply left them,
+/// with apply's counts; `status` is `applied` unless the stack was not
+/// checked or failed as a whole.
+pub fn apply_json(
+    catalog: &Catalog,
+    plans: &[StackPlan],
+    reports: &[StackReport],
+) -> Vec<StackDoc> {
+    plans
+        .iter()
+        .map(|p| {
+            let planned = stack_entries(&catalog.stacks[p.index], p);
+            let summary = summarize(&planned);
+            let report = reports.iter().find(|r| r.name == p.name);
+            let entries = match report {
+                Some(r) => merge_outcomes(planned, &r.outcomes),
+                None => planned,
+            };
+            let mut doc = stack_doc(catalog, p, entries, summary);
+            if let Some(r) = report {
+                doc.counts = Some(r.counts.clone());
+                (doc.status, doc.reason) = match (&r.not_checked, &r.error) {
+                    (Some(why), _) => ("not_checked", Some(why.clone())),
+                    (None, Some(e)) => ("error", Some(e.message.clone())),
+                    (None, None) => ("applied", None),
+                };
+            }
+            doc
+        })
+        .collect()
 }
 
 /// What apply did to each stack, then a summary line. Empty without stacks.

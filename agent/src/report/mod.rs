@@ -1,6 +1,8 @@
 //! Stage 5, *report*: turns plans and apply reports into CLI text and JSON.
 //! Only reads what earlier stages produced.
 
+pub mod json;
+
 use std::fmt::Write;
 
 use crate::apply::ApplyReport;
@@ -152,50 +154,6 @@ fn summary_line(word: &str, s: &Summary) -> String {
     }
     line.push('\n');
     line
-}
-
-/// `--json`: one object per resource, in apply order, then prunes.
-pub fn plan_json(plan: &Plan) -> serde_json::Value {
-    let mut resources = Vec::new();
-    for p in &plan.resources {
-        let e = &plan.catalog.entries[p.index];
-        let mut r = serde_json::json!({
-            "id": e.id,
-            "kind": e.resource.kind(),
-            "module": e.module,
-            "action": p.action,
-            "classification": p.class,
-            "on_drift": e.on_drift,
-            "changes": p.changes,
-        });
-        if let Some(note) = p.note {
-            r["note"] = note.into();
-        }
-        resources.push(r);
-    }
-    for p in &plan.prunes {
-        resources.push(serde_json::json!({
-            "id": p.id,
-            "kind": p.kind,
-            "module": p.module,
-            "action": p.action,
-            "classification": Classification::Prune,
-            "changes": [],
-        }));
-    }
-    let errors: Vec<_> = plan
-        .failures
-        .iter()
-        .map(|f| serde_json::json!({"id": f.id, "error": f.error.to_string()}))
-        .collect();
-    serde_json::json!({
-        "host": plan.catalog.host.name,
-        "platform": plan.catalog.host.platform,
-        "revision": plan.catalog.revision,
-        "resources": resources,
-        "errors": errors,
-        "summary": plan.summary(),
-    })
 }
 
 /// What apply did, one line per resource touched, then a summary.

@@ -108,7 +108,13 @@ mod tests {
         let key = homelab_agent_state::DigestKey::load(root.path(), true).unwrap();
         let plan = crate::plan::plan(catalog, &host, &Default::default(), &key);
         let text = crate::report::plan_text(&plan, None, crate::report::Style { color: false });
-        let json = crate::report::plan_json(&plan).to_string();
+        let json = serde_json::to_string(&crate::report::json::plan_document(
+            &plan,
+            None,
+            vec![],
+            &[],
+        ))
+        .unwrap();
         for out in [&text, &json, &format!("{plan:?}")] {
             assert!(!out.contains(SECRET), "leaked:\n{out}");
         }

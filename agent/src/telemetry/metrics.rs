@@ -110,6 +110,9 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+/// The `reason` of `notify_errors_total`: the target that failed.
+pub const NOTIFY_ERROR_REASONS: [&str; 2] = ["forgejo", "webhook"];
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
@@ -262,6 +265,7 @@ pub struct Metrics {
     loki_sent: Family<HostLabels, Counter>,
     loki_dropped: Family<ReasonLabels, Counter>,
     loki_queued: Family<HostLabels, Gauge>,
+    notify_errors: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -290,6 +294,7 @@ impl Metrics {
             loki_sent: Family::default(),
             loki_dropped: Family::default(),
             loki_queued: Family::default(),
+            notify_errors: Family::default(),
         };
         let r = &mut registry;
         r.register(
@@ -354,6 +359,11 @@ impl Metrics {
             "Events waiting in memory to be sent to Loki",
             m.loki_queued.clone(),
         );
+        r.register(
+            "notify_errors",
+            "Notifications not delivered (they never fail a run), by reason: forgejo (a commit status), webhook (an ntfy message)",
+            m.notify_errors.clone(),
+        );
         let m = Metrics { registry, ..m };
         m.init_series(host);
         m
@@ -386,6 +396,7 @@ impl Metrics {
             (&self.secret_errors, &SECRET_ERROR_REASONS[..]),
             (&self.kube_errors, &KUBE_ERROR_REASONS[..]),
             (&self.loki_dropped, &LOKI_DROP_REASONS[..]),
+            (&self.notify_errors, &NOTIFY_ERROR_REASONS[..]),
         ] {
             for reason in reasons {
                 family.get_or_create_owned(&ReasonLabels {
@@ -564,6 +575,17 @@ impl Metrics {
                 reason,
             })
             .inc_by(n);
+    }
+
+    /// A notification was not delivered (`target`: one of
+    /// [`NOTIFY_ERROR_REASONS`]).
+    pub fn notify_error(&self, target: &'static str) {
+        self.notify_errors
+            .get_or_create(&ReasonLabels {
+                host: self.host(),
+                reason: target,
+            })
+            .inc();
     }
 
     /// Events waiting for Loki now.
