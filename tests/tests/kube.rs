@@ -722,7 +722,7 @@ state_dir: {}
         "{text}"
     );
     assert!(
-        text.contains(&lab.t("  = k8s:web/@NS/Deployment.apps/web")),
+        text.contains(&lab.t("  ? k8s:web/@NS/Deployment.apps/web  not checked")),
         "{text}"
     );
     assert!(text.contains("1 not checked (no cluster)."), "{text}");
