@@ -243,13 +243,15 @@ struct ApplyArgs {
 
 #[derive(Debug, Args)]
 struct ValidateArgs {
-    /// Check this agent config file (then the desired state it points at, when local).
-    #[arg(long, value_name = "FILE")]
+    /// Check this agent config file as `agent run` does at start (its keys and
+    /// every file it names), then the desired state of its host in its repository
+    /// when that is a local directory (a remote one is not fetched).
+    #[arg(long, value_name = "FILE", conflicts_with = "repo")]
     config: Option<PathBuf>,
-    /// Desired-state repository: a local directory.
+    /// Desired-state repository: a local directory (the one holding hosts/).
     #[arg(long, value_name = "PATH", default_value = ".")]
     repo: PathBuf,
-    /// Validate only this host. Default: every host in hosts/.
+    /// Validate only this host. Default: every host in hosts/ (with --config: its host).
     #[arg(long, value_name = "NAME")]
     host: Option<String>,
 }
@@ -575,6 +577,8 @@ fn scrub_diagnostics(diags: &crate::syntax::diag::Diagnostics) -> crate::syntax:
 fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     let mut loaded = load_or_json(&args.target, args.json, report::json::Command::Plan)?;
     let catalog = loaded.catalog.take().expect("loaded");
+    // Once, not once per owner, package and service.
+    loaded.host.check_platform(&catalog.host.name)?;
     let run = crate::run::run(
         catalog,
         crate::run::Mode::Plan,
@@ -617,6 +621,7 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
 fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
     let mut loaded = load_or_json(&args.target, args.json, report::json::Command::Apply)?;
     let catalog = loaded.catalog.take().expect("loaded");
+    loaded.host.check_platform(&catalog.host.name)?;
     let hostname = catalog.host.name.clone();
     // Loki events (with `loki:` in the config); a bad password file stops
     // the run before anything is applied.
@@ -699,37 +704,56 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
 }
 
 fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
-    if let Some(path) = &args.config {
-        let c = config::load(path)?;
-        // Everything `agent run` refuses at start, refused here too.
-        let creds = config::check_credentials(&c)?;
-        outln!(
-            "ok: agent config {} (repo {}, ref {})",
-            path.display(),
-            crate::redact::url_credentials(&c.repo),
-            c.reference
-        );
-        if let Some(v) = &c.verify {
-            outln!("ok: allowed signers {}", v.allowed_signers.display());
-        }
-        if creds.webhook_secret.is_some() {
+    let (repo, hosts) = match &args.config {
+        Some(path) => {
+            let c = config::load(path)?;
+            // Everything `agent run` refuses at start, refused here too
+            // (`daemon::run::settings`: the credential files, the host name).
+            let creds = config::check_credentials(&c)?;
+            let host = match args.host.clone().or_else(|| c.host.clone()) {
+                Some(h) => h,
+                None => short_hostname()?,
+            };
             outln!(
-                "ok: webhook secret file (private, at least {} bytes)",
-                config::MIN_SHARED_SECRET_BYTES
+                "ok: agent config {} (repo {}, ref {}, host {host})",
+                path.display(),
+                crate::redact::url_credentials(&c.repo),
+                c.reference
             );
+            if let Some(v) = &c.verify {
+                outln!("ok: allowed signers {}", v.allowed_signers.display());
+            }
+            if creds.webhook_secret.is_some() {
+                outln!(
+                    "ok: webhook secret file (private, at least {} bytes)",
+                    config::MIN_SHARED_SECRET_BYTES
+                );
+            }
+            if creds.api_token.is_some() {
+                outln!(
+                    "ok: API token file (private, at least {} bytes)",
+                    config::MIN_SHARED_SECRET_BYTES
+                );
+            }
+            // Then the desired state it points at, as the help says.
+            match crate::source::git::parse_location(&c.repo) {
+                crate::source::git::RepoLocation::Local(dir) => (dir, vec![host]),
+                crate::source::git::RepoLocation::Remote(url) => {
+                    outln!(
+                        "not checked: the desired state of host {host} is in {}, which the daemon fetches; validate a checkout of it with `agent validate --repo DIR --host {host}`",
+                        crate::redact::url_credentials(&url.to_string())
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
         }
-        if creds.api_token.is_some() {
-            outln!(
-                "ok: API token file (private, at least {} bytes)",
-                config::MIN_SHARED_SECRET_BYTES
-            );
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let source: Arc<dyn Source> = Arc::new(LocalDir::open(&args.repo)?);
-    let hosts = match args.host {
-        Some(h) => vec![h],
-        None => desired::host_names(&*source)?,
+        None => (args.repo.clone(), args.host.clone().into_iter().collect()),
+    };
+    let source: Arc<dyn Source> = Arc::new(LocalDir::open(&repo)?);
+    engine::check_repository(&*source)?;
+    let hosts = match hosts {
+        hosts if !hosts.is_empty() => hosts,
+        _ => desired::host_names(&*source)?,
     };
     if hosts.is_empty() {
         anyhow::bail!("no hosts in {}: add hosts/<name>.yaml", source.describe());
@@ -738,7 +762,7 @@ fn run_validate(args: ValidateArgs) -> Result<ExitCode> {
     for host in hosts {
         // A fresh source per host: each has its own read budget, as when
         // that host's agent reads the repository.
-        let source: Arc<dyn Source> = Arc::new(LocalDir::open(&args.repo)?);
+        let source: Arc<dyn Source> = Arc::new(LocalDir::open(&repo)?);
         match desired::load(source, &host) {
             Ok(catalog) if catalog.stacks.is_empty() => {
                 outln!("ok: host {host}: {} resources", catalog.entries.len())

@@ -965,7 +965,15 @@ pub fn check_credentials(config: &AgentConfig) -> Result<Credentials, ConfigErro
         noted(
             &mut problems,
             "loki.password_file",
-            read_private_file(path, "Loki password file").map(|_| ()),
+            // As the Loki shipper reads it at start: private, and text.
+            read_private_file(path, "Loki password file").and_then(|bytes| {
+                String::from_utf8(bytes)
+                    .map(|_| ())
+                    .map_err(|_| CredentialError::NotText {
+                        what: "Loki password file",
+                        path: path.clone(),
+                    })
+            }),
         );
     }
     if let Some(f) = config.notify.as_ref().and_then(|n| n.forgejo.as_ref()) {

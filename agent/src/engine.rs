@@ -51,6 +51,10 @@ pub enum StageError {
     Signature(String),
     #[error(transparent)]
     Validate(#[from] DesiredError),
+    /// The source has no `hosts/` folder: the wrong directory (the agent run
+    /// outside the repository), or a repository of something else.
+    #[error("this is not a homelab repository: {repo} has no hosts/ folder\n  pass --repo with the directory (or URL) of your homelab repository, the one holding hosts/, modules/ and k8s/")]
+    NotARepository { repo: String },
 }
 
 impl StageError {
@@ -58,7 +62,7 @@ impl StageError {
         match self {
             StageError::Fetch(_) => "fetch",
             StageError::Signature(_) => "signature",
-            StageError::Validate(_) => "validate",
+            StageError::Validate(_) | StageError::NotARepository { .. } => "validate",
         }
     }
 
@@ -189,6 +193,24 @@ impl SecretSource for Failing {
     }
 }
 
+/// Refuses a source without a `hosts/` folder: "no host `x`" would send
+/// the operator looking for a host file when the directory is wrong.
+pub fn check_repository(source: &dyn Source) -> Result<(), StageError> {
+    if source
+        .list("")
+        .map_err(DesiredError::from)?
+        .iter()
+        .any(|name| name == "hosts")
+    {
+        return Ok(());
+    }
+    let repo = match source.describe() {
+        here if here == "." => "the current directory".to_string(),
+        there => crate::redact::url_credentials_owned(&there),
+    };
+    Err(StageError::NotARepository { repo })
+}
+
 /// Loads the catalog of `host` from a resolved source. `state_dir` is the
 /// agent's state directory as a managed path ([`managed_state_dir`]).
 pub fn load(
@@ -203,7 +225,15 @@ pub fn load(
         secrets,
         state_dir,
     };
-    Ok(desired::load_with(source, host, &opts)?)
+    match desired::load_with(source.clone(), host, &opts) {
+        // No host file: say so only after checking that this is a homelab
+        // repository at all.
+        Err(e @ DesiredError::UnknownHost { .. }) => {
+            check_repository(&*source)?;
+            Err(e.into())
+        }
+        loaded => Ok(loaded?),
+    }
 }
 
 /// A secret source that remembers every value it hands out during one run,

@@ -213,6 +213,16 @@ corpus! {
         "hosts/lab.yaml:5: root `/` lets the agent manage every path of the machine",
         "whole_filesystem: true",
     ];
+    // Issue 14, item 2: strict everywhere, also where a filter takes any value.
+    template_tojson_undefined: "80-template-tojson-undefined" => [
+        "modules/app/templates/x.conf.j2:3: file:/srv/app/x.conf: template error in `port = {{ params.prot | tojson }}`: undefined value: the filter `tojson` was given an undefined value",
+    ];
+    // Issue 14, item 3: the catalog's checks run with the other errors.
+    notify_dangling_among_other_errors: "81-notify-dangling-among-other-errors" => [
+        "modules/app/module.yaml:17: file:/srv/app/x.conf: `notify` names `service:ap`, which is not in this host's catalog",
+        "modules/app/module.yaml:19: template error in `port = {{ params.prot }}`: undefined value",
+        "modules/app/module.yaml:21: service:app: unknown key `progam` in resource service",
+    ];
     path_with_newline: "78-path-with-newline" => [
         r"modules/app/module.yaml:14: file:/srv/app/x.conf\n+ file:/etc/shadow: path `/srv/app/x.conf\n+ file:/etc/shadow` holds a control or invisible character",
     ];

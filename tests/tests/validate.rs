@@ -5,6 +5,10 @@
 //! file's dependents are skipped, and everything else on the host converges.
 //! The next good revision goes through. Real tools (caddy, borgmatic) are in
 //! `real_tools.rs`.
+//!
+//! Then `agent validate` itself (issue 14): outside a homelab repository,
+//! a host of another platform, `--config` checking what `agent run` checks
+//! and the desired state it points at.
 
 use homelab_agent_tests::{stderr, stdout, tree, Lab, Node};
 
@@ -158,4 +162,193 @@ fn agent_kinds_documents_validate() {
     let text = stdout(&out);
     assert!(text.contains("validate_timeout"), "{text}");
     assert!(text.contains("runs in --root sandboxes too"), "{text}");
+}
+
+// --- `agent validate` and the CLI tell the truth (issue 14, item 3) ---
+
+/// Run outside a homelab repository (a directory without `hosts/`), every
+/// command says so, instead of "no host `x`" or "no hosts": the directory is
+/// what is wrong.
+#[test]
+fn outside_a_homelab_repository_every_command_says_so() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::write(elsewhere.path().join("README.md"), "not a homelab\n").unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path().to_str().unwrap();
+    let mut seen = Vec::new();
+    for args in [
+        &["validate"][..],
+        &["validate", "--host", "lab"],
+        &["plan", "--host", "lab", "--root", root],
+        &["apply", "--host", "lab", "--root", root],
+    ] {
+        let out = homelab_agent_tests::agent()
+            .current_dir(elsewhere.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "", "{args:?}");
+        seen.push(stderr(&out));
+    }
+    assert!(seen.iter().all(|s| s == &seen[0]), "{seen:#?}");
+    insta::assert_snapshot!("not_a_homelab_repository", seen[0]);
+    // Named when it is given with --repo.
+    let out = homelab_agent_tests::agent()
+        .args(["validate", "--repo", elsewhere.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).starts_with(&format!(
+            "error: this is not a homelab repository: {} has no hosts/ folder\n",
+            elsewhere.path().display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    // Nothing was written where the agent was run, nor under the root.
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(root).unwrap().count(), 0);
+}
+
+/// The platform this test machine is not: a host of it cannot be looked at here.
+fn other_platform() -> &'static str {
+    if cfg!(target_os = "macos") {
+        "linux"
+    } else {
+        "macos"
+    }
+}
+
+/// A host of another platform planned on this machine (outside a sandbox)
+/// is refused with one message saying why and what to do, not one "user
+/// does not exist" (or "Homebrew not found") per resource; in a sandbox it
+/// plans as before.
+#[test]
+fn a_host_of_another_platform_is_refused_once_outside_a_sandbox() {
+    let lab = Lab::empty();
+    lab.write(
+        "hosts/lab.yaml",
+        &format!(
+            "platform: {}\nroots: [/srv/app]\nmodules:\n  - name: app\n",
+            other_platform()
+        ),
+    );
+    let mut module = String::from("resources:\n");
+    for i in 0..16 {
+        module.push_str(&format!(
+            "  - file: /srv/app/f{i}.conf\n    content: \"{i}\\n\"\n    owner: nobody-{i}\n    group: nogroup-{i}\n"
+        ));
+    }
+    lab.write("modules/app/module.yaml", &module);
+    let state = lab.tmp.path().join("state");
+    let state = state.to_str().unwrap();
+    let repo = lab.repo();
+    let repo = repo.to_str().unwrap();
+    for cmd in ["plan", "apply"] {
+        let out = homelab_agent_tests::agent()
+            .args([cmd, "--repo", repo, "--host", "lab", "--state-dir", state])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert_eq!(err.matches("error:").count(), 1, "{cmd}: {err}");
+        assert!(!err.contains("does not exist"), "{cmd}: {err}");
+        insta::assert_snapshot!(
+            format!("other_platform_{cmd}"),
+            err.replace(
+                "macOS host and this machine runs Linux",
+                "[OTHER] host and this machine runs [THIS]"
+            )
+            .replace(
+                "Linux host and this machine runs macOS",
+                "[OTHER] host and this machine runs [THIS]"
+            )
+        );
+        assert!(!std::path::Path::new(state).exists(), "{cmd} wrote state");
+    }
+    // The same repository in a sandbox: planned, ownership not enforced.
+    let out = lab.agent("plan", "lab", &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("Plan: 16 to create"),
+        "{}",
+        stdout(&out)
+    );
+    // Validating never looks at a host: the platform does not matter.
+    let out = homelab_agent_tests::agent()
+        .args(["validate", "--repo", repo])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+/// `validate --config` checks what its help promises: the config and its
+/// files as `agent run` does at start, then the desired state of the
+/// config's host when the repository is a local directory; a remote one is
+/// said not to be checked.
+#[test]
+fn validate_config_checks_the_desired_state_it_points_at() {
+    let lab = Lab::empty();
+    lab.write("hosts/lab.yaml", HOST);
+    lab.write("modules/app/module.yaml", MODULE);
+    lab.write("modules/app/templates/config.json.j2", GOOD);
+    lab.write_config("lab", "");
+    let redact = |o: &std::process::Output| {
+        lab.redact(&format!("{}{}", stdout(o), stderr(o)))
+            .replace(lab.config().to_str().unwrap(), "[CONFIG]")
+    };
+    let out = lab.with_config(&["validate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", redact(&out));
+    let good = redact(&out);
+    // The desired state is broken: validate --config says where.
+    lab.write(
+        "modules/app/templates/config.json.j2",
+        "{\n  \"port\": {{ params.prot | tojson }}\n}\n",
+    );
+    let out = lab.with_config(&["validate"]);
+    assert_eq!(out.status.code(), Some(1), "{}", redact(&out));
+    let broken = redact(&out);
+    // A remote repository is not fetched by validate.
+    std::fs::write(
+        lab.config(),
+        "repo: https://forge.example/lab/homelab.git\nhost: lab\n",
+    )
+    .unwrap();
+    let out = lab.with_config(&["validate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", redact(&out));
+    let remote = redact(&out);
+    insta::assert_snapshot!(
+        "validate_config",
+        format!(
+            "--- local, valid:\n{good}--- local, broken template:\n{broken}--- remote:\n{remote}"
+        )
+    );
+}
+
+/// `agent run` refuses a Loki password file that is not text at start;
+/// `validate --config` refuses it too (before, it passed).
+#[test]
+fn validate_config_refuses_a_loki_password_file_that_run_refuses() {
+    let lab = Lab::empty();
+    lab.write("hosts/lab.yaml", HOST);
+    lab.write("modules/app/module.yaml", MODULE);
+    lab.write("modules/app/templates/config.json.j2", GOOD);
+    let password = lab.write_private("loki-password", "");
+    std::fs::write(&password, b"\xff\xfe not text").unwrap();
+    lab.write_config(
+        "lab",
+        &format!(
+            "loki:\n  url: http://127.0.0.1:9/\n  username: lab\n  password_file: {}\n",
+            password.display()
+        ),
+    );
+    let out = lab.with_config(&["validate"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("loki.password_file: Loki password file") && err.contains("is not UTF-8 text"),
+        "{err}"
+    );
 }

@@ -65,12 +65,52 @@ pub struct Pending {
     pub notify: Vec<(String, usize)>,
 }
 
+/// Resources declared but not read, because their declaration (or their
+/// module) has an error already reported: `build` runs on the rest, so every
+/// problem is reported at once, and a `notify` or `after` that may name one
+/// of these is not called dangling.
+#[derive(Debug, Default)]
+pub struct Unread {
+    /// Their ids as written (`file:{{ params.dir }}/x.conf`).
+    ids: Vec<String>,
+    /// A module could not be read at all: any id may be one of its.
+    anything: bool,
+}
+
+impl Unread {
+    /// A resource whose declaration has an error; `raw_id` as written.
+    pub fn resource(&mut self, raw_id: String) {
+        self.ids.push(raw_id);
+    }
+
+    /// A module none of whose resources are known.
+    pub fn module(&mut self) {
+        self.anything = true;
+    }
+
+    /// Whether `id` may be one of these: the same id, or one of the same
+    /// kind whose identity is a template.
+    fn may_be(&self, id: &str) -> bool {
+        let id = normalize_id(id);
+        let kind = id.split_once(':').map_or(id.as_str(), |(k, _)| k);
+        self.anything
+            || self.ids.iter().any(|raw| {
+                normalize_id(raw) == id
+                    || (raw.contains("{{") || raw.contains("{%"))
+                        && raw.split_once(':').is_some_and(|(k, _)| k == kind)
+            })
+    }
+}
+
 /// Checks ids, resolves `after` and implicit parent-directory edges, and
-/// orders the entries. Reports duplicates, dangling `after` and cycles.
+/// orders the entries. Reports duplicates, dangling `after` and `notify`,
+/// and cycles, also when `diags` already holds other problems (then no
+/// catalog is returned).
 pub fn build(
     host: HostInfo,
     revision: String,
     pending: Vec<Pending>,
+    unread: &Unread,
     diags: &mut Diagnostics,
 ) -> Option<Catalog> {
     let mut index: HashMap<String, usize> = HashMap::new();
@@ -144,6 +184,7 @@ pub fn build(
                     edges[j].insert(i);
                     notifies[i].push(j);
                 }
+                None if unread.may_be(target) => {}
                 None => diags.push(
                     Diagnostic::new(
                         &p.entry.file,
@@ -175,6 +216,7 @@ pub fn build(
                 Some(&j) => {
                     edges[i].insert(j);
                 }
+                None if unread.may_be(after) => {}
                 None => diags.push(
                     Diagnostic::new(
                         &p.entry.file,

@@ -239,6 +239,7 @@ fn load_inner(
     let mut modules: HashMap<String, Option<(ModuleSpec, Arc<ModuleEnv>)>> = HashMap::new();
     let mut pending = Vec::new();
     let mut refused = std::collections::HashSet::new();
+    let mut unread = catalog::Unread::default();
     for usage in &spec.modules {
         if !modules.contains_key(&usage.name) {
             let before = diags.len();
@@ -259,6 +260,7 @@ fn load_inner(
         }
         let refused = refused.contains(&usage.name);
         let Some((module, env)) = modules.get(&usage.name).and_then(Option::as_ref) else {
+            unread.module();
             let mut known: Vec<String> = source
                 .list("modules")?
                 .into_iter()
@@ -288,6 +290,9 @@ fn load_inner(
         let params = model::bind_params(module, usage, &host_file, &mut diags);
         if diags.len() > before {
             // Rendering with broken params would only add confusing errors.
+            for node in &module.resources {
+                unread.resource(raw_id(node));
+            }
             continue;
         }
         let ctx = map_value([
@@ -318,8 +323,11 @@ fn load_inner(
             secrets: &secret_usage,
         };
         for node in &module.resources {
-            if let Some(p) = expander.resource(node, &mut diags) {
-                pending.push(p);
+            let before = diags.len();
+            match expander.resource(node, &mut diags) {
+                Some(p) => pending.push(p),
+                None if diags.len() > before => unread.resource(raw_id(node)),
+                None => {}
             }
         }
     }
@@ -334,13 +342,10 @@ fn load_inner(
     };
     let stacks =
         crate::desired::stacks::load::load_stacks(&source, &spec.stacks, &stack_cx, &mut diags)?;
-    if !diags.is_empty() {
-        return Err(DesiredError::Invalid {
-            diags: diags.sorted(),
-        });
-    }
+    // The catalog's checks (ids, `after`, `notify`, cycles) run on what was
+    // read even when something else is wrong: every problem at once.
     let revision = source.revision();
-    match catalog::build(host_info, revision, pending, &mut diags) {
+    match catalog::build(host_info, revision, pending, &unread, &mut diags) {
         Some(mut catalog) if diags.is_empty() => {
             catalog.stacks = stacks;
             Ok(catalog)

@@ -10,8 +10,8 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use minijinja::value::{Kwargs, Rest, StringInput, ValueOrKwargs};
-use minijinja::{AutoEscape, Environment, ErrorKind, Template, UndefinedBehavior, Value};
+use minijinja::value::{Kwargs, Rest, StringInput, ValueKind, ValueOrKwargs};
+use minijinja::{AutoEscape, Environment, ErrorKind, State, Template, UndefinedBehavior, Value};
 
 use super::yaml::thousands;
 use crate::secrets::resolve::{SecretError, SecretSource};
@@ -314,6 +314,252 @@ fn check_format_number(number: &str) -> Result<(), minijinja::Error> {
     Ok(())
 }
 
+/// Whether `value` is undefined the way a misspelt name is: strict mode
+/// refuses to turn it into a string. (The "silent" undefined of
+/// `'x' if false` is not; minijinja exposes the difference only this way.)
+fn is_missing(state: &State, value: &Value) -> bool {
+    value.is_undefined() && StringInput::new(state, value).is_err()
+}
+
+/// Where an undefined value was found among a filter's or test's arguments.
+enum Found {
+    /// The value itself, or one inside it.
+    Value { inside: bool },
+    /// A positional argument after the value (1-based, as written).
+    Argument { position: usize, inside: bool },
+    /// A keyword argument.
+    Keyword(String),
+}
+
+impl Found {
+    /// The error for `what` (a filter, a test, or "printed"), with what to do.
+    fn error(&self, what: &str, test: Option<bool>) -> minijinja::Error {
+        let kind = match test {
+            Some(true) => format!("the test `{what}`"),
+            Some(false) => format!("the filter `{what}`"),
+            None => String::new(),
+        };
+        let place = match self {
+            Found::Value { inside: false } if test.is_none() => String::new(),
+            Found::Value { inside: true } if test.is_none() => {
+                "a value printed holds an undefined value".to_string()
+            }
+            Found::Value { inside: false } => format!("{kind} was given an undefined value"),
+            Found::Value { inside: true } => {
+                format!("{kind} was given a value that holds an undefined value")
+            }
+            Found::Argument {
+                position,
+                inside: false,
+            } => format!("argument {position} of {kind} is undefined"),
+            Found::Argument {
+                position,
+                inside: true,
+            } => format!("argument {position} of {kind} holds an undefined value"),
+            Found::Keyword(key) => format!("argument `{key}` of {kind} is undefined"),
+        };
+        minijinja::Error::new(
+            ErrorKind::UndefinedError,
+            format!("{place} (a misspelt param or variable?)"),
+        )
+    }
+}
+
+/// An undefined value inside `value` (a list or map, at any depth), not
+/// `value` itself. Lazy iterables are not walked (they are not consumed
+/// here); the walk costs what the filters it guards spend anyway turning the
+/// value into text.
+fn undefined_inside(state: &State, value: &Value) -> Option<Found> {
+    let mut stack = vec![value.clone()];
+    while let Some(v) = stack.pop() {
+        match v.kind() {
+            ValueKind::Undefined if is_missing(state, &v) => {
+                return Some(Found::Value { inside: true })
+            }
+            ValueKind::Seq => stack.extend(v.try_iter().into_iter().flatten()),
+            ValueKind::Map => {
+                for key in v.try_iter().into_iter().flatten() {
+                    if let Ok(item) = v.get_item(&key) {
+                        stack.push(item);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// How a wrapped builtin takes undefined arguments (see [`strict_builtins`]).
+#[derive(Clone, Copy, PartialEq)]
+enum Strictness {
+    /// No argument may be undefined.
+    Arguments,
+    /// Nor hold an undefined value inside (a list or a map): the filters
+    /// that turn their arguments into text.
+    Inside,
+    /// The value may be undefined (`default`); its other arguments may not.
+    AllButValue,
+}
+
+/// `f` (a builtin filter or test), refusing undefined arguments first.
+fn strict(
+    name: &'static str,
+    test: bool,
+    how: Strictness,
+    f: Value,
+) -> impl Fn(&mut State, Rest<ValueOrKwargs>) -> Result<Value, minijinja::Error> + Send + Sync + 'static
+{
+    move |state: &mut State, args: Rest<ValueOrKwargs>| {
+        let args = args.into_values();
+        for (i, arg) in args.iter().enumerate() {
+            if i == 0 && how == Strictness::AllButValue {
+                continue;
+            }
+            let found = if arg.is_kwargs() {
+                arg.try_iter().into_iter().flatten().find_map(|key| {
+                    let v = arg.get_item(&key).ok()?;
+                    is_missing(state, &v).then(|| Found::Keyword(key.to_string()))
+                })
+            } else if is_missing(state, arg) {
+                Some(match i {
+                    0 => Found::Value { inside: false },
+                    _ => Found::Argument {
+                        position: i,
+                        inside: false,
+                    },
+                })
+            } else if how == Strictness::Inside {
+                undefined_inside(state, arg).map(|_| match i {
+                    0 => Found::Value { inside: true },
+                    _ => Found::Argument {
+                        position: i,
+                        inside: true,
+                    },
+                })
+            } else {
+                None
+            };
+            if let Some(found) = found {
+                return Err(found.error(name, Some(test)));
+            }
+        }
+        f.call(state, &args)
+    }
+}
+
+/// Replaces every builtin filter and test with one that refuses undefined
+/// arguments. minijinja's strict mode refuses an undefined value only where
+/// it becomes a string, is iterated or tested for truth: a filter or test
+/// that takes any value (`tojson`, `join`'s separator, `indent`'s width,
+/// `is eq(...)`, `is string`, ...) would otherwise make `null`, a default
+/// or `false` of a misspelt name. Exceptions: `default` takes an undefined
+/// value (that is what it is for), and the tests `defined` and `undefined`.
+/// The lists are minijinja 3.0's builtins (`src/defaults.rs`), the
+/// bounded ones (above) in place of theirs.
+fn strict_builtins(env: &mut Environment<'static>) {
+    use minijinja::{filters as f, tests as t};
+    use Strictness::{AllButValue, Arguments, Inside};
+    let filters: [(&'static str, Strictness, Value); 48] = [
+        ("safe", Inside, Value::from_function(f::safe)),
+        ("escape", Inside, Value::from_function(f::escape)),
+        ("e", Inside, Value::from_function(f::escape)),
+        ("lower", Inside, Value::from_function(f::lower)),
+        ("upper", Inside, Value::from_function(f::upper)),
+        ("title", Inside, Value::from_function(f::title)),
+        ("capitalize", Inside, Value::from_function(f::capitalize)),
+        ("replace", Inside, Value::from_function(bounded_replace)),
+        ("length", Arguments, Value::from_function(f::length)),
+        ("count", Arguments, Value::from_function(f::length)),
+        ("dictsort", Arguments, Value::from_function(f::dictsort)),
+        ("items", Arguments, Value::from_function(f::items)),
+        ("reverse", Arguments, Value::from_function(f::reverse)),
+        ("trim", Inside, Value::from_function(f::trim)),
+        ("join", Inside, Value::from_function(bounded_join)),
+        ("split", Inside, Value::from_function(f::split)),
+        ("lines", Inside, Value::from_function(f::lines)),
+        ("default", AllButValue, Value::from_function(f::default)),
+        ("d", AllButValue, Value::from_function(f::default)),
+        ("round", Arguments, Value::from_function(f::round)),
+        ("abs", Arguments, Value::from_function(f::abs)),
+        ("int", Arguments, Value::from_function(f::int)),
+        ("float", Arguments, Value::from_function(f::float)),
+        ("attr", Arguments, Value::from_function(f::attr)),
+        ("first", Arguments, Value::from_function(f::first)),
+        ("last", Arguments, Value::from_function(f::last)),
+        ("min", Arguments, Value::from_function(f::min)),
+        ("max", Arguments, Value::from_function(f::max)),
+        ("sort", Arguments, Value::from_function(f::sort)),
+        ("list", Arguments, Value::from_function(f::list)),
+        ("string", Inside, Value::from_function(f::string)),
+        ("bool", Arguments, Value::from_function(f::bool)),
+        ("batch", Arguments, Value::from_function(f::batch)),
+        ("slice", Arguments, Value::from_function(f::slice)),
+        ("sum", Arguments, Value::from_function(f::sum)),
+        ("indent", Inside, Value::from_function(bounded_indent)),
+        ("select", Arguments, Value::from_function(f::select)),
+        ("reject", Arguments, Value::from_function(f::reject)),
+        ("selectattr", Arguments, Value::from_function(f::selectattr)),
+        ("rejectattr", Arguments, Value::from_function(f::rejectattr)),
+        ("map", Arguments, Value::from_function(f::map)),
+        ("groupby", Arguments, Value::from_function(f::groupby)),
+        ("unique", Arguments, Value::from_function(f::unique)),
+        ("chain", Arguments, Value::from_function(f::chain)),
+        ("zip", Arguments, Value::from_function(f::zip)),
+        ("pprint", Inside, Value::from_function(f::pprint)),
+        ("format", Inside, Value::from_function(bounded_format)),
+        ("tojson", Inside, Value::from_function(bounded_tojson)),
+    ];
+    for (name, how, filter) in filters {
+        env.add_filter(name, strict(name, false, how, filter));
+    }
+    let tests: [(&'static str, Value); 40] = [
+        ("none", Value::from_function(t::is_none)),
+        ("safe", Value::from_function(t::is_safe)),
+        ("escaped", Value::from_function(t::is_safe)),
+        ("boolean", Value::from_function(t::is_boolean)),
+        ("odd", Value::from_function(t::is_odd)),
+        ("even", Value::from_function(t::is_even)),
+        ("divisibleby", Value::from_function(t::is_divisibleby)),
+        ("number", Value::from_function(t::is_number)),
+        ("integer", Value::from_function(t::is_integer)),
+        ("int", Value::from_function(t::is_integer)),
+        ("float", Value::from_function(t::is_float)),
+        ("string", Value::from_function(t::is_string)),
+        ("sequence", Value::from_function(t::is_sequence)),
+        ("iterable", Value::from_function(t::is_iterable)),
+        ("mapping", Value::from_function(t::is_mapping)),
+        ("startingwith", Value::from_function(t::is_startingwith)),
+        ("endingwith", Value::from_function(t::is_endingwith)),
+        ("lower", Value::from_function(t::is_lower)),
+        ("upper", Value::from_function(t::is_upper)),
+        ("sameas", Value::from_function(t::is_sameas)),
+        ("eq", Value::from_function(t::is_eq)),
+        ("equalto", Value::from_function(t::is_eq)),
+        ("==", Value::from_function(t::is_eq)),
+        ("ne", Value::from_function(t::is_ne)),
+        ("!=", Value::from_function(t::is_ne)),
+        ("lt", Value::from_function(t::is_lt)),
+        ("lessthan", Value::from_function(t::is_lt)),
+        ("<", Value::from_function(t::is_lt)),
+        ("le", Value::from_function(t::is_le)),
+        ("<=", Value::from_function(t::is_le)),
+        ("gt", Value::from_function(t::is_gt)),
+        ("greaterthan", Value::from_function(t::is_gt)),
+        (">", Value::from_function(t::is_gt)),
+        ("ge", Value::from_function(t::is_ge)),
+        (">=", Value::from_function(t::is_ge)),
+        ("in", Value::from_function(t::is_in)),
+        ("true", Value::from_function(t::is_true)),
+        ("false", Value::from_function(t::is_false)),
+        ("filter", Value::from_function(t::is_filter)),
+        ("test", Value::from_function(t::is_test)),
+    ];
+    for (name, test) in tests {
+        env.add_test(name, strict(name, true, Strictness::Arguments, test));
+    }
+}
+
 /// An output that refuses to grow past [`MAX_RENDERED_BYTES`].
 struct CappedOutput {
     bytes: Vec<u8>,
@@ -382,11 +628,7 @@ impl ModuleEnv {
         let mut env = Environment::new();
         env.set_fuel(Some(FUEL_PER_RENDER));
         env.set_recursion_limit(RECURSION_LIMIT);
-        env.add_filter("indent", bounded_indent);
-        env.add_filter("tojson", bounded_tojson);
-        env.add_filter("format", bounded_format);
-        env.add_filter("replace", bounded_replace);
-        env.add_filter("join", bounded_join);
+        strict_builtins(&mut env);
         let secret_usage = usage.clone();
         env.add_function(
             "secret",
@@ -420,6 +662,17 @@ impl ModuleEnv {
             },
         );
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        // Printing refuses an undefined value inside a list or map too
+        // (`{{ [params.typo] }}` would print `[undefined]`); a bare one is
+        // minijinja's own strict rule, which lets `{{ 'x' if c }}` print "".
+        env.set_formatter(|out, state, value| {
+            if !value.is_undefined() {
+                if let Some(found) = undefined_inside(state, value) {
+                    return Err(found.error("printed", None));
+                }
+            }
+            minijinja::escape_formatter(out, state, value)
+        });
         // Config files are not HTML: minijinja would otherwise escape by file
         // extension (`/` becomes `&#x2f;` in a .json.j2 or .xml.j2 template).
         env.set_auto_escape_callback(|_| AutoEscape::None);
@@ -831,6 +1084,244 @@ mod tests {
                 !shown.to_lowercase().contains(SECRET),
                 "{what} (inline): {shown}"
             );
+        }
+    }
+
+    /// Renders `main.j2` = `text` with `params` = {a: 1, l: [1, 2], m: {k: "v"}}.
+    fn render_params(text: &str) -> Result<String, String> {
+        let (_dir, env) = env(&[("main.j2", text)]);
+        let ctx = minijinja::context! {
+            params => minijinja::context! { a => 1, l => vec![1, 2], m => minijinja::context! { k => "v" } }
+        };
+        env.render_template("main.j2", &ctx).map_err(|err| {
+            let inner = innermost(&err);
+            format!(
+                "{}:{}: {}",
+                inner.name().unwrap_or("-"),
+                inner.line().unwrap_or(0),
+                describe(&err)
+            )
+        })
+    }
+
+    #[test]
+    fn tojson_of_an_undefined_value_is_an_error_not_null() {
+        let err = render_params("a: 1\nb: {{ params.typo | tojson }}\n").unwrap_err();
+        assert_eq!(
+            err,
+            "main.j2:2: undefined value: the filter `tojson` was given an undefined value (a misspelt param or variable?)"
+        );
+        for (text, want) in [
+            (
+                "{{ {'a': params.typo} | tojson }}",
+                "the filter `tojson` was given a value that holds an undefined value",
+            ),
+            (
+                "{{ dict(a=params.m.typo) | tojson(indent=2) }}",
+                "the filter `tojson` was given a value that holds an undefined value",
+            ),
+            (
+                "{{ params.l | tojson(indent=params.typo) }}",
+                "argument `indent` of the filter `tojson` is undefined",
+            ),
+            (
+                "{{ params.l | tojson(params.typo) }}",
+                "argument 1 of the filter `tojson` is undefined",
+            ),
+            (
+                "{{ namespace(a=params.typo).a | tojson }}",
+                "the filter `tojson` was given an undefined value",
+            ),
+            (
+                "{% macro m(x) %}{{ x | tojson }}{% endmacro %}{{ m() }}",
+                "the filter `tojson` was given an undefined value",
+            ),
+        ] {
+            let err = render_params(text).unwrap_err();
+            assert!(
+                err.starts_with("main.j2:1: undefined value: "),
+                "{text}: {err}"
+            );
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_builtin_filter_and_test_refuses_an_undefined_value() {
+        // A filter given an undefined value: each one, so a filter that
+        // reads any value (and would make null, "", [] or a default of a
+        // misspelt name) is caught.
+        for filter in [
+            "safe",
+            "escape",
+            "e",
+            "lower",
+            "upper",
+            "title",
+            "capitalize",
+            "replace('a', 'b')",
+            "length",
+            "count",
+            "dictsort",
+            "items",
+            "reverse",
+            "trim",
+            "join(',')",
+            "split",
+            "lines",
+            "round",
+            "abs",
+            "int",
+            "float",
+            "attr('x')",
+            "first",
+            "last",
+            "min",
+            "max",
+            "sort",
+            "list",
+            "string",
+            "bool",
+            "batch(2)",
+            "slice(2)",
+            "sum",
+            "indent(2)",
+            "select",
+            "reject",
+            "selectattr('x')",
+            "rejectattr('x')",
+            "map('upper')",
+            "groupby('x')",
+            "unique",
+            "chain([1])",
+            "zip([1])",
+            "pprint",
+            "format",
+            "tojson",
+        ] {
+            let err =
+                render_params(&format!("{{{{ params.typo | {filter} }}}}")).expect_err(filter);
+            let name = filter.split('(').next().unwrap();
+            assert!(
+                err.starts_with("main.j2:1: undefined value: ")
+                    && err.contains(&format!("`{name}`")),
+                "{filter}: {err}"
+            );
+        }
+        for test in [
+            "none",
+            "safe",
+            "escaped",
+            "boolean",
+            "odd",
+            "even",
+            "divisibleby(2)",
+            "number",
+            "integer",
+            "int",
+            "float",
+            "string",
+            "sequence",
+            "iterable",
+            "mapping",
+            "startingwith('a')",
+            "endingwith('a')",
+            "lower",
+            "upper",
+            "sameas(1)",
+            "eq(1)",
+            "equalto(1)",
+            "ne(1)",
+            "lt(1)",
+            "lessthan(1)",
+            "le(1)",
+            "gt(1)",
+            "greaterthan(1)",
+            "ge(1)",
+            "in([1])",
+            "true",
+            "false",
+            "filter",
+            "test",
+        ] {
+            let err = render_params(&format!("{{{{ params.typo is {test} }}}}")).expect_err(test);
+            assert!(
+                err.starts_with("main.j2:1: undefined value: "),
+                "{test}: {err}"
+            );
+        }
+        // Undefined arguments, and undefined values inside what becomes text.
+        for (text, want) in [
+            (
+                "{{ params.l | join(params.typo) }}",
+                "argument 1 of the filter `join`",
+            ),
+            (
+                "{{ 'abc' | indent(params.typo) }}",
+                "argument 1 of the filter `indent`",
+            ),
+            (
+                "{{ [params.typo] | join(',') }}",
+                "`join` was given a value that holds",
+            ),
+            (
+                "{{ params.typo | default(params.typo2) }}",
+                "argument 1 of the filter `default`",
+            ),
+            (
+                "{{ params.l | sort(attribute=params.typo) }}",
+                "argument `attribute` of the filter `sort`",
+            ),
+            (
+                "{{ params.a is eq(params.typo) }}",
+                "argument 1 of the test `eq`",
+            ),
+            (
+                "{{ params.l | select('eq', params.typo) | list }}",
+                "argument 2 of the filter `select`",
+            ),
+            (
+                "{{ '%s' | format([params.typo]) }}",
+                "argument 1 of the filter `format` holds",
+            ),
+            (
+                "{{ {'a': params.typo} }}",
+                "a value printed holds an undefined value",
+            ),
+            (
+                "{{ [1, [params.m.typo]] }}",
+                "a value printed holds an undefined value",
+            ),
+        ] {
+            let err = render_params(text).unwrap_err();
+            assert!(
+                err.starts_with("main.j2:1: undefined value: "),
+                "{text}: {err}"
+            );
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn what_handles_a_missing_value_still_does() {
+        for (text, want) in [
+            ("{{ params.typo is defined }}", "False"),
+            ("{{ params.typo is undefined }}", "True"),
+            ("{{ params.typo is not defined }}", "True"),
+            ("{{ params.typo | default('d') | tojson }}", "\"d\""),
+            ("{{ params.typo | d(params.a) }}", "1"),
+            (
+                "{% if params.typo is defined %}{{ params.typo | tojson }}{% endif %}",
+                "",
+            ),
+            ("{{ [params.typo, 1] | select('defined') | list }}", "[1]"),
+            ("[{{ 'x' if false }}]", "[]"),
+            (
+                "{{ params.m | tojson }} {{ params.l | join(',') }} {{ params.a is eq(1) }}",
+                "{\"k\": \"v\"} 1,2 True",
+            ),
+        ] {
+            assert_eq!(render_params(text).as_deref(), Ok(want), "{text}");
         }
     }
 

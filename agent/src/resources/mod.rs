@@ -299,6 +299,10 @@ pub enum ResourceError {
     NotUp(Box<service::NotUp>),
     #[error("user `{0}` does not exist on this host\n  create the user first, or change `owner`")]
     UnknownUser(String),
+    /// The desired state is for another platform than this machine's: its
+    /// users and groups (and packages and services) are not this machine's.
+    #[error("{0}")]
+    OtherPlatform(OtherPlatform),
     #[error(
         "group `{0}` does not exist on this host\n  create the group first, or change `group`"
     )]
@@ -321,7 +325,54 @@ pub enum Platform {
     Linux,
 }
 
+/// A host of one platform looked at from a machine of another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherPlatform {
+    /// The host's name (empty where it is not known).
+    pub host: String,
+    pub platform: Platform,
+    pub machine: Platform,
+}
+
+impl std::fmt::Display for OtherPlatform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let host = if self.host.is_empty() {
+            "this host".to_string()
+        } else {
+            format!("host {}", self.host)
+        };
+        write!(
+            f,
+            "{host} is a {} host and this machine runs {}: its users, groups, packages and services cannot be checked here\n  plan it in a sandbox, where ownership is not enforced (`--root /tmp/lab`), or run the agent on the host itself",
+            self.platform.display_name(),
+            self.machine.display_name()
+        )
+    }
+}
+
+impl std::error::Error for OtherPlatform {}
+
 impl Platform {
+    /// The platform of the machine the agent runs on (the one it was built
+    /// for); `None` on any other (the agent manages macOS and Linux only).
+    pub fn this_machine() -> Option<Platform> {
+        if cfg!(target_os = "macos") {
+            Some(Platform::Macos)
+        } else if cfg!(target_os = "linux") {
+            Some(Platform::Linux)
+        } else {
+            None
+        }
+    }
+
+    /// `macOS`, `Linux`: for messages.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            Platform::Macos => "macOS",
+            Platform::Linux => "Linux",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Platform::Macos => "macos",
@@ -425,7 +476,25 @@ impl Host {
         id
     }
 
+    /// Refuses to look at a host of another platform than this machine's
+    /// (outside a sandbox): every owner, group, package and service of it
+    /// would fail on its own. Callers check once, before observing, and say
+    /// it once.
+    pub fn check_platform(&self, host: &str) -> Result<(), OtherPlatform> {
+        match Platform::this_machine() {
+            Some(machine) if !self.sandbox && machine != self.platform => Err(OtherPlatform {
+                host: host.to_string(),
+                platform: self.platform,
+                machine,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The ownership to enforce for `owner`/`group`, `None` in sandbox mode.
+    /// A name that does not resolve on a machine of another platform than
+    /// the host's is the error that says so ([`Host::check_platform`]), not
+    /// "user does not exist".
     pub fn ownership(
         &self,
         owner: Option<&str>,
@@ -434,16 +503,21 @@ impl Host {
         if self.sandbox {
             return Ok(Ownership::default());
         }
+        // A name missing here is no news on a machine of another platform.
+        let missing = |e: ResourceError| match self.check_platform("") {
+            Err(other) => ResourceError::OtherPlatform(other),
+            Ok(()) => e,
+        };
         let uid = owner
             .map(|o| {
                 self.resolve(false, o)
-                    .ok_or_else(|| ResourceError::UnknownUser(o.into()))
+                    .ok_or_else(|| missing(ResourceError::UnknownUser(o.into())))
             })
             .transpose()?;
         let gid = group
             .map(|g| {
                 self.resolve(true, g)
-                    .ok_or_else(|| ResourceError::UnknownGroup(g.into()))
+                    .ok_or_else(|| missing(ResourceError::UnknownGroup(g.into())))
             })
             .transpose()?;
         Ok(Ownership { uid, gid })
