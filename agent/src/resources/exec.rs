@@ -289,16 +289,30 @@ mod tests {
             .unwrap();
         assert!(out.timed_out);
         assert!(!out.stdout.contains("late"), "{}", out.stdout);
-        // The grandchild was ended with it (gone, or a zombie awaiting its reaper).
+        // The grandchild was ended with it (gone, or a zombie awaiting its
+        // reaper). The group's SIGKILL is delivered asynchronously: a
+        // killed process may still show as running for a moment, so this
+        // waits for the kill to land (an unkilled `sleep 30` never does).
         let pid = std::fs::read_to_string(&pid_file).unwrap();
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
-        let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
-        assert!(
-            matches!(state, None | Some('Z') | Some('X')),
-            "the grandchild {} is still running: {stat}",
-            pid.trim()
-        );
+        let state = || {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+            let state = stat.rsplit(") ").next().and_then(|s| s.chars().next());
+            (state, stat)
+        };
+        let start = std::time::Instant::now();
+        loop {
+            let (s, stat) = state();
+            if matches!(s, None | Some('Z') | Some('X')) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the grandchild {} is still running: {stat}",
+                pid.trim()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     #[test]
