@@ -212,7 +212,7 @@ fn install_on(
     let host = host(root, platform)?;
     let mut rotation = false;
     if platform == Platform::Macos {
-        rotation = write_if_changed(&host, Path::new(NEWSYSLOG_CONF), &newsyslog_conf())?;
+        rotation = write_if_changed(&host.fs, Path::new(NEWSYSLOG_CONF), &newsyslog_conf())?;
     }
     let live = unit.observe(&host)?;
     let changes = unit.diff(&live, &host);
@@ -234,8 +234,7 @@ fn install_on(
 
 /// Writes `content` to `path` (0644, atomically) unless it is already
 /// there byte for byte; true when written.
-fn write_if_changed(host: &Host, path: &Path, content: &str) -> Result<bool, InstallError> {
-    let fs = &host.fs;
+fn write_if_changed(fs: &Fs, path: &Path, content: &str) -> Result<bool, InstallError> {
     if let Some(live) = fs.read_file(path)? {
         if live.1.as_deref() == Some(content.as_bytes()) {
             return Ok(false);
@@ -351,31 +350,11 @@ pub fn config_from_repo(
         });
     }
     let fs = Fs::new(Path::new("/"))?;
-    if let Some(live) = fs.read_file(dest)? {
-        if live.1.as_deref() == Some(text.as_bytes()) {
-            return Ok(ConfigCopy::UpToDate);
-        }
-    }
-    let attrs = crate::fsops::Attrs {
-        mode: 0o644,
-        uid: None,
-        gid: None,
-    };
-    if let Some(parent) = dest.parent() {
-        fs.create_dir_all(
-            parent,
-            crate::fsops::Attrs {
-                mode: 0o755,
-                ..attrs
-            },
-        )?;
-    }
-    let staged = fs.stage_file(dest, text.as_bytes(), attrs)?;
-    for result in fs.commit(vec![staged]) {
-        result?;
-    }
-    fs.sync()?;
-    Ok(ConfigCopy::Written)
+    Ok(if write_if_changed(&fs, dest, &text)? {
+        ConfigCopy::Written
+    } else {
+        ConfigCopy::UpToDate
+    })
 }
 
 /// `install-service --repo R --host H`: [`config_from_repo`] with the

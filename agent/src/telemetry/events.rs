@@ -126,19 +126,6 @@ impl Event {
     }
 }
 
-fn action_name(a: Action) -> &'static str {
-    match a {
-        Action::None => "none",
-        Action::Create => "create",
-        Action::Update => "update",
-        Action::Report => "report",
-        Action::Delete => "delete",
-        Action::Forget => "forget",
-        Action::Skip => "skip",
-        Action::Restart => "restart",
-    }
-}
-
 /// `s` cut to at most [`MAX_ERROR_BYTES`].
 /// URL credentials are hidden too: every error of an event passes here.
 pub fn truncate(s: &str) -> String {
@@ -172,7 +159,7 @@ pub fn for_run(plan: &Plan, report: &ApplyReport, trigger: &str) -> Vec<Event> {
             e.module = (!module.is_empty()).then(|| module.to_string());
             e.revision = Some(report.revision.clone());
             e.trigger = Some(trigger.to_string());
-            e.action = Some(action_name(o.action));
+            e.action = Some(o.action.name());
             e.changes = o.fields.clone();
             e.note = o.note.clone();
             e
