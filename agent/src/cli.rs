@@ -57,6 +57,8 @@ macro_rules! outln {
     ($($arg:tt)*) => { write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
+mod control;
+
 /// Plans and converges this host from a repository of desired state.
 ///
 /// The repository holds hosts/<name>.yaml (what each host runs), modules/
@@ -83,6 +85,13 @@ enum Command {
     Status(StatusArgs),
     /// Run as a daemon: converge on every push webhook, poll, file change and SIGHUP.
     Run(RunArgs),
+    /// Ask the running daemon for a run now, and wait for its result.
+    Reconcile(ReconcileArgs),
+    /// Stop applying on this host: the daemon still fetches, plans and reports drift; `agent
+    /// apply` refuses. Kept across restarts until `agent resume`.
+    Suspend(SuspendArgs),
+    /// Apply again after `agent suspend` (the daemon converges at once).
+    Resume(ControlArgs),
     /// Secrets from 1Password Connect.
     #[command(subcommand)]
     Secrets(SecretsCommand),
@@ -172,6 +181,45 @@ struct RunArgs {
     /// `install-service` on macOS sets it, with a newsyslog config that rotates the file.
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
+}
+
+/// How to find the daemon (its state directory holds the control socket).
+#[derive(Debug, Args)]
+struct ControlArgs {
+    /// Agent config the daemon runs with (its state_dir, root and host). Default: the
+    /// platform's default config (/etc/homelab-agent/agent.yaml on Linux) when it exists.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The daemon's state directory (instead of a config).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Sandbox root the daemon runs with (locates the default state directory).
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ReconcileArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// How long to wait for the run's result (a run already in progress finishes first).
+    #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
+    /// Queue the run and return at once.
+    #[arg(long)]
+    no_wait: bool,
+    /// Print the result as JSON (docs/json-output.md).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct SuspendArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// Why (shown by `agent status`, /api/status and `agent apply`'s refusal).
+    #[arg(long, value_name = "TEXT", default_value = "")]
+    reason: String,
 }
 
 #[derive(Debug, Args)]
@@ -299,6 +347,9 @@ pub fn main() -> ExitCode {
         Command::Validate(args) => run_validate(args),
         Command::Status(args) => run_status(args),
         Command::Run(args) => run_daemon(args),
+        Command::Reconcile(args) => control::reconcile(&args),
+        Command::Suspend(args) => control::suspend(&args),
+        Command::Resume(args) => control::resume(&args),
         Command::Secrets(SecretsCommand::Check(args)) => run_secrets_check(args),
         Command::Kinds => {
             out!("{}", kinds_text());
@@ -494,6 +545,7 @@ fn write_metrics_file(
         .and_then(|s| s.host(host))
         .unwrap_or_default();
     metrics.set_revisions(&record);
+    metrics.set_suspended(homelab_agent_state::Suspension::read(state_dir).as_ref());
     metrics.set_last_phases(phases);
     crate::telemetry::metrics::write_textfile(path, &metrics.textfile())?;
     Ok(())
@@ -579,6 +631,14 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     let catalog = loaded.catalog.take().expect("loaded");
     // Once, not once per owner, package and service.
     loaded.host.check_platform(&catalog.host.name)?;
+    if let Some(s) = homelab_agent_state::Suspension::read(&loaded.state_dir) {
+        // On stderr: the plan itself (and its JSON) is unchanged.
+        eprintln!(
+            "note: applying is suspended on host {} ({}): the daemon plans and reports drift, and applies nothing until `agent resume`",
+            catalog.host.name,
+            crate::daemon::run::suspension_text(&s)
+        );
+    }
     let run = crate::run::run(
         catalog,
         crate::run::Mode::Plan,
@@ -623,6 +683,25 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
     let catalog = loaded.catalog.take().expect("loaded");
     loaded.host.check_platform(&catalog.host.name)?;
     let hostname = catalog.host.name.clone();
+    // `agent suspend`: nothing applies here either (as Puppet's
+    // `agent --disable`), until `agent resume`.
+    if let Some(s) = homelab_agent_state::Suspension::read(&loaded.state_dir) {
+        let message = format!(
+            "applying is suspended on host {hostname} ({}); nothing was changed\n  `agent resume` applies again; `agent plan` shows what would change",
+            crate::daemon::run::suspension_text(&s)
+        );
+        if args.json {
+            let doc = report::json::error_document(
+                report::json::Command::Apply,
+                Some(&hostname),
+                "suspended",
+                &message,
+                None,
+            );
+            outln!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+        anyhow::bail!(message);
+    }
     // Loki events (with `loki:` in the config); a bad password file stops
     // the run before anything is applied.
     let telemetry = match &loaded.loki {
@@ -1045,10 +1124,12 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
     let inventory = store.inventory(&host)?;
     let runs = store.runs(&host, args.runs)?;
     let last_run = store.runs(&host, 1)?.pop();
+    let suspended = homelab_agent_state::Suspension::read(&state_dir);
     if args.json {
         let value = serde_json::json!({
             "host": host,
             "state_dir": state_dir,
+            "suspended": suspended,
             "daemon": daemon,
             "applied": record,
             "inventory": inventory,
@@ -1071,6 +1152,12 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
             }
         ),
         None => outln!("Daemon: not reachable on {listen}"),
+    }
+    if let Some(s) = &suspended {
+        outln!(
+            "Suspended: applying is paused {} (drift is still detected and reported; `agent resume` applies again)",
+            crate::daemon::run::suspension_text(s)
+        );
     }
     if let Some(f) = &record.fetched_revision {
         outln!("Fetched revision: {f}");

@@ -265,6 +265,117 @@ pub struct RunRecord {
     pub error: Option<String>,
 }
 
+/// The file (in the state directory) recording that applying is suspended.
+pub const SUSPEND_FILE: &str = "suspended.json";
+
+/// Largest suspension record read (it is a few hundred bytes).
+const SUSPEND_FILE_LIMIT: u64 = 64 * 1024;
+
+/// `agent suspend`: applying is paused for the agent of this state
+/// directory (the daemon still fetches, plans and reports drift; `agent
+/// apply` refuses) until `agent resume`.
+///
+/// Kept apart from the database, as Puppet keeps `agent_disabled.lock`:
+/// one small record replaced atomically (write, fsync, rename), so it can
+/// be set while a run holds the database open, and read by anyone allowed
+/// into the state directory without opening the database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suspension {
+    /// The host whose agent was suspended.
+    pub host: String,
+    /// Unix seconds.
+    pub since: u64,
+    /// Who asked (a user name, or `uid N`).
+    pub by: String,
+    /// Why, as given to `agent suspend --reason` (may be empty).
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl Suspension {
+    /// The suspension recorded in `dir`, if any. A record that cannot be
+    /// read or parsed counts as a suspension (fail closed: someone meant to
+    /// pause applying), with the problem as its reason.
+    pub fn read(dir: &Path) -> Option<Suspension> {
+        let path = dir.join(SUSPEND_FILE);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => return Some(Suspension::unreadable(&path, &e.to_string())),
+        };
+        let mut bytes = Vec::new();
+        if let Err(e) = file.take(SUSPEND_FILE_LIMIT + 1).read_to_end(&mut bytes) {
+            return Some(Suspension::unreadable(&path, &e.to_string()));
+        }
+        if bytes.len() as u64 > SUSPEND_FILE_LIMIT {
+            return Some(Suspension::unreadable(
+                &path,
+                &format!("larger than {SUSPEND_FILE_LIMIT} bytes"),
+            ));
+        }
+        match serde_json::from_slice(&bytes) {
+            Ok(s) => Some(s),
+            Err(e) => Some(Suspension::unreadable(&path, &e.to_string())),
+        }
+    }
+
+    fn unreadable(path: &Path, why: &str) -> Suspension {
+        Suspension {
+            host: String::new(),
+            since: 0,
+            by: "unknown".to_string(),
+            reason: format!(
+                "the suspension record {} cannot be read ({why}); `agent resume` removes it",
+                path.display()
+            ),
+        }
+    }
+
+    /// Records `self` in `dir` atomically (mode 0600), replacing any
+    /// earlier suspension.
+    pub fn write(&self, dir: &Path) -> Result<(), StateError> {
+        create_dir(dir)?;
+        let path = dir.join(SUSPEND_FILE);
+        let io = |source| StateError::LockIo {
+            path: path.clone(),
+            source,
+        };
+        let tmp = dir.join(format!(".{SUSPEND_FILE}.tmp.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(&to_json(self)).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        sync_dir(dir).map_err(io)
+    }
+
+    /// Removes the suspension of `dir`; the one removed, if there was one.
+    pub fn clear(dir: &Path) -> Result<Option<Suspension>, StateError> {
+        let was = Suspension::read(dir);
+        let path = dir.join(SUSPEND_FILE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::LockIo { path, source }),
+        }
+        sync_dir(dir).map_err(|source| StateError::LockIo {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(was)
+    }
+}
+
+/// Makes a rename or removal in `dir` durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
 /// The single-instance lock on a state directory.
 ///
 /// Held for the whole of an `apply` (or the daemon's life). The file records
@@ -780,6 +891,39 @@ impl Writer<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_suspension_round_trips_and_a_broken_record_still_suspends() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Suspension::read(dir.path()), None);
+        let s = Suspension {
+            host: "indri".into(),
+            since: 1_700_000_000,
+            by: "alice".into(),
+            reason: "disk swap".into(),
+        };
+        s.write(dir.path()).unwrap();
+        assert_eq!(Suspension::read(dir.path()), Some(s.clone()));
+        let mode = std::fs::metadata(dir.path().join(SUSPEND_FILE))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        assert_eq!(Suspension::clear(dir.path()).unwrap(), Some(s));
+        assert_eq!(Suspension::read(dir.path()), None);
+        assert_eq!(Suspension::clear(dir.path()).unwrap(), None);
+        // Fail closed: a record that does not parse (or is too large) suspends.
+        std::fs::write(dir.path().join(SUSPEND_FILE), b"{not json").unwrap();
+        let broken = Suspension::read(dir.path()).expect("suspended");
+        assert!(broken.reason.contains("cannot be read"), "{broken:?}");
+        std::fs::write(dir.path().join(SUSPEND_FILE), vec![b' '; 70 * 1024]).unwrap();
+        let big = Suspension::read(dir.path()).expect("suspended");
+        assert!(big.reason.contains("larger than"), "{big:?}");
+        assert!(Suspension::clear(dir.path()).unwrap().is_some());
+        assert_eq!(Suspension::read(dir.path()), None);
+    }
+
     use super::*;
 
     fn entry(digest: &str) -> InventoryEntry {

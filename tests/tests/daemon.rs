@@ -1385,3 +1385,304 @@ fn the_api_token_guards_status_and_metrics() {
     );
     drop(daemon);
 }
+
+/// `agent <cmd> --config <lab config> <extra>`.
+fn control(lab: &Lab, cmd: &str, extra: &[&str]) -> std::process::Output {
+    agent()
+        .arg(cmd)
+        .arg("--config")
+        .arg(lab.config())
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn agent_reconcile_runs_now_and_waits_for_the_result() {
+    let lab = Lab::new();
+    let daemon = lab.start();
+    let conf = lab.host_path("/srv/app/app.conf");
+    // Pushed without a webhook, and the poll is an hour away: only the
+    // request makes a run.
+    lab.clone.write("hosts/lab.yaml", &host_yaml(9090, true));
+    lab.clone.commit("port 9090");
+    lab.clone.push("main");
+    let out = control(&lab, "reconcile", &[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("Run on host lab (manual): success, revision "),
+        "{text}"
+    );
+    assert!(text.contains(&lab.clone.head()), "{text}");
+    assert!(text.contains("changed 1,"), "{text}");
+    // Waited for: the file is converged when the command returns.
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "port = 9090\n");
+
+    // JSON: the documented shape (docs/json-output.md, "agent reconcile").
+    let out = control(&lab, "reconcile", &["--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["format_version"], 1);
+    assert_eq!(v["command"], "reconcile");
+    assert_eq!(v["run"]["result"], "success");
+    assert_eq!(v["run"]["trigger"], "manual");
+    assert_eq!(v["run"]["revision"], lab.clone.head().as_str());
+    assert_eq!(v["run"]["counts"]["changed"], 0);
+
+    // A refused commit: the run falls back to the last good revision, and
+    // the command says so and exits 1.
+    let good = lab.clone.head();
+    lab.clone
+        .write("hosts/lab.yaml", "platform: linux\nmodules: [\n");
+    lab.clone.commit("broken host file");
+    lab.clone.push("main");
+    let out = control(&lab, "reconcile", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(text.contains(&format!("revision {good}")), "{text}");
+    assert!(
+        text.contains(&format!(
+            "the newest revision {} was refused at validate",
+            lab.clone.head()
+        )),
+        "{text}"
+    );
+
+    // Without waiting: queued, and the run comes.
+    let manual = lab.runs_by("manual");
+    let out = control(&lab, "reconcile", &["--no-wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("Run queued on host lab"));
+    let start = Instant::now();
+    while lab.runs_by("manual") <= manual {
+        assert!(start.elapsed() < Duration::from_secs(30), "no run came");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The runs it made are the daemon's: counted under trigger "manual".
+    assert!(
+        daemon
+            .metric("homelab_agent_runs_total{host=\"lab\",trigger=\"manual\",result=\"success\"}")
+            >= 2.0
+    );
+}
+
+#[test]
+fn suspend_stops_applying_not_drift_detection_and_survives_a_restart() {
+    let lab = Lab::new();
+    let daemon = lab.start();
+    let conf = lab.host_path("/srv/app/app.conf");
+    assert_eq!(daemon.metric("homelab_agent_suspended{host=\"lab\"}"), 0.0);
+    let out = control(&lab, "suspend", &["--reason", "disk swap\nin progress"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("Host lab: applying suspended (since "),
+        "{}",
+        stdout(&out)
+    );
+    let status = daemon.status();
+    assert_eq!(status["suspended"]["reason"], "disk swap in progress");
+    assert_eq!(daemon.metric("homelab_agent_suspended{host=\"lab\"}"), 1.0);
+    // Asked twice: nothing changes.
+    let out = control(&lab, "suspend", &["--reason", "other"]);
+    assert!(
+        stdout(&out).contains("was already suspended"),
+        "{}",
+        stdout(&out)
+    );
+
+    // A hand edit is seen and reported, not healed.
+    std::fs::write(&conf, "port = 1\n").unwrap();
+    daemon.wait_for_log(
+        "drifted; not healed (applying is suspended)",
+        1,
+        Duration::from_secs(30),
+    );
+    daemon.wait_until("the suspended plan", Duration::from_secs(30), |s| {
+        s["planned"]["drift"] == 1 && s["running"] == false
+    });
+    assert!(
+        daemon.metric("homelab_agent_drifted_resources{host=\"lab\",module=\"app\",kind=\"file\"}")
+            >= 1.0
+    );
+    // A push is fetched and planned, not applied.
+    let before = lab.clone.head();
+    lab.clone.write("hosts/lab.yaml", &host_yaml(9090, true));
+    lab.clone.commit("port 9090");
+    let (code, _) = lab.push_and_notify(&before);
+    assert_eq!(code, 202);
+    daemon.wait_until("the push is fetched", Duration::from_secs(30), |s| {
+        s["fetched_revision"] == lab.clone.head().as_str() && s["running"] == false
+    });
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "port = 1\n");
+    assert_eq!(daemon.status()["applied_revision"], before.as_str());
+    assert!(
+        daemon.metric(
+            "homelab_agent_runs_total{host=\"lab\",trigger=\"webhook\",result=\"suspended\"}"
+        ) >= 1.0
+    );
+
+    // Nothing else applies either: `agent apply` and `agent reconcile` refuse.
+    let out = control(&lab, "apply", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("applying is suspended on host lab (since "),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("disk swap in progress"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "port = 1\n");
+    let out = control(&lab, "reconcile", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("the daemon refused: applying is suspended on host lab"),
+        "{}",
+        stderr(&out)
+    );
+    // `agent status` says so.
+    let out = control(&lab, "status", &[]);
+    assert!(
+        stdout(&out).contains("Suspended: applying is paused since "),
+        "{}",
+        stdout(&out)
+    );
+
+    // Kept across a restart.
+    assert!(daemon.terminate().success());
+    let daemon = lab.start();
+    assert_eq!(
+        daemon.status()["suspended"]["reason"],
+        "disk swap in progress"
+    );
+    assert_eq!(daemon.metric("homelab_agent_suspended{host=\"lab\"}"), 1.0);
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "port = 1\n");
+
+    // Resume: converges at once.
+    let out = control(&lab, "resume", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("Host lab: applying resumed (it was suspended since "),
+        "{}",
+        stdout(&out)
+    );
+    wait_for_file(&conf, "port = 9090\n", Duration::from_secs(30));
+    assert_eq!(daemon.metric("homelab_agent_suspended{host=\"lab\"}"), 0.0);
+    assert!(daemon.status()["suspended"].is_null());
+    let out = control(&lab, "resume", &[]);
+    assert!(
+        stdout(&out).contains("was not suspended"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn suspend_without_a_daemon_is_kept_for_it_and_refuses_apply() {
+    let lab = Lab::new();
+    let out = control(&lab, "suspend", &["--reason", "moving racks"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("No daemon is running"),
+        "{}",
+        stdout(&out)
+    );
+    let out = control(&lab, "apply", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("moving racks"), "{}", stderr(&out));
+    assert!(!lab.host_path("/srv/app/app.conf").exists());
+    // JSON callers get the error document.
+    let out = control(&lab, "apply", &["--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["stage"], "suspended", "{v}");
+    // A plan still works, and notes it.
+    let out = control(&lab, "plan", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("note: applying is suspended on host lab"));
+    // The daemon starts suspended: it plans, applies nothing.
+    let daemon = lab.start_until(agent, |listen| {
+        matches!(homelab_agent_tests::local_daemon::get(listen, "/api/status", None), Ok((200, _, body))
+            if serde_json::from_str::<serde_json::Value>(&body)
+                .is_ok_and(|s| s["last_attempt"]["result"] == "suspended"))
+    });
+    assert!(daemon.status()["last_run"].is_null());
+    assert_eq!(daemon.status()["suspended"]["reason"], "moving racks");
+    assert!(!lab.host_path("/srv/app/app.conf").exists());
+    assert!(daemon.terminate().success());
+    let out = control(&lab, "resume", &[]);
+    assert!(
+        stdout(&out).contains("applying resumed"),
+        "{}",
+        stdout(&out)
+    );
+    let out = control(&lab, "apply", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(lab.host_path("/srv/app/app.conf").exists());
+}
+
+#[test]
+fn the_controls_refuse_anyone_but_the_agents_user() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs a client as another user: run the suite as root (scripts/test.sh does)"
+    );
+    let lab = Lab::new();
+    let daemon = lab.start();
+    use std::os::unix::fs::PermissionsExt;
+    let state = lab.root().join("var/lib/homelab-agent");
+    let socket = state.join("daemon/control.sock");
+    // A copy of the agent that user 65534 can run wherever the checkout is.
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = bin_dir.path().join("agent");
+    std::fs::copy(homelab_agent_tests::agent_bin(), &bin).unwrap();
+    for p in [bin_dir.path(), bin.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let as_nobody = || {
+        use std::os::unix::process::CommandExt;
+        let mut c = std::process::Command::new(&bin);
+        c.args(["reconcile", "--state-dir"])
+            .arg(&state)
+            .uid(65534)
+            .gid(65534)
+            .env_remove("SUDO_USER");
+        c.output().unwrap()
+    };
+    let manual = lab.runs_by("manual");
+    // The file permissions stop another user at connect().
+    let out = as_nobody();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("permission denied on the control socket"),
+        "{}",
+        stderr(&out)
+    );
+    // With the path opened up by mistake, the peer check still refuses.
+    let mut dir = socket.parent().unwrap().to_path_buf();
+    while dir.starts_with(lab.tmp.path()) {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        dir.pop();
+    }
+    std::fs::set_permissions(lab.tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = as_nobody();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out)
+            .contains("only the agent's user (uid 0) or root may control it; you are uid 65534"),
+        "{}",
+        stderr(&out)
+    );
+    daemon.wait_for_log(
+        "refused a client that is not the agent's user",
+        1,
+        Duration::from_secs(10),
+    );
+    // Nothing was run for them.
+    lab.barrier(&daemon);
+    assert_eq!(lab.runs_by("manual"), manual);
+}

@@ -177,6 +177,7 @@ fn the_dashboard_is_provisionable_and_only_names_exported_metrics() {
         "Run duration p50 / p95",
         "Applied vs fetched revision per host",
         "Time since last success",
+        "Suspended",
         "Recent drift and error events",
     ] {
         assert!(titles.contains(want), "no panel {want:?}");
@@ -236,6 +237,7 @@ fn alert_rules_pass_promtool_and_every_alert_has_a_firing_test() {
         "HomelabAgentAppliedBehindFetched",
         "HomelabAgentNoSuccessfulRun",
         "HomelabAgentLokiEventsDropped",
+        "HomelabAgentSuspended",
     ] {
         assert!(names.contains(want), "no alert {want}");
     }

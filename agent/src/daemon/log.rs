@@ -61,6 +61,20 @@ impl Target<'_> {
 }
 
 impl RunLog {
+    /// Logs each drifted host resource found by a run while applying is
+    /// suspended, once per drift (as `on_drift: report` drift is).
+    pub fn suspended_drift<'a>(&mut self, drifted: impl Iterator<Item = &'a str>) {
+        let seen = self.targets.entry(Target::Host.key()).or_default();
+        let mut now = HashSet::new();
+        for id in drifted {
+            if !seen.reported.contains(id) {
+                info!(resource = %id, "drifted; not healed (applying is suspended)");
+            }
+            now.insert(id.to_string());
+        }
+        seen.reported = now;
+    }
+
     /// Logs what a run did to `target`'s resources; `scrub` removes the
     /// run's secret values from error messages. Replaces what was seen of
     /// that target: a resource that stops being skipped and is skipped
@@ -166,6 +180,19 @@ pub fn run_finished(
         failed = counts.failed,
         took = %took,
         "run finished"
+    );
+}
+
+/// The line a run ends with while applying is suspended: what its plan
+/// found (nothing was applied).
+pub fn suspended_run(suspension: &str, planned: &crate::plan::Summary) {
+    info!(
+        suspended = %suspension,
+        create = planned.create,
+        change = planned.change,
+        drift = planned.drift,
+        prune = planned.prune,
+        "suspended: planned only, nothing applied (agent resume applies again)"
     );
 }
 

@@ -4,7 +4,9 @@
 //! - `status.rs`: the status snapshot served over HTTP.
 //! - `http.rs`: the one HTTP listener (webhook, health, status, metrics).
 //! - `log.rs`: the log lines about runs (once per change for skips).
+//! - `control.rs`: the local controls (reconcile, suspend, resume) on a Unix socket.
 
+pub mod control;
 pub mod http;
 pub mod log;
 pub mod queue;

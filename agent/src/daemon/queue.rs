@@ -25,8 +25,10 @@ pub enum Trigger {
     SourceChanged,
     /// A managed file or directory changed on disk (possible drift).
     Drift,
-    /// SIGHUP (after a config reload) or an explicit request.
+    /// SIGHUP (after a config reload).
     Signal,
+    /// `agent reconcile` or `agent resume` (the control socket).
+    Manual,
 }
 
 impl Trigger {
@@ -38,6 +40,7 @@ impl Trigger {
             Trigger::SourceChanged => "source",
             Trigger::Drift => "watch",
             Trigger::Signal => "signal",
+            Trigger::Manual => "manual",
         }
     }
 }

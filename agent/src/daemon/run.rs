@@ -29,14 +29,15 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use homelab_agent_state::{Lock, RefusalCause, Refused, Store};
+use homelab_agent_state::{Lock, RefusalCause, Refused, Store, Suspension};
 use notify::{RecursiveMode, Watcher};
 use tracing::{error, info, warn};
 
+use super::control::{Controls, Refusing, RunSummary};
 use super::http::{HttpState, WebhookConfig};
 use super::queue::{Trigger, TriggerQueue};
 use super::status::{Refusal, StatusSnapshot};
@@ -58,6 +59,12 @@ pub enum DaemonError {
     )]
     Listen {
         addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the control socket {}: {source}\n  it lives in the state directory (`state_dir`): make sure that is a writable local directory with a short path (a Unix socket path has at most about 100 bytes)", path.display())]
+    Control {
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -196,6 +203,114 @@ struct Shared {
     /// is refused. (Git sources re-read the last good commit from the
     /// cache instead.)
     last_good_local: Mutex<Option<Arc<Catalog>>>,
+    /// The number of the last run started (the first is 1).
+    run_seq: AtomicU64,
+    /// `agent reconcile` clients waiting, each for the first run numbered
+    /// at least this (one that started after it asked).
+    waiters: Mutex<Vec<(u64, tokio::sync::oneshot::Sender<RunSummary>)>>,
+}
+
+impl Shared {
+    /// Answers the clients waiting for run `seq` (or an earlier number).
+    fn run_done(&self, seq: u64, summary: &RunSummary) {
+        self.status
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_attempt = Some(summary.clone());
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        let (done, waiting): (Vec<_>, Vec<_>) = waiters.drain(..).partition(|(min, _)| *min <= seq);
+        *waiters = waiting;
+        for (_, tx) in done {
+            let _ = tx.send(summary.clone());
+        }
+    }
+
+    /// Copies the suspension (`agent suspend`) into the status and metrics.
+    fn show_suspension(&self, suspension: Option<&Suspension>) {
+        self.telemetry.metrics.set_suspended(suspension);
+        self.status
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .suspended = suspension.cloned();
+    }
+}
+
+/// The daemon's side of the control socket (`daemon::control`).
+struct DaemonControls(Arc<Shared>);
+
+impl Controls for DaemonControls {
+    fn reconcile(&self) -> Result<tokio::sync::oneshot::Receiver<RunSummary>, (Refusing, String)> {
+        let shared = &self.0;
+        let state_dir = shared.settings.read().unwrap().state_dir.clone();
+        if let Some(s) = Suspension::read(&state_dir) {
+            return Err((
+                Refusing::Suspended,
+                format!(
+                    "applying is suspended on host {} ({}): no run was started; `agent resume` applies again (and runs now), `agent plan` shows the drift meanwhile",
+                    s.host,
+                    suspension_text(&s)
+                ),
+            ));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut waiters = shared.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            let next = shared.run_seq.load(Ordering::SeqCst) + 1;
+            waiters.push((next, tx));
+        }
+        info!("run requested (agent reconcile)");
+        shared.queue.push(Trigger::Manual);
+        Ok(rx)
+    }
+
+    fn suspend(
+        &self,
+        by: String,
+        reason: String,
+    ) -> Result<(Suspension, bool), (Refusing, String)> {
+        let shared = &self.0;
+        let (state_dir, host) = {
+            let s = shared.settings.read().unwrap();
+            (s.state_dir.clone(), s.host.clone())
+        };
+        if let Some(s) = Suspension::read(&state_dir) {
+            return Ok((s, true));
+        }
+        let suspension = Suspension {
+            host,
+            since: now_secs(),
+            by,
+            reason,
+        };
+        suspension
+            .write(&state_dir)
+            .map_err(|e| (Refusing::State, e.to_string()))?;
+        warn!(by = %suspension.by, reason = %suspension.reason, "applying suspended (agent suspend): runs plan and report drift, and apply nothing until `agent resume`");
+        shared.show_suspension(Some(&suspension));
+        Ok((suspension, false))
+    }
+
+    fn resume(&self) -> Result<Option<Suspension>, (Refusing, String)> {
+        let shared = &self.0;
+        let state_dir = shared.settings.read().unwrap().state_dir.clone();
+        let was = Suspension::clear(&state_dir).map_err(|e| (Refusing::State, e.to_string()))?;
+        shared.show_suspension(None);
+        if was.is_some() {
+            info!("applying resumed (agent resume); converging now");
+            shared.queue.push(Trigger::Manual);
+        }
+        Ok(was)
+    }
+}
+
+/// `since <time>, by <who>: <reason>` for messages.
+pub fn suspension_text(s: &Suspension) -> String {
+    let since = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s.since));
+    if s.reason.is_empty() {
+        format!("since {since}, by {}", s.by)
+    } else {
+        format!("since {since}, by {}: {}", s.by, s.reason)
+    }
 }
 
 fn now_secs() -> u64 {
@@ -323,10 +438,24 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
         sync_watchers: std::sync::OnceLock::new(),
         run_log: Mutex::new(super::log::RunLog::default()),
         last_good_local: Mutex::new(None),
+        run_seq: AtomicU64::new(0),
+        waiters: Mutex::new(Vec::new()),
     });
     refresh_status_from_state(&shared);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // The local controls (`agent reconcile`, `suspend`, `resume`).
+    let control_path = super::control::socket_path(&shared.settings.read().unwrap().state_dir);
+    let control = super::control::bind(&control_path).map_err(|source| DaemonError::Control {
+        path: control_path.clone(),
+        source,
+    })?;
+    let control_server = tokio::spawn(super::control::serve(
+        control,
+        control_path,
+        Arc::new(DaemonControls(shared.clone())),
+        stop_rx.clone(),
+    ));
     let mut http_stop = stop_rx.clone();
     let server = tokio::spawn(super::http::serve(
         listener,
@@ -369,20 +498,38 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
                 let batch = settle_source_edits(&queue, batch).await;
                 let trigger = batch.iter().map(|t| t.name()).collect::<Vec<_>>().join("+");
                 shared.cancel.store(false, Ordering::Relaxed);
+                // Numbered after its batch settled: a client that asked
+                // before this point waits for this run or a later one.
+                let seq = shared.run_seq.fetch_add(1, Ordering::SeqCst) + 1;
                 let s = shared.clone();
                 let w = watchers.clone();
                 // The reconcile runs on the blocking pool; signals, HTTP and
                 // the time budget are handled meanwhile.
                 let handle = tokio::task::spawn_blocking(move || {
+                    let started = Instant::now();
                     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        reconcile(&s, &batch);
+                        let summary = reconcile(&s, &batch);
                         w.lock().unwrap_or_else(|e| e.into_inner()).sync_managed();
+                        summary
                     }));
-                    if let Err(payload) = run {
+                    let summary = run.unwrap_or_else(|payload| {
                         // Stages catch their own panics; this is the last net
                         // (state reading, the watchers).
-                        error!(error = %panic_message(&*payload), "run failed");
-                    }
+                        let why = panic_message(&*payload);
+                        error!(error = %why, "run failed");
+                        RunSummary {
+                            trigger: batch.iter().map(|t| t.name()).collect::<Vec<_>>().join("+"),
+                            result: RunOutcome::Error,
+                            revision: None,
+                            refused: None,
+                            counts: Default::default(),
+                            planned: Default::default(),
+                            // The message could quote a value: the log has it.
+                            error: Some("the agent panicked during the run; its log says where".to_string()),
+                            duration_ms: started.elapsed().as_millis() as u64,
+                        }
+                    });
+                    s.run_done(seq, &summary);
                     // Only now is the run over for `/api/status`: a hand edit
                     // made after it reads `running: false` is watched.
                     let mut st = s.status.write().unwrap_or_else(|e| e.into_inner());
@@ -425,6 +572,7 @@ async fn main_loop(config: AgentConfig) -> Result<(), DaemonError> {
     }
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), control_server).await;
     // Give queued events a moment to reach Loki.
     let telemetry = shared.telemetry.clone();
     let _ = tokio::task::spawn_blocking(move || telemetry.flush(Duration::from_secs(5))).await;
@@ -756,7 +904,7 @@ fn write_render_marker(state_dir: &Path, revision: &str) {
 }
 
 /// One run: choose the revision, plan, apply, record.
-fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
+fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) -> RunSummary {
     let started = Instant::now();
     let mut phases = Phases::default();
     let s = shared.settings.read().unwrap().clone();
@@ -774,45 +922,48 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
         st.running = true;
         st.run_started_at = Some(now_secs());
     }
+    let stopped = |error: String, phases: &Phases| {
+        telemetry
+            .metrics
+            .run_finished(primary, RunOutcome::Error, phases, started.elapsed());
+        super::log::run_finished(
+            &trigger,
+            None,
+            RunOutcome::Error,
+            &Default::default(),
+            started.elapsed(),
+        );
+        shared.status.write().unwrap().running = false;
+        RunSummary {
+            trigger: trigger.clone(),
+            result: RunOutcome::Error,
+            revision: None,
+            refused: None,
+            counts: Default::default(),
+            planned: Default::default(),
+            error: Some(error),
+            duration_ms: started.elapsed().as_millis() as u64,
+        }
+    };
     let _lock = match Lock::acquire(&s.state_dir, &format!("agent run ({trigger})")) {
         Ok(l) => l,
         Err(e) => {
             warn!(error = %e, "run not started: the state directory is locked; retrying at the next trigger");
-            telemetry
-                .metrics
-                .run_finished(primary, RunOutcome::Error, &phases, started.elapsed());
-            super::log::run_finished(
-                &trigger,
-                None,
-                RunOutcome::Error,
-                &Default::default(),
-                started.elapsed(),
-            );
-            shared.status.write().unwrap().running = false;
-            return;
+            return stopped(e.to_string(), &phases);
         }
     };
-    let record = match Store::open_read_only_recovering(&s.state_dir)
-        .and_then(|st| st.host(&s.host))
-    {
-        Ok(r) => r,
-        Err(e) => {
-            error!(error = %e, "cannot read state");
-            telemetry.run_error(None, "state", None, &e.to_string(), &trigger);
-            telemetry
-                .metrics
-                .run_finished(primary, RunOutcome::Error, &phases, started.elapsed());
-            super::log::run_finished(
-                &trigger,
-                None,
-                RunOutcome::Error,
-                &Default::default(),
-                started.elapsed(),
-            );
-            shared.status.write().unwrap().running = false;
-            return;
-        }
-    };
+    let record =
+        match Store::open_read_only_recovering(&s.state_dir).and_then(|st| st.host(&s.host)) {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %e, "cannot read state");
+                telemetry.run_error(None, "state", None, &e.to_string(), &trigger);
+                return stopped(format!("cannot read state: {e}"), &phases);
+            }
+        };
+    // `agent suspend`: plan and report drift, apply nothing.
+    let suspended = Suspension::read(&s.state_dir);
+    shared.show_suspension(suspended.as_ref());
     // Every value this run resolves is scrubbed from what it reports.
     let secrets = Scrubber::new(
         telemetry.count_secrets(engine::secret_source(s.config.onepassword.as_ref())),
@@ -822,7 +973,7 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     let fetch = !triggers.iter().all(|t| *t == Trigger::Drift) || record.fetched_revision.is_none();
     let (catalog, fetched, mut refused) =
         choose_catalog(shared, &s, &record, fetch, &mut phases, &secrets, started);
-    if let Some(c) = &catalog {
+    if let (Some(c), None) = (&catalog, &suspended) {
         notify(shared, &s, |n| {
             n.run_started(&c.revision, record.applied_revision.as_deref())
         });
@@ -831,7 +982,39 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     let mut outcome = RunOutcome::Error;
     let mut run_counts = homelab_agent_state::RunCounts::default();
     let mut converged = None;
-    if let Some(catalog) = catalog {
+    let mut run_error = None;
+    if let (Some(catalog), Some(suspension)) = (&catalog, &suspended) {
+        // Plan only: the drift gauges, the status and the log show what a
+        // run would change; the revision is not converged.
+        converged = Some(catalog.revision.clone());
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_plan_only(shared, &s, catalog.clone(), &trigger, &mut phases, &secrets)
+        }));
+        match run {
+            Ok(Ok(p)) => {
+                planned = p;
+                outcome = RunOutcome::Suspended;
+                super::log::suspended_run(&suspension_text(suspension), &planned);
+            }
+            Ok(Err(e)) => {
+                error!(error = %e, "plan failed (suspended)");
+                run_error = Some(e.message);
+            }
+            Err(payload) => {
+                let why = secrets.scrub(&panic_message(&*payload));
+                error!(error = %why, "plan failed: a stage panicked (suspended)");
+                run_error = Some(why);
+            }
+        }
+        record_source(
+            &s,
+            &crate::run::record::SourceResult {
+                fetched: fetched.as_deref(),
+                converged: None,
+                refused: refused.as_ref(),
+            },
+        );
+    } else if let Some(catalog) = catalog {
         let revision = catalog.revision.clone();
         converged = Some(revision.clone());
         let candidate = refused.is_none();
@@ -843,6 +1026,7 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
                 planned = done.planned;
                 outcome = done.outcome;
                 run_counts = done.counts;
+                run_error = done.error;
                 // A local directory has no history: keep what converged,
                 // to fall back to after a bad edit.
                 if candidate
@@ -855,10 +1039,14 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
                         .unwrap_or_else(|e| e.into_inner()) = Some(catalog);
                 }
             }
-            Ok(Err(e)) => error!(error = %e, "run failed"),
+            Ok(Err(e)) => {
+                error!(error = %e, "run failed");
+                run_error = Some(e.message);
+            }
             Err(payload) => {
                 let why = secrets.scrub(&panic_message(&*payload));
                 error!(revision = %revision, error = %why, "run failed: a stage panicked");
+                run_error = Some(why.clone());
                 telemetry.run_error(Some(Phase::Apply), "apply", Some(&revision), &why, &trigger);
                 if candidate && record.last_good_revision.as_deref() != Some(revision.as_str()) {
                     // The newest revision panics plan or apply: refuse it and
@@ -918,6 +1106,21 @@ fn reconcile(shared: &Arc<Shared>, triggers: &BTreeSet<Trigger>) {
     release_memory();
     refresh_status_from_state(shared);
     shared.status.write().unwrap().planned = planned;
+    RunSummary {
+        trigger,
+        result: outcome,
+        revision: converged,
+        refused: refused.map(|r| Refusal {
+            stage: r.stage,
+            revision: r.revision,
+            error: r.error,
+            cause: r.cause,
+        }),
+        counts: run_counts,
+        planned,
+        error: run_error,
+        duration_ms: started.elapsed().as_millis() as u64,
+    }
 }
 
 /// Sends a run's notifications (`notify:`); what is not delivered is
@@ -1059,6 +1262,8 @@ struct RunDone {
     /// None of the host's resources failed: its revision is the applied
     /// (and so the last good) one.
     host_applied: bool,
+    /// The record's first error (scrubbed).
+    error: Option<String>,
 }
 
 fn run_plan_apply(
@@ -1087,21 +1292,7 @@ fn run_plan_apply(
     // The drift watcher compares events against this catalog from now on:
     // set before applying, so the events of the agent's own writes compare
     // equal and queue nothing.
-    let on_planned = |plan: &plan::Plan| {
-        let by_path = plan
-            .catalog
-            .entries
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| e.resource.path().map(|p| (host.fs.host_path(p), i)))
-            .collect();
-        *shared.drift.write().unwrap() = Some(DriftIndex {
-            catalog: plan.catalog.clone(),
-            by_path,
-            root: s.root.clone(),
-            platform: plan.catalog.host.platform,
-        });
-    };
+    let on_planned = |plan: &plan::Plan| watch_plan(shared, s, &host, plan);
     // The watchers follow this catalog before the stacks start: a hand
     // edit made while a stack waits is seen at once.
     let on_host_applied = || {
@@ -1180,7 +1371,91 @@ fn run_plan_apply(
         outcome: RunOutcome::from(applied.record.result),
         counts: applied.record.counts.clone(),
         host_applied: applied.host.counts.failed == 0,
+        error: applied.record.error.as_deref().map(scrub),
     })
+}
+
+/// Points the drift watcher's comparisons at `plan`'s catalog.
+fn watch_plan(shared: &Shared, s: &Settings, host: &Host, plan: &plan::Plan) {
+    let by_path = plan
+        .catalog
+        .entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| e.resource.path().map(|p| (host.fs.host_path(p), i)))
+        .collect();
+    *shared.drift.write().unwrap() = Some(DriftIndex {
+        catalog: plan.catalog.clone(),
+        by_path,
+        root: s.root.clone(),
+        platform: plan.catalog.host.platform,
+    });
+}
+
+/// A run while applying is suspended: plans every target and reports what
+/// it found (drift gauges, the log once per drifted resource, the status),
+/// applies and records nothing. Hand edits stay watched: each queues such
+/// a run, so drift is seen as it happens.
+fn run_plan_only(
+    shared: &Arc<Shared>,
+    s: &Settings,
+    catalog: Arc<Catalog>,
+    trigger: &str,
+    phases: &mut Phases,
+    secrets: &Scrubber,
+) -> Result<crate::plan::Summary, RunStopped> {
+    let telemetry = &shared.telemetry;
+    let revision = catalog.revision.clone();
+    let failed = |phase: Option<Phase>, stage: &str, e: String| {
+        let message = secrets.scrub(&e);
+        telemetry.run_error(phase, stage, Some(&revision), &message, trigger);
+        RunStopped { message }
+    };
+    let fs = Fs::new(s.root.as_deref().unwrap_or(Path::new("/")))
+        .map_err(|e| failed(Some(Phase::Observe), "observe", e.to_string()))?;
+    let host = Host::new(fs, s.root.is_some(), catalog.host.platform);
+    let kube = crate::k8s::client::KubeSettings {
+        kubeconfig: s.config.kubeconfig.clone(),
+        sandbox: s.root.is_some(),
+    };
+    let scrub = |t: &str| secrets.scrub(t);
+    let cx = crate::run::RunContext {
+        host: &host,
+        state_dir: &s.state_dir,
+        kube: &kube,
+        trigger,
+        cancel: Some(&shared.cancel),
+        scrub: &scrub,
+        on_planned: None,
+        on_host_applied: None,
+        idle: None,
+    };
+    let run = crate::run::run(
+        catalog,
+        crate::run::Mode::Plan,
+        crate::run::Targets::All,
+        &cx,
+    )
+    .map_err(|e| failed(None, "state", e.to_string()))?;
+    phases.add_all(&run.phases);
+    watch_plan(shared, s, &host, &run.plan);
+    telemetry.observe_plan(&run.plan);
+    let mut planned = run.plan.summary();
+    for st in &run.stacks {
+        planned.add(&st.summary());
+    }
+    shared
+        .run_log
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .suspended_drift(
+            run.plan
+                .resources
+                .iter()
+                .filter(|p| p.class == crate::plan::Classification::Drift)
+                .map(|p| run.plan.catalog.entries[p.index].id.as_str()),
+        );
+    Ok(planned)
 }
 
 /// A batch with a local source edit waits until the source has been quiet
@@ -1227,6 +1502,7 @@ fn refresh_status_from_state(shared: &Arc<Shared>) {
     };
     let record = store.host(&s.host).unwrap_or_default();
     shared.telemetry.metrics.set_revisions(&record);
+    shared.show_suspension(Suspension::read(&s.state_dir).as_ref());
     let last_run = store.runs(&s.host, 1).ok().and_then(|mut r| r.pop());
     let mut st = shared.status.write().unwrap();
     st.host = s.host.clone();

@@ -38,6 +38,16 @@ pub struct StatusSnapshot {
     /// The configured `run_timeout`, in seconds.
     #[serde(default)]
     pub run_timeout_secs: u64,
+    /// Applying is suspended (`agent suspend`): runs plan and report drift
+    /// and apply nothing. Readiness does not change: the daemon works as
+    /// asked (the metric `homelab_agent_suspended` and its alert say it).
+    #[serde(default)]
+    pub suspended: Option<homelab_agent_state::Suspension>,
+    /// The last run that finished, whatever it did: also the runs that
+    /// record nothing (stopped before applying, or suspended). `last_run`
+    /// is the last one recorded in the state.
+    #[serde(default)]
+    pub last_attempt: Option<super::control::RunSummary>,
 }
 
 /// A run past its time budget (`run_timeout`).

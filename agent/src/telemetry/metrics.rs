@@ -63,7 +63,9 @@ pub const SECRET_ERROR_REASONS: [&str; 3] = ["not_configured", "unavailable", "f
 pub const LOKI_DROP_REASONS: [&str; 3] = ["queue_full", "rejected", "retries_exhausted"];
 /// What started a daemon run (`homelab_agent_runs_total{trigger}`): the
 /// names of `daemon::queue::Trigger` (a batch counts as its first trigger).
-pub const TRIGGERS: [&str; 6] = ["startup", "poll", "webhook", "source", "watch", "signal"];
+pub const TRIGGERS: [&str; 7] = [
+    "startup", "poll", "webhook", "source", "watch", "signal", "manual",
+];
 
 /// The `reason` values of `homelab_agent_kube_errors_total` ([`KubeFailure::name`](crate::apply::KubeFailure::name)).
 pub const KUBE_ERROR_REASONS: [&str; 7] = [
@@ -146,6 +148,8 @@ struct Snapshot {
     /// Unix seconds of the last successful run; 0 = never.
     last_success: u64,
     last_phases: Vec<(Phase, f64)>,
+    /// Unix seconds applying was suspended at (`agent suspend`); `None`: applying.
+    suspended_since: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -230,6 +234,24 @@ impl Collector for SnapshotCollector {
             )?;
             let labels = [("host", host)];
             ConstGauge::new(s.last_success).encode(e.encode_family(&labels)?)?;
+        }
+        {
+            let mut e = encoder.encode_descriptor(
+                "suspended",
+                "1 while applying is suspended on this host (`agent suspend`: drift is still detected and reported, nothing is applied); 0 otherwise",
+                None,
+                MetricType::Gauge,
+            )?;
+            let labels = [("host", host)];
+            ConstGauge::new(u64::from(s.suspended_since.is_some()))
+                .encode(e.encode_family(&labels)?)?;
+            let mut e = encoder.encode_descriptor(
+                "suspended_since_timestamp",
+                "Unix time applying was suspended at; 0 while applying",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(s.suspended_since.unwrap_or(0)).encode(e.encode_family(&labels)?)?;
         }
         {
             let mut e = encoder.encode_descriptor(
@@ -449,6 +471,11 @@ impl Metrics {
         s.applied = record.applied_revision.clone();
         s.last_good = record.last_good_revision.clone();
         s.last_success = record.last_success_at.or(record.applied_at).unwrap_or(0);
+    }
+
+    /// Records whether applying is suspended (`agent suspend`).
+    pub fn set_suspended(&self, suspension: Option<&homelab_agent_state::Suspension>) {
+        self.snapshot.get().suspended_since = suspension.map(|s| s.since);
     }
 
     fn resource_labels(&self, module: &str, kind: &str) -> ResourceLabels {
@@ -863,6 +890,7 @@ mod tests {
             Trigger::SourceChanged,
             Trigger::Drift,
             Trigger::Signal,
+            Trigger::Manual,
         ]
         .map(Trigger::name);
         assert_eq!(names, TRIGGERS);

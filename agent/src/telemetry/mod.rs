@@ -113,7 +113,8 @@ impl Phases {
 /// How a run ended, as the `result` label of `homelab_agent_runs_total`:
 /// the run record's [`RunResult`](homelab_agent_state::RunResult), or
 /// `error` for a run that stopped before it applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RunOutcome {
     /// Everything converged.
     Success,
@@ -127,15 +128,19 @@ pub enum RunOutcome {
     /// The run stopped before apply (no usable revision, resources that
     /// could not be observed, state unreadable, state directory locked).
     Error,
+    /// Applying is suspended (`agent suspend`): the run planned, reported
+    /// drift and applied nothing.
+    Suspended,
 }
 
 impl RunOutcome {
-    pub const ALL: [RunOutcome; 5] = [
+    pub const ALL: [RunOutcome; 6] = [
         RunOutcome::Success,
         RunOutcome::Skipped,
         RunOutcome::Partial,
         RunOutcome::Failed,
         RunOutcome::Error,
+        RunOutcome::Suspended,
     ];
 
     pub fn name(self) -> &'static str {
@@ -145,6 +150,7 @@ impl RunOutcome {
             RunOutcome::Partial => "partial",
             RunOutcome::Failed => "failed",
             RunOutcome::Error => "error",
+            RunOutcome::Suspended => "suspended",
         }
     }
 }
