@@ -20,6 +20,10 @@ use homelab_agent_state::InventoryEntry;
 use crate::desired::catalog::{Catalog, Entry};
 use crate::desired::stacks::{ObjectRef, INVENTORY_KIND};
 
+/// The longest `--target` value: a path's limit (PATH_MAX) with room for
+/// its kind.
+const MAX_SELECTOR_BYTES: usize = 4096;
+
 /// One `--target` value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Selector {
@@ -38,6 +42,12 @@ impl Selector {
             given: text.to_string(),
             why,
         };
+        // Bounds the suggestion search (edit distance against every id).
+        if text.len() > MAX_SELECTOR_BYTES {
+            return Err(malformed(
+                "longer than any resource id (4096 bytes at most)",
+            ));
+        }
         let (kind, name) = text.split_once(':').ok_or_else(|| {
             malformed("expected a resource id (kind:identity), module:NAME or stack:NAME")
         })?;
@@ -596,6 +606,11 @@ resources:
         );
         assert!(Selector::parse("zot").is_err());
         assert!(Selector::parse("module:").is_err());
+        let long = format!("file:/{}", "a".repeat(MAX_SELECTOR_BYTES));
+        assert!(Selector::parse(&long)
+            .unwrap_err()
+            .to_string()
+            .contains("longer than any resource id"));
         assert_eq!(Selection::parse(&[]).unwrap(), None);
     }
 }
