@@ -255,6 +255,15 @@ struct Target {
 struct PlanArgs {
     #[command(flatten)]
     target: Target,
+    /// Limit the run to SELECTOR (repeatable): a resource id as the plan shows it
+    /// (`file:/usr/local/etc/zot/config.json`), `module:NAME` (its resources) or `stack:NAME` (one
+    /// Kubernetes stack). Also covered, transitively: what they come after and the services they
+    /// notify. Nothing else is observed, compared, applied or pruned; only a leftover named by id
+    /// (in the state, no longer declared) is pruned. Host selectors plan no stack, stack selectors
+    /// no host resource. A selector that matches nothing is an error (exit 1) and changes nothing.
+    /// Exit codes keep their meaning, for what the run covered.
+    #[arg(long = "target", value_name = "SELECTOR")]
+    targets: Vec<String>,
     /// Print the plan as JSON (one object per resource).
     #[arg(long)]
     json: bool,
@@ -266,7 +275,8 @@ struct PlanArgs {
     detailed_exitcode: bool,
     /// Also write the plan's metrics (resources managed, drifted, pending; revisions; last
     /// success) to FILE for node-exporter's textfile collector (atomically; name it *.prom).
-    #[arg(long, value_name = "FILE")]
+    /// Not with --target: the metrics describe the whole host.
+    #[arg(long, value_name = "FILE", conflicts_with = "targets")]
     metrics_file: Option<PathBuf>,
 }
 
@@ -274,6 +284,12 @@ struct PlanArgs {
 struct ApplyArgs {
     #[command(flatten)]
     target: Target,
+    /// Apply only SELECTOR (repeatable; see `agent plan --help`): a resource id, `module:NAME`
+    /// or `stack:NAME`, with what they come after and the services they notify. The run is
+    /// recorded with its targets but sets no applied revision or last success: the host may not
+    /// match its desired state until a whole apply.
+    #[arg(long = "target", value_name = "SELECTOR")]
+    targets: Vec<String>,
     /// Print what was done as JSON.
     #[arg(long)]
     json: bool,
@@ -284,8 +300,8 @@ struct ApplyArgs {
     #[arg(long)]
     detailed_exitcode: bool,
     /// Also write the run's metrics to FILE for node-exporter's textfile collector (see
-    /// `agent plan --help`).
-    #[arg(long, value_name = "FILE")]
+    /// `agent plan --help`). Not with --target.
+    #[arg(long, value_name = "FILE", conflicts_with = "targets")]
     metrics_file: Option<PathBuf>,
 }
 
@@ -626,6 +642,41 @@ fn scrub_diagnostics(diags: &crate::syntax::diag::Diagnostics) -> crate::syntax:
     out
 }
 
+/// Runs `catalog` for `mode`, limited to `targets` (`--target`) when there
+/// are any. A selector that cannot be run is an error before anything is
+/// planned; with `--json` it prints an error document (stage `target`).
+fn run_targets(
+    catalog: desired::catalog::Catalog,
+    mode: crate::run::Mode,
+    targets: &[String],
+    json: bool,
+    command: report::json::Command,
+    cx: &crate::run::RunContext<'_>,
+) -> Result<crate::run::RunReport> {
+    let host = catalog.host.name.clone();
+    let run = crate::run::select::Selection::parse(targets)
+        .map_err(crate::run::RunError::from)
+        .and_then(|selection| {
+            let targets = selection.map_or(crate::run::Targets::All, crate::run::Targets::Limited);
+            crate::run::run(catalog, mode, targets, cx)
+        });
+    match run {
+        Err(crate::run::RunError::Select(e)) if json => {
+            let doc = report::json::error_document(
+                command,
+                Some(&host),
+                "target",
+                &cli_scrub(&e.to_string()),
+                None,
+            );
+            let doc = report::json::error_with_targets(doc, targets);
+            outln!("{}", serde_json::to_string_pretty(&doc)?);
+            Err(e.into())
+        }
+        other => Ok(other?),
+    }
+}
+
 fn run_plan(args: PlanArgs) -> Result<ExitCode> {
     let mut loaded = load_or_json(&args.target, args.json, report::json::Command::Plan)?;
     let catalog = loaded.catalog.take().expect("loaded");
@@ -639,10 +690,12 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
             crate::daemon::run::suspension_text(&s)
         );
     }
-    let run = crate::run::run(
+    let run = run_targets(
         catalog,
         crate::run::Mode::Plan,
-        crate::run::Targets::All,
+        &args.targets,
+        args.json,
+        report::json::Command::Plan,
         &run_context(&loaded, &cli_scrub),
     )?;
     loaded.phases.add_all(&run.phases);
@@ -653,9 +706,13 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode> {
             loaded.sandbox.as_deref(),
             crate::k8s::report::plan_json(catalog, &run.stacks),
             &run.orphans,
-        );
+        )
+        .limited_to(run.limit.as_ref());
         outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
+        if let Some(limit) = &run.limit {
+            out!("{}", report::limit_text(limit));
+        }
         out!(
             "{}",
             report::plan_text(&run.plan, loaded.sandbox.as_deref(), style())
@@ -709,10 +766,12 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
         None => None,
     };
     let _lock = Lock::acquire(&loaded.state_dir, &format!("agent apply --host {hostname}"))?;
-    let run = crate::run::run(
+    let run = run_targets(
         catalog,
         crate::run::Mode::Apply,
-        crate::run::Targets::All,
+        &args.targets,
+        args.json,
+        report::json::Command::Apply,
         &run_context(&loaded, &cli_scrub),
     )?;
     loaded.phases.add_all(&run.phases);
@@ -727,8 +786,12 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
                     &cli_scrub(&e.to_string()),
                     None,
                 );
+                let doc = report::json::error_with_targets(doc, &args.targets);
                 outln!("{}", serde_json::to_string_pretty(&doc)?);
                 return Err(e.into());
+            }
+            if let Some(limit) = &run.limit {
+                out!("{}", report::limit_text(limit));
             }
             out!(
                 "{}",
@@ -739,7 +802,9 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
         }
         crate::run::ApplyStage::NotAsked => unreachable!("an apply run applies"),
     };
-    if args.target.rev.is_some() && !applied.host.failed() {
+    // A limited run does not pin its revision for the daemon either: the
+    // host was not converged to it.
+    if args.target.rev.is_some() && !applied.host.failed() && run.limit.is_none() {
         // A revision picked by hand: the daemon keeps it until a newer fetch.
         let store = Store::open(&loaded.state_dir)?;
         crate::run::record::manual_override(&store, &hostname, loaded.fetched.clone())?;
@@ -751,14 +816,21 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
             loaded.sandbox.as_deref(),
             crate::k8s::report::apply_json(&run.plan.catalog, &run.stacks, &applied.stacks),
             &run.orphans,
-        );
+        )
+        .limited_to(run.limit.as_ref());
         outln!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
+        if let Some(limit) = &run.limit {
+            out!("{}", report::limit_text(limit));
+        }
         out!("{}", report::apply_text(&applied.host, style()));
         out!(
             "{}",
             crate::k8s::report::apply_text(&applied.stacks, style())
         );
+        if let Some(limit) = &run.limit {
+            out!("{}", report::limit_warning(limit));
+        }
     }
     if let Some(t) = &telemetry {
         t.observe_apply(&run.plan, &applied.host, "cli");
@@ -1222,7 +1294,7 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
     for r in runs {
         let c = &r.counts;
         outln!(
-            "  {}  {:<7} {:<8} {}  +{} ~{} -{} !{} skipped {} failed {}{}",
+            "  {}  {:<7} {:<8} {}  +{} ~{} -{} !{} skipped {} failed {}{}{}",
             humantime::format_rfc3339_seconds(
                 std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.started_ms)
             ),
@@ -1235,6 +1307,11 @@ fn run_status(args: StatusArgs) -> Result<ExitCode> {
             c.drift_healed + c.drift_reported,
             c.skipped,
             c.failed,
+            if r.targets.is_empty() {
+                String::new()
+            } else {
+                format!("  limited to --target {}", r.targets.join(", --target "))
+            },
             r.error
                 .map(|e| format!("  ({})", crate::redact::url_credentials(&e)))
                 .unwrap_or_default()

@@ -263,6 +263,10 @@ pub struct RunRecord {
     pub result: RunResult,
     /// First error message, if any (never holds secret values).
     pub error: Option<String>,
+    /// The `--target` selectors of a limited run (`agent apply --target`);
+    /// empty for a whole run. A limited run moves no applied revision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
 }
 
 /// The file (in the state directory) recording that applying is suspended.
@@ -946,6 +950,7 @@ mod tests {
             counts: RunCounts::default(),
             result: RunResult::Success,
             error: None,
+            targets: Vec::new(),
         }
     }
 
@@ -967,6 +972,13 @@ mod tests {
         assert!(json.contains(r#""result":"skipped""#), "{json}");
         assert_eq!(serde_json::from_str::<RunRecord>(&json).unwrap(), skipped);
         assert!(!RunResult::Skipped.failed() && !RunResult::Success.failed());
+        // A whole run writes no `targets`; a limited one's round-trip.
+        assert!(!json.contains("targets"), "{json}");
+        assert!(record.targets.is_empty());
+        let mut limited = run(4);
+        limited.targets = vec!["module:zot".into()];
+        let json = serde_json::to_string(&limited).unwrap();
+        assert_eq!(serde_json::from_str::<RunRecord>(&json).unwrap(), limited);
     }
 
     #[test]

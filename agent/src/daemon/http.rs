@@ -1424,6 +1424,7 @@ mod tests {
                 },
                 result: RunResult::Success,
                 error: None,
+                targets: Vec::new(),
             }),
             ..StatusSnapshot::default()
         }

@@ -380,7 +380,7 @@ fn check_path_claims(kept: &[Pending], platform: Platform, diags: &mut Diagnosti
 }
 
 /// `file:/a/../b` and `file:/b` name the same resource.
-fn normalize_id(id: &str) -> String {
+pub(crate) fn normalize_id(id: &str) -> String {
     match id.split_once(':') {
         Some((kind, ident)) if ident.starts_with('/') => {
             let norm =

@@ -413,6 +413,27 @@ pub struct Document {
     pub counts: Option<RunCounts>,
     pub stacks: Vec<StackDoc>,
     pub orphaned_stacks: Vec<Orphan>,
+    /// The `--target` selectors of a limited run; absent for a whole run
+    /// (see [`Document::limited_to`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
+}
+
+impl Document {
+    /// The document of a run limited to `targets` (`--target`).
+    pub fn limited_to(mut self, limit: Option<&crate::run::select::Limit>) -> Document {
+        self.targets = limit.map(|l| l.targets.clone()).unwrap_or_default();
+        self
+    }
+}
+
+/// `doc` (an [`error_document`]) with the `--target` selectors of the
+/// run that could not start or was refused; unchanged without any.
+pub fn error_with_targets(mut doc: Json, targets: &[String]) -> Json {
+    if !targets.is_empty() {
+        doc["targets"] = Json::from(targets.to_vec());
+    }
+    doc
 }
 
 /// The document of `agent plan --json`.
@@ -489,6 +510,7 @@ fn document(
                 objects: *objects,
             })
             .collect(),
+        targets: Vec::new(),
     }
 }
 

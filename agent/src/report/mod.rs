@@ -156,6 +156,39 @@ fn summary_line(word: &str, s: &Summary) -> String {
     line
 }
 
+/// What a limited run (`--target`) covers, printed before its plan: the
+/// selectors and how much of the desired state they take in.
+pub fn limit_text(limit: &crate::run::select::Limit) -> String {
+    let mut line = format!(
+        "Limited to --target {}: {} of {} host resource(s) (with what they come after and the services they notify)",
+        limit.targets.join(", --target "),
+        limit.resources,
+        limit.of_resources
+    );
+    if limit.of_stacks > 0 {
+        let _ = write!(line, ", {} of {} stack(s)", limit.stacks, limit.of_stacks);
+    }
+    if limit.leftovers > 0 {
+        let _ = write!(
+            line,
+            ", {} leftover(s) named by id that the desired state no longer declares",
+            limit.leftovers
+        );
+    }
+    line.push_str("; the rest was not compared.\n\n");
+    line
+}
+
+/// The warning after a limited apply (as terraform's after `-target`).
+pub fn limit_warning(limit: &crate::run::select::Limit) -> String {
+    format!(
+        "\nWarning: this apply was limited to --target {}. The rest of the desired state was not \
+         compared or applied, so the host may not match it until a whole `agent apply` (or the \
+         daemon's next run); the host's applied revision is unchanged.\n",
+        limit.targets.join(", --target ")
+    )
+}
+
 /// What apply did, one line per resource touched, then a summary.
 pub fn apply_text(report: &ApplyReport, style: Style) -> String {
     let mut out = String::new();

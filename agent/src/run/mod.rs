@@ -10,8 +10,15 @@
 //! both report the one [`crate::apply::Outcome`] type and the one
 //! [`RunCounts`]. The host comes first: a stack never holds the host's
 //! own resources up, and each stack fails alone.
+//!
+//! A run may be limited to some resources, modules or stacks
+//! ([`Targets::Limited`], `--target`): [`select::limit`] cuts the catalog and
+//! the inventory down once, before the plan, and every stage works on
+//! that. Its record names the targets and it leaves the host's applied
+//! revision alone (the host was not converged as a whole).
 
 pub mod record;
+pub mod select;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,6 +44,9 @@ use crate::telemetry::{Phase, Phases};
 pub enum RunError {
     #[error(transparent)]
     State(#[from] StateError),
+    /// A `--target` that cannot be run: nothing was planned or changed.
+    #[error(transparent)]
+    Select(#[from] select::SelectError),
 }
 
 /// What a run does.
@@ -50,13 +60,17 @@ pub enum Mode {
 }
 
 /// Which targets a run covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Targets {
     /// The host's resources and its stacks.
     All,
     /// The host's resources alone (the daemon heals native drift this way
     /// while a stack waits for its rollout).
     HostOnly,
+    /// The selected resources, modules and stacks with what they need
+    /// (`--target`, see [`select`]); the rest is not looked at. The
+    /// catalog must not be shared (a limited run cuts it down).
+    Limited(select::Selection),
 }
 
 /// Where and how a run works.
@@ -93,6 +107,8 @@ pub struct RunReport {
     pub apply: ApplyStage,
     /// Wall time per phase (observe, apply, prune).
     pub phases: Phases,
+    /// What a limited run covered (`None`: the whole desired state).
+    pub limit: Option<select::Limit>,
 }
 
 /// What the apply stage of a run did.
@@ -186,7 +202,7 @@ fn run_in(
 ) -> Result<RunReport, RunError> {
     let host_name = catalog.host.name.clone();
     let mut phases = Phases::default();
-    let inventory = match (mode, open) {
+    let mut inventory = match (mode, open) {
         (_, Some(store)) => store.inventory(&host_name)?,
         (Mode::Plan, None) => read_inventory(cx.state_dir, &host_name)?,
         // The caller holds the lock: recovering a database a killed agent
@@ -195,6 +211,15 @@ fn run_in(
             Store::open_read_only_recovering(cx.state_dir)?.inventory(&host_name)?
         }
     };
+    let mut catalog = catalog;
+    let mut limit = None;
+    if let Targets::Limited(selection) = &targets {
+        let whole = Arc::try_unwrap(catalog).map_err(|_| select::SelectError::Shared)?;
+        let (c, i, l) = select::limit(whole, inventory, selection)?;
+        catalog = Arc::new(c);
+        inventory = i;
+        limit = Some(l);
+    }
     // Planned from a read-only key, so a plan that cannot be applied
     // leaves the state directory untouched.
     let key = DigestKey::load(cx.state_dir, false)?;
@@ -202,7 +227,7 @@ fn run_in(
         crate::plan::plan(catalog.clone(), cx.host, &inventory, &key)
     });
     let orphans = crate::k8s::plan::orphaned_stacks(&catalog, &inventory);
-    let with_stacks = targets == Targets::All;
+    let with_stacks = targets != Targets::HostOnly;
     if mode == Mode::Plan || !plan.failures.is_empty() {
         let mut stacks = StacksPlan::default();
         if with_stacks && mode == Mode::Plan {
@@ -221,6 +246,7 @@ fn run_in(
             orphans,
             apply,
             phases,
+            limit,
         });
     }
     let key = DigestKey::load(cx.state_dir, true)?;
@@ -256,6 +282,7 @@ fn run_in(
                     orphans,
                     apply: ApplyStage::Refused(refused),
                     phases,
+                    limit,
                 })
             }
         };
@@ -294,8 +321,11 @@ fn run_in(
     let record = record::finish_run(
         store,
         &host_name,
-        cx.trigger,
-        &catalog.revision,
+        &record::RunInfo {
+            trigger: cx.trigger,
+            revision: &catalog.revision,
+            targets: limit.as_ref().map_or(&[][..], |l| &l.targets[..]),
+        },
         &host_report,
         &stack_reports,
     )?;
@@ -309,6 +339,7 @@ fn run_in(
             record,
         })),
         phases,
+        limit,
     })
 }
 

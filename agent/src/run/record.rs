@@ -8,23 +8,36 @@ use homelab_agent_state::{Refused, RunCounts, RunRecord, RunResult, StateError, 
 use crate::apply::ApplyReport;
 use crate::k8s::apply::StackReport;
 
+/// Which run is recorded.
+pub struct RunInfo<'a> {
+    /// What started it: `cli`, `poll`, ...
+    pub trigger: &'a str,
+    pub revision: &'a str,
+    /// The `--target` selectors of a limited run (empty: a whole run).
+    pub targets: &'a [String],
+}
+
 /// Records a finished run: its counts (the host's and every stack's), its
 /// result and first error; the revision as applied when none of the host's
 /// resources failed (skipped ones do not count against it, so a host with
 /// a secret that does not resolve still gets an applied, and then a last
 /// good, revision to fall back to); and the time of the last run in which
-/// nothing failed. One transaction.
+/// nothing failed. One transaction. A limited run (`--target`) is recorded
+/// with its targets and moves neither the applied revision nor the last
+/// success: the host was not converged as a whole.
 pub fn finish_run(
     store: &Store,
     host: &str,
-    trigger: &str,
-    revision: &str,
+    run: &RunInfo<'_>,
     native: &ApplyReport,
     stacks: &[StackReport],
 ) -> Result<RunRecord, StateError> {
-    let record = run_record(trigger, revision, native, stacks);
-    let host_applied = native.counts.failed == 0;
-    let succeeded = !record.result.failed();
+    let mut record = run_record(run.trigger, run.revision, native, stacks);
+    record.targets = run.targets.to_vec();
+    let whole = run.targets.is_empty();
+    let host_applied = whole && native.counts.failed == 0;
+    let succeeded = whole && !record.result.failed();
+    let revision = run.revision;
     store.write(host, |w| {
         if host_applied || succeeded {
             let at = native.finished_ms / 1000;
@@ -77,6 +90,7 @@ fn run_record(
         counts,
         result,
         error,
+        targets: Vec::new(),
     }
 }
 
@@ -167,6 +181,41 @@ mod tests {
     use crate::k8s::client::Failure;
     use crate::plan::{Action, Classification};
 
+    fn info<'a>(trigger: &'a str, revision: &'a str) -> RunInfo<'a> {
+        RunInfo {
+            trigger,
+            revision,
+            targets: &[],
+        }
+    }
+
+    /// A limited run is recorded with its targets and moves neither the
+    /// applied revision nor the last success; the next whole run does.
+    #[test]
+    fn a_limited_run_is_recorded_but_applies_no_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let host = native(RunCounts {
+            created: 1,
+            ..RunCounts::default()
+        });
+        let targets = ["module:app".to_string()];
+        let limited = RunInfo {
+            trigger: "cli",
+            revision: "r1",
+            targets: &targets,
+        };
+        let r = finish_run(&store, "lab", &limited, &host, &[]).unwrap();
+        assert_eq!(r.result, RunResult::Success);
+        assert_eq!(r.targets, targets);
+        assert_eq!(store.host("lab").unwrap(), Default::default());
+        assert_eq!(store.runs("lab", 10).unwrap(), [r]);
+        finish_run(&store, "lab", &info("cli", "r1"), &host, &[]).unwrap();
+        let h = store.host("lab").unwrap();
+        assert_eq!(h.applied_revision.as_deref(), Some("r1"));
+        assert!(h.last_success_at.is_some());
+    }
+
     fn native(counts: RunCounts) -> ApplyReport {
         ApplyReport {
             outcomes: Vec::new(),
@@ -242,7 +291,7 @@ mod tests {
             skipped: 1,
             ..RunCounts::default()
         });
-        let r = finish_run(&store, "lab", "cli", "r1", &host, &[]).unwrap();
+        let r = finish_run(&store, "lab", &info("cli", "r1"), &host, &[]).unwrap();
         assert_eq!(r.result, RunResult::Skipped);
         let h = store.host("lab").unwrap();
         assert_eq!(h.applied_revision.as_deref(), Some("r1"));
@@ -254,7 +303,7 @@ mod tests {
             failed: 1,
             ..RunCounts::default()
         });
-        let r = finish_run(&store, "lab", "cli", "r2", &failing, &[]).unwrap();
+        let r = finish_run(&store, "lab", &info("cli", "r2"), &failing, &[]).unwrap();
         assert_eq!(r.result, RunResult::Partial);
         assert_eq!(store.host("lab").unwrap(), h, "nothing moved");
         assert_eq!(store.runs("lab", 10).unwrap().len(), 2);
@@ -276,8 +325,7 @@ mod tests {
         let r = finish_run(
             &store,
             "lab",
-            "poll",
-            "r1",
+            &info("poll", "r1"),
             &native(RunCounts::default()),
             &[stack],
         )
