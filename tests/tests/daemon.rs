@@ -1505,6 +1505,36 @@ fn suspend_stops_applying_not_drift_detection_and_survives_a_restart() {
         daemon.metric("homelab_agent_drifted_resources{host=\"lab\",module=\"app\",kind=\"file\"}")
             >= 1.0
     );
+    // Counted (and sent to Loki) once, as a drift: the heal after resume is
+    // its correction, not a new drift.
+    let drift_events =
+        "homelab_agent_drift_events_total{host=\"lab\",module=\"app\",kind=\"file\"}";
+    let corrections =
+        "homelab_agent_drift_corrections_total{host=\"lab\",module=\"app\",kind=\"file\"}";
+    assert_eq!(daemon.metric(drift_events), 1.0);
+    assert_eq!(daemon.metric(corrections), 0.0);
+    let out = control(&lab, "resume", &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for_file(&conf, "port = 8080\n", Duration::from_secs(30));
+    daemon.wait_until("the resumed run", Duration::from_secs(30), |s| {
+        s["last_attempt"]["result"] == "success" && s["running"] == false
+    });
+    assert_eq!(daemon.metric(drift_events), 1.0);
+    assert_eq!(daemon.metric(corrections), 1.0);
+    // Suspended again, the next hand edit is a new drift.
+    let out = control(&lab, "suspend", &["--reason", "disk swap\nin progress"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    std::fs::write(&conf, "port = 1\n").unwrap();
+    daemon.wait_for_log(
+        "drifted; not healed (applying is suspended)",
+        2,
+        Duration::from_secs(30),
+    );
+    daemon.wait_until("the suspended plan", Duration::from_secs(30), |s| {
+        s["planned"]["drift"] == 1 && s["running"] == false
+    });
+    assert_eq!(daemon.metric(drift_events), 2.0);
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), "port = 1\n");
     // A push is fetched and planned, not applied.
     let before = lab.clone.head();
     lab.clone.write("hosts/lab.yaml", &host_yaml(9090, true));

@@ -987,6 +987,50 @@ fn no_secret_value_leaks_anywhere() {
     lab.connect.restart();
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
     daemon.wait_run_where(last, |run| skipped(run) == 0);
+    // The controls: a run on request (text and JSON), then suspended runs
+    // that find a secret file drifted.
+    run(&lab, &mut ev, "reconcile", &["reconcile"], 0);
+    run(
+        &lab,
+        &mut ev,
+        "reconcile --json",
+        &["reconcile", "--json"],
+        0,
+    );
+    run(
+        &lab,
+        &mut ev,
+        "suspend",
+        &["suspend", "--reason", "test"],
+        0,
+    );
+    std::fs::write(
+        lab.host_path("/srv/app/db.conf"),
+        db_conf(&format!("{ROTATED_AGAIN}-by-hand")),
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let (_, body) = daemon.get("/api/status");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["last_attempt"]["result"] == "suspended" && v["planned"]["drift"] == 1 {
+            ev.add("GET /api/status (suspended)", body);
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{body}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run(&lab, &mut ev, "reconcile (suspended)", &["reconcile"], 1);
+    run(&lab, &mut ev, "plan (suspended)", &["plan"], 0);
+    run(
+        &lab,
+        &mut ev,
+        "status (suspended)",
+        &["status", "--json"],
+        0,
+    );
+    run(&lab, &mut ev, "resume", &["resume"], 0);
+    wait_for_file(&lab.host_path("/srv/app/db.conf"), &db_conf(ROTATED_AGAIN));
     for path in ["/api/status", "/readyz", "/healthz"] {
         let (code, body) = daemon.get(path);
         ev.add(format!("GET {path} (text daemon) {code}"), body);

@@ -102,7 +102,11 @@ pub(super) fn reconcile(args: &ReconcileArgs) -> Result<ExitCode> {
                     "run": run,
                 }))?;
             } else {
-                outln!("{}", run_text(&daemon.host, &run).trim_end());
+                // Scrubbed by the daemon; URL credentials masked again here.
+                outln!(
+                    "{}",
+                    crate::redact::url_credentials(run_text(&daemon.host, &run).trim_end())
+                );
             }
             Ok(if run.succeeded() {
                 ExitCode::SUCCESS

@@ -1439,7 +1439,7 @@ fn run_plan_only(
     .map_err(|e| failed(None, "state", e.to_string()))?;
     phases.add_all(&run.phases);
     watch_plan(shared, s, &host, &run.plan);
-    telemetry.observe_plan(&run.plan);
+    telemetry.observe_suspended_plan(&run.plan, trigger);
     let mut planned = run.plan.summary();
     for st in &run.stacks {
         planned.add(&st.summary());

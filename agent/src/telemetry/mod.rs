@@ -231,6 +231,55 @@ impl Telemetry {
             .set_resources(metrics::resource_table(plan, None));
     }
 
+    /// A run while applying is suspended (`agent suspend`): gauges, and a
+    /// drift counted and sent once when it appears (`not healed: applying is
+    /// suspended`); the heal after `agent resume` is then a correction of
+    /// that drift, not a new one.
+    pub fn observe_suspended_plan(&self, plan: &Plan, trigger: &str) {
+        self.metrics
+            .set_resources(metrics::resource_table(plan, None));
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut drifted = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for p in plan
+            .resources
+            .iter()
+            .filter(|p| p.class == Classification::Drift)
+        {
+            let entry = &plan.catalog.entries[p.index];
+            drifted.insert(entry.id.clone());
+            if last.drifted.contains(&entry.id) {
+                continue;
+            }
+            self.metrics
+                .drift_event(&entry.module, entry.resource.kind());
+            let fields: Vec<String> = p.changes.iter().map(|c| c.field.to_string()).collect();
+            let mut e = events::Event::new(
+                events::EventKind::Drift,
+                format!(
+                    "{} drifted{}: not healed (applying is suspended)",
+                    entry.id,
+                    if fields.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", fields.join(", "))
+                    }
+                ),
+            );
+            e.resource = Some(entry.id.clone());
+            e.kind = Some(entry.resource.kind().to_string());
+            e.module = Some(entry.module.clone());
+            e.revision = Some(plan.catalog.revision.clone());
+            e.trigger = Some(trigger.to_string());
+            e.action = Some("none");
+            e.changes = fields;
+            out.push(e);
+        }
+        last.drifted = drifted;
+        drop(last);
+        self.emit(out);
+    }
+
     /// An applied run: gauges, drift counters and the run's events.
     /// A drift still there from the previous run, or a resource failing with
     /// the same error again, is not counted or sent again. (The run's
