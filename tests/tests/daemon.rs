@@ -645,6 +645,26 @@ fn sighup_reloads_a_good_config_and_refuses_a_bad_one() {
         "old secret still valid"
     );
     assert!(log.contains("unknown key `bogus_key`"), "{log}");
+    // Another state directory: refused too (the lock and the control socket
+    // stay where the daemon started), and the controls still answer.
+    std::fs::write(
+        lab.config(),
+        format!(
+            "{good}state_dir: {}\n",
+            lab.tmp.path().join("elsewhere").display()
+        ),
+    )
+    .unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let log = daemon.wait_for_log("new configuration refused", 2, Duration::from_secs(30));
+    assert!(log.contains("the state directory would move from"), "{log}");
+    std::fs::write(lab.config(), &good).unwrap();
+    let out = agent()
+        .args(["reconcile", "--no-wait", "--config"])
+        .arg(lab.config())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
     // A good config with a new secret: the old secret stops working.
     std::fs::write(lab.config(), &good).unwrap();
     std::fs::write(

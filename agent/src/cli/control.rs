@@ -77,13 +77,7 @@ pub(super) fn reconcile(args: &ReconcileArgs) -> Result<ExitCode> {
     match answer {
         Response::Queued => {
             if args.json {
-                print_json(&serde_json::json!({
-                    "format_version": crate::report::json::FORMAT_VERSION,
-                    "command": "reconcile",
-                    "host": daemon.host,
-                    "queued": true,
-                    "run": null,
-                }))?;
+                print_json(&reconcile_json(&daemon.host, None))?;
             } else {
                 outln!(
                     "Run queued on host {} (`agent status` shows its result).",
@@ -94,13 +88,7 @@ pub(super) fn reconcile(args: &ReconcileArgs) -> Result<ExitCode> {
         }
         Response::Finished { run } => {
             if args.json {
-                print_json(&serde_json::json!({
-                    "format_version": crate::report::json::FORMAT_VERSION,
-                    "command": "reconcile",
-                    "host": daemon.host,
-                    "queued": true,
-                    "run": run,
-                }))?;
+                print_json(&reconcile_json(&daemon.host, Some(&run)))?;
             } else {
                 // Scrubbed by the daemon; URL credentials masked again here.
                 outln!(
@@ -117,6 +105,17 @@ pub(super) fn reconcile(args: &ReconcileArgs) -> Result<ExitCode> {
         Response::Refused { message, .. } => anyhow::bail!("the daemon refused: {message}"),
         other => anyhow::bail!("unexpected answer from the daemon: {other:?}"),
     }
+}
+
+/// `agent reconcile --json` (docs/json-output.md): `run` is `null` with `--no-wait`.
+fn reconcile_json(host: &str, run: Option<&RunSummary>) -> serde_json::Value {
+    serde_json::json!({
+        "format_version": crate::report::json::FORMAT_VERSION,
+        "command": "reconcile",
+        "host": host,
+        "queued": true,
+        "run": run,
+    })
 }
 
 /// What `agent reconcile` prints for a finished run.

@@ -378,7 +378,16 @@ pub fn request(path: &Path, op: Op, timeout: Duration) -> Result<Response, Contr
     })
     .expect("requests serialize");
     line.push(b'\n');
-    stream.write_all(&line).map_err(io)?;
+    // A daemon that refuses the client answers before reading the request
+    // and closes: the write then fails, and the answer is still there to read.
+    if let Err(e) = stream.write_all(&line) {
+        if !matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ) {
+            return Err(io(e));
+        }
+    }
     let mut answer = Vec::new();
     // Bounded: an answer is a run summary, far below 1 MiB.
     std::io::BufReader::new(std::io::Read::take(&stream, 1024 * 1024))

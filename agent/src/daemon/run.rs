@@ -617,6 +617,20 @@ fn reload(shared: &Arc<Shared>) {
         .map_err(|e| e.to_string())
         .and_then(|c| settings(&c).map_err(|e| e.to_string()))
         .and_then(|s| {
+            // The daemon's lock and control socket live in its state
+            // directory: moving it needs a restart.
+            let old = shared.settings.read().unwrap().state_dir.clone();
+            if s.state_dir == old {
+                Ok(s)
+            } else {
+                Err(format!(
+                    "the state directory would move from {} to {} (state_dir or root changed); the running daemon holds its lock and control socket there: restart it to move",
+                    old.display(),
+                    s.state_dir.display()
+                ))
+            }
+        })
+        .and_then(|s| {
             shared
                 .telemetry
                 .configure(&s.host, s.config.loki.as_ref())
@@ -1192,6 +1206,37 @@ fn report_refusal(
     }
 }
 
+/// Reports a daemon run that stopped before applying: scrubbed of the
+/// run's secret values, counted in `phase` and sent as an error event.
+fn stopped(
+    telemetry: &Telemetry,
+    secrets: &Scrubber,
+    revision: &str,
+    trigger: &str,
+    phase: Option<Phase>,
+    stage: &str,
+    e: String,
+) -> RunStopped {
+    let message = secrets.scrub(&e);
+    telemetry.run_error(phase, stage, Some(revision), &message, trigger);
+    RunStopped { message }
+}
+
+/// What a daemon run works on: the host (under the sandbox root, if any)
+/// and how its stacks reach their clusters.
+fn run_setup(
+    s: &Settings,
+    catalog: &Catalog,
+) -> Result<(Host, crate::k8s::client::KubeSettings), crate::fsops::FsError> {
+    let fs = Fs::new(s.root.as_deref().unwrap_or(Path::new("/")))?;
+    let host = Host::new(fs, s.root.is_some(), catalog.host.platform);
+    let kube = crate::k8s::client::KubeSettings {
+        kubeconfig: s.config.kubeconfig.clone(),
+        sandbox: s.root.is_some(),
+    };
+    Ok((host, kube))
+}
+
 /// A failure of a daemon run before it applied, already logged and sent
 /// (scrubbed of the run's secret values).
 #[derive(Debug, thiserror::Error)]
@@ -1277,17 +1322,10 @@ fn run_plan_apply(
     let telemetry = &shared.telemetry;
     let revision = catalog.revision.clone();
     let failed = |phase: Option<Phase>, stage: &str, e: String| {
-        let message = secrets.scrub(&e);
-        telemetry.run_error(phase, stage, Some(&revision), &message, trigger);
-        RunStopped { message }
+        stopped(telemetry, secrets, &revision, trigger, phase, stage, e)
     };
-    let fs = Fs::new(s.root.as_deref().unwrap_or(Path::new("/")))
+    let (host, kube) = run_setup(s, &catalog)
         .map_err(|e| failed(Some(Phase::Observe), "observe", e.to_string()))?;
-    let host = Host::new(fs, s.root.is_some(), catalog.host.platform);
-    let kube = crate::k8s::client::KubeSettings {
-        kubeconfig: s.config.kubeconfig.clone(),
-        sandbox: s.root.is_some(),
-    };
     let scrub = |t: &str| secrets.scrub(t);
     // The drift watcher compares events against this catalog from now on:
     // set before applying, so the events of the agent's own writes compare
@@ -1407,17 +1445,10 @@ fn run_plan_only(
     let telemetry = &shared.telemetry;
     let revision = catalog.revision.clone();
     let failed = |phase: Option<Phase>, stage: &str, e: String| {
-        let message = secrets.scrub(&e);
-        telemetry.run_error(phase, stage, Some(&revision), &message, trigger);
-        RunStopped { message }
+        stopped(telemetry, secrets, &revision, trigger, phase, stage, e)
     };
-    let fs = Fs::new(s.root.as_deref().unwrap_or(Path::new("/")))
+    let (host, kube) = run_setup(s, &catalog)
         .map_err(|e| failed(Some(Phase::Observe), "observe", e.to_string()))?;
-    let host = Host::new(fs, s.root.is_some(), catalog.host.platform);
-    let kube = crate::k8s::client::KubeSettings {
-        kubeconfig: s.config.kubeconfig.clone(),
-        sandbox: s.root.is_some(),
-    };
     let scrub = |t: &str| secrets.scrub(t);
     let cx = crate::run::RunContext {
         host: &host,
