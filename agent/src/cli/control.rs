@@ -180,7 +180,8 @@ fn print_json(value: &serde_json::Value) -> Result<()> {
 pub(super) fn suspend(args: &SuspendArgs) -> Result<ExitCode> {
     let daemon = locate(&args.control)?;
     let path = control::socket_path(&daemon.state_dir);
-    let by = who();
+    // Cleaned here too: with no daemon the CLI writes the record itself.
+    let by = control::clean(&who(), 64);
     let reason = control::clean(&args.reason, control::REASON_LIMIT);
     match control::request(
         &path,

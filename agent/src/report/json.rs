@@ -421,7 +421,7 @@ pub struct Document {
 
 impl Document {
     /// The document of a run limited to `targets` (`--target`).
-    pub fn limited_to(mut self, limit: Option<&crate::run::select::Limit>) -> Document {
+    pub fn limited_to(mut self, limit: Option<&super::Limit>) -> Document {
         self.targets = limit.map(|l| l.targets.clone()).unwrap_or_default();
         self
     }

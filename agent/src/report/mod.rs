@@ -156,9 +156,26 @@ fn summary_line(word: &str, s: &Summary) -> String {
     line
 }
 
+/// What a limited run covers, for its reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    /// The selectors (normalised).
+    pub targets: Vec<String>,
+    /// Host resources in the run (selected, what they come after, the
+    /// services they notify) and in the whole desired state.
+    pub resources: usize,
+    pub of_resources: usize,
+    /// Stacks in the run and in the whole desired state.
+    pub stacks: usize,
+    pub of_stacks: usize,
+    /// Leftovers named by id (in the inventory, no longer declared): the
+    /// run prunes them.
+    pub leftovers: usize,
+}
+
 /// What a limited run (`--target`) covers, printed before its plan: the
 /// selectors and how much of the desired state they take in.
-pub fn limit_text(limit: &crate::run::select::Limit) -> String {
+pub fn limit_text(limit: &Limit) -> String {
     let mut line = format!(
         "Limited to --target {}: {} of {} host resource(s) (with what they come after and the services they notify)",
         limit.targets.join(", --target "),
@@ -180,7 +197,7 @@ pub fn limit_text(limit: &crate::run::select::Limit) -> String {
 }
 
 /// The warning after a limited apply (as terraform's after `-target`).
-pub fn limit_warning(limit: &crate::run::select::Limit) -> String {
+pub fn limit_warning(limit: &Limit) -> String {
     format!(
         "\nWarning: this apply was limited to --target {}. The rest of the desired state was not \
          compared or applied, so the host may not match it until a whole `agent apply` (or the \

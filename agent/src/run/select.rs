@@ -120,22 +120,9 @@ pub struct Unmatched {
     pub hint: String,
 }
 
-/// What a limited run covers, for its reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limit {
-    /// The selectors (normalised).
-    pub targets: Vec<String>,
-    /// Host resources in the run (selected, what they come after, the
-    /// services they notify) and in the whole desired state.
-    pub resources: usize,
-    pub of_resources: usize,
-    /// Stacks in the run and in the whole desired state.
-    pub stacks: usize,
-    pub of_stacks: usize,
-    /// Leftovers named by id (in the inventory, no longer declared): the
-    /// run prunes them.
-    pub leftovers: usize,
-}
+/// What a limited run covers (defined with its reports, which are below
+/// `run` in the layers).
+pub use crate::report::Limit;
 
 /// Cuts `catalog` and `inventory` down to what `selection` covers (see the
 /// module docs), with every entry's dependency indices renumbered. Every
