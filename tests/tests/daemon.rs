@@ -1736,3 +1736,55 @@ fn the_controls_refuse_anyone_but_the_agents_user() {
     lab.barrier(&daemon);
     assert_eq!(lab.runs_by("manual"), manual);
 }
+
+#[test]
+fn a_daemon_for_a_host_of_another_platform_says_so_once_per_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    let srv = tmp.path().join("srv");
+    std::fs::create_dir_all(repo.join("hosts")).unwrap();
+    std::fs::create_dir_all(repo.join("modules/app")).unwrap();
+    // A macOS host, outside a sandbox, on this Linux machine.
+    std::fs::write(
+        repo.join("hosts/mini.yaml"),
+        format!("platform: macos\nroots: [{}]\nmodules:\n  - name: app\n", srv.display()),
+    )
+    .unwrap();
+    let files: String = (0..16)
+        .map(|i| format!("  - file: {}/f{i}.conf\n    content: \"x\\n\"\n    owner: _www\n", srv.display()))
+        .collect();
+    std::fs::write(repo.join("modules/app/module.yaml"), format!("resources:\n{files}")).unwrap();
+    let listen = format!("127.0.0.1:{}", ports::reserve());
+    let config = tmp.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "repo: {}\nhost: mini\npoll_interval: 1h\nlisten: {listen}\nstate_dir: {}\n",
+            repo.display(),
+            tmp.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let log = tmp.path().join("daemon.log");
+    let daemon = Daemon::start(agent, &config, &log, &[("RUST_LOG", "info")], |listen| {
+        matches!(homelab_agent_tests::local_daemon::get(listen, "/api/status", None), Ok((200, _, body))
+            if serde_json::from_str::<serde_json::Value>(&body)
+                .is_ok_and(|s| s["last_attempt"]["result"] == "error"))
+    });
+    let status = daemon.status();
+    let error = status["last_attempt"]["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("host mini is a macOS host and this machine runs Linux"),
+        "{error}"
+    );
+    let text = daemon.log_text();
+    assert_eq!(text.matches("is a macOS host").count(), 1, "{text}");
+    assert!(!text.contains("does not exist"), "{text}");
+    assert!(!srv.exists(), "nothing is written for it");
+    assert_ne!(
+        homelab_agent_tests::local_daemon::get(&daemon.listen, "/readyz", None)
+            .unwrap()
+            .0,
+        200
+    );
+}

@@ -485,6 +485,9 @@ fn exit_codes_and_status_agree_on_a_run_that_only_skipped() {
     let out = lab.expect(&["status", "--json"], 0);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["runs"][0]["result"], "skipped", "{v}");
+    // A skip is not an error: the run has none (why it skipped is in the
+    // plan, the log and `secrets check`).
+    assert!(v["runs"][0]["error"].is_null(), "{v}");
     assert!(v["applied"]["last_success_at"].as_u64().is_some(), "{v}");
 
     lab.connect.restart();
@@ -500,6 +503,14 @@ fn exit_codes_and_status_agree_on_a_run_that_only_skipped() {
     std::fs::create_dir(lab.host_path("/srv/app/plain.txt")).unwrap();
     lab.expect(&["apply", "--detailed-exitcode"], 1);
     lab.expect(&["apply"], 1);
+    let out = lab.expect(&["status", "--json"], 0);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["runs"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("plain.txt")),
+        "{v}"
+    );
 }
 
 #[test]

@@ -53,7 +53,8 @@ pub struct ApplyReport {
     pub started_ms: u64,
     #[serde(skip)]
     pub finished_ms: u64,
-    /// The first error, for the run record.
+    /// The first error (of a resource that failed, not one skipped), for
+    /// the run record.
     #[serde(skip)]
     pub first_error: Option<String>,
 }
@@ -145,9 +146,14 @@ pub fn apply_cancellable(
         counts.failed += 1;
     }
     commit(plan, store, &progress, &prunes, sync_error.is_none())?;
-    let first_error = sync_error
-        .clone()
-        .or_else(|| outcomes.iter().find_map(|o| o.error.clone()));
+    // A skipped resource is not a failure: its reason is in its outcome
+    // (and the log), not the run's error.
+    let first_error = sync_error.clone().or_else(|| {
+        outcomes
+            .iter()
+            .filter(|o| !o.skipped())
+            .find_map(|o| o.error.clone())
+    });
     Ok(ApplyReport {
         outcomes,
         counts,

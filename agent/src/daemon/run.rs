@@ -1222,14 +1222,26 @@ fn stopped(
     RunStopped { message }
 }
 
+/// Why a daemon run cannot look at its host.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error(transparent)]
+    Fs(#[from] crate::fsops::FsError),
+    /// Said once per run, not once per owner, package and service.
+    #[error(transparent)]
+    Platform(#[from] crate::resources::OtherPlatform),
+}
+
 /// What a daemon run works on: the host (under the sandbox root, if any)
-/// and how its stacks reach their clusters.
+/// and how its stacks reach their clusters. A host of another platform
+/// than this machine's (outside a sandbox) is refused here, once.
 fn run_setup(
     s: &Settings,
     catalog: &Catalog,
-) -> Result<(Host, crate::k8s::client::KubeSettings), crate::fsops::FsError> {
+) -> Result<(Host, crate::k8s::client::KubeSettings), SetupError> {
     let fs = Fs::new(s.root.as_deref().unwrap_or(Path::new("/")))?;
     let host = Host::new(fs, s.root.is_some(), catalog.host.platform);
+    host.check_platform(&catalog.host.name)?;
     let kube = crate::k8s::client::KubeSettings {
         kubeconfig: s.config.kubeconfig.clone(),
         sandbox: s.root.is_some(),

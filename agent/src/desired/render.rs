@@ -444,8 +444,77 @@ fn strict(
                 return Err(found.error(name, Some(test)));
             }
         }
+        if let Some(attribute) = looked_up_attribute(name, &args) {
+            if let Some(item) = item_without(state, &args[0], &attribute) {
+                return Err(minijinja::Error::new(
+                    ErrorKind::UndefinedError,
+                    format!(
+                        "the filter `{name}` looks up the attribute `{attribute}` of each item, and item {item} (counting from 0) has none (a misspelt attribute?); give every item one, pass `default=` to `map`, or pick the items that have it first with `selectattr('{attribute}', 'defined')`"
+                    ),
+                ));
+            }
+        }
         f.call(state, &args)
     }
+}
+
+/// The attribute a filter looks each item up by (`map(attribute='x')`,
+/// `selectattr('x')`, `sort(attribute='x')`, ...), unless it has a fallback
+/// for items without it (`default=`, or the tests `defined`/`undefined`,
+/// which is how items that have it are picked).
+fn looked_up_attribute(name: &str, args: &[Value]) -> Option<Value> {
+    let kwargs = args.iter().find(|a| a.is_kwargs());
+    let keyword = |key: &str| {
+        kwargs
+            .and_then(|k| k.get_item(&Value::from(key)).ok())
+            .filter(|v| !v.is_undefined())
+    };
+    let positional = |i: usize| args.get(i).filter(|a| !a.is_kwargs()).cloned();
+    if keyword("default").is_some() {
+        return None;
+    }
+    match name {
+        "selectattr" | "rejectattr" => {
+            let test = positional(2);
+            if matches!(test.as_ref().and_then(Value::as_str), Some("defined" | "undefined")) {
+                return None;
+            }
+            positional(1)
+        }
+        "groupby" => positional(1).or_else(|| keyword("attribute")),
+        "map" | "sort" | "unique" | "min" | "max" | "sum" | "join" => keyword("attribute"),
+        _ => None,
+    }
+}
+
+/// The index of the first item of `value` (a list or map, not a lazy
+/// iterable: it is not consumed here) without `attribute` (a dotted path,
+/// as the filters take it: `user.name`, `ports.0`).
+fn item_without(state: &State, value: &Value, attribute: &Value) -> Option<usize> {
+    if !matches!(value.kind(), ValueKind::Seq | ValueKind::Map) {
+        return None;
+    }
+    let lookup = |item: &Value| -> Option<Value> {
+        match attribute.as_str() {
+            Some(path) => {
+                let mut v = item.clone();
+                for part in path.split('.') {
+                    v = match part.parse::<usize>() {
+                        Ok(i) => v.get_item(&Value::from(i)).ok()?,
+                        Err(_) => v.get_attr(part).ok()?,
+                    };
+                }
+                Some(v)
+            }
+            None => item.get_item(attribute).ok(),
+        }
+    };
+    value
+        .try_iter()
+        .ok()?
+        .enumerate()
+        .find(|(_, item)| lookup(item).is_none_or(|v| is_missing(state, &v)))
+        .map(|(i, _)| i)
 }
 
 /// Replaces every builtin filter and test with one that refuses undefined
@@ -1089,10 +1158,17 @@ mod tests {
 
     /// Renders `main.j2` = `text` with `params` = {a: 1, l: [1, 2], m: {k: "v"}}.
     fn render_params(text: &str) -> Result<String, String> {
+        render_with(
+            text,
+            minijinja::context! {
+                params => minijinja::context! { a => 1, l => vec![1, 2], m => minijinja::context! { k => "v" } }
+            },
+        )
+    }
+
+    /// Renders `text` with `ctx`; an error as `file:line: what`.
+    fn render_with(text: &str, ctx: Value) -> Result<String, String> {
         let (_dir, env) = env(&[("main.j2", text)]);
-        let ctx = minijinja::context! {
-            params => minijinja::context! { a => 1, l => vec![1, 2], m => minijinja::context! { k => "v" } }
-        };
         env.render_template("main.j2", &ctx).map_err(|err| {
             let inner = innermost(&err);
             format!(
@@ -1102,6 +1178,19 @@ mod tests {
                 describe(&err)
             )
         })
+    }
+
+    /// Renders `text` with `params.users`: one item with `admin`, one without.
+    fn render_users(text: &str) -> Result<String, String> {
+        render_with(
+            text,
+            minijinja::context! {
+                params => minijinja::context! { users => vec![
+                    minijinja::context! { name => "a", admin => true },
+                    minijinja::context! { name => "b" },
+                ] }
+            },
+        )
     }
 
     #[test]
@@ -1299,6 +1388,44 @@ mod tests {
                 "{text}: {err}"
             );
             assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_item_without_the_attribute_a_filter_looks_up_is_an_error() {
+        // params.users: [{name: a, admin: true}, {name: b}]
+        for (filter, name) in [
+            ("map(attribute='admin') | list", "map"),
+            ("map(attribute='nmae') | join(',')", "map"),
+            ("selectattr('admin') | list", "selectattr"),
+            ("rejectattr('admin') | list", "rejectattr"),
+            ("sort(attribute='admin') | list", "sort"),
+            ("groupby('admin') | list", "groupby"),
+            ("unique(attribute='admin') | list", "unique"),
+            ("min(attribute='admin')", "min"),
+            ("max(attribute='admin')", "max"),
+            ("sum(attribute='admin')", "sum"),
+            ("join(',', attribute='admin')", "join"),
+            ("map(attribute='name.0.x') | list", "map"),
+        ] {
+            let err = render_users(&format!("{{{{ params.users | {filter} }}}}")).unwrap_err();
+            assert!(
+                err.starts_with("main.j2:1: undefined value: ")
+                    && err.contains(&format!("the filter `{name}` looks up the attribute"))
+                    && err.contains("has none"),
+                "{filter}: {err}"
+            );
+        }
+        // The ways to handle items without it still work.
+        for (text, want) in [
+            ("{{ params.users | selectattr('admin', 'defined') | map(attribute='name') | join(',') }}", "a"),
+            ("{{ params.users | rejectattr('admin', 'defined') | map(attribute='name') | join(',') }}", "b"),
+            ("{{ params.users | map(attribute='admin', default=false) | list }}", "[true, false]"),
+            ("{{ params.users | map(attribute='name') | join(',') }}", "a,b"),
+            ("{{ params.users | sort(attribute='name', reverse=true) | map(attribute='name') | join(',') }}", "b,a"),
+            ("{{ params.users | map('length') | list }}", "[2, 1]"),
+        ] {
+            assert_eq!(render_users(text).unwrap(), want, "{text}");
         }
     }
 
