@@ -1747,13 +1747,25 @@ fn a_daemon_for_a_host_of_another_platform_says_so_once_per_run() {
     // A macOS host, outside a sandbox, on this Linux machine.
     std::fs::write(
         repo.join("hosts/mini.yaml"),
-        format!("platform: macos\nroots: [{}]\nmodules:\n  - name: app\n", srv.display()),
+        format!(
+            "platform: macos\nroots: [{}]\nmodules:\n  - name: app\n",
+            srv.display()
+        ),
     )
     .unwrap();
     let files: String = (0..16)
-        .map(|i| format!("  - file: {}/f{i}.conf\n    content: \"x\\n\"\n    owner: _www\n", srv.display()))
+        .map(|i| {
+            format!(
+                "  - file: {}/f{i}.conf\n    content: \"x\\n\"\n    owner: _www\n",
+                srv.display()
+            )
+        })
         .collect();
-    std::fs::write(repo.join("modules/app/module.yaml"), format!("resources:\n{files}")).unwrap();
+    std::fs::write(
+        repo.join("modules/app/module.yaml"),
+        format!("resources:\n{files}"),
+    )
+    .unwrap();
     let listen = format!("127.0.0.1:{}", ports::reserve());
     let config = tmp.path().join("agent.yaml");
     std::fs::write(

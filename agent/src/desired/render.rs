@@ -476,7 +476,10 @@ fn looked_up_attribute(name: &str, args: &[Value]) -> Option<Value> {
     match name {
         "selectattr" | "rejectattr" => {
             let test = positional(2);
-            if matches!(test.as_ref().and_then(Value::as_str), Some("defined" | "undefined")) {
+            if matches!(
+                test.as_ref().and_then(Value::as_str),
+                Some("defined" | "undefined")
+            ) {
                 return None;
             }
             positional(1)
@@ -1420,7 +1423,7 @@ mod tests {
         for (text, want) in [
             ("{{ params.users | selectattr('admin', 'defined') | map(attribute='name') | join(',') }}", "a"),
             ("{{ params.users | rejectattr('admin', 'defined') | map(attribute='name') | join(',') }}", "b"),
-            ("{{ params.users | map(attribute='admin', default=false) | list }}", "[true, false]"),
+            ("{{ params.users | map(attribute='admin', default=false) | list }}", "[True, False]"),
             ("{{ params.users | map(attribute='name') | join(',') }}", "a,b"),
             ("{{ params.users | sort(attribute='name', reverse=true) | map(attribute='name') | join(',') }}", "b,a"),
             ("{{ params.users | map('length') | list }}", "[2, 1]"),
