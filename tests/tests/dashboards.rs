@@ -12,7 +12,7 @@ use homelab_agent_tests::local_daemon::LocalLab;
 use homelab_agent_tests::prometheus::promtool;
 use homelab_agent_tests::workspace;
 
-const EVENTS: [&str; 7] = [
+const EVENTS: [&str; 9] = [
     "apply",
     "drift",
     "correction",
@@ -20,6 +20,8 @@ const EVENTS: [&str; 7] = [
     "refused",
     "rollback",
     "error",
+    "suspend",
+    "resume",
 ];
 
 /// Metric names in the agent's `/metrics` (text format): every sample name

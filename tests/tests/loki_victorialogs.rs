@@ -183,6 +183,37 @@ fn events_are_stored_by_a_real_server(format: &str) {
     daemon.wait_until("the fixed revision", Duration::from_secs(10), |s| {
         s["refused"].is_null()
     });
+
+    // Suspended: who and why is an event; a hand edit is a drift left
+    // alone; after resume, its heal is the correction.
+    let control = |args: &[&str]| {
+        let out = homelab_agent_tests::agent()
+            .args(args)
+            .arg("--config")
+            .arg(lab.config_path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", homelab_agent_tests::stderr(&out));
+    };
+    control(&["suspend", "--reason", "moving the rack"]);
+    std::fs::write(&f1, "edited while suspended\n").unwrap();
+    let rows = vl.wait_for("the suspension and its drift", Duration::from_secs(15), ALL, |r| {
+        count(r, "suspend") == 1
+            && r.iter().any(|e| {
+                e["event"] == "drift"
+                    && e["_msg"] == "file:/srv/app/f1.conf drifted (content): not healed (applying is suspended)"
+            })
+    });
+    let suspend = rows.iter().find(|r| r["event"] == "suspend").unwrap();
+    assert_eq!(suspend["level"], "warn", "{suspend}");
+    assert_eq!(suspend["note"], "moving the rack", "{suspend}");
+    assert_eq!(std::fs::read_to_string(&f1).unwrap(), "edited while suspended\n");
+    let corrections = count(&rows, "correction");
+    control(&["resume"]);
+    wait_for_file(&f1, "value = 1\n", Duration::from_secs(10));
+    vl.wait_for("the resume and the heal", Duration::from_secs(15), ALL, |r| {
+        count(r, "resume") == 1 && count(r, "correction") == corrections + 1
+    });
     let m = daemon.wait_metrics("the queue drained", Duration::from_secs(15), |m| {
         sample(m, "homelab_agent_loki_queued_events{host=\"lab\"}") == Some(0.0)
     });

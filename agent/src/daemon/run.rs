@@ -287,6 +287,9 @@ impl Controls for DaemonControls {
             .map_err(|e| (Refusing::State, e.to_string()))?;
         warn!(by = %suspension.by, reason = %suspension.reason, "applying suspended (agent suspend): runs plan and report drift, and apply nothing until `agent resume`");
         shared.show_suspension(Some(&suspension));
+        shared
+            .telemetry
+            .emit([crate::telemetry::events::suspended(&suspension)]);
         Ok((suspension, false))
     }
 
@@ -295,7 +298,8 @@ impl Controls for DaemonControls {
         let state_dir = shared.settings.read().unwrap().state_dir.clone();
         let was = Suspension::clear(&state_dir).map_err(|e| (Refusing::State, e.to_string()))?;
         shared.show_suspension(None);
-        if was.is_some() {
+        if let Some(w) = &was {
+            shared.telemetry.emit([crate::telemetry::events::resumed(w)]);
             info!("applying resumed (agent resume); converging now");
             shared.queue.push(Trigger::Manual);
         }

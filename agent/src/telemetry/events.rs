@@ -29,10 +29,14 @@ pub enum EventKind {
     Rollback,
     /// Something failed: a resource, a prune, or the run.
     Error,
+    /// Applying was suspended (`agent suspend`): who, and why (`note`).
+    Suspend,
+    /// Applying resumed (`agent resume`).
+    Resume,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::Apply,
         EventKind::Drift,
         EventKind::Correction,
@@ -40,6 +44,8 @@ impl EventKind {
         EventKind::Refused,
         EventKind::Rollback,
         EventKind::Error,
+        EventKind::Suspend,
+        EventKind::Resume,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +57,8 @@ impl EventKind {
             EventKind::Refused => "refused",
             EventKind::Rollback => "rollback",
             EventKind::Error => "error",
+            EventKind::Suspend => "suspend",
+            EventKind::Resume => "resume",
         }
     }
 }
@@ -102,7 +110,7 @@ impl Event {
             event,
             level: match event {
                 EventKind::Error | EventKind::Refused => "error",
-                EventKind::Drift | EventKind::Rollback => "warn",
+                EventKind::Drift | EventKind::Rollback | EventKind::Suspend => "warn",
                 _ => "info",
             },
             msg: msg.into(),
@@ -242,6 +250,29 @@ pub fn refused(stage: &str, revision: Option<&str>, error: &str, trigger: &str) 
     e.revision = revision.map(str::to_string);
     e.error = Some(truncate(error));
     e.trigger = Some(trigger.to_string());
+    e
+}
+
+/// `agent suspend`: applying stops on this host until `agent resume`.
+pub fn suspended(s: &homelab_agent_state::Suspension) -> Event {
+    let mut e = Event::new(
+        EventKind::Suspend,
+        format!(
+            "applying suspended by {}: drift is reported, nothing is applied until `agent resume`",
+            s.by
+        ),
+    );
+    e.note = (!s.reason.is_empty()).then(|| s.reason.clone());
+    e
+}
+
+/// `agent resume`: applying again (`was`: the suspension that ended).
+pub fn resumed(was: &homelab_agent_state::Suspension) -> Event {
+    let mut e = Event::new(
+        EventKind::Resume,
+        format!("applying resumed (suspended by {})", was.by),
+    );
+    e.note = (!was.reason.is_empty()).then(|| was.reason.clone());
     e
 }
 
