@@ -193,7 +193,11 @@ fn events_are_stored_by_a_real_server(format: &str) {
             .arg(lab.config_path())
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", homelab_agent_tests::stderr(&out));
+        assert!(
+            out.status.success(),
+            "{}",
+            homelab_agent_tests::stderr(&out)
+        );
     };
     control(&["suspend", "--reason", "moving the rack"]);
     std::fs::write(&f1, "edited while suspended\n").unwrap();
@@ -207,13 +211,19 @@ fn events_are_stored_by_a_real_server(format: &str) {
     let suspend = rows.iter().find(|r| r["event"] == "suspend").unwrap();
     assert_eq!(suspend["level"], "warn", "{suspend}");
     assert_eq!(suspend["note"], "moving the rack", "{suspend}");
-    assert_eq!(std::fs::read_to_string(&f1).unwrap(), "edited while suspended\n");
+    assert_eq!(
+        std::fs::read_to_string(&f1).unwrap(),
+        "edited while suspended\n"
+    );
     let corrections = count(&rows, "correction");
     control(&["resume"]);
     wait_for_file(&f1, "value = 1\n", Duration::from_secs(10));
-    vl.wait_for("the resume and the heal", Duration::from_secs(15), ALL, |r| {
-        count(r, "resume") == 1 && count(r, "correction") == corrections + 1
-    });
+    vl.wait_for(
+        "the resume and the heal",
+        Duration::from_secs(15),
+        ALL,
+        |r| count(r, "resume") == 1 && count(r, "correction") == corrections + 1,
+    );
     let m = daemon.wait_metrics("the queue drained", Duration::from_secs(15), |m| {
         sample(m, "homelab_agent_loki_queued_events{host=\"lab\"}") == Some(0.0)
     });
@@ -271,22 +281,25 @@ fn events_are_stored_by_a_real_server(format: &str) {
         let line = r.to_string();
         assert!(seen.insert((ts, line)), "stored twice: {r}");
     }
-    // Each thing that happened once is stored once.
-    for (event, resource) in [
-        ("apply", "file:/srv/app/f0.conf"),
-        ("drift", "file:/srv/app/f1.conf"),
-        ("correction", "file:/srv/app/f1.conf"),
-        ("drift", "file:/srv/app/notes.txt"),
-        ("drift", "file:/srv/app/db.conf"),
-        ("correction", "file:/srv/app/db.conf"),
-        ("prune", "file:/srv/app/extra.txt"),
+    // Each thing that happened is stored once (f1 drifted twice: once
+    // healed at once, once while suspended).
+    for (event, resource, times) in [
+        ("apply", "file:/srv/app/f0.conf", 1),
+        ("drift", "file:/srv/app/f1.conf", 2),
+        ("correction", "file:/srv/app/f1.conf", 2),
+        ("drift", "file:/srv/app/notes.txt", 1),
+        ("drift", "file:/srv/app/db.conf", 1),
+        ("correction", "file:/srv/app/db.conf", 1),
+        ("prune", "file:/srv/app/extra.txt", 1),
     ] {
         assert_eq!(
             find(&rows, event, resource).len(),
-            1,
+            times,
             "{event} {resource}: {rows:#?}"
         );
     }
+    assert_eq!(count(&rows, "suspend"), 1);
+    assert_eq!(count(&rows, "resume"), 1);
     assert_eq!(count(&rows, "refused"), 1);
     assert_eq!(count(&rows, "apply"), 7);
     // The order of what happened: creates, then the drifts, the prune, the
@@ -295,6 +308,7 @@ fn events_are_stored_by_a_real_server(format: &str) {
     let last_apply = rows.iter().rposition(|r| r["event"] == "apply").unwrap();
     assert!(last_apply < pos("drift") && pos("drift") < pos("prune"));
     assert!(pos("prune") < pos("refused"));
+    assert!(pos("refused") < pos("suspend") && pos("suspend") < pos("resume"));
     // The agent counted what the server holds, and dropped nothing.
     assert_eq!(
         sample(&m, "homelab_agent_loki_events_sent_total{host=\"lab\"}"),

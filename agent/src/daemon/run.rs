@@ -299,7 +299,9 @@ impl Controls for DaemonControls {
         let was = Suspension::clear(&state_dir).map_err(|e| (Refusing::State, e.to_string()))?;
         shared.show_suspension(None);
         if let Some(w) = &was {
-            shared.telemetry.emit([crate::telemetry::events::resumed(w)]);
+            shared
+                .telemetry
+                .emit([crate::telemetry::events::resumed(w)]);
             info!("applying resumed (agent resume); converging now");
             shared.queue.push(Trigger::Manual);
         }
