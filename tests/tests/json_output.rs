@@ -6,6 +6,9 @@
 //! `in_sync`; an invalid desired state prints a JSON document with its
 //! diagnostics (exit code unchanged). Snapshots of all three.
 
+mod json_doc;
+
+use json_doc::{schema, CONFIGMAP};
 use std::collections::BTreeSet;
 
 use homelab_agent_tests::{stderr, stdout, workspace, Lab};
@@ -30,14 +33,6 @@ const MODULE: &str = r#"resources:
   - package: jq
 "#;
 
-const CONFIGMAP: &str = "apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: web-config
-data:
-  replicas: \"2\"
-";
-
 fn lab() -> Lab {
     let lab = Lab::empty();
     lab.write("hosts/lab.yaml", HOST);
@@ -45,11 +40,6 @@ fn lab() -> Lab {
     lab.write("k8s/web/stack.yaml", "namespace: web\n");
     lab.write("k8s/web/app.yaml", CONFIGMAP);
     lab
-}
-
-fn schema() -> jsonschema::Validator {
-    let text = std::fs::read_to_string(workspace().join("docs/json-output.schema.json")).unwrap();
-    jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).unwrap()
 }
 
 /// Fails with every schema violation of `doc`.

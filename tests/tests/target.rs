@@ -5,9 +5,12 @@
 //! with its targets and sets no applied revision; a selector that matches
 //! nothing changes nothing. Drives the real binary in a sandbox (`--root`).
 
+mod json_doc;
+
+use json_doc::{schema, CONFIGMAP};
 use std::collections::BTreeSet;
 
-use homelab_agent_tests::{stderr, stdout, tree, workspace, Lab};
+use homelab_agent_tests::{stderr, stdout, tree, Lab};
 use serde_json::Value;
 
 const HOST: &str = "platform: linux
@@ -47,14 +50,6 @@ resources:
     notify: [service:app]
 "#;
 
-const CONFIGMAP: &str = "apiVersion: v1
-kind: ConfigMap
-metadata:
-  name: web-config
-data:
-  replicas: \"2\"
-";
-
 fn lab() -> Lab {
     let lab = Lab::empty();
     lab.write("hosts/lab.yaml", HOST);
@@ -63,11 +58,6 @@ fn lab() -> Lab {
     lab.write("k8s/web/stack.yaml", "namespace: web\n");
     lab.write("k8s/web/app.yaml", CONFIGMAP);
     lab
-}
-
-fn schema() -> jsonschema::Validator {
-    let text = std::fs::read_to_string(workspace().join("docs/json-output.schema.json")).unwrap();
-    jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).unwrap()
 }
 
 /// The document of `agent CMD --json ARGS`, valid against the schema,
