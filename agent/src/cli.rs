@@ -1174,18 +1174,33 @@ fn kinds_text() -> String {
     out
 }
 
-fn run_status(args: StatusArgs) -> Result<ExitCode> {
-    let config = args.config.as_deref().map(config::load).transpose()?;
-    let c = config.as_ref();
-    let host = match args.host.or_else(|| c.and_then(|c| c.host.clone())) {
+/// The host and state directory flags and a config point at, as the
+/// daemon resolves them (`daemon::run::settings`): flags over the config
+/// over this machine's hostname and the default state directory (under the
+/// sandbox root, made absolute, if there is one).
+fn host_state(
+    c: Option<&config::AgentConfig>,
+    host: Option<String>,
+    root: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+) -> Result<(String, PathBuf)> {
+    let host = match host.or_else(|| c.and_then(|c| c.host.clone())) {
         Some(h) => h,
         None => short_hostname()?,
     };
-    let root = args.root.or_else(|| c.and_then(|c| c.root.clone()));
-    let state_dir = args
-        .state_dir
+    let root = root
+        .or_else(|| c.and_then(|c| c.root.clone()))
+        .map(|r| r.canonicalize().unwrap_or(r));
+    let state_dir = state_dir
         .or_else(|| c.and_then(|c| c.state_dir.clone()))
         .unwrap_or_else(|| default_state_dir(root.as_deref()));
+    Ok((host, state_dir))
+}
+
+fn run_status(args: StatusArgs) -> Result<ExitCode> {
+    let config = args.config.as_deref().map(config::load).transpose()?;
+    let c = config.as_ref();
+    let (host, state_dir) = host_state(c, args.host, args.root, args.state_dir)?;
     let listen = c.map_or_else(
         || config::DEFAULT_LISTEN.parse().expect("valid"),
         |c| c.listen,

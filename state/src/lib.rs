@@ -344,18 +344,7 @@ impl Suspension {
             path: path.clone(),
             source,
         };
-        let tmp = dir.join(format!(".{SUSPEND_FILE}.tmp.{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        f.write_all(&to_json(self)).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        sync_dir(dir).map_err(io)
+        write_private(dir, SUSPEND_FILE, &to_json(self)).map_err(io)
     }
 
     /// Removes the suspension of `dir`; the one removed, if there was one.
@@ -373,6 +362,23 @@ impl Suspension {
         })?;
         Ok(was)
     }
+}
+
+/// Writes `dir/name` (mode 0600) atomically and durably: a temporary file
+/// beside it (a stale one left by a killed process is replaced), fsync,
+/// rename over, fsync of the directory.
+fn write_private(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
 }
 
 /// Makes a rename or removal in `dir` durable.
@@ -537,16 +543,7 @@ impl DigestKey {
         }
         create_dir(dir)?;
         let key = random_key().map_err(io)?;
-        let tmp = dir.join(format!(".{KEY_FILE}.tmp.{}", std::process::id()));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        f.write_all(&key).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
+        write_private(dir, KEY_FILE, &key).map_err(io)?;
         Ok(DigestKey(key))
     }
 }

@@ -6,6 +6,8 @@
 //! 12): a commit that crashed the agent, a template that hung it, SIGTERM
 //! mid-render, slowloris clients, weak webhook secrets.
 
+mod json_doc;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -1449,6 +1451,11 @@ fn agent_reconcile_runs_now_and_waits_for_the_result() {
     assert_eq!(v["run"]["trigger"], "manual");
     assert_eq!(v["run"]["revision"], lab.clone.head().as_str());
     assert_eq!(v["run"]["counts"]["changed"], 0);
+    let errors: Vec<String> = json_doc::schema()
+        .iter_errors(&v)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}\n{v}");
 
     // A refused commit: the run falls back to the last good revision, and
     // the command says so and exits 1.

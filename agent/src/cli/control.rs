@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use homelab_agent_state::Suspension;
 
 use super::{write_stdout, ControlArgs, ReconcileArgs, SuspendArgs};
@@ -28,24 +28,8 @@ fn locate(args: &ControlArgs) -> Result<Daemon> {
         (args.state_dir.is_none() && args.root.is_none() && p.exists()).then_some(p)
     });
     let c = path.as_deref().map(config::load).transpose()?;
-    let c = c.as_ref();
-    let host = match c.and_then(|c| c.host.clone()) {
-        Some(h) => h,
-        None => super::short_hostname()?,
-    };
-    let root = match args.root.clone().or_else(|| c.and_then(|c| c.root.clone())) {
-        // As the daemon resolves it (`daemon::run::settings`).
-        Some(r) => Some(
-            r.canonicalize()
-                .with_context(|| format!("sandbox root {}", r.display()))?,
-        ),
-        None => None,
-    };
-    let state_dir = args
-        .state_dir
-        .clone()
-        .or_else(|| c.and_then(|c| c.state_dir.clone()))
-        .unwrap_or_else(|| config::default_state_dir(root.as_deref()));
+    let (host, state_dir) =
+        super::host_state(c.as_ref(), None, args.root.clone(), args.state_dir.clone())?;
     Ok(Daemon { state_dir, host })
 }
 

@@ -1213,19 +1213,21 @@ fn report_refusal(
 }
 
 /// Reports a daemon run that stopped before applying: scrubbed of the
-/// run's secret values, counted in `phase` and sent as an error event.
-fn stopped(
-    telemetry: &Telemetry,
-    secrets: &Scrubber,
-    revision: &str,
-    trigger: &str,
-    phase: Option<Phase>,
-    stage: &str,
-    e: String,
-) -> RunStopped {
-    let message = secrets.scrub(&e);
-    telemetry.run_error(phase, stage, Some(revision), &message, trigger);
-    RunStopped { message }
+/// run's secret values, counted in its phase and sent as an error event.
+struct Stopper<'a> {
+    telemetry: &'a Telemetry,
+    secrets: &'a Scrubber,
+    revision: String,
+    trigger: &'a str,
+}
+
+impl Stopper<'_> {
+    fn stop(&self, phase: Option<Phase>, stage: &str, e: String) -> RunStopped {
+        let message = self.secrets.scrub(&e);
+        self.telemetry
+            .run_error(phase, stage, Some(&self.revision), &message, self.trigger);
+        RunStopped { message }
+    }
 }
 
 /// Why a daemon run cannot look at its host.
@@ -1244,10 +1246,15 @@ enum SetupError {
 fn run_setup(
     s: &Settings,
     catalog: &Catalog,
-) -> Result<(Host, crate::k8s::client::KubeSettings), SetupError> {
-    let fs = Fs::new(s.root.as_deref().unwrap_or(Path::new("/")))?;
-    let host = Host::new(fs, s.root.is_some(), catalog.host.platform);
-    host.check_platform(&catalog.host.name)?;
+    stop: &Stopper<'_>,
+) -> Result<(Host, crate::k8s::client::KubeSettings), RunStopped> {
+    let setup = || -> Result<Host, SetupError> {
+        let fs = Fs::new(s.root.as_deref().unwrap_or(Path::new("/")))?;
+        let host = Host::new(fs, s.root.is_some(), catalog.host.platform);
+        host.check_platform(&catalog.host.name)?;
+        Ok(host)
+    };
+    let host = setup().map_err(|e| stop.stop(Some(Phase::Observe), "observe", e.to_string()))?;
     let kube = crate::k8s::client::KubeSettings {
         kubeconfig: s.config.kubeconfig.clone(),
         sandbox: s.root.is_some(),
@@ -1338,12 +1345,13 @@ fn run_plan_apply(
     secrets: &Scrubber,
 ) -> Result<RunDone, RunStopped> {
     let telemetry = &shared.telemetry;
-    let revision = catalog.revision.clone();
-    let failed = |phase: Option<Phase>, stage: &str, e: String| {
-        stopped(telemetry, secrets, &revision, trigger, phase, stage, e)
+    let stop = Stopper {
+        telemetry,
+        secrets,
+        revision: catalog.revision.clone(),
+        trigger,
     };
-    let (host, kube) = run_setup(s, &catalog)
-        .map_err(|e| failed(Some(Phase::Observe), "observe", e.to_string()))?;
+    let (host, kube) = run_setup(s, &catalog, &stop)?;
     let scrub = |t: &str| secrets.scrub(t);
     // The drift watcher compares events against this catalog from now on:
     // set before applying, so the events of the agent's own writes compare
@@ -1391,7 +1399,7 @@ fn run_plan_apply(
         crate::run::Targets::All,
         &cx,
     )
-    .map_err(|e| failed(None, "state", e.to_string()))?;
+    .map_err(|e| stop.stop(None, "state", e.to_string()))?;
     phases.add_all(&run.phases);
     notify(shared, s, |n| {
         n.run_finished(&crate::notifications::RunNotice::from_run(&run), &scrub)
@@ -1401,7 +1409,7 @@ fn run_plan_apply(
         crate::run::ApplyStage::Done(applied) => applied,
         crate::run::ApplyStage::Refused(e) => {
             telemetry.observe_plan(&run.plan);
-            return Err(failed(Some(Phase::Observe), "observe", e.to_string()));
+            return Err(stop.stop(Some(Phase::Observe), "observe", e.to_string()));
         }
         crate::run::ApplyStage::NotAsked => unreachable!("an apply run applies"),
     };
@@ -1461,12 +1469,13 @@ fn run_plan_only(
     secrets: &Scrubber,
 ) -> Result<crate::plan::Summary, RunStopped> {
     let telemetry = &shared.telemetry;
-    let revision = catalog.revision.clone();
-    let failed = |phase: Option<Phase>, stage: &str, e: String| {
-        stopped(telemetry, secrets, &revision, trigger, phase, stage, e)
+    let stop = Stopper {
+        telemetry,
+        secrets,
+        revision: catalog.revision.clone(),
+        trigger,
     };
-    let (host, kube) = run_setup(s, &catalog)
-        .map_err(|e| failed(Some(Phase::Observe), "observe", e.to_string()))?;
+    let (host, kube) = run_setup(s, &catalog, &stop)?;
     let scrub = |t: &str| secrets.scrub(t);
     let cx = crate::run::RunContext {
         host: &host,
@@ -1485,7 +1494,7 @@ fn run_plan_only(
         crate::run::Targets::All,
         &cx,
     )
-    .map_err(|e| failed(None, "state", e.to_string()))?;
+    .map_err(|e| stop.stop(None, "state", e.to_string()))?;
     phases.add_all(&run.phases);
     watch_plan(shared, s, &host, &run.plan);
     telemetry.observe_suspended_plan(&run.plan, trigger);

@@ -1169,6 +1169,16 @@ mod tests {
         )
     }
 
+    /// `rendered` (of `text`) failed on line 1 with an undefined-value error
+    /// that says `want`.
+    fn assert_undefined(rendered: &Result<String, String>, text: &str, want: &str) {
+        let err = rendered.as_ref().expect_err(text);
+        assert!(
+            err.starts_with("main.j2:1: undefined value: ") && err.contains(want),
+            "{text}: {err}"
+        );
+    }
+
     /// Renders `text` with `ctx`; an error as `file:line: what`.
     fn render_with(text: &str, ctx: Value) -> Result<String, String> {
         let (_dir, env) = env(&[("main.j2", text)]);
@@ -1229,12 +1239,7 @@ mod tests {
                 "the filter `tojson` was given an undefined value",
             ),
         ] {
-            let err = render_params(text).unwrap_err();
-            assert!(
-                err.starts_with("main.j2:1: undefined value: "),
-                "{text}: {err}"
-            );
-            assert!(err.contains(want), "{text}: {err}");
+            assert_undefined(&render_params(text), text, want);
         }
     }
 
@@ -1385,12 +1390,7 @@ mod tests {
                 "a value printed holds an undefined value",
             ),
         ] {
-            let err = render_params(text).unwrap_err();
-            assert!(
-                err.starts_with("main.j2:1: undefined value: "),
-                "{text}: {err}"
-            );
-            assert!(err.contains(want), "{text}: {err}");
+            assert_undefined(&render_params(text), text, want);
         }
     }
 
@@ -1411,13 +1411,14 @@ mod tests {
             ("join(',', attribute='admin')", "join"),
             ("map(attribute='name.0.x') | list", "map"),
         ] {
-            let err = render_users(&format!("{{{{ params.users | {filter} }}}}")).unwrap_err();
-            assert!(
-                err.starts_with("main.j2:1: undefined value: ")
-                    && err.contains(&format!("the filter `{name}` looks up the attribute"))
-                    && err.contains("has none"),
-                "{filter}: {err}"
+            let text = format!("{{{{ params.users | {filter} }}}}");
+            let rendered = render_users(&text);
+            assert_undefined(
+                &rendered,
+                &text,
+                &format!("the filter `{name}` looks up the attribute"),
             );
+            assert_undefined(&rendered, &text, "has none");
         }
         // The ways to handle items without it still work.
         for (text, want) in [

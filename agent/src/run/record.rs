@@ -228,6 +228,18 @@ mod tests {
         }
     }
 
+    /// Stack `web`, failed as a whole: its cluster could not be reached.
+    fn unreachable_stack() -> StackReport {
+        StackReport {
+            name: "web".into(),
+            not_checked: None,
+            error: Some(Failure::new(KubeFailure::Connect, "cannot reach")),
+            outcomes: Vec::new(),
+            counts: RunCounts::default(),
+            health_wait: Default::default(),
+        }
+    }
+
     #[test]
     fn a_failed_stack_makes_a_good_host_run_partial_and_names_its_error() {
         let host = native(RunCounts {
@@ -265,14 +277,7 @@ mod tests {
 
     #[test]
     fn a_stack_that_could_not_connect_fails_a_run_that_did_nothing() {
-        let stack = StackReport {
-            name: "web".into(),
-            not_checked: None,
-            error: Some(Failure::new(KubeFailure::Connect, "cannot reach")),
-            outcomes: Vec::new(),
-            counts: RunCounts::default(),
-            health_wait: Default::default(),
-        };
+        let stack = unreachable_stack();
         let r = run_record("poll", "r1", &native(RunCounts::default()), &[stack]);
         assert_eq!(r.result, RunResult::Failed);
         assert_eq!(r.counts.failed, 1);
@@ -314,14 +319,7 @@ mod tests {
     fn a_failed_stack_applies_the_host_revision_but_is_no_success() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let stack = StackReport {
-            name: "web".into(),
-            not_checked: None,
-            error: Some(Failure::new(KubeFailure::Connect, "cannot reach")),
-            outcomes: Vec::new(),
-            counts: RunCounts::default(),
-            health_wait: Default::default(),
-        };
+        let stack = unreachable_stack();
         let r = finish_run(
             &store,
             "lab",

@@ -1,5 +1,7 @@
 //! What `json_output.rs` and `target.rs` share: the JSON schema of
-//! `--json` output, and a stack object for their labs.
+//! `--json` output, and a stack object for their labs (and `daemon.rs`: the
+//! schema of `agent reconcile --json`).
+#![allow(dead_code)]
 
 use homelab_agent_tests::workspace;
 
